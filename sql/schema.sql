@@ -1,0 +1,227 @@
+-- pg_billing schema: accounts, units, meters, pools, grants, usage events, holds
+-- and the append-only ledger. Every table carries tenant_id and is protected by
+-- row-level security; the billing.* functions are the only writers.
+
+-- The tenant of the current session. Tenant resolution lives here and in
+-- src/tenancy.rs (which reads the same setting); the role model refines it.
+CREATE FUNCTION billing.current_tenant() RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT coalesce(nullif(current_setting('billing.tenant', true), ''), 'default') $$;
+
+CREATE TABLE billing.accounts (
+    tenant_id  text        NOT NULL,
+    account    text        NOT NULL,
+    name       text,
+    metadata   jsonb       NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, account)
+);
+
+-- What a pool counts: money in minor units or an allowance.
+CREATE TABLE billing.units (
+    tenant_id   text        NOT NULL,
+    unit        text        NOT NULL,
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, unit)
+);
+
+-- How usage of one kind is priced. A NULL unit_price means the caller passes
+-- the cost of each event (a provider-priced cost such as an AI call).
+CREATE TABLE billing.meters (
+    tenant_id   text        NOT NULL,
+    meter       text        NOT NULL,
+    unit        text        NOT NULL,
+    unit_price  numeric     CHECK (unit_price >= 0),
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, meter),
+    FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
+);
+
+-- One pool per account and unit. remaining/debt/held are the booked totals
+-- (they always equal what the ledger sums to). active_remaining/active_held
+-- are the spendable figures as of cache_from, valid until cache_until, the
+-- next instant at which a grant or hold changes state by the clock alone; the
+-- gate answers from them with one row read and recomputes outside the window.
+CREATE TABLE billing.pools (
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id        text        NOT NULL,
+    account          text        NOT NULL,
+    unit             text        NOT NULL,
+    floor            bigint      NOT NULL DEFAULT 0,
+    version          bigint      NOT NULL DEFAULT 0,
+    remaining        bigint      NOT NULL DEFAULT 0 CHECK (remaining >= 0),
+    debt             bigint      NOT NULL DEFAULT 0 CHECK (debt >= 0),
+    held             bigint      NOT NULL DEFAULT 0 CHECK (held >= 0),
+    active_remaining bigint      NOT NULL DEFAULT 0,
+    active_held      bigint      NOT NULL DEFAULT 0,
+    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
+    cache_until      timestamptz NOT NULL DEFAULT 'infinity',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, account, unit),
+    FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
+    FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
+);
+
+CREATE TABLE billing.grants (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id    text        NOT NULL,
+    pool_id      bigint      NOT NULL REFERENCES billing.pools (id),
+    account      text        NOT NULL,
+    unit         text        NOT NULL,
+    kind         text        NOT NULL CHECK (kind IN ('plan', 'promo', 'topup', 'reload', 'refund', 'manual')),
+    priority     integer     NOT NULL,
+    amount       bigint      NOT NULL CHECK (amount > 0),
+    remaining    bigint      NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
+    effective_at timestamptz NOT NULL,
+    expires_at   timestamptz CHECK (expires_at > effective_at),
+    status       text        NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'voided', 'revoked')),
+    closed_at    timestamptz,
+    key          text,
+    request_hash bytea       NOT NULL,
+    metadata     jsonb       NOT NULL DEFAULT '{}',
+    -- the outcome returned to the first call, and to every replay of its key
+    debt_repaid     bigint   NOT NULL DEFAULT 0,
+    available_after bigint   NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, key),
+    CHECK (status = 'active' OR remaining = 0)
+);
+-- The drain reads exactly the grants that still hold credit, in drain order.
+CREATE INDEX grants_drain_order ON billing.grants
+    (pool_id, priority, expires_at NULLS LAST, id) WHERE remaining > 0;
+CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
+
+CREATE TABLE billing.usage_events (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id       text        NOT NULL,
+    key             text        NOT NULL,
+    account         text        NOT NULL,
+    meter           text        NOT NULL,
+    unit            text        NOT NULL,
+    pool_id         bigint      NOT NULL REFERENCES billing.pools (id),
+    quantity        numeric     NOT NULL CHECK (quantity >= 0),
+    unit_price      numeric,
+    cost            bigint      NOT NULL CHECK (cost >= 0),
+    covered         bigint      NOT NULL CHECK (covered >= 0),
+    debt_created    bigint      NOT NULL CHECK (debt_created >= 0),
+    strict          boolean     NOT NULL,
+    drains          jsonb       NOT NULL,
+    available_after bigint      NOT NULL,
+    entitled_after  boolean     NOT NULL,
+    occurred_at     timestamptz NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    properties      jsonb       NOT NULL DEFAULT '{}',
+    request_hash    bytea       NOT NULL,
+    UNIQUE (tenant_id, key),
+    CHECK (covered + debt_created = cost)
+);
+CREATE INDEX usage_events_by_meter ON billing.usage_events (tenant_id, account, meter, occurred_at);
+
+CREATE TABLE billing.holds (
+    id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id      text        NOT NULL,
+    pool_id        bigint      NOT NULL REFERENCES billing.pools (id),
+    account        text        NOT NULL,
+    unit           text        NOT NULL,
+    key            text,
+    amount         bigint      NOT NULL CHECK (amount > 0),
+    status         text        NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'settled', 'released', 'expired')),
+    expires_at     timestamptz NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    closed_at      timestamptz,
+    settled_amount bigint      CHECK (settled_amount >= 0),
+    settle_key     text,
+    settle_result  jsonb,
+    request_hash   bytea       NOT NULL,
+    metadata       jsonb       NOT NULL DEFAULT '{}',
+    available_after bigint     NOT NULL,
+    UNIQUE (tenant_id, key),
+    UNIQUE (tenant_id, settle_key)
+);
+CREATE INDEX holds_open ON billing.holds (pool_id, expires_at) WHERE status = 'open';
+
+-- The append-only ledger. One row per change of a pool; version is the pool's
+-- version after the entry, and the chain balance_before + amount = balance_after
+-- runs over the net booked balance (Σ remaining of grants − debt).
+-- amount = grant_amount − debt_amount; hold_amount moves the held total.
+CREATE TABLE billing.ledger_entries (
+    id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id      text        NOT NULL,
+    pool_id        bigint      NOT NULL REFERENCES billing.pools (id),
+    account        text        NOT NULL,
+    unit           text        NOT NULL,
+    version        bigint      NOT NULL CHECK (version > 0),
+    kind           text        NOT NULL CHECK (kind IN (
+                       'grant', 'debit', 'debt', 'debt_repayment', 'expire', 'void', 'revoke',
+                       'hold', 'settle', 'release', 'hold_expire')),
+    amount         bigint      NOT NULL,
+    grant_amount   bigint      NOT NULL DEFAULT 0,
+    debt_amount    bigint      NOT NULL DEFAULT 0,
+    hold_amount    bigint      NOT NULL DEFAULT 0,
+    balance_before bigint      NOT NULL,
+    balance_after  bigint      NOT NULL,
+    debt_after     bigint      NOT NULL CHECK (debt_after >= 0),
+    held_after     bigint      NOT NULL CHECK (held_after >= 0),
+    grant_id       bigint      REFERENCES billing.grants (id),
+    hold_id        bigint      REFERENCES billing.holds (id),
+    event_id       bigint      REFERENCES billing.usage_events (id),
+    effective_at   timestamptz NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (pool_id, version),
+    CHECK (balance_before + amount = balance_after),
+    CHECK (amount = grant_amount - debt_amount),
+    CHECK ((grant_amount = 0) OR grant_id IS NOT NULL)
+);
+CREATE INDEX ledger_entries_by_grant ON billing.ledger_entries (grant_id) WHERE grant_id IS NOT NULL;
+CREATE INDEX ledger_entries_by_hold ON billing.ledger_entries (hold_id) WHERE hold_id IS NOT NULL;
+CREATE INDEX ledger_entries_by_time ON billing.ledger_entries (pool_id, recorded_at);
+
+-- Append-only tables refuse UPDATE, DELETE and TRUNCATE for everyone.
+CREATE FUNCTION billing.reject_ledger_change() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    RAISE EXCEPTION 'billing.% is append-only: % is not allowed', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Correct a balance with billing.grant, billing.void_grant or billing.revoke_unused; the ledger records every change.';
+END
+$$;
+
+CREATE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON billing.ledger_entries
+    FOR EACH ROW EXECUTE FUNCTION billing.reject_ledger_change();
+CREATE TRIGGER ledger_entries_no_truncate BEFORE TRUNCATE ON billing.ledger_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.reject_ledger_change();
+CREATE TRIGGER usage_events_append_only BEFORE UPDATE OR DELETE ON billing.usage_events
+    FOR EACH ROW EXECUTE FUNCTION billing.reject_ledger_change();
+CREATE TRIGGER usage_events_no_truncate BEFORE TRUNCATE ON billing.usage_events
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.reject_ledger_change();
+
+-- Row-level security, enabled and forced on every table: a session sees only
+-- the rows of its tenant. Writes go through the billing.* functions.
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants',
+                             'usage_events', 'holds', 'ledger_entries'] LOOP
+        EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I USING (tenant_id = billing.current_tenant())', t);
+        EXECUTE format('REVOKE ALL ON billing.%I FROM PUBLIC', t);
+        EXECUTE format('GRANT SELECT ON billing.%I TO PUBLIC', t);
+    END LOOP;
+END
+$$;
+
+-- Billing data must survive pg_dump/pg_restore of the database.
+SELECT pg_catalog.pg_extension_config_dump('billing.accounts', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.units', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.meters', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.pools', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.grants', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries', '');

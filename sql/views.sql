@@ -1,0 +1,79 @@
+-- Readable views over the ledger, and the invariant check. Views run with the
+-- caller's rights (security_invoker), so row-level security applies to them.
+
+-- Grants with their state at this instant.
+CREATE VIEW billing.grant_balances WITH (security_invoker = true) AS
+SELECT g.id AS grant_id, g.account, g.unit, g.kind, g.priority, g.amount, g.remaining,
+       g.effective_at, g.expires_at,
+       CASE WHEN g.status <> 'active' THEN g.status
+            WHEN g.expires_at IS NOT NULL AND g.expires_at <= now() THEN 'expired'
+            WHEN g.effective_at > now() THEN 'pending'
+            WHEN g.remaining = 0 THEN 'exhausted'
+            ELSE 'active' END AS state,
+       g.key, g.metadata, g.created_at
+FROM billing.grants g;
+
+-- Ledger entries in pool order, with the grant, hold or event they concern.
+CREATE VIEW billing.ledger WITH (security_invoker = true) AS
+SELECT e.account, e.unit, e.version, e.kind, e.amount, e.balance_after, e.debt_after,
+       e.held_after, e.grant_id, e.hold_id, e.event_id, e.effective_at, e.recorded_at,
+       e.grant_amount, e.debt_amount, e.hold_amount, e.balance_before, e.pool_id, e.id AS entry_id
+FROM billing.ledger_entries e;
+
+-- DESIGN §2.8 for every pool of the current tenant: returns one row per
+-- violation, so an empty result means the ledger is consistent.
+--   * entries chain: versions 1..n without gaps, balance_before = previous balance_after
+--   * per grant: Σ grant_amount of its entries = its remaining
+--     (Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining)
+--   * per hold: Σ hold_amount of its entries = its amount while open, 0 once closed
+--   * the pool's cached totals equal what the entries sum to
+CREATE FUNCTION billing.verify_ledger()
+RETURNS TABLE (pool_id bigint, account text, unit text, problem text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, billing
+AS $$
+WITH tenant_pools AS (
+    SELECT * FROM billing.pools WHERE tenant_id = billing.current_tenant()
+), chain AS (
+    SELECT e.pool_id, e.version, e.balance_before, e.balance_after,
+           lag(e.balance_after, 1, 0::bigint) OVER w AS prev_after,
+           lag(e.debt_after, 1, 0::bigint) OVER w + e.debt_amount AS expect_debt, e.debt_after,
+           lag(e.held_after, 1, 0::bigint) OVER w + e.hold_amount AS expect_held, e.held_after,
+           row_number() OVER w AS n
+    FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+    WINDOW w AS (PARTITION BY e.pool_id ORDER BY e.version)
+)
+SELECT c.pool_id, p.account, p.unit,
+       format('entry version %s: %s', c.version,
+              CASE WHEN c.version <> c.n THEN 'version gap'
+                   WHEN c.balance_before <> c.prev_after THEN 'balance_before does not chain'
+                   WHEN c.debt_after <> c.expect_debt THEN 'debt_after does not chain'
+                   ELSE 'held_after does not chain' END)
+FROM chain c JOIN tenant_pools p ON p.id = c.pool_id
+WHERE c.version <> c.n OR c.balance_before <> c.prev_after
+   OR c.debt_after <> c.expect_debt OR c.held_after <> c.expect_held
+UNION ALL
+SELECT g.pool_id, g.account, g.unit,
+       format('grant %s: remaining %s but its entries sum to %s', g.id, g.remaining, coalesce(s.total, 0))
+FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+LEFT JOIN LATERAL (SELECT sum(e.grant_amount) AS total FROM billing.ledger_entries e WHERE e.grant_id = g.id) s ON true
+WHERE g.remaining <> coalesce(s.total, 0)
+UNION ALL
+SELECT h.pool_id, h.account, h.unit,
+       format('hold %s (%s): its entries hold %s', h.id, h.status, coalesce(s.total, 0))
+FROM billing.holds h JOIN tenant_pools p ON p.id = h.pool_id
+LEFT JOIN LATERAL (SELECT sum(e.hold_amount) AS total FROM billing.ledger_entries e WHERE e.hold_id = h.id) s ON true
+WHERE coalesce(s.total, 0) <> CASE WHEN h.status = 'open' THEN h.amount ELSE 0 END
+UNION ALL
+SELECT p.id, p.account, p.unit,
+       format('pool totals (version %s, remaining %s, debt %s, held %s) differ from the ledger (%s, %s, %s, %s)',
+              p.version, p.remaining, p.debt, p.held,
+              coalesce(l.version, 0), coalesce(gr.total, 0), coalesce(l.debt_after, 0), coalesce(l.held_after, 0))
+FROM tenant_pools p
+LEFT JOIN LATERAL (SELECT e.version, e.debt_after, e.held_after, e.balance_after FROM billing.ledger_entries e
+                   WHERE e.pool_id = p.id ORDER BY e.version DESC LIMIT 1) l ON true
+LEFT JOIN LATERAL (SELECT sum(g.remaining) AS total FROM billing.grants g WHERE g.pool_id = p.id) gr ON true
+WHERE p.version <> coalesce(l.version, 0) OR p.remaining <> coalesce(gr.total, 0)
+   OR p.debt <> coalesce(l.debt_after, 0) OR p.held <> coalesce(l.held_after, 0)
+   OR coalesce(l.balance_after, 0) <> p.remaining - p.debt
+$$;

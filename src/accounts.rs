@@ -1,0 +1,96 @@
+//! Accounts and pool settings.
+
+use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::db::{self, Sql, INT8, JSONB, TEXT};
+use crate::error::{OrRaise, Result};
+use crate::input;
+use crate::ledger::{Create, PoolLedger};
+use crate::tenancy::current_tenant;
+
+static UPSERT_ACCOUNT: Sql = Sql {
+    text: "INSERT INTO billing.accounts (tenant_id, account, name, metadata) \
+           VALUES ($1, $2, $3, coalesce($4, '{}')) \
+           ON CONFLICT (tenant_id, account) DO UPDATE \
+           SET name = coalesce(EXCLUDED.name, accounts.name), \
+               metadata = CASE WHEN $4 IS NULL THEN accounts.metadata ELSE EXCLUDED.metadata END \
+           RETURNING account, name, metadata, created_at",
+    args: &[TEXT, TEXT, TEXT, JSONB],
+};
+
+type AccountRow = (
+    name!(account, String),
+    name!(name, Option<String>),
+    name!(metadata, JsonB),
+    name!(created_at, Tstz),
+);
+
+/// Create or update an account (accounts are also created on first use).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn account(
+    account: &str,
+    name: default!(Option<&str>, "NULL"),
+    metadata: default!(Option<JsonB>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(account, String),
+        name!(name, Option<String>),
+        name!(metadata, JsonB),
+        name!(created_at, Tstz),
+    ),
+> {
+    let result = (|| -> Result<AccountRow> {
+        input::account(account)?;
+        if let Some(m) = &metadata {
+            input::json_object("metadata", m)?;
+        }
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let rows = db::write(
+                client,
+                &UPSERT_ACCOUNT,
+                &[
+                    tenant.as_str().into(),
+                    account.into(),
+                    name.into(),
+                    metadata.into(),
+                ],
+            )?;
+            let row = rows.first();
+            Ok((
+                row.get(1)?.unwrap_or_default(),
+                row.get(2)?,
+                row.get(3)?.unwrap_or(JsonB(serde_json::json!({}))),
+                row.get(4)?.unwrap_or(Tstz::positive_infinity()),
+            ))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+static SET_FLOOR: Sql = Sql {
+    text: "UPDATE billing.pools SET floor = $2, updated_at = now() WHERE id = $1",
+    args: &[INT8, INT8],
+};
+
+/// Set the floor of a pool: spending must leave `available ≥ floor`. A
+/// negative floor is a credit line; the default is 0.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn set_floor(account: &str, unit: &str, floor: i64) -> i64 {
+    (|| -> Result<i64> {
+        input::account(account)?;
+        input::name("unit", unit)?;
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            db::write(client, &SET_FLOOR, &[ledger.id.into(), floor.into()])?;
+            Ok(floor)
+        })
+    })()
+    .or_raise()
+}

@@ -1,0 +1,93 @@
+//! Prepared SPI statements, planned once per backend and reused.
+//!
+//! Every statement pg_billing runs is a `static Sql`; the first execution in a
+//! backend prepares it with `SPI_keepplan`, later ones only bind and execute.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::{self, Oid, PgOid};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+
+use crate::error::Result;
+
+/// One SQL statement and the types of its `$n` parameters.
+pub struct Sql {
+    pub text: &'static str,
+    pub args: &'static [Oid],
+}
+
+pub const TEXT: Oid = pg_sys::TEXTOID;
+pub const INT8: Oid = pg_sys::INT8OID;
+pub const INT4: Oid = pg_sys::INT4OID;
+pub const JSONB: Oid = pg_sys::JSONBOID;
+pub const BYTEA: Oid = pg_sys::BYTEAOID;
+pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
+pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
+pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// A statement is always run through the same one of `read`/`write`, so its
+/// address alone identifies the cached plan.
+fn plan(
+    client: &SpiClient<'_>,
+    sql: &'static Sql,
+    mutating: bool,
+) -> Result<Rc<OwnedPreparedStatement>> {
+    let key = sql as *const Sql as usize;
+    if let Some(p) = PLANS.with(|plans| plans.borrow().get(&key).cloned()) {
+        return Ok(p);
+    }
+    let types: Vec<PgOid> = sql.args.iter().map(|o| PgOid::from(*o)).collect();
+    let statement = if mutating {
+        client.prepare_mut(sql.text, &types)?
+    } else {
+        client.prepare(sql.text, &types)?
+    };
+    let prepared = Rc::new(statement.keep());
+    PLANS.with(|plans| plans.borrow_mut().insert(key, prepared.clone()));
+    Ok(prepared)
+}
+
+/// Run a statement that may write (or lock) and return its rows.
+pub fn write<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static Sql,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'conn>> {
+    let p = plan(client, sql, true)?;
+    Ok(client.update(&*p, None, args)?)
+}
+
+/// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.
+pub fn read<'conn>(
+    client: &SpiClient<'conn>,
+    sql: &'static Sql,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'conn>> {
+    let p = plan(client, sql, false)?;
+    Ok(client.select(&*p, None, args)?)
+}
+
+/// A required column of the current row.
+pub fn col<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    row: &pgrx::spi::SpiHeapTupleData<'_>,
+    ordinal: usize,
+) -> Result<T> {
+    row.get::<T>(ordinal)?.ok_or_else(|| {
+        crate::error::BillingError::Internal(format!("unexpected NULL in column {ordinal}"))
+    })
+}
+
+/// An optional column of the current row.
+pub fn opt<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    row: &pgrx::spi::SpiHeapTupleData<'_>,
+    ordinal: usize,
+) -> Result<Option<T>> {
+    Ok(row.get::<T>(ordinal)?)
+}

@@ -1,0 +1,130 @@
+//! Every error pg_billing raises, and the SQLSTATE each one maps to. This is the
+//! only place that decides codes; README's error table mirrors it.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BillingError {
+    /// A caller-supplied value is out of its allowed domain.
+    #[error("invalid {field}: {problem}")]
+    InvalidInput {
+        field: &'static str,
+        problem: String,
+    },
+
+    /// An amount or a computed cost does not fit in a bigint.
+    #[error("amount out of range: {0}")]
+    Overflow(String),
+
+    /// A unit, meter, account, grant or hold that does not exist in this tenant.
+    #[error("unknown {kind} \"{name}\"")]
+    Unknown { kind: &'static str, name: String },
+
+    /// The same idempotency key arrived with different content.
+    #[error("idempotency key reused with different parameters: {what} key \"{key}\"")]
+    KeyReused { what: &'static str, key: String },
+
+    /// A strict debit or a reservation would take the pool below its floor.
+    #[error(
+        "insufficient credits: {unit} available {available}, requested {requested}, floor {floor}"
+    )]
+    InsufficientCredits {
+        unit: String,
+        available: i64,
+        requested: i64,
+        floor: i64,
+    },
+
+    /// The object exists but is in a state that does not allow the operation.
+    #[error("{0}")]
+    WrongState(String),
+
+    /// The session's tenant setting is not a usable tenant name.
+    #[error("invalid tenant \"{0}\"")]
+    InvalidTenant(String),
+
+    /// A statement inside pg_billing failed; this is a bug, not a caller mistake.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, BillingError>;
+
+impl BillingError {
+    pub fn invalid(field: &'static str, problem: impl Into<String>) -> Self {
+        BillingError::InvalidInput {
+            field,
+            problem: problem.into(),
+        }
+    }
+
+    pub fn unknown(kind: &'static str, name: impl Into<String>) -> Self {
+        BillingError::Unknown {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use BillingError::*;
+        match self {
+            InvalidInput { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, // 22023
+            Overflow(_) => PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,      // 22003
+            Unknown { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,             // 42704
+            KeyReused { .. } => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,           // 23505
+            InsufficientCredits { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,  // 23514
+            WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
+            InvalidTenant(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,    // 22023
+            Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,                  // XX000
+        }
+    }
+
+    /// What the caller should do about it.
+    pub fn hint(&self) -> Option<String> {
+        use BillingError::*;
+        match self {
+            InvalidInput { .. } => None,
+            Overflow(_) => Some("Amounts are bigint minor units; split the amount or use a smaller unit.".into()),
+            Unknown { kind: "unit", .. } => Some("Grant credits in the unit first, or create it with billing.define_unit().".into()),
+            Unknown { kind: "meter or unit", .. } => Some("Define the meter with billing.define_meter(), or grant credits in a unit of that name.".into()),
+            Unknown { .. } => None,
+            KeyReused { .. } => Some("Use a new key for a new request; a retry must repeat the original parameters exactly.".into()),
+            InsufficientCredits { .. } => Some("Grant or top up credits, release holds, or call without strict to record the usage as debt.".into()),
+            WrongState(_) => None,
+            InvalidTenant(_) => Some("SET billing.tenant to 1-63 characters of letters, digits, '_', '-', '.' or ':'.".into()),
+            Internal(_) => Some("This is a pg_billing bug; please report it with the statement that caused it.".into()),
+        }
+    }
+
+    /// Raise this error as a PostgreSQL ERROR; the transaction rolls back.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "pg_billing");
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+impl From<pgrx::spi::SpiError> for BillingError {
+    fn from(e: pgrx::spi::SpiError) -> Self {
+        BillingError::Internal(format!("SPI: {e}"))
+    }
+}
+
+/// Unwrap a result at the SQL boundary: a value, or the mapped ERROR.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Money in: grants, and taking unspent credit back out (void, revoke).
+
+use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+
+use crate::db::{self, Sql, BYTEA, INT4, INT8, JSONB, TEXT, TSTZ};
+use crate::error::{BillingError, OrRaise, Result};
+use crate::idempotency::Fingerprint;
+use crate::input;
+use crate::ledger::{Create, GrantState, PoolLedger};
+use crate::tenancy::current_tenant;
+use crate::time::{self, Ts};
+
+/// Default drain priority by kind: plans are spent first, bought credit last.
+pub fn default_priority(kind: &str) -> Option<i32> {
+    match kind {
+        "plan" => Some(10),
+        "promo" => Some(50),
+        "manual" => Some(50),
+        "refund" => Some(90),
+        "topup" => Some(90),
+        "reload" => Some(90),
+        _ => None,
+    }
+}
+
+struct GrantRequest<'a> {
+    account: &'a str,
+    unit: &'a str,
+    amount: i64,
+    kind: &'a str,
+    priority: i32,
+    effective_at: Option<Ts>,
+    expires_at: Option<Ts>,
+    key: Option<&'a str>,
+    metadata: &'a JsonB,
+    metadata_text: String,
+}
+
+impl GrantRequest<'_> {
+    fn validate(&self) -> Result<()> {
+        input::account(self.account)?;
+        input::name("unit", self.unit)?;
+        input::positive("amount", self.amount)?;
+        input::opt_key("key", self.key)?;
+        if !(0..=1000).contains(&self.priority) {
+            return Err(BillingError::invalid(
+                "priority",
+                "must be between 0 and 1000",
+            ));
+        }
+        let start = self.effective_at.unwrap_or_else(time::now);
+        if let Some(exp) = self.expires_at {
+            if exp <= start {
+                return Err(BillingError::invalid(
+                    "expires_at",
+                    "must be after effective_at",
+                ));
+            }
+            if exp <= time::now() {
+                return Err(BillingError::invalid("expires_at", "must be in the future"));
+            }
+        }
+        Ok(())
+    }
+
+    fn fingerprint(&self) -> Vec<u8> {
+        Fingerprint::new("grant")
+            .text(self.account)
+            .text(self.unit)
+            .int(self.amount)
+            .text(self.kind)
+            .int(self.priority as i64)
+            .opt_int(self.effective_at)
+            .opt_int(self.expires_at)
+            .text(&self.metadata_text)
+            .finish()
+    }
+}
+
+type GrantRow = (
+    name!(grant_id, i64),
+    name!(status, String),
+    name!(kind, String),
+    name!(priority, i32),
+    name!(amount, i64),
+    name!(remaining, i64),
+    name!(effective_at, Tstz),
+    name!(expires_at, Option<Tstz>),
+    name!(debt_repaid, i64),
+    name!(available, i64),
+);
+
+static FIND_GRANT_BY_KEY: Sql = Sql {
+    text: "SELECT id, request_hash, kind, priority, amount, remaining, effective_at, expires_at, \
+                  debt_repaid, available_after \
+           FROM billing.grants WHERE tenant_id = $1 AND key = $2",
+    args: &[TEXT, TEXT],
+};
+
+static INSERT_GRANT: Sql = Sql {
+    text: "INSERT INTO billing.grants (tenant_id, pool_id, account, unit, kind, priority, amount, \
+              remaining, effective_at, expires_at, key, request_hash, metadata, debt_repaid, available_after) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, 0, 0) RETURNING id",
+    args: &[TEXT, INT8, TEXT, TEXT, TEXT, INT4, INT8, TSTZ, TSTZ, TEXT, BYTEA, JSONB],
+};
+
+static RECORD_GRANT_OUTCOME: Sql = Sql {
+    text: "UPDATE billing.grants SET debt_repaid = $2, available_after = $3 WHERE id = $1",
+    args: &[INT8, INT8, INT8],
+};
+
+/// Add credits to an account's pool. Idempotent by `key`; a new grant first repays debt.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(name = "grant", security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn grant_credits(
+    account: &str,
+    unit: &str,
+    amount: i64,
+    kind: default!(&str, "'manual'"),
+    priority: default!(Option<i32>, "NULL"),
+    effective_at: default!(Option<Tstz>, "NULL"),
+    expires_at: default!(Option<Tstz>, "NULL"),
+    key: default!(Option<&str>, "NULL"),
+    metadata: default!(JsonB, "'{}'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(status, String),
+        name!(kind, String),
+        name!(priority, i32),
+        name!(amount, i64),
+        name!(remaining, i64),
+        name!(effective_at, Tstz),
+        name!(expires_at, Option<Tstz>),
+        name!(debt_repaid, i64),
+        name!(available, i64),
+    ),
+> {
+    TableIterator::once(
+        build_request(
+            account,
+            unit,
+            amount,
+            kind,
+            priority,
+            effective_at,
+            expires_at,
+            key,
+            &metadata,
+        )
+        .and_then(|req| Spi::connect_mut(|client| apply_grant(client, &req)))
+        .or_raise(),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_request<'a>(
+    account: &'a str,
+    unit: &'a str,
+    amount: i64,
+    kind: &'a str,
+    priority: Option<i32>,
+    effective_at: Option<Tstz>,
+    expires_at: Option<Tstz>,
+    key: Option<&'a str>,
+    metadata: &'a JsonB,
+) -> Result<GrantRequest<'a>> {
+    let default = default_priority(kind).ok_or_else(|| {
+        BillingError::invalid(
+            "kind",
+            format!(
+                "\"{}\" is not one of plan, promo, topup, reload, refund, manual",
+                input::clip(kind)
+            ),
+        )
+    })?;
+    let req = GrantRequest {
+        account,
+        unit,
+        amount,
+        kind,
+        priority: priority.unwrap_or(default),
+        effective_at: time::opt_from_sql("effective_at", effective_at)?,
+        expires_at: time::opt_from_sql("expires_at", expires_at)?,
+        key,
+        metadata,
+        metadata_text: input::json_object("metadata", metadata)?,
+    };
+    req.validate()?;
+    Ok(req)
+}
+
+fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<GrantRow> {
+    let tenant = current_tenant()?;
+    let hash = req.fingerprint();
+    let mut ledger = PoolLedger::open(client, &tenant, req.account, req.unit, Create::UnitAndPool)?;
+    if let Some(key) = req.key {
+        if let Some(row) = find_by_key(client, &tenant, key, &hash)? {
+            return Ok(row);
+        }
+    }
+    let effective_at = req.effective_at.unwrap_or(ledger.now);
+    let id: i64 = db::write(
+        client,
+        &INSERT_GRANT,
+        &[
+            tenant.as_str().into(),
+            ledger.id.into(),
+            req.account.into(),
+            req.unit.into(),
+            req.kind.into(),
+            req.priority.into(),
+            req.amount.into(),
+            time::to_sql(effective_at).into(),
+            req.expires_at.map(time::to_sql).into(),
+            req.key.into(),
+            hash.into(),
+            JsonB(req.metadata.0.clone()).into(),
+        ],
+    )?
+    .first()
+    .get_one()?
+    .ok_or_else(|| BillingError::Internal("grant insert returned no id".into()))?;
+    let grant = GrantState::new(id, req.priority, req.amount, effective_at, req.expires_at);
+    let repaid = ledger.add_grant(grant);
+    let remaining = ledger.grant_remaining(id).unwrap_or(0);
+    let available = ledger.available();
+    ledger.flush(client)?;
+    db::write(
+        client,
+        &RECORD_GRANT_OUTCOME,
+        &[id.into(), repaid.into(), available.into()],
+    )?;
+    Ok((
+        id,
+        "applied".into(),
+        req.kind.into(),
+        req.priority,
+        req.amount,
+        remaining,
+        time::to_sql(effective_at),
+        req.expires_at.map(time::to_sql),
+        repaid,
+        available,
+    ))
+}
+
+fn find_by_key(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    key: &str,
+    hash: &[u8],
+) -> Result<Option<GrantRow>> {
+    let rows = db::write(client, &FIND_GRANT_BY_KEY, &[tenant.into(), key.into()])?;
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let stored: Vec<u8> = db::col(&row, 2)?;
+    if stored != hash {
+        return Err(BillingError::KeyReused {
+            what: "grant",
+            key: key.into(),
+        });
+    }
+    Ok(Some((
+        db::col(&row, 1)?,
+        "duplicate".into(),
+        db::col(&row, 3)?,
+        db::col(&row, 4)?,
+        db::col(&row, 5)?,
+        db::col(&row, 6)?,
+        db::col(&row, 7)?,
+        db::opt(&row, 8)?,
+        db::col(&row, 9)?,
+        db::col(&row, 10)?,
+    )))
+}
+
+// ----- void and revoke -------------------------------------------------------
+
+static FIND_GRANT: Sql = Sql {
+    text: "SELECT account, unit FROM billing.grants WHERE id = $1 AND tenant_id = $2",
+    args: &[INT8, TEXT],
+};
+
+/// Read after the pool lock, so the status is the committed one.
+static GRANT_STATUS: Sql = Sql {
+    text: "SELECT g.status, g.amount, \
+              coalesce((SELECT (-sum(e.grant_amount))::bigint FROM billing.ledger_entries e \
+                        WHERE e.grant_id = g.id AND e.kind IN ('debit', 'debt_repayment')), 0) \
+           FROM billing.grants g WHERE g.id = $1",
+    args: &[INT8],
+};
+
+static CLOSE_GRANT: Sql = Sql {
+    text: "UPDATE billing.grants SET status = $2, closed_at = now() WHERE id = $1",
+    args: &[INT8, TEXT],
+};
+
+type CloseRow = (
+    name!(grant_id, i64),
+    name!(status, String),
+    name!(removed, i64),
+    name!(consumed, i64),
+    name!(debt_created, i64),
+    name!(available, i64),
+);
+
+/// Cancel a grant as if it had never been given: its unspent credit is removed
+/// and what was already spent from it becomes debt.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn void_grant(
+    grant_id: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(status, String),
+        name!(removed, i64),
+        name!(consumed, i64),
+        name!(debt_created, i64),
+        name!(available, i64),
+    ),
+> {
+    TableIterator::once(
+        Spi::connect_mut(|client| close_grant(client, grant_id, Close::Void)).or_raise(),
+    )
+}
+
+/// Refund the unspent part of a grant: it shrinks to what was consumed.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn revoke_unused(
+    grant_id: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(status, String),
+        name!(removed, i64),
+        name!(consumed, i64),
+        name!(debt_created, i64),
+        name!(available, i64),
+    ),
+> {
+    TableIterator::once(
+        Spi::connect_mut(|client| close_grant(client, grant_id, Close::Revoke)).or_raise(),
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Void,
+    Revoke,
+}
+
+impl Close {
+    fn entry_kind(self) -> &'static str {
+        match self {
+            Close::Void => "void",
+            Close::Revoke => "revoke",
+        }
+    }
+    fn status(self) -> &'static str {
+        match self {
+            Close::Void => "voided",
+            Close::Revoke => "revoked",
+        }
+    }
+}
+
+fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<CloseRow> {
+    let tenant = current_tenant()?;
+    let rows = db::write(
+        client,
+        &FIND_GRANT,
+        &[grant_id.into(), tenant.as_str().into()],
+    )?;
+    let Some(row) = rows.into_iter().next() else {
+        return Err(BillingError::unknown("grant", grant_id.to_string()));
+    };
+    let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
+    let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+    let row = db::write(client, &GRANT_STATUS, &[grant_id.into()])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
+    let status: String = db::col(&row, 1)?;
+    let consumed: i64 = db::col(&row, 3)?;
+    if status == how.status() {
+        return Ok((
+            grant_id,
+            "duplicate".into(),
+            0,
+            consumed,
+            0,
+            ledger.available(),
+        ));
+    }
+    if status != "active" {
+        return Err(BillingError::WrongState(format!(
+            "grant {grant_id} is {status}; only an active grant can be {}",
+            how.status()
+        )));
+    }
+    let removed = ledger.close_grant(grant_id, how.entry_kind());
+    let debt = if how == Close::Void { consumed } else { 0 };
+    ledger.add_debt(debt, Some(grant_id));
+    ledger.repay_debt();
+    let available = ledger.available();
+    ledger.flush(client)?;
+    db::write(
+        client,
+        &CLOSE_GRANT,
+        &[grant_id.into(), how.status().into()],
+    )?;
+    Ok((
+        grant_id,
+        how.status().into(),
+        removed,
+        consumed,
+        debt,
+        available,
+    ))
+}

@@ -1,0 +1,392 @@
+//! Holds: reserve credit for work whose final cost is not known yet, then
+//! settle the actual cost or release it. An open hold counts against
+//! availability until it expires, with no job needed for the expiry.
+
+use pgrx::datum::{Interval, TimestampWithTimeZone as Tstz};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+use serde_json::json;
+
+use crate::db::{self, Sql, BYTEA, INT8, JSONB, TEXT, TSTZ};
+use crate::error::{BillingError, OrRaise, Result};
+use crate::idempotency::Fingerprint;
+use crate::input;
+use crate::ledger::{drains_json, Create, PoolLedger};
+use crate::tenancy::current_tenant;
+use crate::time::{self, Ts};
+
+type HoldRow = (
+    name!(hold_id, i64),
+    name!(status, String),
+    name!(amount, i64),
+    name!(expires_at, Tstz),
+    name!(available, i64),
+);
+
+static FIND_HOLD_BY_KEY: Sql = Sql {
+    text: "SELECT id, request_hash, amount, expires_at, available_after FROM billing.holds \
+           WHERE tenant_id = $1 AND key = $2",
+    args: &[TEXT, TEXT],
+};
+
+static INSERT_HOLD: Sql = Sql {
+    text: "INSERT INTO billing.holds (tenant_id, pool_id, account, unit, key, amount, expires_at, \
+              request_hash, metadata, available_after) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+    args: &[TEXT, INT8, TEXT, TEXT, TEXT, INT8, TSTZ, BYTEA, JSONB, INT8],
+};
+
+fn ttl_micros(ttl: &Interval) -> Result<i64> {
+    if ttl.months() != 0 {
+        return Err(BillingError::invalid(
+            "ttl",
+            "must be given in days, hours, minutes or seconds",
+        ));
+    }
+    let micros = ttl.days() as i64 * 86_400_000_000 + ttl.micros();
+    if micros <= 0 || micros > input::MAX_HOLD_TTL_SECONDS * 1_000_000 {
+        return Err(BillingError::invalid(
+            "ttl",
+            "must be positive and at most 30 days",
+        ));
+    }
+    Ok(micros)
+}
+
+/// Reserve `amount` for up to `ttl`. Accepted only if the floor rule holds
+/// with the reservation counted (DESIGN §2.6); otherwise nothing is written.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn reserve(
+    account: &str,
+    unit: &str,
+    amount: i64,
+    key: default!(Option<&str>, "NULL"),
+    ttl: default!(Interval, "'15 minutes'"),
+    metadata: default!(JsonB, "'{}'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(hold_id, i64),
+        name!(status, String),
+        name!(amount, i64),
+        name!(expires_at, Tstz),
+        name!(available, i64),
+    ),
+> {
+    let result = (|| -> Result<HoldRow> {
+        input::account(account)?;
+        input::name("unit", unit)?;
+        input::positive("amount", amount)?;
+        input::opt_key("key", key)?;
+        let ttl = ttl_micros(&ttl)?;
+        let meta = input::json_object("metadata", &metadata)?;
+        let hash = Fingerprint::new("reserve")
+            .text(account)
+            .text(unit)
+            .int(amount)
+            .int(ttl)
+            .text(&meta)
+            .finish();
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            if let Some(key) = key {
+                if let Some(row) = find_hold_by_key(client, &tenant, key, &hash)? {
+                    return Ok(row);
+                }
+            }
+            if !ledger.allows(amount) {
+                return Err(ledger.insufficient(amount));
+            }
+            let expires_at = ledger.now + ttl;
+            let available = ledger.available() - amount;
+            let id: i64 = db::write(
+                client,
+                &INSERT_HOLD,
+                &[
+                    tenant.as_str().into(),
+                    ledger.id.into(),
+                    account.into(),
+                    unit.into(),
+                    key.into(),
+                    amount.into(),
+                    time::to_sql(expires_at).into(),
+                    hash.into(),
+                    JsonB(metadata.0.clone()).into(),
+                    available.into(),
+                ],
+            )?
+            .first()
+            .get_one()?
+            .ok_or_else(|| BillingError::Internal("hold insert returned no id".into()))?;
+            ledger.open_hold(id, amount, expires_at);
+            ledger.flush(client)?;
+            Ok((
+                id,
+                "open".into(),
+                amount,
+                time::to_sql(expires_at),
+                available,
+            ))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+fn find_hold_by_key(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    key: &str,
+    hash: &[u8],
+) -> Result<Option<HoldRow>> {
+    let rows = db::write(client, &FIND_HOLD_BY_KEY, &[tenant.into(), key.into()])?;
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let stored: Vec<u8> = db::col(&row, 2)?;
+    if stored != hash {
+        return Err(BillingError::KeyReused {
+            what: "hold",
+            key: key.into(),
+        });
+    }
+    Ok(Some((
+        db::col(&row, 1)?,
+        "duplicate".into(),
+        db::col(&row, 3)?,
+        db::col(&row, 4)?,
+        db::col(&row, 5)?,
+    )))
+}
+
+// ----- settle and release ----------------------------------------------------
+
+static FIND_HOLD: Sql = Sql {
+    text: "SELECT account, unit FROM billing.holds WHERE id = $1 AND tenant_id = $2",
+    args: &[INT8, TEXT],
+};
+
+/// Read after the pool lock, so the status is the committed one.
+static HOLD_STATE: Sql = Sql {
+    text: "SELECT status, amount, expires_at, settled_amount, settle_key, settle_result \
+           FROM billing.holds WHERE id = $1",
+    args: &[INT8],
+};
+
+static SETTLE_HOLD: Sql = Sql {
+    text: "UPDATE billing.holds SET status = 'settled', closed_at = now(), settled_amount = $2, \
+              settle_key = $3, settle_result = $4 WHERE id = $1",
+    args: &[INT8, INT8, TEXT, JSONB],
+};
+
+static RELEASE_HOLD: Sql = Sql {
+    text: "UPDATE billing.holds SET status = 'released', closed_at = now() WHERE id = $1",
+    args: &[INT8],
+};
+
+struct HoldState {
+    status: String,
+    amount: i64,
+    expires_at: Ts,
+    settled_amount: Option<i64>,
+    settle_key: Option<String>,
+    settle_result: Option<JsonB>,
+}
+
+/// Lock the hold's pool and read the hold's committed state.
+fn open_hold(client: &mut SpiClient<'_>, hold_id: i64) -> Result<(PoolLedger, HoldState)> {
+    let tenant = current_tenant()?;
+    let rows = db::write(
+        client,
+        &FIND_HOLD,
+        &[hold_id.into(), tenant.as_str().into()],
+    )?;
+    let Some(row) = rows.into_iter().next() else {
+        return Err(BillingError::unknown("hold", hold_id.to_string()));
+    };
+    let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
+    let ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+    let row = db::write(client, &HOLD_STATE, &[hold_id.into()])?
+        .into_iter()
+        .next()
+        .ok_or_else(|| BillingError::Internal("hold vanished under the pool lock".into()))?;
+    let expires_at: Tstz = db::col(&row, 3)?;
+    let mut state = HoldState {
+        status: db::col(&row, 1)?,
+        amount: db::col(&row, 2)?,
+        expires_at: expires_at.into(),
+        settled_amount: db::opt(&row, 4)?,
+        settle_key: db::opt(&row, 5)?,
+        settle_result: db::opt(&row, 6)?,
+    };
+    if state.status == "open" && state.expires_at <= ledger.now {
+        // the ledger recorded its expiry when it caught up
+        state.status = "expired".into();
+    }
+    Ok((ledger, state))
+}
+
+type SettleRow = (
+    name!(hold_id, i64),
+    name!(status, String),
+    name!(held, i64),
+    name!(actual, i64),
+    name!(covered, i64),
+    name!(debt_created, i64),
+    name!(drains, JsonB),
+    name!(available, i64),
+    name!(entitled, bool),
+);
+
+fn settle_row(hold_id: i64, status: &str, r: &serde_json::Value) -> SettleRow {
+    let int = |k: &str| r.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
+    (
+        hold_id,
+        status.into(),
+        int("held"),
+        int("actual"),
+        int("covered"),
+        int("debt_created"),
+        JsonB(r.get("drains").cloned().unwrap_or(json!([]))),
+        int("available"),
+        r.get("entitled").and_then(|v| v.as_bool()).unwrap_or(false),
+    )
+}
+
+/// Charge the actual cost of held work and close the hold. The actual cost is
+/// recorded even above the estimate or after expiry (DESIGN §2.7): what the
+/// pool cannot cover becomes debt. Settling twice with the same actual (and
+/// key) returns the first outcome.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn settle(
+    hold_id: i64,
+    actual: i64,
+    key: default!(Option<&str>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(hold_id, i64),
+        name!(status, String),
+        name!(held, i64),
+        name!(actual, i64),
+        name!(covered, i64),
+        name!(debt_created, i64),
+        name!(drains, JsonB),
+        name!(available, i64),
+        name!(entitled, bool),
+    ),
+> {
+    let result = (|| -> Result<SettleRow> {
+        input::non_negative("actual", actual)?;
+        input::opt_key("key", key)?;
+        Spi::connect_mut(|client| {
+            let (mut ledger, hold) = open_hold(client, hold_id)?;
+            match hold.status.as_str() {
+                "settled" => return replay_settle(hold_id, actual, key, &hold),
+                "released" => {
+                    return Err(BillingError::WrongState(format!(
+                        "hold {hold_id} was released; ingest the usage instead"
+                    )))
+                }
+                _ => {}
+            }
+            if hold.status == "open" {
+                ledger.close_hold(hold_id, hold.amount, "settle", true);
+            }
+            ledger.current_hold = Some(hold_id);
+            let debit = ledger.debit(actual);
+            let result = json!({
+                "held": hold.amount,
+                "actual": actual,
+                "covered": debit.covered,
+                "debt_created": debit.uncovered,
+                "drains": drains_json(&debit.drains),
+                "available": ledger.available(),
+                "entitled": ledger.entitled(),
+            });
+            ledger.flush(client)?;
+            db::write(
+                client,
+                &SETTLE_HOLD,
+                &[
+                    hold_id.into(),
+                    actual.into(),
+                    key.into(),
+                    JsonB(result.clone()).into(),
+                ],
+            )?;
+            Ok(settle_row(hold_id, "settled", &result))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+fn replay_settle(
+    hold_id: i64,
+    actual: i64,
+    key: Option<&str>,
+    hold: &HoldState,
+) -> Result<SettleRow> {
+    let same_key = key.is_none() || key == hold.settle_key.as_deref();
+    if hold.settled_amount != Some(actual) || !same_key {
+        return Err(BillingError::KeyReused {
+            what: "settlement of hold",
+            key: key.map_or_else(|| hold_id.to_string(), str::to_string),
+        });
+    }
+    let result = hold
+        .settle_result
+        .as_ref()
+        .map(|j| j.0.clone())
+        .unwrap_or(json!({}));
+    Ok(settle_row(hold_id, "duplicate", &result))
+}
+
+type ReleaseRow = (
+    name!(hold_id, i64),
+    name!(status, String),
+    name!(released, i64),
+    name!(available, i64),
+);
+
+/// Give a hold's reservation back without charging anything.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn release(
+    hold_id: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(hold_id, i64),
+        name!(status, String),
+        name!(released, i64),
+        name!(available, i64),
+    ),
+> {
+    let result = Spi::connect_mut(|client| -> Result<ReleaseRow> {
+        let (mut ledger, hold) = open_hold(client, hold_id)?;
+        match hold.status.as_str() {
+            "open" => {
+                ledger.close_hold(hold_id, hold.amount, "release", true);
+                let available = ledger.available();
+                ledger.flush(client)?;
+                db::write(client, &RELEASE_HOLD, &[hold_id.into()])?;
+                Ok((hold_id, "released".into(), hold.amount, available))
+            }
+            "released" => Ok((hold_id, "duplicate".into(), 0, ledger.available())),
+            "expired" => {
+                // Expiry already returned the credit; record it if the ledger caught up now.
+                let available = ledger.available();
+                ledger.flush(client)?;
+                Ok((hold_id, "expired".into(), 0, available))
+            }
+            _ => Err(BillingError::WrongState(format!(
+                "hold {hold_id} was settled; it cannot be released"
+            ))),
+        }
+    });
+    TableIterator::once(result.or_raise())
+}

@@ -1,0 +1,616 @@
+//! Usage ingest: price an event, drain the pool in order, record what grants
+//! could not cover as debt (or reject it, when strict). Idempotent forever by
+//! (tenant, key): a replay returns the original outcome and writes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::{AnyNumeric, JsonB};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use crate::db::{self, Sql, INT4, TEXT, TEXT_ARRAY};
+use crate::error::{BillingError, OrRaise, Result};
+use crate::idempotency::Fingerprint;
+use crate::input;
+use crate::ledger::{drains_json, Create, PoolLedger};
+use crate::pricing::{self, Meter};
+use crate::tenancy::current_tenant;
+use crate::time::{self, Ts};
+
+/// How far from now an event's stated occurred_at may lie.
+const MAX_PAST_MICROS: i64 = 35 * 24 * 3600 * 1_000_000;
+const MAX_FUTURE_MICROS: i64 = 5 * 60 * 1_000_000;
+pub const MAX_BATCH: usize = 50_000;
+
+/// One usage event as the caller described it, validated.
+#[derive(Debug, Clone)]
+struct Event {
+    account: String,
+    meter: String,
+    quantity: Decimal,
+    key: String,
+    occurred_at: Option<Ts>,
+    properties: Value,
+    properties_text: String,
+    cost: Option<i64>,
+    strict: bool,
+}
+
+impl Event {
+    fn validate(&self) -> Result<()> {
+        input::account(&self.account)?;
+        input::name("meter", &self.meter)?;
+        input::key("key", &self.key)?;
+        if self.quantity.is_sign_negative() {
+            return Err(BillingError::invalid("quantity", "must not be negative"));
+        }
+        if let Some(c) = self.cost {
+            input::non_negative("cost", c)?;
+        }
+        if let Some(t) = self.occurred_at {
+            let now = time::now();
+            if t > now.saturating_add(MAX_FUTURE_MICROS) {
+                return Err(BillingError::invalid(
+                    "occurred_at",
+                    "is more than 5 minutes in the future",
+                ));
+            }
+            if t < now.saturating_sub(MAX_PAST_MICROS) {
+                return Err(BillingError::invalid(
+                    "occurred_at",
+                    "is more than 35 days in the past",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What must match for a replay: everything the caller said, except strict
+    /// (a retry may relax it) and an occurred_at the caller left to default.
+    fn fingerprint(&self) -> Vec<u8> {
+        Fingerprint::new("ingest")
+            .text(&self.account)
+            .text(&self.meter)
+            .text(&self.quantity.normalize().to_string())
+            .opt_int(self.occurred_at)
+            .text(&self.properties_text)
+            .opt_int(self.cost)
+            .finish()
+    }
+}
+
+/// What the caller gets back, for a new event and for every replay of it.
+#[derive(Debug, Clone)]
+struct Outcome {
+    key: String,
+    event_id: Option<i64>,
+    status: &'static str,
+    meter: String,
+    unit: String,
+    cost: i64,
+    covered: i64,
+    debt_created: i64,
+    drains: Value,
+    available: i64,
+    entitled: bool,
+}
+
+type IngestRow = (
+    name!(event_id, Option<i64>),
+    name!(status, String),
+    name!(meter, String),
+    name!(unit, String),
+    name!(cost, i64),
+    name!(covered, i64),
+    name!(debt_created, i64),
+    name!(drains, JsonB),
+    name!(available, i64),
+    name!(entitled, bool),
+);
+
+type BatchRow = (
+    name!(key, String),
+    name!(event_id, Option<i64>),
+    name!(status, String),
+    name!(meter, String),
+    name!(unit, String),
+    name!(cost, i64),
+    name!(covered, i64),
+    name!(debt_created, i64),
+    name!(drains, JsonB),
+    name!(available, i64),
+    name!(entitled, bool),
+);
+
+impl Outcome {
+    fn row(self) -> IngestRow {
+        (
+            self.event_id,
+            self.status.into(),
+            self.meter,
+            self.unit,
+            self.cost,
+            self.covered,
+            self.debt_created,
+            JsonB(self.drains),
+            self.available,
+            self.entitled,
+        )
+    }
+
+    fn batch_row(self) -> BatchRow {
+        let key = self.key.clone();
+        let r = self.row();
+        (key, r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9)
+    }
+}
+
+/// Record one usage event. `cost` overrides the meter's price (a provider-billed
+/// cost); `strict => true` rejects, writing nothing, when the pool cannot pay.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn ingest(
+    account: &str,
+    meter: &str,
+    quantity: default!(AnyNumeric, "1"),
+    key: default!(Option<&str>, "NULL"),
+    occurred_at: default!(Option<Tstz>, "NULL"),
+    properties: default!(JsonB, "'{}'"),
+    cost: default!(Option<i64>, "NULL"),
+    strict: default!(bool, "false"),
+) -> TableIterator<
+    'static,
+    (
+        name!(event_id, Option<i64>),
+        name!(status, String),
+        name!(meter, String),
+        name!(unit, String),
+        name!(cost, i64),
+        name!(covered, i64),
+        name!(debt_created, i64),
+        name!(drains, JsonB),
+        name!(available, i64),
+        name!(entitled, bool),
+    ),
+> {
+    let result = (|| -> Result<Outcome> {
+        let key = key.ok_or_else(|| {
+            BillingError::invalid("key", "is required: usage is idempotent by key")
+        })?;
+        let event = Event {
+            account: account.into(),
+            meter: meter.into(),
+            quantity: pricing::decimal("quantity", &quantity)?,
+            key: key.into(),
+            occurred_at: time::opt_from_sql("occurred_at", occurred_at)?,
+            properties_text: input::json_object("properties", &properties)?,
+            properties: properties.0.clone(),
+            cost,
+            strict,
+        };
+        event.validate()?;
+        let mut out = Spi::connect_mut(|client| ingest_events(client, vec![event], true))?;
+        Ok(out.remove(0))
+    })();
+    TableIterator::once(result.or_raise().row())
+}
+
+/// Record many usage events in one call: a JSON array of objects with
+/// account, meter, quantity, key and optionally occurred_at, properties, cost,
+/// strict. One row per event, in input order; a strict event that cannot be
+/// paid is returned as `rejected` and the rest still apply.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn ingest_batch(
+    events: JsonB,
+) -> TableIterator<
+    'static,
+    (
+        name!(key, String),
+        name!(event_id, Option<i64>),
+        name!(status, String),
+        name!(meter, String),
+        name!(unit, String),
+        name!(cost, i64),
+        name!(covered, i64),
+        name!(debt_created, i64),
+        name!(drains, JsonB),
+        name!(available, i64),
+        name!(entitled, bool),
+    ),
+> {
+    let result = (|| -> Result<Vec<Outcome>> {
+        let parsed = parse_batch(&events.0)?;
+        if parsed.is_empty() {
+            return Ok(Vec::new());
+        }
+        Spi::connect_mut(|client| ingest_events(client, parsed, false))
+    })();
+    TableIterator::new(result.or_raise().into_iter().map(Outcome::batch_row))
+}
+
+fn parse_batch(v: &Value) -> Result<Vec<Event>> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| BillingError::invalid("events", "must be a JSON array of event objects"))?;
+    if items.len() > MAX_BATCH {
+        return Err(BillingError::invalid(
+            "events",
+            format!("at most {MAX_BATCH} events per batch"),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| parse_event(i, item))
+        .collect()
+}
+
+fn parse_event(i: usize, item: &Value) -> Result<Event> {
+    let bad = |what: &str| BillingError::invalid("events", format!("element {i}: {what}"));
+    let obj = item.as_object().ok_or_else(|| bad("must be an object"))?;
+    let text = |f: &str| obj.get(f).and_then(Value::as_str).map(str::to_string);
+    let quantity = match obj.get("quantity") {
+        None | Some(Value::Null) => Decimal::ONE,
+        Some(Value::Number(n)) => n
+            .to_string()
+            .parse()
+            .map_err(|_| bad("quantity is not a decimal"))?,
+        Some(Value::String(s)) => s.parse().map_err(|_| bad("quantity is not a decimal"))?,
+        Some(_) => return Err(bad("quantity must be a number")),
+    };
+    let cost = match obj.get("cost") {
+        None | Some(Value::Null) => None,
+        Some(c) => Some(
+            c.as_i64()
+                .ok_or_else(|| bad("cost must be an integer in bigint range"))?,
+        ),
+    };
+    let occurred_at = match text("occurred_at") {
+        None => None,
+        Some(s) => Some(parse_timestamp(&s).map_err(|_| bad("occurred_at is not a timestamp"))?),
+    };
+    let properties = obj
+        .get("properties")
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()));
+    let properties_text = input::json_object("properties", &JsonB(properties.clone()))?;
+    let event = Event {
+        account: text("account").ok_or_else(|| bad("account is required"))?,
+        meter: text("meter").ok_or_else(|| bad("meter is required"))?,
+        quantity,
+        key: text("key").ok_or_else(|| bad("key is required"))?,
+        occurred_at,
+        properties,
+        properties_text,
+        cost,
+        strict: obj.get("strict").and_then(Value::as_bool).unwrap_or(false),
+    };
+    event.validate().map_err(|e| bad(&e.to_string()))?;
+    Ok(event)
+}
+
+static PARSE_TIMESTAMP: Sql = Sql {
+    text: "SELECT $1::timestamptz",
+    args: &[TEXT],
+};
+
+fn parse_timestamp(s: &str) -> Result<Ts> {
+    let t: Option<Tstz> = Spi::connect(|c| -> Result<Option<Tstz>> {
+        Ok(db::read(c, &PARSE_TIMESTAMP, &[s.into()])?
+            .first()
+            .get_one()?)
+    })?;
+    time::from_sql(
+        "occurred_at",
+        t.ok_or_else(|| BillingError::invalid("occurred_at", "is null"))?,
+    )
+}
+
+// ----- the shared path -------------------------------------------------------
+
+static FIND_EVENTS: Sql = Sql {
+    text: "SELECT key, id, request_hash, meter, unit, cost, covered, debt_created, drains, \
+                  available_after, entitled_after \
+           FROM billing.usage_events WHERE tenant_id = $1 AND key = ANY($2)",
+    args: &[TEXT, TEXT_ARRAY],
+};
+
+static ALLOCATE_EVENT_IDS: Sql = Sql {
+    text: "SELECT nextval('billing.usage_events_id_seq') FROM generate_series(1, $1)",
+    args: &[INT4],
+};
+
+static INSERT_EVENTS: Sql = Sql {
+    text: "INSERT INTO billing.usage_events \
+              (id, tenant_id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
+               debt_created, strict, drains, available_after, entitled_after, occurred_at, properties, \
+               request_hash) OVERRIDING SYSTEM VALUE \
+           SELECT e.id, $1, e.key, e.account, e.meter, e.unit, e.pool_id, e.quantity::numeric, \
+                  e.unit_price::numeric, e.cost, e.covered, e.debt_created, e.strict, e.drains::jsonb, \
+                  e.available_after, e.entitled_after, coalesce(e.occurred_at, now()), \
+                  e.properties::jsonb, decode(e.request_hash, 'hex') \
+           FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], \
+                       $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], \
+                       $13::boolean[], $14::text[], $15::bigint[], $16::boolean[], \
+                       $17::timestamptz[], $18::text[], $19::text[]) \
+                AS e(id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
+                     debt_created, strict, drains, available_after, entitled_after, occurred_at, \
+                     properties, request_hash)",
+    args: &[
+        TEXT,
+        db::INT8_ARRAY,
+        TEXT_ARRAY,
+        TEXT_ARRAY,
+        TEXT_ARRAY,
+        TEXT_ARRAY,
+        db::INT8_ARRAY,
+        TEXT_ARRAY,
+        TEXT_ARRAY,
+        db::INT8_ARRAY,
+        db::INT8_ARRAY,
+        db::INT8_ARRAY,
+        pgrx::pg_sys::BOOLARRAYOID,
+        TEXT_ARRAY,
+        db::INT8_ARRAY,
+        pgrx::pg_sys::BOOLARRAYOID,
+        pgrx::pg_sys::TIMESTAMPTZARRAYOID,
+        TEXT_ARRAY,
+        TEXT_ARRAY,
+    ],
+};
+
+/// A new event, ready to be written once its pool's entries are computed.
+struct NewEvent {
+    id: i64,
+    event: Event,
+    unit: String,
+    pool_id: i64,
+    unit_price: Option<Decimal>,
+    hash: Vec<u8>,
+    outcome: Outcome,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where each input event's outcome comes from.
+enum Slot {
+    Pending,
+    Done(Outcome),
+    New(usize),
+    RepeatOfNew(usize),
+}
+
+/// Ingest events in order. Pools are locked in (account, unit) order so two
+/// batches never deadlock; within a pool, events apply in input order.
+/// `raise_rejection`: a strict event that cannot be paid raises (single form).
+fn ingest_events(
+    client: &mut SpiClient<'_>,
+    events: Vec<Event>,
+    raise_rejection: bool,
+) -> Result<Vec<Outcome>> {
+    let tenant = current_tenant()?;
+    let mut meters: HashMap<String, Meter> = HashMap::new();
+    let mut by_pool: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    let mut priced = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        if !meters.contains_key(&e.meter) {
+            let m = pricing::find_meter(client, &tenant, &e.meter)?;
+            meters.insert(e.meter.clone(), m);
+        }
+        let m = &meters[&e.meter];
+        priced.push(m.cost(e.quantity, e.cost)?);
+        by_pool
+            .entry((e.account.clone(), m.unit.clone()))
+            .or_default()
+            .push(i);
+    }
+
+    let mut slots: Vec<Slot> = events.iter().map(|_| Slot::Pending).collect();
+    let mut new_events: Vec<NewEvent> = Vec::new();
+    let mut in_batch: HashMap<&str, (Vec<u8>, usize)> = HashMap::new();
+    let mut ledgers = Vec::new();
+    for ((account, unit), indexes) in by_pool {
+        let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+        // After the lock: any concurrent ingest of these keys has committed.
+        let keys: Vec<String> = indexes.iter().map(|&i| events[i].key.clone()).collect();
+        let stored = find_events(client, &tenant, keys)?;
+        for i in indexes {
+            let event = &events[i];
+            let hash = event.fingerprint();
+            let key_reused = || BillingError::KeyReused {
+                what: "usage event",
+                key: event.key.clone(),
+            };
+            if let Some((stored_hash, outcome)) = stored.get(&event.key) {
+                if *stored_hash != hash {
+                    return Err(key_reused());
+                }
+                slots[i] = Slot::Done(outcome.clone());
+                continue;
+            }
+            if let Some((first_hash, n)) = in_batch.get(event.key.as_str()) {
+                if *first_hash != hash {
+                    return Err(key_reused());
+                }
+                slots[i] = Slot::RepeatOfNew(*n);
+                continue;
+            }
+            let (cost, unit_price) = priced[i];
+            let mut outcome = rejected(event, &unit, cost, &ledger);
+            if event.strict && !ledger.allows(cost) {
+                if raise_rejection {
+                    return Err(ledger.insufficient(cost));
+                }
+                slots[i] = Slot::Done(outcome);
+                continue;
+            }
+            let n = new_events.len();
+            // A placeholder until ids are allocated for all new events at once.
+            ledger.current_event = Some(n as i64);
+            let debit = ledger.debit(cost);
+            outcome.status = "applied";
+            outcome.covered = debit.covered;
+            outcome.debt_created = debit.uncovered;
+            outcome.drains = drains_json(&debit.drains);
+            outcome.available = ledger.available();
+            outcome.entitled = ledger.entitled();
+            new_events.push(NewEvent {
+                id: 0,
+                event: event.clone(),
+                unit: unit.clone(),
+                pool_id: ledger.id,
+                unit_price,
+                hash: hash.clone(),
+                outcome,
+            });
+            in_batch.insert(event.key.as_str(), (hash, n));
+            slots[i] = Slot::New(n);
+        }
+        ledger.current_event = None;
+        ledgers.push(ledger);
+    }
+
+    assign_event_ids(client, &mut new_events, &mut ledgers)?;
+    insert_events(client, &tenant, &new_events)?;
+    for ledger in &mut ledgers {
+        ledger.flush(client)?;
+    }
+    slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Done(o) => Ok(o),
+            Slot::New(n) => {
+                let mut o = new_events[n].outcome.clone();
+                o.event_id = Some(new_events[n].id);
+                Ok(o)
+            }
+            Slot::RepeatOfNew(n) => {
+                let mut o = new_events[n].outcome.clone();
+                o.event_id = Some(new_events[n].id);
+                o.status = "duplicate";
+                Ok(o)
+            }
+            Slot::Pending => Err(BillingError::Internal("event without outcome".into())),
+        })
+        .collect()
+}
+
+fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcome {
+    Outcome {
+        key: event.key.clone(),
+        event_id: None,
+        status: "rejected",
+        meter: event.meter.clone(),
+        unit: unit.to_string(),
+        cost,
+        covered: 0,
+        debt_created: 0,
+        drains: Value::Array(vec![]),
+        available: ledger.available(),
+        entitled: ledger.entitled(),
+    }
+}
+
+/// Give new events their ids, and point their ledger entries at them.
+fn assign_event_ids(
+    client: &mut SpiClient<'_>,
+    new_events: &mut [NewEvent],
+    ledgers: &mut [PoolLedger],
+) -> Result<()> {
+    if new_events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = db::write(
+        client,
+        &ALLOCATE_EVENT_IDS,
+        &[(new_events.len() as i32).into()],
+    )?
+    .into_iter()
+    .map(|row| db::col::<i64>(&row, 1))
+    .collect::<Result<_>>()?;
+    for (n, id) in new_events.iter_mut().zip(&ids) {
+        n.id = *id;
+    }
+    for ledger in ledgers {
+        ledger.map_event_ids(|slot| ids[slot as usize]);
+    }
+    Ok(())
+}
+
+fn find_events(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    keys: Vec<String>,
+) -> Result<HashMap<String, (Vec<u8>, Outcome)>> {
+    let mut found = HashMap::new();
+    for row in db::write(client, &FIND_EVENTS, &[tenant.into(), keys.into()])? {
+        let key: String = db::col(&row, 1)?;
+        let drains: JsonB = db::col(&row, 9)?;
+        let outcome = Outcome {
+            key: key.clone(),
+            event_id: Some(db::col(&row, 2)?),
+            status: "duplicate",
+            meter: db::col(&row, 4)?,
+            unit: db::col(&row, 5)?,
+            cost: db::col(&row, 6)?,
+            covered: db::col(&row, 7)?,
+            debt_created: db::col(&row, 8)?,
+            drains: drains.0,
+            available: db::col(&row, 10)?,
+            entitled: db::col(&row, 11)?,
+        };
+        found.insert(key, (db::col(&row, 3)?, outcome));
+    }
+    Ok(found)
+}
+
+fn insert_events(client: &mut SpiClient<'_>, tenant: &str, new_events: &[NewEvent]) -> Result<()> {
+    if new_events.is_empty() {
+        return Ok(());
+    }
+    let col_s =
+        |f: &dyn Fn(&NewEvent) -> String| -> Vec<String> { new_events.iter().map(f).collect() };
+    let col_i = |f: &dyn Fn(&NewEvent) -> i64| -> Vec<i64> { new_events.iter().map(f).collect() };
+    let col_b = |f: &dyn Fn(&NewEvent) -> bool| -> Vec<bool> { new_events.iter().map(f).collect() };
+    let unit_prices: Vec<Option<String>> = new_events
+        .iter()
+        .map(|n| n.unit_price.map(|p| p.to_string()))
+        .collect();
+    let occurred: Vec<Option<Tstz>> = new_events
+        .iter()
+        .map(|n| n.event.occurred_at.map(time::to_sql))
+        .collect();
+    db::write(
+        client,
+        &INSERT_EVENTS,
+        &[
+            tenant.into(),
+            col_i(&|n| n.id).into(),
+            col_s(&|n| n.event.key.clone()).into(),
+            col_s(&|n| n.event.account.clone()).into(),
+            col_s(&|n| n.event.meter.clone()).into(),
+            col_s(&|n| n.unit.clone()).into(),
+            col_i(&|n| n.pool_id).into(),
+            col_s(&|n| n.event.quantity.to_string()).into(),
+            unit_prices.into(),
+            col_i(&|n| n.outcome.cost).into(),
+            col_i(&|n| n.outcome.covered).into(),
+            col_i(&|n| n.outcome.debt_created).into(),
+            col_b(&|n| n.event.strict).into(),
+            col_s(&|n| n.outcome.drains.to_string()).into(),
+            col_i(&|n| n.outcome.available).into(),
+            col_b(&|n| n.outcome.entitled).into(),
+            occurred.into(),
+            col_s(&|n| n.event.properties.to_string()).into(),
+            col_s(&|n| hex(&n.hash)).into(),
+        ],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! pg_billing: usage billing and prepaid credits inside PostgreSQL.
+//!
+//! The SQL surface lives in schema `billing`. Each domain has its own module;
+//! every error leaves through [`error::BillingError`], which maps it to a SQLSTATE.
+
+use pgrx::prelude::*;
+
+mod accounts;
+mod db;
+mod error;
+mod gate;
+mod grants;
+mod holds;
+mod idempotency;
+mod ingest;
+mod input;
+mod ledger;
+mod pricing;
+mod reporting;
+mod tenancy;
+mod time;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/views.sql", name = "views", finalize);
+
+/// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+#[path = "../pgrx-tests"]
+mod tests {
+    mod drain;
+    mod expiry;
+    mod gate;
+    mod grants;
+    mod history;
+    mod holds;
+    mod idempotency;
+    mod input;
+    mod support;
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,112 @@
+//! Reporting from the ledger: balances at any past instant, and the sweep that
+//! records expiries for the audit trail (correctness never depends on it).
+
+use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::prelude::*;
+
+use crate::db::{self, Sql, INT4, TEXT, TSTZ};
+use crate::error::{OrRaise, Result};
+use crate::input;
+use crate::ledger::{Create, PoolLedger};
+use crate::tenancy::current_tenant;
+
+/// The pool as a check at `as_of` would have seen it, from ledger entries
+/// recorded by then: a grant counts at `as_of` if it was effective and not yet
+/// expired, with what remained of it after the entries recorded up to `as_of`.
+static BALANCE_AS_OF: Sql = Sql {
+    text: "WITH p AS (SELECT id FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3), \
+                t AS (SELECT coalesce($4, now()) AS at) \
+           SELECT t.at, \
+              (SELECT coalesce(sum((SELECT coalesce(sum(e.grant_amount), 0) FROM billing.ledger_entries e \
+                                    WHERE e.grant_id = g.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
+               FROM billing.grants g JOIN p ON g.pool_id = p.id \
+               WHERE g.effective_at <= t.at AND (g.expires_at IS NULL OR t.at < g.expires_at)), \
+              (SELECT coalesce(sum((SELECT coalesce(sum(e.hold_amount), 0) FROM billing.ledger_entries e \
+                                    WHERE e.hold_id = h.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
+               FROM billing.holds h JOIN p ON h.pool_id = p.id WHERE t.at < h.expires_at), \
+              coalesce((SELECT e.debt_after FROM billing.ledger_entries e JOIN p ON e.pool_id = p.id \
+                        WHERE $4 IS NULL OR e.recorded_at <= $4 ORDER BY e.version DESC LIMIT 1), 0) \
+           FROM t",
+    args: &[TEXT, TEXT, TEXT, TSTZ],
+};
+
+type BalanceRow = (
+    name!(as_of, Tstz),
+    name!(balance, i64),
+    name!(held, i64),
+    name!(debt, i64),
+    name!(available, i64),
+);
+
+/// Balance, holds, debt and available of a pool at `as_of` (default: now).
+#[pg_extern(security_definer, stable)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn balance(
+    account: &str,
+    unit: &str,
+    as_of: default!(Option<Tstz>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(as_of, Tstz),
+        name!(balance, i64),
+        name!(held, i64),
+        name!(debt, i64),
+        name!(available, i64),
+    ),
+> {
+    let result = (|| -> Result<BalanceRow> {
+        input::account(account)?;
+        input::name("unit", unit)?;
+        let tenant = current_tenant()?;
+        Spi::connect(|client| {
+            let rows = db::read(
+                client,
+                &BALANCE_AS_OF,
+                &[
+                    tenant.as_str().into(),
+                    account.into(),
+                    unit.into(),
+                    as_of.into(),
+                ],
+            )?;
+            let row = rows.first();
+            let at: Tstz = row.get(1)?.unwrap_or(Tstz::positive_infinity());
+            let balance: i64 = row.get(2)?.unwrap_or(0);
+            let held: i64 = row.get(3)?.unwrap_or(0);
+            let debt: i64 = row.get(4)?.unwrap_or(0);
+            Ok((at, balance, held, debt, balance - held - debt))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+static POOLS_DUE: Sql = Sql {
+    text: "SELECT p.tenant_id, p.account, p.unit FROM billing.pools p \
+           WHERE EXISTS (SELECT 1 FROM billing.grants g WHERE g.pool_id = p.id AND g.remaining > 0 \
+                         AND g.expires_at <= now()) \
+              OR EXISTS (SELECT 1 FROM billing.holds h WHERE h.pool_id = p.id AND h.status = 'open' \
+                         AND h.expires_at <= now()) \
+           ORDER BY p.tenant_id, p.account, p.unit LIMIT $1",
+    args: &[INT4],
+};
+
+/// Record expiry entries for grants and holds whose time has passed, in at
+/// most `max_pools` pools, across all tenants. Suitable for pg_cron.
+/// Returns how many pools were brought up to date.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn sweep(max_pools: default!(i32, "1000")) -> i64 {
+    Spi::connect_mut(|client| -> Result<i64> {
+        let due: Vec<(String, String, String)> =
+            db::write(client, &POOLS_DUE, &[max_pools.max(0).into()])?
+                .into_iter()
+                .map(|r| Ok((db::col(&r, 1)?, db::col(&r, 2)?, db::col(&r, 3)?)))
+                .collect::<Result<_>>()?;
+        for (tenant, account, unit) in &due {
+            PoolLedger::open(client, tenant, account, unit, Create::Pool)?.flush(client)?;
+        }
+        Ok(due.len() as i64)
+    })
+    .or_raise()
+}
