@@ -1,1 +1,154 @@
+// DESIGN §2.3: a debit drains active grants by priority, then earliest expiry
+// (no expiry last), then oldest first; inactive grants are never drained.
 
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::ledger::{GrantState, PoolLedger};
+    use crate::pgrx_tests::support::*;
+
+    #[pg_test]
+    fn drains_by_priority_then_expiry_then_age() {
+        let topup = grant("a", "mills", 100, ", kind => 'topup'");
+        let promo_late = grant(
+            "a",
+            "mills",
+            100,
+            ", kind => 'promo', expires_at => now() + interval '20 days'",
+        );
+        let promo_never = grant("a", "mills", 100, ", kind => 'promo'");
+        let promo_soon = grant(
+            "a",
+            "mills",
+            100,
+            ", kind => 'promo', expires_at => now() + interval '10 days'",
+        );
+        let plan = grant("a", "mills", 100, ", kind => 'plan'");
+        let promo_soon_younger = grant(
+            "a",
+            "mills",
+            100,
+            ", kind => 'promo', expires_at => now() + interval '10 days'",
+        );
+
+        let drains = ingest("a", "mills", 450, "e1");
+        let expected = format!(
+            r#"[{{"amount": 100, "grant_id": {plan}}}, {{"amount": 100, "grant_id": {promo_soon}}}, {{"amount": 100, "grant_id": {promo_soon_younger}}}, {{"amount": 100, "grant_id": {promo_late}}}, {{"amount": 50, "grant_id": {promo_never}}}]"#
+        );
+        assert_eq!(drains, expected);
+        assert_eq!(remaining(promo_never), 50);
+        assert_eq!(remaining(topup), 100);
+        assert_eq!(available("a", "mills"), 150);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn explicit_priority_overrides_the_kind_default() {
+        let topup_first = grant("a", "mills", 10, ", kind => 'topup', priority => 1");
+        let plan = grant("a", "mills", 10, ", kind => 'plan'");
+        ingest("a", "mills", 15, "e1");
+        assert_eq!(remaining(topup_first), 0);
+        assert_eq!(remaining(plan), 5);
+    }
+
+    #[pg_test]
+    fn one_ledger_entry_per_grant_drained() {
+        let g1 = grant("a", "mills", 30, ", kind => 'plan'");
+        let g2 = grant("a", "mills", 30, ", kind => 'topup'");
+        let event: i64 =
+            one("SELECT event_id FROM billing.ingest('a', 'mills', 1, key => 'e1', cost => 45)");
+        let entries: String = one(&format!(
+            "SELECT string_agg(kind || ':' || grant_id || ':' || amount, ',' ORDER BY version) \
+             FROM billing.ledger_entries WHERE event_id = {event}"
+        ));
+        assert_eq!(entries, format!("debit:{g1}:-30,debit:{g2}:-15"));
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn pending_and_voided_grants_are_never_drained() {
+        let pending = grant(
+            "a",
+            "mills",
+            100,
+            ", kind => 'plan', effective_at => now() + interval '1 day'",
+        );
+        let voided = grant("a", "mills", 100, ", kind => 'plan'");
+        run(&format!("SELECT * FROM billing.void_grant({voided})"));
+        let topup = grant("a", "mills", 100, ", kind => 'topup'");
+        ingest("a", "mills", 40, "e1");
+        assert_eq!(remaining(pending), 100);
+        assert_eq!(remaining(voided), 0);
+        assert_eq!(remaining(topup), 60);
+        assert_eq!(
+            available("a", "mills"),
+            60,
+            "the pending grant is not spendable yet"
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn usage_in_a_unit_meter_and_a_priced_meter() {
+        grant("a", "mills", 1000, "");
+        run("SELECT billing.define_meter('images', 'mills', unit_price => 2.5)");
+        let cost: i64 = one("SELECT cost FROM billing.ingest('a', 'images', 3, key => 'i1')");
+        assert_eq!(cost, 8, "3 × 2.5 = 7.5 rounds half away from zero to 8");
+        let cost: i64 = one("SELECT cost FROM billing.ingest('a', 'mills', 7, key => 'u1')");
+        assert_eq!(cost, 7, "a unit used as a meter charges 1 per quantity");
+        let cost: i64 =
+            one("SELECT cost FROM billing.ingest('a', 'images', 3, key => 'i2', cost => 5)");
+        assert_eq!(cost, 5, "an explicit cost overrides the price");
+        let snapshot: Option<String> =
+            opt("SELECT unit_price::text FROM billing.usage_events WHERE key = 'i1'");
+        assert_eq!(
+            snapshot.as_deref(),
+            Some("2.5"),
+            "the price used is recorded with the event"
+        );
+        assert_eq!(available("a", "mills"), 1000 - 8 - 7 - 5);
+    }
+
+    #[pg_test]
+    fn price_changes_apply_to_later_events_only() {
+        grant("a", "mills", 1000, "");
+        run("SELECT billing.define_meter('images', 'mills', unit_price => 2)");
+        run("SELECT * FROM billing.ingest('a', 'images', 1, key => 'i1')");
+        run("SELECT billing.define_meter('images', 'mills', unit_price => 3)");
+        run("SELECT * FROM billing.ingest('a', 'images', 1, key => 'i2')");
+        let costs: String =
+            one("SELECT string_agg(cost::text, ',' ORDER BY id) FROM billing.usage_events");
+        assert_eq!(costs, "2,3");
+        let replay: i64 = one("SELECT cost FROM billing.ingest('a', 'images', 1, key => 'i1')");
+        assert_eq!(
+            replay, 2,
+            "a replay returns the original charge, not a re-price"
+        );
+    }
+
+    // The drain rule on the in-memory ledger, without SQL.
+    #[pg_test]
+    fn in_memory_ties_break_by_age() {
+        let now = 1_000_000;
+        let grants = vec![
+            GrantState::new(3, 50, 10, 0, Some(now + 5)),
+            GrantState::new(2, 50, 10, 0, Some(now + 5)),
+            GrantState::new(1, 50, 10, 0, None),
+            GrantState::new(4, 10, 10, 0, None),
+            GrantState::new(5, 10, 10, now + 1, None), // not effective yet
+            GrantState::new(6, 10, 10, 0, Some(now)),  // expired exactly now
+        ];
+        let mut ledger = PoolLedger::in_memory(now, grants, 0);
+        ledger.catch_up();
+        let debit = ledger.debit(35).unwrap();
+        let order: Vec<(i64, i64)> = debit
+            .drains
+            .iter()
+            .map(|d| (d.grant_id, d.amount))
+            .collect();
+        assert_eq!(order, vec![(4, 10), (2, 10), (3, 10), (1, 5)]);
+        assert_eq!(debit.uncovered, 0);
+        assert_eq!(ledger.available(), 5);
+    }
+}

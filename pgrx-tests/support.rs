@@ -1,1 +1,102 @@
+// Helpers shared by the #[pg_test] suites. Each test runs inside one
+// transaction, so now() is fixed for its whole duration; `travel` moves a
+// pool's timestamps back to simulate the clock moving forward.
 
+use pgrx::prelude::*;
+
+/// Run a statement, panicking with the database's message if it fails.
+pub fn run(sql: &str) {
+    Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+pub fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+    Spi::get_one::<T>(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|| panic!("{sql}: returned NULL"))
+}
+
+pub fn opt<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
+    Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The SQLSTATE a statement fails with (its writes rolled back), or None.
+pub fn sqlstate(sql: &str) -> Option<String> {
+    run("CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+         BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$");
+    Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Assert that `sql` fails with `state`, and that it wrote nothing anywhere
+/// in the billing schema.
+pub fn assert_rejected(sql: &str, state: &str) {
+    let before = footprint();
+    assert_eq!(sqlstate(sql).as_deref(), Some(state), "{sql}");
+    assert_eq!(footprint(), before, "{sql} must write nothing");
+}
+
+/// A fingerprint of every billing row, to prove a call wrote nothing.
+pub fn footprint() -> String {
+    one::<String>(
+        "SELECT concat_ws('|', \
+            (SELECT count(*) FROM billing.accounts), (SELECT count(*) FROM billing.units), \
+            (SELECT count(*) FROM billing.pools), (SELECT coalesce(sum(version), 0) FROM billing.pools), \
+            (SELECT count(*) FROM billing.grants), (SELECT coalesce(sum(remaining), 0) FROM billing.grants), \
+            (SELECT count(*) FROM billing.usage_events), (SELECT count(*) FROM billing.holds), \
+            (SELECT count(*) FROM billing.ledger_entries))",
+    )
+}
+
+pub fn available(account: &str, unit: &str) -> i64 {
+    one(&format!(
+        "SELECT available FROM billing.check('{account}', '{unit}')"
+    ))
+}
+
+pub fn grant(account: &str, unit: &str, amount: i64, extra: &str) -> i64 {
+    one(&format!(
+        "SELECT grant_id FROM billing.grant('{account}', '{unit}', {amount}{extra})"
+    ))
+}
+
+pub fn remaining(grant_id: i64) -> i64 {
+    one(&format!(
+        "SELECT remaining FROM billing.grants WHERE id = {grant_id}"
+    ))
+}
+
+pub fn ingest(account: &str, meter: &str, cost: i64, key: &str) -> String {
+    one(&format!(
+        "SELECT drains::text FROM billing.ingest('{account}', '{meter}', 1, key => '{key}', cost => {cost})"
+    ))
+}
+
+/// DESIGN §2.8 must hold after every test.
+pub fn assert_ledger_consistent() {
+    let problems = opt::<String>("SELECT string_agg(problem, '; ') FROM billing.verify_ledger()");
+    assert_eq!(problems, None, "ledger invariants violated");
+}
+
+/// Simulate `interval` passing for one account: every instant stored for its
+/// pools moves back by `interval`, as if now() had moved forward by it.
+pub fn travel(account: &str, interval: &str) {
+    let shift = format!("'{interval}'::interval");
+    run("SET LOCAL session_replication_role = replica"); // the ledger refuses UPDATE otherwise
+    run(&format!(
+        "UPDATE billing.grants SET effective_at = effective_at - {shift}, \
+             expires_at = expires_at - {shift}, created_at = created_at - {shift} WHERE account = '{account}'"
+    ));
+    run(&format!(
+        "UPDATE billing.holds SET expires_at = expires_at - {shift}, created_at = created_at - {shift} \
+         WHERE account = '{account}'"
+    ));
+    run(&format!(
+        "UPDATE billing.pools SET cache_from = cache_from - {shift}, cache_until = cache_until - {shift} \
+         WHERE account = '{account}'"
+    ));
+    run(&format!(
+        "UPDATE billing.ledger_entries SET effective_at = effective_at - {shift}, \
+             recorded_at = recorded_at - {shift} WHERE account = '{account}'"
+    ));
+    run("SET LOCAL session_replication_role = origin");
+}

@@ -94,7 +94,7 @@ type GrantRow = (
 );
 
 static FIND_GRANT_BY_KEY: Sql = Sql {
-    text: "SELECT id, request_hash, kind, priority, amount, remaining, effective_at, expires_at, \
+    text: "SELECT id, request_hash, kind, priority, amount, NULL, effective_at, expires_at, \
                   debt_repaid, available_after \
            FROM billing.grants WHERE tenant_id = $1 AND key = $2",
     args: &[TEXT, TEXT],
@@ -227,7 +227,7 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     .get_one()?
     .ok_or_else(|| BillingError::Internal("grant insert returned no id".into()))?;
     let grant = GrantState::new(id, req.priority, req.amount, effective_at, req.expires_at);
-    let repaid = ledger.add_grant(grant);
+    let repaid = ledger.add_grant(grant)?;
     let remaining = ledger.grant_remaining(id).unwrap_or(0);
     let available = ledger.available();
     ledger.flush(client)?;
@@ -267,16 +267,18 @@ fn find_by_key(
             key: key.into(),
         });
     }
+    let amount: i64 = db::col(&row, 5)?;
+    let debt_repaid: i64 = db::col(&row, 9)?;
     Ok(Some((
         db::col(&row, 1)?,
         "duplicate".into(),
         db::col(&row, 3)?,
         db::col(&row, 4)?,
-        db::col(&row, 5)?,
-        db::col(&row, 6)?,
+        amount,
+        amount - debt_repaid, // what remained when it was granted
         db::col(&row, 7)?,
         db::opt(&row, 8)?,
-        db::col(&row, 9)?,
+        debt_repaid,
         db::col(&row, 10)?,
     )))
 }
@@ -411,7 +413,7 @@ fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<
     }
     let removed = ledger.close_grant(grant_id, how.entry_kind());
     let debt = if how == Close::Void { consumed } else { 0 };
-    ledger.add_debt(debt, Some(grant_id));
+    ledger.add_debt(debt, Some(grant_id))?;
     ledger.repay_debt();
     let available = ledger.available();
     ledger.flush(client)?;

@@ -121,7 +121,7 @@ fn reserve(
             .first()
             .get_one()?
             .ok_or_else(|| BillingError::Internal("hold insert returned no id".into()))?;
-            ledger.open_hold(id, amount, expires_at);
+            ledger.open_hold(id, amount, expires_at)?;
             ledger.flush(client)?;
             Ok((
                 id,
@@ -297,7 +297,7 @@ fn settle(
                 ledger.close_hold(hold_id, hold.amount, "settle", true);
             }
             ledger.current_hold = Some(hold_id);
-            let debit = ledger.debit(actual);
+            let debit = ledger.debit(actual)?;
             let result = json!({
                 "held": hold.amount,
                 "actual": actual,

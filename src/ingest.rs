@@ -454,7 +454,7 @@ fn ingest_events(
             let n = new_events.len();
             // A placeholder until ids are allocated for all new events at once.
             ledger.current_event = Some(n as i64);
-            let debit = ledger.debit(cost);
+            let debit = ledger.debit(cost)?;
             outcome.status = "applied";
             outcome.covered = debit.covered;
             outcome.debt_created = debit.uncovered;

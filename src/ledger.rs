@@ -84,6 +84,14 @@ pub struct Entry {
     pub effective_at: Ts,
 }
 
+/// A running total may grow by `add` only if it still fits a bigint.
+fn fits(what: &str, total: i64, add: i64) -> Result<()> {
+    total
+        .checked_add(add)
+        .map(|_| ())
+        .ok_or_else(|| BillingError::Overflow(format!("the {what} {total} + {add} exceeds bigint")))
+}
+
 /// How much one grant gave to a debit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drain {
@@ -393,22 +401,23 @@ impl PoolLedger {
             .sum()
     }
 
-
-
     /// DESIGN §2.5: Σ remaining of active grants − Σ open holds − debt.
+    /// Computed wide and clamped: each total fits a bigint, their difference may not.
     pub fn available(&self) -> i64 {
-        self.active_remaining() - self.active_held - self.debt
+        let wide = self.active_remaining() as i128 - self.active_held as i128 - self.debt as i128;
+        wide.clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
 
     /// Whether `amount` more may be taken without crossing the floor.
     pub fn allows(&self, amount: i64) -> bool {
-        (self.available() as i128) - (amount as i128) >= self.floor as i128
+        let available =
+            self.active_remaining() as i128 - self.active_held as i128 - self.debt as i128;
+        available - amount as i128 >= self.floor as i128
     }
 
     pub fn entitled(&self) -> bool {
         self.allows(0)
     }
-
 
     pub fn grant_remaining(&self, grant_id: i64) -> Option<i64> {
         self.grants
@@ -518,26 +527,29 @@ impl PoolLedger {
 
     /// Debit `amount`: drain active grants in order, the rest becomes debt.
     /// The caller decides beforehand whether the floor allows it (strict).
-    pub fn debit(&mut self, amount: i64) -> Debit {
+    pub fn debit(&mut self, amount: i64) -> Result<Debit> {
         if amount == 0 {
-            return Debit::default();
+            return Ok(Debit::default());
         }
+        let coverable = self.active_remaining().min(amount);
+        let uncovered = amount - coverable;
+        fits("debt", self.debt, uncovered)?;
         let drains = self.take(amount, "debit");
         let covered: i64 = drains.iter().map(|d| d.amount).sum();
-        let uncovered = amount - covered;
         if uncovered > 0 {
             self.push("debt", 0, uncovered, 0, None, None, self.now);
         }
-        Debit {
+        Ok(Debit {
             drains,
             covered,
             uncovered,
-        }
+        })
     }
 
     /// Record a grant already inserted as a row; it pays debt first when spendable.
-    pub fn add_grant(&mut self, grant: GrantState) -> i64 {
+    pub fn add_grant(&mut self, grant: GrantState) -> Result<i64> {
         let (id, amount) = (grant.id, grant.remaining);
+        fits("pool balance", self.remaining, amount)?;
         let pos = self
             .grants
             .iter()
@@ -547,7 +559,7 @@ impl PoolLedger {
         self.push("grant", amount, 0, 0, Some(id), None, self.now);
         let before = self.grant_remaining(id).unwrap_or(0);
         self.repay_debt();
-        before - self.grant_remaining(id).unwrap_or(0)
+        Ok(before - self.grant_remaining(id).unwrap_or(0))
     }
 
     /// Remove what is left of a grant (void or revoke); returns the amount removed.
@@ -564,16 +576,20 @@ impl PoolLedger {
     }
 
     /// Turn `amount` into debt without a grant (a voided grant's spent part).
-    pub fn add_debt(&mut self, amount: i64, grant_id: Option<i64>) {
+    pub fn add_debt(&mut self, amount: i64, grant_id: Option<i64>) -> Result<()> {
+        fits("debt", self.debt, amount)?;
         if amount > 0 {
             self.push("debt", 0, amount, 0, grant_id, None, self.now);
         }
+        Ok(())
     }
 
-    pub fn open_hold(&mut self, hold_id: i64, amount: i64, expires_at: Ts) {
+    pub fn open_hold(&mut self, hold_id: i64, amount: i64, expires_at: Ts) -> Result<()> {
+        fits("held total", self.held, amount)?;
         self.active_held += amount;
         self.hold_bound = self.hold_bound.min(expires_at);
         self.push("hold", 0, 0, amount, None, Some(hold_id), self.now);
+        Ok(())
     }
 
     /// Close an open hold; `active` says whether it still counted against availability.

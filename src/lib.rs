@@ -27,19 +27,8 @@ extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 /// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-#[path = "../pgrx-tests"]
-mod tests {
-    mod drain;
-    mod expiry;
-    mod gate;
-    mod grants;
-    mod history;
-    mod holds;
-    mod idempotency;
-    mod input;
-    mod support;
-}
+#[path = "../pgrx-tests/mod.rs"]
+mod pgrx_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
