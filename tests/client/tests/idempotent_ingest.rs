@@ -1,0 +1,138 @@
+//! DESIGN §2.2: the same 10,000 keys ingested concurrently from 8 sessions
+//! (each in its own order, some one by one, some in batches) are applied
+//! exactly once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use pg_billing_client_tests::{connect, fresh_db, ledger_problems, Rng};
+
+const DB: &str = "pgb_idempotent_ingest";
+const KEYS: usize = 10_000;
+const SESSIONS: usize = 8;
+const ACCOUNTS: usize = 50;
+
+fn account_of(k: usize) -> String {
+    format!("acct{}", k % ACCOUNTS)
+}
+
+fn cost_of(k: usize) -> i64 {
+    (k % 7) as i64 + 1
+}
+
+/// Returns, per key, how many times this session saw it `applied`.
+fn session(id: usize, start: Arc<Barrier>) -> HashMap<usize, u32> {
+    let mut c = connect(DB);
+    c.batch_execute("SET synchronous_commit = off").unwrap();
+    let mut order: Vec<usize> = (0..KEYS).collect();
+    Rng::new(id as u64 + 100).shuffle(&mut order);
+    let mut applied = HashMap::new();
+    start.wait();
+    if id % 2 == 0 {
+        for &k in &order {
+            let row = c
+                .query_one(
+                    "SELECT status FROM billing.ingest($1, 'credits', 1, key => $2, cost => $3)",
+                    &[&account_of(k), &format!("k{k}"), &cost_of(k)],
+                )
+                .unwrap_or_else(|e| panic!("ingest k{k}: {e}"));
+            if row.get::<_, &str>(0) == "applied" {
+                *applied.entry(k).or_insert(0) += 1;
+            }
+        }
+    } else {
+        for chunk in order.chunks(250) {
+            let events: Vec<String> = chunk
+                .iter()
+                .map(|&k| {
+                    format!(
+                        r#"{{"account":"{}","meter":"credits","key":"k{k}","cost":{}}}"#,
+                        account_of(k),
+                        cost_of(k)
+                    )
+                })
+                .collect();
+            let json = format!("[{}]", events.join(","));
+            for row in c
+                .query(
+                    "SELECT key, status FROM billing.ingest_batch($1::text::jsonb)",
+                    &[&json],
+                )
+                .unwrap_or_else(|e| panic!("batch: {e}"))
+            {
+                if row.get::<_, &str>(1) == "applied" {
+                    let k: usize = row.get::<_, &str>(0)[1..].parse().unwrap();
+                    *applied.entry(k).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    applied
+}
+
+#[test]
+fn the_same_keys_from_eight_sessions_apply_exactly_once() {
+    let mut c = fresh_db(DB);
+    for a in 0..ACCOUNTS {
+        c.execute(
+            "SELECT * FROM billing.grant($1, 'credits', 100000, kind => 'topup')",
+            &[&format!("acct{a}")],
+        )
+        .unwrap();
+    }
+    let start = Arc::new(Barrier::new(SESSIONS));
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let start = start.clone();
+            thread::spawn(move || session(i, start))
+        })
+        .collect();
+    let mut applied: HashMap<usize, u32> = HashMap::new();
+    for h in handles {
+        for (k, n) in h.join().expect("session panicked") {
+            *applied.entry(k).or_insert(0) += n;
+        }
+    }
+    for k in 0..KEYS {
+        assert_eq!(
+            applied.get(&k).copied().unwrap_or(0),
+            1,
+            "key k{k} applied {:?} times",
+            applied.get(&k)
+        );
+    }
+
+    let (events, charged): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), sum(cost)::bigint FROM billing.usage_events",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(events, KEYS as i64);
+    let expected: i64 = (0..KEYS).map(cost_of).sum();
+    assert_eq!(charged, expected);
+    for a in 0..ACCOUNTS {
+        let acct = format!("acct{a}");
+        let want: i64 = 100_000
+            - (0..KEYS)
+                .filter(|k| k % ACCOUNTS == a)
+                .map(cost_of)
+                .sum::<i64>();
+        let got: i64 = c
+            .query_one(
+                "SELECT available FROM billing.check($1, 'credits')",
+                &[&acct],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            got, want,
+            "{acct} was charged a key more than once, or not at all"
+        );
+    }
+    assert_eq!(ledger_problems(&mut c), Vec::<String>::new());
+}
