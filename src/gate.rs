@@ -76,12 +76,12 @@ fn gate(
     unit: &str,
     amount: i64,
 ) -> Result<CheckRow> {
-    let rows = db::read(
+    let mut rows = db::read(
         client,
         &CHECK_POOL,
         &[tenant.into(), account.into(), unit.into()],
     )?;
-    let (floor, debt, balance, held) = match rows.into_iter().next() {
+    let (floor, debt, balance, held) = match rows.next() {
         Some(row) => (
             db::col(&row, 1)?,
             db::col(&row, 2)?,

@@ -256,8 +256,8 @@ fn find_by_key(
     key: &str,
     hash: &[u8],
 ) -> Result<Option<GrantRow>> {
-    let rows = db::write(client, &FIND_GRANT_BY_KEY, &[tenant.into(), key.into()])?;
-    let Some(row) = rows.into_iter().next() else {
+    let mut rows = db::write(client, &FIND_GRANT_BY_KEY, &[tenant.into(), key.into()])?;
+    let Some(row) = rows.next() else {
         return Ok(None);
     };
     let stored: Vec<u8> = db::col(&row, 2)?;
@@ -379,18 +379,17 @@ impl Close {
 
 fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<CloseRow> {
     let tenant = current_tenant()?;
-    let rows = db::write(
+    let mut rows = db::write(
         client,
         &FIND_GRANT,
         &[grant_id.into(), tenant.as_str().into()],
     )?;
-    let Some(row) = rows.into_iter().next() else {
+    let Some(row) = rows.next() else {
         return Err(BillingError::unknown("grant", grant_id.to_string()));
     };
     let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
     let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
     let row = db::write(client, &GRANT_STATUS, &[grant_id.into()])?
-        .into_iter()
         .next()
         .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
     let status: String = db::col(&row, 1)?;

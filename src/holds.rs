@@ -141,8 +141,8 @@ fn find_hold_by_key(
     key: &str,
     hash: &[u8],
 ) -> Result<Option<HoldRow>> {
-    let rows = db::write(client, &FIND_HOLD_BY_KEY, &[tenant.into(), key.into()])?;
-    let Some(row) = rows.into_iter().next() else {
+    let mut rows = db::write(client, &FIND_HOLD_BY_KEY, &[tenant.into(), key.into()])?;
+    let Some(row) = rows.next() else {
         return Ok(None);
     };
     let stored: Vec<u8> = db::col(&row, 2)?;
@@ -198,18 +198,17 @@ struct HoldState {
 /// Lock the hold's pool and read the hold's committed state.
 fn open_hold(client: &mut SpiClient<'_>, hold_id: i64) -> Result<(PoolLedger, HoldState)> {
     let tenant = current_tenant()?;
-    let rows = db::write(
+    let mut rows = db::write(
         client,
         &FIND_HOLD,
         &[hold_id.into(), tenant.as_str().into()],
     )?;
-    let Some(row) = rows.into_iter().next() else {
+    let Some(row) = rows.next() else {
         return Err(BillingError::unknown("hold", hold_id.to_string()));
     };
     let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
     let ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
     let row = db::write(client, &HOLD_STATE, &[hold_id.into()])?
-        .into_iter()
         .next()
         .ok_or_else(|| BillingError::Internal("hold vanished under the pool lock".into()))?;
     let expires_at: Tstz = db::col(&row, 3)?;

@@ -532,7 +532,6 @@ fn assign_event_ids(
         &ALLOCATE_EVENT_IDS,
         &[(new_events.len() as i32).into()],
     )?
-    .into_iter()
     .map(|row| db::col::<i64>(&row, 1))
     .collect::<Result<_>>()?;
     for (n, id) in new_events.iter_mut().zip(&ids) {

@@ -278,12 +278,12 @@ impl PoolLedger {
         account: &str,
         unit: &str,
     ) -> Result<Option<PoolLedger>> {
-        let rows = db::write(
+        let mut rows = db::write(
             client,
             &LOCK_POOL,
             &[tenant.into(), account.into(), unit.into()],
         )?;
-        let Some(row) = rows.into_iter().next() else {
+        let Some(row) = rows.next() else {
             return Ok(None);
         };
         let cache_valid: bool = db::col(&row, 8)?;
@@ -437,6 +437,7 @@ impl PoolLedger {
 
     // ----- entries ---------------------------------------------------------
 
+    #[allow(clippy::too_many_arguments)] // one argument per column of an entry
     fn push(
         &mut self,
         kind: &'static str,

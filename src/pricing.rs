@@ -71,8 +71,8 @@ static FIND_METER: Sql = Sql {
 
 /// A meter by name; a unit's own name is a meter that charges 1 per quantity.
 pub fn find_meter(client: &mut SpiClient<'_>, tenant: &str, meter: &str) -> Result<Meter> {
-    let rows = db::write(client, &FIND_METER, &[tenant.into(), meter.into()])?;
-    let Some(row) = rows.into_iter().next() else {
+    let mut rows = db::write(client, &FIND_METER, &[tenant.into(), meter.into()])?;
+    let Some(row) = rows.next() else {
         return Err(BillingError::unknown("meter or unit", meter));
     };
     let price: Option<String> = db::opt(&row, 2)?;

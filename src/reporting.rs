@@ -100,7 +100,6 @@ fn sweep(max_pools: default!(i32, "1000")) -> i64 {
     Spi::connect_mut(|client| -> Result<i64> {
         let due: Vec<(String, String, String)> =
             db::write(client, &POOLS_DUE, &[max_pools.max(0).into()])?
-                .into_iter()
                 .map(|r| Ok((db::col(&r, 1)?, db::col(&r, 2)?, db::col(&r, 3)?)))
                 .collect::<Result<_>>()?;
         for (tenant, account, unit) in &due {
