@@ -89,9 +89,11 @@ CREATE TABLE billing.grants (
     UNIQUE (tenant_id, key),
     CHECK (status = 'active' OR remaining = 0)
 );
--- The drain reads exactly the grants that still hold credit, in drain order.
+-- The drain reads a pool's open grants in drain order. The predicate is on
+-- status, not remaining, so a debit (which changes only remaining) is a HOT
+-- update that writes no index entry.
 CREATE INDEX grants_drain_order ON billing.grants
-    (pool_id, priority, expires_at NULLS LAST, id) WHERE remaining > 0;
+    (pool_id, priority, expires_at NULLS LAST, id) WHERE status = 'active';
 CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
 
 CREATE TABLE billing.usage_events (

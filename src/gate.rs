@@ -15,7 +15,7 @@ static CHECK_POOL: Sql = Sql {
     text: "SELECT p.floor, p.debt, \
               CASE WHEN p.cache_from <= now() AND now() < p.cache_until THEN p.active_remaining \
                    ELSE (SELECT coalesce(sum(g.remaining), 0)::bigint FROM billing.grants g \
-                         WHERE g.pool_id = p.id AND g.remaining > 0 AND g.effective_at <= now() \
+                         WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0 AND g.effective_at <= now() \
                            AND (g.expires_at IS NULL OR now() < g.expires_at)) END, \
               CASE WHEN p.cache_from <= now() AND now() < p.cache_until THEN p.active_held \
                    ELSE (SELECT coalesce(sum(h.amount), 0)::bigint FROM billing.holds h \

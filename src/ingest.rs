@@ -313,11 +313,14 @@ fn parse_timestamp(s: &str) -> Result<Ts> {
 
 // ----- the shared path -------------------------------------------------------
 
-static FIND_EVENTS: Sql = Sql {
+/// One key at a time: equality on the whole unique key is the one plan that
+/// stays right however the table grows (a generic plan for `key = ANY($2)`,
+/// made while the table was small, scanned every event of the tenant).
+static FIND_EVENT: Sql = Sql {
     text: "SELECT key, id, request_hash, meter, unit, cost, covered, debt_created, drains, \
                   available_after, entitled_after \
-           FROM billing.usage_events WHERE tenant_id = $1 AND key = ANY($2)",
-    args: &[TEXT, TEXT_ARRAY],
+           FROM billing.usage_events WHERE tenant_id = $1 AND key = $2",
+    args: &[TEXT, TEXT],
 };
 
 static ALLOCATE_EVENT_IDS: Sql = Sql {
@@ -549,7 +552,10 @@ fn find_events(
     keys: Vec<String>,
 ) -> Result<HashMap<String, (Vec<u8>, Outcome)>> {
     let mut found = HashMap::new();
-    for row in db::write(client, &FIND_EVENTS, &[tenant.into(), keys.into()])? {
+    for key in keys {
+        let Some(row) = db::write(client, &FIND_EVENT, &[tenant.into(), key.into()])?.next() else {
+            continue;
+        };
         let key: String = db::col(&row, 1)?;
         let drains: JsonB = db::col(&row, 9)?;
         let outcome = Outcome {

@@ -147,7 +147,7 @@ static LOCK_POOL: Sql = Sql {
 
 static LOAD_GRANTS: Sql = Sql {
     text: "SELECT id, priority, remaining, effective_at, expires_at FROM billing.grants \
-           WHERE pool_id = $1 AND remaining > 0 \
+           WHERE pool_id = $1 AND status = 'active' AND remaining > 0 \
            ORDER BY priority, expires_at NULLS LAST, id",
     args: &[INT8],
 };
