@@ -37,7 +37,7 @@ FROM billing.ingest('org_42', 'ai_cost', 1, key => 'openai:req_002', cost => 118
 
 \echo '== 6. A streaming call: reserve an estimate, settle the actual cost'
 SELECT hold_id, status, amount, available FROM billing.reserve('org_42', 'usd_mills', 3000, key => 'stream:abc');
-SELECT hold_id AS hold_hold_id FROM billing.holds WHERE key = 'stream:abc' \gset
+SELECT id AS hold_hold_id FROM billing.holds WHERE key = 'stream:abc' \gset
 SELECT allowed, available, balance, held FROM billing.check('org_42', 'usd_mills');
 SELECT status, held, actual, drains, available FROM billing.settle(:hold_hold_id, 2210);
 
