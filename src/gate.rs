@@ -41,7 +41,7 @@ type CheckRow = (
 
 /// Would spending `amount` now keep the pool at or above its floor?
 /// `available = balance − held − debt`; allowed iff `available − amount ≥ floor`.
-#[pg_extern(security_definer, stable, parallel_safe)]
+#[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn check(
     account: &str,
