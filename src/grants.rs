@@ -430,3 +430,47 @@ fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<
         available,
     ))
 }
+
+// ----- partial reversal (refunds, disputes) ----------------------------------
+
+/// Take `amount` back from a grant: from its unspent part first, and what was
+/// already spent becomes debt. Used when a funded payment is refunded or disputed.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn reverse_grant(
+    grant_id: i64,
+    amount: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(revoked, i64),
+        name!(debt_created, i64),
+        name!(available, i64),
+    ),
+> {
+    let result = (|| -> Result<(i64, i64, i64, i64)> {
+        input::positive("amount", amount)?;
+        Spi::connect_mut(|client| {
+            let tenant = current_tenant()?;
+            let mut rows = db::write(
+                client,
+                &FIND_GRANT,
+                &[grant_id.into(), tenant.as_str().into()],
+            )?;
+            let Some(row) = rows.next() else {
+                return Err(BillingError::unknown("grant", grant_id.to_string()));
+            };
+            let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
+            let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+            let revoked = ledger.shrink_grant(grant_id, amount);
+            let debt = amount - revoked;
+            ledger.add_debt(debt, Some(grant_id))?;
+            ledger.repay_debt();
+            let available = ledger.available();
+            ledger.flush(client)?;
+            Ok((grant_id, revoked, debt, available))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}

@@ -576,6 +576,19 @@ impl PoolLedger {
         amount
     }
 
+    /// Remove up to `amount` of what is left of a grant ('revoke'); returns what was removed.
+    pub fn shrink_grant(&mut self, grant_id: i64, amount: i64) -> i64 {
+        let Some(i) = self.grants.iter().position(|g| g.id == grant_id) else {
+            return 0;
+        };
+        let part = self.grants[i].remaining.min(amount);
+        if part > 0 {
+            self.take_from_grant(i, part);
+            self.push("revoke", -part, 0, 0, Some(grant_id), None, self.now);
+        }
+        part
+    }
+
     /// Turn `amount` into debt without a grant (a voided grant's spent part).
     pub fn add_debt(&mut self, amount: i64, grant_id: Option<i64>) -> Result<()> {
         fits("debt", self.debt, amount)?;

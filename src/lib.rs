@@ -21,12 +21,19 @@ mod input;
 mod ledger;
 mod pricing;
 mod reporting;
+mod signatures;
 mod tenancy;
 mod time;
+mod webhooks;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../sql/webhooks.sql",
+    name = "webhooks",
+    requires = ["schema"]
+);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 /// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.
