@@ -10,3 +10,4 @@ mod holds;
 mod idempotency;
 mod input;
 pub mod support;
+mod webhooks;

@@ -167,8 +167,9 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    IF pg_catalog.pg_get_function_result(handler) IS DISTINCT FROM 'jsonb'
-       OR pg_catalog.pg_get_function_identity_arguments(handler) <> 'billing.webhook_events' THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.oid = handler
+                   AND p.prorettype = 'jsonb'::regtype AND p.pronargs = 1
+                   AND p.proargtypes[0] = 'billing.webhook_events'::regtype) THEN
         RAISE EXCEPTION 'a webhook handler takes (billing.webhook_events) and returns jsonb'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -340,7 +341,8 @@ BEGIN
     END IF;
     SELECT * INTO g FROM billing."grant"(account, ep.credit_unit, paid * ep.credits_per_minor_unit,
         kind => 'topup', key => 'stripe:' || payment,
-        metadata => jsonb_build_object('source', 'stripe', 'payment', payment, 'currency', obj ->> 'currency'));
+        -- the same for every event type that reports this payment, so it credits once
+        metadata => jsonb_build_object('source', 'stripe', 'payment', payment));
     PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
     RETURN jsonb_build_object('credited', g.status = 'applied', 'grant_id', g.grant_id, 'account', account,
                               'amount', g.amount, 'payment', payment);
