@@ -167,9 +167,12 @@ CREATE TABLE billing.ledger_entries (
     balance_after  bigint      NOT NULL,
     debt_after     bigint      NOT NULL CHECK (debt_after >= 0),
     held_after     bigint      NOT NULL CHECK (held_after >= 0),
-    grant_id       bigint      REFERENCES billing.grants (id),
-    hold_id        bigint      REFERENCES billing.holds (id),
-    event_id       bigint      REFERENCES billing.usage_events (id),
+    -- Written by the same call, in the same transaction, as the grant, hold or
+    -- event they name; billing.verify_ledger() checks the link instead of a
+    -- foreign key, which would cost a lookup per entry on the hot path.
+    grant_id       bigint,
+    hold_id        bigint,
+    event_id       bigint,
     effective_at   timestamptz NOT NULL,
     recorded_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (pool_id, version),

@@ -27,6 +27,7 @@ FROM billing.ledger_entries e;
 --     (Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining)
 --   * per hold: Σ hold_amount of its entries = its amount while open, 0 once closed
 --   * the pool's cached totals equal what the entries sum to
+--   * every grant, hold and event an entry names exists, in the entry's pool
 CREATE FUNCTION billing.verify_ledger()
 RETURNS TABLE (pool_id bigint, account text, unit text, problem text)
 LANGUAGE sql STABLE
@@ -64,6 +65,17 @@ SELECT h.pool_id, h.account, h.unit,
 FROM billing.holds h JOIN tenant_pools p ON p.id = h.pool_id
 LEFT JOIN LATERAL (SELECT sum(e.hold_amount) AS total FROM billing.ledger_entries e WHERE e.hold_id = h.id) s ON true
 WHERE coalesce(s.total, 0) <> CASE WHEN h.status = 'open' THEN h.amount ELSE 0 END
+UNION ALL
+SELECT e.pool_id, e.account, e.unit, format('entry version %s names a missing %s', e.version,
+       CASE WHEN e.grant_id IS NOT NULL AND g.id IS NULL THEN 'grant ' || e.grant_id
+            WHEN e.hold_id IS NOT NULL AND h.id IS NULL THEN 'hold ' || e.hold_id
+            ELSE 'usage event ' || e.event_id END)
+FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+LEFT JOIN billing.grants g ON g.id = e.grant_id AND g.pool_id = e.pool_id
+LEFT JOIN billing.holds h ON h.id = e.hold_id AND h.pool_id = e.pool_id
+LEFT JOIN billing.usage_events u ON u.id = e.event_id AND u.pool_id = e.pool_id
+WHERE (e.grant_id IS NOT NULL AND g.id IS NULL) OR (e.hold_id IS NOT NULL AND h.id IS NULL)
+   OR (e.event_id IS NOT NULL AND u.id IS NULL)
 UNION ALL
 SELECT p.id, p.account, p.unit,
        format('pool totals (version %s, remaining %s, debt %s, held %s) differ from the ledger (%s, %s, %s, %s)',

@@ -28,8 +28,20 @@ pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
 pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
 pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
 
+/// A cached plan is prepared again after this many executions. A generic plan
+/// made while a table was nearly empty (a fresh install) can be a sequential
+/// scan, and PostgreSQL keeps it until an ANALYZE invalidates it; preparing
+/// again lets the planner see the table's current size. One prepare per 1,024
+/// executions costs nothing measurable.
+const REPLAN_EVERY: u32 = 1024;
+
+struct Cached {
+    plan: Rc<OwnedPreparedStatement>,
+    uses: u32,
+}
+
 thread_local! {
-    static PLANS: RefCell<HashMap<usize, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<usize, Cached>> = RefCell::new(HashMap::new());
 }
 
 /// A statement is always run through the same one of `read`/`write`, so its
@@ -40,7 +52,13 @@ fn plan(
     mutating: bool,
 ) -> Result<Rc<OwnedPreparedStatement>> {
     let key = sql as *const Sql as usize;
-    if let Some(p) = PLANS.with(|plans| plans.borrow().get(&key).cloned()) {
+    let cached = PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        let c = plans.get_mut(&key)?;
+        c.uses += 1;
+        (c.uses < REPLAN_EVERY).then(|| c.plan.clone())
+    });
+    if let Some(p) = cached {
         return Ok(p);
     }
     let types: Vec<PgOid> = sql.args.iter().map(|o| PgOid::from(*o)).collect();
@@ -50,7 +68,15 @@ fn plan(
         client.prepare(sql.text, &types)?
     };
     let prepared = Rc::new(statement.keep());
-    PLANS.with(|plans| plans.borrow_mut().insert(key, prepared.clone()));
+    PLANS.with(|plans| {
+        plans.borrow_mut().insert(
+            key,
+            Cached {
+                plan: prepared.clone(),
+                uses: 0,
+            },
+        )
+    });
     Ok(prepared)
 }
 
