@@ -10,4 +10,5 @@ mod holds;
 mod idempotency;
 mod input;
 pub mod support;
+mod verify;
 mod webhooks;
