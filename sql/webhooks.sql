@@ -398,6 +398,9 @@ BEGIN
     SELECT credits_per_minor_unit INTO mult FROM billing.webhook_endpoints e WHERE e.id = stripe_apply_reversals.endpoint_id;
     SELECT coalesce(sum(amount), 0) * mult INTO target FROM billing.stripe_reversals s
     WHERE s.endpoint_id = stripe_apply_reversals.endpoint_id AND s.payment = stripe_apply_reversals.payment;
+    IF target = 0 THEN
+        RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0);
+    END IF;
     SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', target,
