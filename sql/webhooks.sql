@@ -287,6 +287,8 @@ CREATE TRIGGER webhook_events_intake BEFORE INSERT ON billing.webhook_events
     FOR EACH ROW EXECUTE FUNCTION billing.webhook_event_intake();
 CREATE TRIGGER webhook_events_append_only BEFORE UPDATE OR DELETE ON billing.webhook_events
     FOR EACH ROW EXECUTE FUNCTION billing.reject_ledger_change();
+CREATE TRIGGER webhook_events_no_truncate BEFORE TRUNCATE ON billing.webhook_events
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.reject_ledger_change();
 CREATE POLICY webhook_events_insert ON billing.webhook_events FOR INSERT WITH CHECK (true);
 
 -- Receive one delivery: what an HTTP handler calls with the request's headers
