@@ -230,23 +230,41 @@ mod tests {
     #[pg_test]
     fn a_plain_insert_is_verified_and_applied_by_the_trigger() {
         setup();
+        run("CREATE ROLE hook_app NOLOGIN");
+        run("GRANT billing_app TO hook_app");
+        run("SELECT billing.grant_tenant('default', 'hook_app')");
         let body = pi_succeeded("evt_1", "pi_1", 1200, 1_700_000_000).replace('\'', "''");
-        let now = now_unix();
-        run(&format!(
-            "INSERT INTO billing.webhook_events (endpoint, headers, body, status, provider_event_id) \
-             VALUES ('stripe', pg_temp.stripe_headers('{body}', '{SECRET}', {now}), '{body}', 'applied', 'forged')"
+        let headers: String = one(&format!(
+            "SELECT pg_temp.stripe_headers('{body}', '{SECRET}', {})::text",
+            now_unix()
         ));
+        run("SET LOCAL ROLE hook_app");
+        // an application role cannot decide an event's status or id itself
+        assert_rejected(
+            &format!(
+                "INSERT INTO billing.webhook_events (endpoint, headers, body, status, provider_event_id) \
+                 VALUES ('stripe', '{headers}', '{body}', 'applied', 'forged')"
+            ),
+            "42501",
+        );
+        run(&format!(
+            "INSERT INTO billing.webhook_events (endpoint, headers, body) VALUES ('stripe', '{headers}', '{body}')"
+        ));
+        assert_rejected(
+            "UPDATE billing.webhook_events SET status = 'rejected'",
+            "42501",
+        );
+        assert_rejected("DELETE FROM billing.webhook_events", "42501");
+        run("RESET ROLE");
         let row: String =
             one("SELECT status || '|' || provider_event_id FROM billing.webhook_events");
-        assert_eq!(
-            row, "applied|evt_1",
-            "the trigger decides status and event id, not the caller"
-        );
+        assert_eq!(row, "applied|evt_1", "the trigger verified and applied it");
         assert_eq!(cents(), 1200);
         assert_rejected(
             "UPDATE billing.webhook_events SET status = 'rejected'",
             "42501",
         );
+        assert_rejected("TRUNCATE billing.webhook_events", "42501");
     }
 
     #[pg_test]

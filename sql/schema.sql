@@ -2,12 +2,6 @@
 -- and the append-only ledger. Every table carries tenant_id and is protected by
 -- row-level security; the billing.* functions are the only writers.
 
--- The tenant of the current session. Tenant resolution lives here and in
--- src/tenancy.rs (which reads the same setting); the role model refines it.
-CREATE FUNCTION billing.current_tenant() RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT coalesce(nullif(current_setting('billing.tenant', true), ''), 'default') $$;
-
 CREATE TABLE billing.accounts (
     tenant_id  text        NOT NULL,
     account    text        NOT NULL,
@@ -205,22 +199,6 @@ CREATE TRIGGER usage_events_append_only BEFORE UPDATE OR DELETE ON billing.usage
 CREATE TRIGGER usage_events_no_truncate BEFORE TRUNCATE ON billing.usage_events
     FOR EACH STATEMENT EXECUTE FUNCTION billing.reject_ledger_change();
 
--- Row-level security, enabled and forced on every table: a session sees only
--- the rows of its tenant. Writes go through the billing.* functions.
-DO $$
-DECLARE t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants',
-                             'usage_events', 'holds', 'ledger_entries'] LOOP
-        EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
-        EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I USING (tenant_id = billing.current_tenant())', t);
-        EXECUTE format('REVOKE ALL ON billing.%I FROM PUBLIC', t);
-        EXECUTE format('GRANT SELECT ON billing.%I TO PUBLIC', t);
-    END LOOP;
-END
-$$;
-
 -- Billing data must survive pg_dump/pg_restore of the database.
 SELECT pg_catalog.pg_extension_config_dump('billing.accounts', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.units', '');
@@ -230,3 +208,20 @@ SELECT pg_catalog.pg_extension_config_dump('billing.grants', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries', '');
+-- and so must the identity sequences, or restored ids would be handed out again
+-- (one call per statement: each call rewrites the extension's catalog row)
+SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.grants_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.holds_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries_id_seq', '');
+
+-- Which roles may act for which tenant (see src/tenancy.rs). Managed by
+-- billing_admin through billing.grant_tenant / billing.revoke_tenant.
+CREATE TABLE billing.tenant_roles (
+    tenant_id  text        NOT NULL CHECK (tenant_id ~ '^[A-Za-z0-9_.:-]{1,63}$'),
+    role_name  name        NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, role_name)
+);
+SELECT pg_catalog.pg_extension_config_dump('billing.tenant_roles', '');

@@ -25,7 +25,7 @@ CREATE TABLE billing.webhook_endpoints (
 -- (endpoint, provider event id) pair once, forever.
 CREATE TABLE billing.webhook_events (
     id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    tenant_id         text        NOT NULL DEFAULT billing.current_tenant(),
+    tenant_id         text        NOT NULL, -- set by the intake trigger
     endpoint          text        NOT NULL,
     endpoint_id       bigint      REFERENCES billing.webhook_endpoints (id),
     headers           jsonb       NOT NULL DEFAULT '{}',
@@ -80,29 +80,13 @@ CREATE TABLE billing.stripe_reversals (
     PRIMARY KEY (endpoint_id, payment, source)
 );
 
-DO $$
-DECLARE t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['webhook_endpoints', 'webhook_events', 'webhook_objects',
-                             'webhook_handlers', 'stripe_reversals'] LOOP
-        EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
-        EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I USING (tenant_id = billing.current_tenant())', t);
-        EXECUTE format('REVOKE ALL ON billing.%I FROM PUBLIC', t);
-        EXECUTE format('SELECT pg_catalog.pg_extension_config_dump(%L, %L)', 'billing.' || t, '');
-    END LOOP;
-END
-$$;
--- Secrets stay unreadable: there is no SELECT on webhook_endpoints for tenant
--- roles; this view shows everything but the secrets.
-CREATE VIEW billing.webhook_endpoint_settings AS
-SELECT name, scheme, tolerance_seconds, signature_header, credit_unit, credits_per_minor_unit,
-       previous_secret IS NOT NULL AND previous_secret_expires_at > now() AS rotating, created_at
-FROM billing.webhook_endpoints WHERE tenant_id = billing.current_tenant();
-GRANT SELECT ON billing.webhook_events, billing.webhook_objects, billing.webhook_handlers,
-                billing.stripe_reversals, billing.webhook_endpoint_settings TO PUBLIC;
--- The plain-INSERT interface: only these three columns; the trigger sets the rest.
-GRANT INSERT (endpoint, headers, body) ON billing.webhook_events TO PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_endpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_objects', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_handlers', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.stripe_reversals', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_endpoints_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events_id_seq', '');
 
 -- ----- configuration ---------------------------------------------------------
 
@@ -193,6 +177,12 @@ DECLARE
     handler regprocedure;
     applied_id bigint;
 BEGIN
+    -- A row that arrives already decided is a restore (pg_restore copies the
+    -- inbox as it was); application roles can only insert endpoint, headers
+    -- and body, so for them status is always 'received'.
+    IF NEW.status <> 'received' THEN
+        RETURN NEW;
+    END IF;
     -- whatever the caller put in the other columns is ignored
     NEW.tenant_id := billing.current_tenant();
     NEW.status := 'rejected';
@@ -289,7 +279,6 @@ CREATE TRIGGER webhook_events_append_only BEFORE UPDATE OR DELETE ON billing.web
     FOR EACH ROW EXECUTE FUNCTION billing.reject_ledger_change();
 CREATE TRIGGER webhook_events_no_truncate BEFORE TRUNCATE ON billing.webhook_events
     FOR EACH STATEMENT EXECUTE FUNCTION billing.reject_ledger_change();
-CREATE POLICY webhook_events_insert ON billing.webhook_events FOR INSERT WITH CHECK (true);
 
 -- Receive one delivery: what an HTTP handler calls with the request's headers
 -- and raw body. Never raises for a bad delivery; the status says what happened.

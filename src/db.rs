@@ -20,6 +20,7 @@ pub struct Sql {
 }
 
 pub const TEXT: Oid = pg_sys::TEXTOID;
+pub const OID: Oid = pg_sys::OIDOID;
 pub const INT8: Oid = pg_sys::INT8OID;
 pub const INT4: Oid = pg_sys::INT4OID;
 pub const JSONB: Oid = pg_sys::JSONBOID;

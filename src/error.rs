@@ -41,6 +41,10 @@ pub enum BillingError {
     #[error("{0}")]
     WrongState(String),
 
+    /// The calling role was not granted the tenant it asked for.
+    #[error("role \"{role}\" may not act for tenant \"{tenant}\"")]
+    TenantDenied { tenant: String, role: String },
+
     /// The session's tenant setting is not a usable tenant name.
     #[error("invalid tenant \"{0}\"")]
     InvalidTenant(String),
@@ -77,6 +81,7 @@ impl BillingError {
             InsufficientCredits { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,  // 23514
             WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             InvalidTenant(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,    // 22023
+            TenantDenied { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,  // 42501
             Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,                  // XX000
         }
     }
@@ -93,6 +98,7 @@ impl BillingError {
             KeyReused { .. } => Some("Use a new key for a new request; a retry must repeat the original parameters exactly.".into()),
             InsufficientCredits { .. } => Some("Grant or top up credits, release holds, or call without strict to record the usage as debt.".into()),
             WrongState(_) => None,
+            TenantDenied { .. } => Some("SET billing.tenant to a tenant granted to this role (billing.grant_tenant), or ask a billing_admin.".into()),
             InvalidTenant(_) => Some("SET billing.tenant to 1-63 characters of letters, digits, '_', '-', '.' or ':'.".into()),
             Internal(_) => Some("This is a pg_billing bug; please report it with the statement that caused it.".into()),
         }

@@ -34,7 +34,12 @@ extension_sql_file!(
     name = "webhooks",
     requires = ["schema"]
 );
-extension_sql_file!("../sql/views.sql", name = "views", finalize);
+extension_sql_file!(
+    "../sql/views.sql",
+    name = "views",
+    requires = ["schema", "webhooks", tenancy::current_tenant_sql]
+);
+extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 /// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.
 #[cfg(any(test, feature = "pg_test"))]
