@@ -158,6 +158,35 @@ mod tests {
     }
 
     #[pg_test]
+    fn json_nested_beyond_the_parser_limit_is_a_clear_error() {
+        grant("a", "mills", 100, "");
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let obj = format!("{{\"x\": {deep}}}");
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.ingest('a', 'mills', 1, key => 'k', properties => '{obj}')"
+            ),
+            "22023",
+        );
+        assert_rejected(
+            &format!("SELECT * FROM billing.grant('a', 'mills', 1, metadata => '{obj}')"),
+            "22023",
+        );
+        assert_rejected(
+            &format!("SELECT * FROM billing.reserve('a', 'mills', 1, metadata => '{obj}')"),
+            "22023",
+        );
+        assert_rejected(
+            &format!("SELECT * FROM billing.account('a', metadata => '{obj}')"),
+            "22023",
+        );
+        assert_rejected(
+            &format!("SELECT * FROM billing.ingest_batch('{deep}')"),
+            "22023",
+        );
+    }
+
+    #[pg_test]
     fn a_bad_event_in_a_batch_writes_nothing_at_all() {
         grant("a", "mills", 100, "");
         assert_rejected(

@@ -6,7 +6,7 @@ use pgrx::JsonB;
 
 use crate::db::{self, Sql, INT8, JSONB, TEXT};
 use crate::error::{OrRaise, Result};
-use crate::input;
+use crate::input::{self, JsonArg};
 use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
 
@@ -33,7 +33,7 @@ type AccountRow = (
 fn account(
     account: &str,
     name: default!(Option<&str>, "NULL"),
-    metadata: default!(Option<JsonB>, "NULL"),
+    metadata: default!(Option<JsonArg>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -45,9 +45,14 @@ fn account(
 > {
     let result = (|| -> Result<AccountRow> {
         input::account(account)?;
-        if let Some(m) = &metadata {
-            input::json_object("metadata", m)?;
-        }
+        let metadata = match &metadata {
+            Some(m) => {
+                let v = m.value("metadata")?;
+                input::json_object("metadata", v)?;
+                Some(JsonB(v.clone()))
+            }
+            None => None,
+        };
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
             let rows = db::write(

@@ -8,7 +8,7 @@ use pgrx::JsonB;
 use crate::db::{self, Sql, BYTEA, INT4, INT8, JSONB, TEXT, TSTZ};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
-use crate::input;
+use crate::input::{self, JsonArg};
 use crate::ledger::{Create, GrantState, PoolLedger};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -35,7 +35,7 @@ struct GrantRequest<'a> {
     effective_at: Option<Ts>,
     expires_at: Option<Ts>,
     key: Option<&'a str>,
-    metadata: &'a JsonB,
+    metadata: &'a serde_json::Value,
     metadata_text: String,
 }
 
@@ -125,7 +125,7 @@ fn grant_credits(
     effective_at: default!(Option<Tstz>, "NULL"),
     expires_at: default!(Option<Tstz>, "NULL"),
     key: default!(Option<&str>, "NULL"),
-    metadata: default!(JsonB, "'{}'"),
+    metadata: default!(JsonArg, "'{}'"),
 ) -> TableIterator<
     'static,
     (
@@ -168,7 +168,7 @@ fn build_request<'a>(
     effective_at: Option<Tstz>,
     expires_at: Option<Tstz>,
     key: Option<&'a str>,
-    metadata: &'a JsonB,
+    metadata: &'a JsonArg,
 ) -> Result<GrantRequest<'a>> {
     let default = default_priority(kind).ok_or_else(|| {
         BillingError::invalid(
@@ -188,8 +188,8 @@ fn build_request<'a>(
         effective_at: time::opt_from_sql("effective_at", effective_at)?,
         expires_at: time::opt_from_sql("expires_at", expires_at)?,
         key,
-        metadata,
-        metadata_text: input::json_object("metadata", metadata)?,
+        metadata: metadata.value("metadata")?,
+        metadata_text: input::json_object("metadata", metadata.value("metadata")?)?,
     };
     req.validate()?;
     Ok(req)
@@ -220,7 +220,7 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
             req.expires_at.map(time::to_sql).into(),
             req.key.into(),
             hash.into(),
-            JsonB(req.metadata.0.clone()).into(),
+            JsonB(req.metadata.clone()).into(),
         ],
     )?
     .first()

@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::db::{self, Sql, BYTEA, INT8, JSONB, TEXT, TSTZ};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
-use crate::input;
+use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, Create, PoolLedger};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -64,7 +64,7 @@ fn reserve(
     amount: i64,
     key: default!(Option<&str>, "NULL"),
     ttl: default!(Interval, "'15 minutes'"),
-    metadata: default!(JsonB, "'{}'"),
+    metadata: default!(JsonArg, "'{}'"),
 ) -> TableIterator<
     'static,
     (
@@ -81,7 +81,8 @@ fn reserve(
         input::positive("amount", amount)?;
         input::opt_key("key", key)?;
         let ttl = ttl_micros(&ttl)?;
-        let meta = input::json_object("metadata", &metadata)?;
+        let metadata = metadata.value("metadata")?;
+        let meta = input::json_object("metadata", metadata)?;
         let hash = Fingerprint::new("reserve")
             .text(account)
             .text(unit)
@@ -114,7 +115,7 @@ fn reserve(
                     amount.into(),
                     time::to_sql(expires_at).into(),
                     hash.into(),
-                    JsonB(metadata.0.clone()).into(),
+                    JsonB(metadata.clone()).into(),
                     available.into(),
                 ],
             )?

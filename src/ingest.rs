@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::db::{self, Sql, INT4, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
-use crate::input;
+use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, Create, PoolLedger};
 use crate::pricing::{self, Meter};
 use crate::tenancy::current_tenant;
@@ -159,7 +159,7 @@ fn ingest(
     quantity: default!(AnyNumeric, "1"),
     key: default!(Option<&str>, "NULL"),
     occurred_at: default!(Option<Tstz>, "NULL"),
-    properties: default!(JsonB, "'{}'"),
+    properties: default!(JsonArg, "'{}'"),
     cost: default!(Option<i64>, "NULL"),
     strict: default!(bool, "false"),
 ) -> TableIterator<
@@ -187,8 +187,8 @@ fn ingest(
             quantity: pricing::decimal("quantity", &quantity)?,
             key: key.into(),
             occurred_at: time::opt_from_sql("occurred_at", occurred_at)?,
-            properties_text: input::json_object("properties", &properties)?,
-            properties: properties.0.clone(),
+            properties_text: input::json_object("properties", properties.value("properties")?)?,
+            properties: properties.value("properties")?.clone(),
             cost,
             strict,
         };
@@ -206,7 +206,7 @@ fn ingest(
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn ingest_batch(
-    events: JsonB,
+    events: JsonArg,
 ) -> TableIterator<
     'static,
     (
@@ -224,7 +224,7 @@ fn ingest_batch(
     ),
 > {
     let result = (|| -> Result<Vec<Outcome>> {
-        let parsed = parse_batch(&events.0)?;
+        let parsed = parse_batch(events.value("events")?)?;
         if parsed.is_empty() {
             return Ok(Vec::new());
         }
@@ -278,7 +278,7 @@ fn parse_event(i: usize, item: &Value) -> Result<Event> {
         .get("properties")
         .cloned()
         .unwrap_or(Value::Object(Default::default()));
-    let properties_text = input::json_object("properties", &JsonB(properties.clone()))?;
+    let properties_text = input::json_object("properties", &properties)?;
     let event = Event {
         account: text("account").ok_or_else(|| bad("account is required"))?,
         meter: text("meter").ok_or_else(|| bad("meter is required"))?,

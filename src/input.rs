@@ -1,8 +1,6 @@
 //! Validation of every caller-supplied value. A call that fails here has
 //! written nothing: validation runs before the first statement.
 
-use pgrx::JsonB;
-
 use crate::error::{BillingError, Result};
 
 pub const MAX_KEY_BYTES: usize = 255;
@@ -83,11 +81,11 @@ pub fn non_negative(field: &'static str, v: i64) -> Result<()> {
 }
 
 /// A JSON object of bounded size (metadata, properties).
-pub fn json_object(field: &'static str, v: &JsonB) -> Result<String> {
-    if !v.0.is_object() {
+pub fn json_object(field: &'static str, v: &serde_json::Value) -> Result<String> {
+    if !v.is_object() {
         return Err(BillingError::invalid(field, "must be a JSON object"));
     }
-    let text = v.0.to_string();
+    let text = v.to_string();
     if text.len() > MAX_JSON_BYTES {
         return Err(BillingError::invalid(
             field,
@@ -99,4 +97,82 @@ pub fn json_object(field: &'static str, v: &JsonB) -> Result<String> {
 
 pub fn clip(s: &str) -> String {
     s.chars().take(64).collect()
+}
+
+/// A jsonb argument converted without panicking. pgrx's `JsonB` parses the
+/// value's text with serde_json and panics (XX000) on JSON nested deeper than
+/// serde_json's limit of 128; this keeps the failure, so the call can report
+/// it as a clear 22023.
+pub struct JsonArg(std::result::Result<serde_json::Value, String>);
+
+impl JsonArg {
+    /// The value, or the 22023 error that says why it is unusable.
+    pub fn value(&self, field: &'static str) -> Result<&serde_json::Value> {
+        self.0
+            .as_ref()
+            .map_err(|why| BillingError::invalid(field, format!("is not usable JSON: {why}")))
+    }
+}
+
+impl pgrx::FromDatum for JsonArg {
+    unsafe fn from_polymorphic_datum(
+        datum: pgrx::pg_sys::Datum,
+        is_null: bool,
+        _: pgrx::pg_sys::Oid,
+    ) -> Option<Self> {
+        use pgrx::pg_sys;
+        if is_null {
+            return None;
+        }
+        // SAFETY: the datum is a jsonb varlena (the function's declared type).
+        unsafe {
+            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
+            let text = pgrx::direct_function_call::<&core::ffi::CStr>(
+                pg_sys::jsonb_out,
+                &[Some(detoasted.into())],
+            )?;
+            let parsed = text
+                .to_str()
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()));
+            pg_sys::pfree(text.as_ptr() as *mut core::ffi::c_void);
+            if detoasted != varlena {
+                pg_sys::pfree(detoasted as *mut core::ffi::c_void);
+            }
+            Some(JsonArg(parsed))
+        }
+    }
+}
+
+// SAFETY: JsonArg is read from, and declared in SQL as, jsonb.
+unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for JsonArg {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(JsonArg);
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: std::result::Result<
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ArgumentError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: std::result::Result<
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef::One(
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"),
+    ));
+}
+
+// SAFETY: unboxed exactly as pgrx unboxes its own FromDatum types.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonArg {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(
+        arg: pgrx::callconv::Arg<'_, 'fcx>,
+    ) -> pgrx::nullable::Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
 }

@@ -3,8 +3,8 @@
 
 use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
+use crate::input::JsonArg;
 use crate::signatures::{self, Endpoint, Headers, Scheme};
 use crate::time;
 
@@ -28,7 +28,7 @@ fn unix_to_sql(secs: i64) -> Option<Tstz> {
 fn verify_webhook(
     scheme: &str,
     secret: &str,
-    headers: JsonB,
+    headers: JsonArg,
     body: &str,
     previous_secret: default!(Option<&str>, "NULL"),
     tolerance_seconds: default!(i32, "300"),
@@ -52,7 +52,10 @@ fn verify_webhook(
             tolerance_seconds: tolerance_seconds.max(0) as i64,
             signature_header,
         };
-        let headers = Headers::from_json(&headers.0)?;
+        let headers = headers
+            .value("headers")
+            .map_err(|e| signatures::Rejection::Malformed(e.to_string()))?;
+        let headers = Headers::from_json(headers)?;
         signatures::verify(&endpoint, &headers, body, now_unix())
     })();
     TableIterator::once(match result {
