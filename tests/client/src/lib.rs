@@ -72,3 +72,42 @@ impl Rng {
         }
     }
 }
+
+/// Every table of the billing schema, for tests that sweep them all.
+pub const BILLING_TABLES: &[&str] = &[
+    "accounts",
+    "units",
+    "meters",
+    "pools",
+    "grants",
+    "usage_events",
+    "holds",
+    "ledger_entries",
+    "webhook_endpoints",
+    "webhook_events",
+    "webhook_objects",
+    "webhook_handlers",
+    "stripe_reversals",
+    "tenant_roles",
+];
+
+/// Run `n` sessions at once, each on its own thread and connection, released
+/// together by a barrier so they really overlap; returns their results in order.
+pub fn run_sessions<T, F>(n: usize, session: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, &std::sync::Barrier) -> T + Send + Sync + 'static,
+{
+    let start = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let session = std::sync::Arc::new(session);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (start, session) = (start.clone(), session.clone());
+            std::thread::spawn(move || session(i, &start))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("session panicked"))
+        .collect()
+}

@@ -4,32 +4,16 @@
 
 use std::process::Command;
 
-use pg_billing_client_tests::{connect, dsn, fresh_db, ledger_problems};
+use pg_billing_client_tests::{connect, dsn, fresh_db, ledger_problems, BILLING_TABLES};
 use postgres::Client;
 
 const SOURCE: &str = "pgb_dump_source";
 const TARGET: &str = "pgb_dump_target";
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-const TABLES: &[&str] = &[
-    "accounts",
-    "units",
-    "meters",
-    "pools",
-    "grants",
-    "usage_events",
-    "holds",
-    "ledger_entries",
-    "webhook_endpoints",
-    "webhook_events",
-    "webhook_objects",
-    "webhook_handlers",
-    "stripe_reversals",
-    "tenant_roles",
-];
 
 /// Every row of every billing table (as the superuser, all tenants).
 fn snapshot(c: &mut Client) -> Vec<String> {
-    TABLES
+    BILLING_TABLES
         .iter()
         .map(|t| {
             let row = c

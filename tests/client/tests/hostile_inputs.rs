@@ -204,10 +204,10 @@ fn hostile_inputs_get_documented_errors_and_leave_the_ledger_consistent() {
     let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
     for call in 0..CALLS {
         let which = rng.range(0, 18);
-        let mut args: Vec<String> = Vec::new();
-        let sql = match which {
+        let (args, sql): (Vec<String>, &str) = match which {
             0 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &i).into(),
@@ -215,131 +215,168 @@ fn hostile_inputs_get_documented_errors_and_leave_the_ledger_consistent() {
                     pick(&mut rng, &ts).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &j).into(),
-                ];
-                "SELECT * FROM billing.grant($1, $2, $3::text::bigint, kind => $4, expires_at => $5::text::timestamptz, key => $6, metadata => $7::text::jsonb)"
+                ],
+                "SELECT * FROM billing.grant($1, $2, $3::text::bigint, kind => $4, expires_at => $5::text::timestamptz, key => $6, metadata => $7::text::jsonb)",
+                )
             }
             1 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &n).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &j).into(),
                     pick(&mut rng, &i).into(),
-                ];
-                "SELECT * FROM billing.ingest($1, $2, $3::text::numeric, key => $4, properties => $5::text::jsonb, cost => $6::text::bigint)"
+                ],
+                "SELECT * FROM billing.ingest($1, $2, $3::text::numeric, key => $4, properties => $5::text::jsonb, cost => $6::text::bigint)",
+                )
             }
             2 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &n).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &i).into(),
-                ];
-                "SELECT * FROM billing.ingest($1, 'usd', $2::text::numeric, key => $3, cost => $4::text::bigint, strict => true)"
+                ],
+                "SELECT * FROM billing.ingest($1, 'usd', $2::text::numeric, key => $3, cost => $4::text::bigint, strict => true)",
+                )
             }
             3 => {
-                args = vec![pick(&mut rng, &j).into()];
-                "SELECT * FROM billing.ingest_batch($1::text::jsonb)"
+                (
+                vec![pick(&mut rng, &j).into()],
+                "SELECT * FROM billing.ingest_batch($1::text::jsonb)",
+                )
             }
             4 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &i).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &iv).into(),
-                ];
-                "SELECT * FROM billing.reserve($1, $2, $3::text::bigint, key => $4, ttl => $5::text::interval)"
+                ],
+                "SELECT * FROM billing.reserve($1, $2, $3::text::bigint, key => $4, ttl => $5::text::interval)",
+                )
             }
             5 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &i).into(),
                     pick(&mut rng, &i).into(),
                     pick(&mut rng, &t).into(),
-                ];
-                "SELECT * FROM billing.settle($1::text::bigint, $2::text::bigint, $3)"
+                ],
+                "SELECT * FROM billing.settle($1::text::bigint, $2::text::bigint, $3)",
+                )
             }
             6 => {
-                args = vec![pick(&mut rng, &i).into()];
-                "SELECT * FROM billing.release($1::text::bigint)"
+                (
+                vec![pick(&mut rng, &i).into()],
+                "SELECT * FROM billing.release($1::text::bigint)",
+                )
             }
             7 => {
-                args = vec![pick(&mut rng, &i).into()];
-                "SELECT * FROM billing.void_grant($1::text::bigint)"
+                (
+                vec![pick(&mut rng, &i).into()],
+                "SELECT * FROM billing.void_grant($1::text::bigint)",
+                )
             }
             8 => {
-                args = vec![pick(&mut rng, &i).into()];
-                "SELECT * FROM billing.revoke_unused($1::text::bigint)"
+                (
+                vec![pick(&mut rng, &i).into()],
+                "SELECT * FROM billing.revoke_unused($1::text::bigint)",
+                )
             }
             9 => {
-                args = vec![pick(&mut rng, &i).into(), pick(&mut rng, &i).into()];
-                "SELECT * FROM billing.reverse_grant($1::text::bigint, $2::text::bigint)"
+                (
+                vec![pick(&mut rng, &i).into(), pick(&mut rng, &i).into()],
+                "SELECT * FROM billing.reverse_grant($1::text::bigint, $2::text::bigint)",
+                )
             }
             10 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &i).into(),
-                ];
-                "SELECT * FROM billing.check($1, $2, $3::text::bigint)"
+                ],
+                "SELECT * FROM billing.check($1, $2, $3::text::bigint)",
+                )
             }
             11 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &ts).into(),
-                ];
-                "SELECT * FROM billing.balance($1, $2, $3::text::timestamptz)"
+                ],
+                "SELECT * FROM billing.balance($1, $2, $3::text::timestamptz)",
+                )
             }
             12 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &j).into(),
-                ];
-                "SELECT * FROM billing.account($1, $2, $3::text::jsonb)"
+                ],
+                "SELECT * FROM billing.account($1, $2, $3::text::jsonb)",
+                )
             }
             13 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &n).into(),
-                ];
-                "SELECT billing.define_meter($1, $2, $3::text::numeric)"
+                ],
+                "SELECT billing.define_meter($1, $2, $3::text::numeric)",
+                )
             }
             14 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &i).into(),
-                ];
-                "SELECT billing.set_floor($1, $2, $3::text::bigint)"
+                ],
+                "SELECT billing.set_floor($1, $2, $3::text::bigint)",
+                )
             }
             15 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &j).into(),
                     pick(&mut rng, &t).into(),
-                ];
-                "SELECT * FROM billing.receive_webhook($1, $2::text::jsonb, $3)"
+                ],
+                "SELECT * FROM billing.receive_webhook($1, $2::text::jsonb, $3)",
+                )
             }
             16 => {
-                args = vec![
+                (
+                vec![
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &t).into(),
                     pick(&mut rng, &j).into(),
                     pick(&mut rng, &t).into(),
-                ];
-                "SELECT * FROM billing.verify_webhook($1, $2, $3::text::jsonb, $4)"
+                ],
+                "SELECT * FROM billing.verify_webhook($1, $2, $3::text::jsonb, $4)",
+                )
             }
             17 => {
-                args = vec![pick(&mut rng, &t).into()];
-                "SELECT set_config('billing.tenant', $1, false), billing.current_tenant()"
+                (
+                vec![pick(&mut rng, &t).into()],
+                "SELECT set_config('billing.tenant', $1, false), billing.current_tenant()",
+                )
             }
             _ => {
-                args = vec![pick(&mut rng, &t).into()];
-                "SELECT billing.define_unit($1)"
+                (
+                vec![pick(&mut rng, &t).into()],
+                "SELECT billing.define_unit($1)",
+                )
             }
         };
         let params: Vec<&(dyn postgres::types::ToSql + Sync)> = args

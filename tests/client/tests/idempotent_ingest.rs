@@ -3,10 +3,9 @@
 //! exactly once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Barrier};
-use std::thread;
+use std::sync::Barrier;
 
-use pg_billing_client_tests::{connect, fresh_db, ledger_problems, Rng};
+use pg_billing_client_tests::{connect, fresh_db, ledger_problems, run_sessions, Rng};
 
 const DB: &str = "pgb_idempotent_ingest";
 const KEYS: usize = 10_000;
@@ -22,14 +21,14 @@ fn cost_of(k: usize) -> i64 {
 }
 
 /// Returns, per key, how many times this session saw it `applied`.
-fn session(id: usize, start: Arc<Barrier>) -> HashMap<usize, u32> {
+fn session(id: usize, start: &Barrier) -> HashMap<usize, u32> {
     let mut c = connect(DB);
     c.batch_execute("SET synchronous_commit = off").unwrap();
     let mut order: Vec<usize> = (0..KEYS).collect();
     Rng::new(id as u64 + 100).shuffle(&mut order);
     let mut applied = HashMap::new();
     start.wait();
-    if id % 2 == 0 {
+    if id.is_multiple_of(2) {
         for &k in &order {
             let row = c
                 .query_one(
@@ -81,16 +80,10 @@ fn the_same_keys_from_eight_sessions_apply_exactly_once() {
         )
         .unwrap();
     }
-    let start = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|i| {
-            let start = start.clone();
-            thread::spawn(move || session(i, start))
-        })
-        .collect();
+    let results = run_sessions(SESSIONS, session);
     let mut applied: HashMap<usize, u32> = HashMap::new();
-    for h in handles {
-        for (k, n) in h.join().expect("session panicked") {
+    for result in results {
+        for (k, n) in result {
             *applied.entry(k).or_insert(0) += n;
         }
     }

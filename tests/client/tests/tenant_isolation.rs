@@ -2,27 +2,10 @@
 //! and change nothing of B's — through tables, views and every function,
 //! including by setting billing.tenant to B or by SET ROLE.
 
-use pg_billing_client_tests::{dsn, fresh_db, sqlstate};
+use pg_billing_client_tests::{dsn, fresh_db, sqlstate, BILLING_TABLES};
 use postgres::{Client, NoTls};
 
 const DB: &str = "pgb_tenant_isolation";
-
-const TABLES: &[&str] = &[
-    "accounts",
-    "units",
-    "meters",
-    "pools",
-    "grants",
-    "usage_events",
-    "holds",
-    "ledger_entries",
-    "webhook_endpoints",
-    "webhook_events",
-    "webhook_objects",
-    "webhook_handlers",
-    "stripe_reversals",
-    "tenant_roles",
-];
 
 fn login(role: &str, tenant: &str) -> Client {
     let mut c = Client::connect(&format!("{} dbname={DB} user={role}", dsn()), NoTls)
@@ -46,7 +29,7 @@ fn attempt(c: &mut Client, sql: &str) -> String {
 fn footprint_of_b(admin: &mut Client) -> String {
     admin.batch_execute("SET billing.tenant = 'b'").unwrap();
     let mut out = String::new();
-    for t in TABLES {
+    for t in BILLING_TABLES {
         let row = admin
             .query_one(
                 &format!("SELECT coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '-') FROM billing.{t} x WHERE tenant_id = 'b'"),
@@ -107,7 +90,7 @@ fn tenant_a_cannot_read_or_change_tenant_b() {
     let mut a = login("pgb_app_a", "a");
 
     // Reading: no row of B through any table or view.
-    for t in TABLES {
+    for t in BILLING_TABLES {
         let r = match a.query_one(
             &format!("SELECT count(*) FROM billing.{t} WHERE tenant_id = 'b'"),
             &[],
@@ -191,7 +174,7 @@ fn tenant_a_cannot_read_or_change_tenant_b() {
     a.batch_execute("SET billing.tenant = 'a'").unwrap();
 
     // No direct writes, no admin functions, no role switching.
-    for t in TABLES {
+    for t in BILLING_TABLES {
         for dml in [
             format!("INSERT INTO billing.{t} (tenant_id) VALUES ('b')"),
             format!("UPDATE billing.{t} SET tenant_id = 'a'"),

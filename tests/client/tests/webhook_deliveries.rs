@@ -3,12 +3,11 @@
 //! reported by two event types) at once, each in its own order.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Barrier};
-use std::thread;
+use std::sync::Barrier;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
-use pg_billing_client_tests::{connect, fresh_db, ledger_problems, Rng};
+use pg_billing_client_tests::{connect, fresh_db, ledger_problems, run_sessions, Rng};
 use sha2::Sha256;
 
 const DB: &str = "pgb_webhook_deliveries";
@@ -51,7 +50,7 @@ fn stripe_signature(body: &str) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn session(id: usize, start: Arc<Barrier>) -> Vec<(String, String)> {
+fn session(id: usize, start: &Barrier) -> Vec<(String, String)> {
     let mut c = connect(DB);
     let mut evs = events();
     Rng::new(id as u64 + 7).shuffle(&mut evs);
@@ -78,16 +77,10 @@ fn concurrent_duplicate_deliveries_apply_once() {
         "SELECT billing.define_webhook_endpoint('stripe', 'stripe', '{SECRET}')"
     ))
     .unwrap();
-    let start = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|i| {
-            let start = start.clone();
-            thread::spawn(move || session(i, start))
-        })
-        .collect();
+    let results = run_sessions(SESSIONS, session);
     let mut statuses: HashMap<String, Vec<String>> = HashMap::new();
-    for h in handles {
-        for (evt, status) in h.join().expect("session panicked") {
+    for result in results {
+        for (evt, status) in result {
             statuses.entry(evt).or_default().push(status);
         }
     }

@@ -3,11 +3,10 @@
 //! 32 real sessions hammer one pool with strict debits, reservations and
 //! settlements for a few seconds.
 
-use std::sync::{Arc, Barrier};
-use std::thread;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use pg_billing_client_tests::{connect, fresh_db, ledger_problems, sqlstate, Rng};
+use pg_billing_client_tests::{connect, fresh_db, ledger_problems, run_sessions, sqlstate, Rng};
 
 const DB: &str = "pgb_zero_overspend";
 const SESSIONS: usize = 32;
@@ -24,7 +23,7 @@ struct Tally {
     refused: u64,
 }
 
-fn session(id: usize, start: Arc<Barrier>) -> Tally {
+fn session(id: usize, start: &Barrier) -> Tally {
     let mut c = connect(DB);
     c.batch_execute("SET synchronous_commit = off").unwrap();
     let mut rng = Rng::new(id as u64 + 1);
@@ -87,17 +86,8 @@ fn concurrent_strict_debits_and_holds_never_overspend() {
     ))
     .unwrap();
 
-    let start = Arc::new(Barrier::new(SESSIONS));
-    let handles: Vec<_> = (0..SESSIONS)
-        .map(|i| {
-            let start = start.clone();
-            thread::spawn(move || session(i, start))
-        })
-        .collect();
-    let tallies: Vec<Tally> = handles
-        .into_iter()
-        .map(|h| h.join().expect("session panicked"))
-        .collect();
+    let results = run_sessions(SESSIONS, session);
+    let tallies: Vec<Tally> = results;
 
     let debited: i64 = tallies.iter().map(|t| t.debited).sum();
     let settled: i64 = tallies.iter().map(|t| t.settled).sum();
