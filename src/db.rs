@@ -91,6 +91,17 @@ pub fn write<'conn>(
     Ok(client.update(&*p, None, args)?)
 }
 
+/// Run a statement planned for this call alone. For set-based statements over
+/// arrays whose size varies call to call (a batch), a cached generic plan
+/// cannot know the array's size; planning each call costs little next to the batch.
+pub fn write_once<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static Sql,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'conn>> {
+    Ok(client.update(sql.text, None, args)?)
+}
+
 /// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.
 pub fn read<'conn>(
     client: &SpiClient<'conn>,

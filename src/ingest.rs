@@ -15,7 +15,7 @@ use crate::db::{self, Sql, INT4, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
 use crate::input::{self, JsonArg};
-use crate::ledger::{drains_json, Create, PoolLedger};
+use crate::ledger::{drains_json, flush_all, Create, PoolLedger};
 use crate::pricing::{self, Meter};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -323,6 +323,15 @@ static FIND_EVENT: Sql = Sql {
     args: &[TEXT, TEXT],
 };
 
+/// A batch's keys at once, planned for the call (see db::write_once).
+static FIND_EVENTS: Sql = Sql {
+    text: "SELECT DISTINCT ON (e.key) e.key, e.id, e.request_hash, e.meter, e.unit, e.cost, e.covered, \
+                  e.debt_created, e.drains, e.available_after, e.entitled_after \
+           FROM unnest($2::text[]) AS k(key) \
+           JOIN billing.usage_events e ON e.tenant_id = $1 AND e.key = k.key",
+    args: &[TEXT, TEXT_ARRAY],
+};
+
 static ALLOCATE_EVENT_IDS: Sql = Sql {
     text: "SELECT nextval('billing.usage_events_id_seq') FROM generate_series(1, $1)",
     args: &[INT4],
@@ -418,12 +427,21 @@ fn ingest_events(
     let mut slots: Vec<Slot> = events.iter().map(|_| Slot::Pending).collect();
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut in_batch: HashMap<&str, (Vec<u8>, usize)> = HashMap::new();
-    let mut ledgers = Vec::new();
-    for ((account, unit), indexes) in by_pool {
-        let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
-        // After the lock: any concurrent ingest of these keys has committed.
-        let keys: Vec<String> = indexes.iter().map(|&i| events[i].key.clone()).collect();
-        let stored = find_events(client, &tenant, keys)?;
+    let pool_keys: Vec<(String, String)> = by_pool.keys().cloned().collect();
+    let mut ledgers = match pool_keys.as_slice() {
+        [(account, unit)] => vec![PoolLedger::open(
+            client,
+            &tenant,
+            account,
+            unit,
+            Create::Pool,
+        )?],
+        _ => PoolLedger::open_many(client, &tenant, &pool_keys)?,
+    };
+    // After the locks: any concurrent ingest of these keys has committed.
+    let stored = find_events(client, &tenant, &events)?;
+    for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
+        let unit = ledger.unit.clone();
         for i in indexes {
             let event = &events[i];
             let hash = event.fingerprint();
@@ -477,14 +495,11 @@ fn ingest_events(
             slots[i] = Slot::New(n);
         }
         ledger.current_event = None;
-        ledgers.push(ledger);
     }
 
     assign_event_ids(client, &mut new_events, &mut ledgers)?;
     insert_events(client, &tenant, &new_events)?;
-    for ledger in &mut ledgers {
-        ledger.flush(client)?;
-    }
+    flush_all(client, &mut ledgers)?;
     slots
         .into_iter()
         .map(|slot| match slot {
@@ -549,13 +564,21 @@ fn assign_event_ids(
 fn find_events(
     client: &mut SpiClient<'_>,
     tenant: &str,
-    keys: Vec<String>,
+    events: &[Event],
 ) -> Result<HashMap<String, (Vec<u8>, Outcome)>> {
+    let rows = match events {
+        [one] => db::write(
+            client,
+            &FIND_EVENT,
+            &[tenant.into(), one.key.as_str().into()],
+        )?,
+        _ => {
+            let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
+            db::write_once(client, &FIND_EVENTS, &[tenant.into(), keys.into()])?
+        }
+    };
     let mut found = HashMap::new();
-    for key in keys {
-        let Some(row) = db::write(client, &FIND_EVENT, &[tenant.into(), key.into()])?.next() else {
-            continue;
-        };
+    for row in rows {
         let key: String = db::col(&row, 1)?;
         let drains: JsonB = db::col(&row, 9)?;
         let outcome = Outcome {

@@ -9,7 +9,9 @@
 use pgrx::spi::SpiClient;
 use serde_json::json;
 
-use crate::db::{self, Sql, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ};
+use std::collections::HashMap;
+
+use crate::db::{self, Sql, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, Result};
 use crate::time::{self, Ts};
 
@@ -191,15 +193,15 @@ static INSERT_ENTRIES: Sql = Sql {
     text: "INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
               amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
               debt_after, held_after, grant_id, hold_id, event_id, effective_at) \
-           SELECT $1, $2, $3, $4, e.* FROM unnest($5::bigint[], $6::text[], $7::bigint[], \
-              $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], \
-              $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], \
+           SELECT e.* FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], \
+              $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
+              $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], \
               $18::timestamptz[]) AS e",
     args: &[
-        TEXT,
-        INT8,
-        TEXT,
-        TEXT,
+        TEXT_ARRAY,
+        INT8_ARRAY,
+        TEXT_ARRAY,
+        TEXT_ARRAY,
         INT8_ARRAY,
         TEXT_ARRAY,
         INT8_ARRAY,
@@ -217,12 +219,59 @@ static INSERT_ENTRIES: Sql = Sql {
     ],
 };
 
-static UPDATE_POOL: Sql = Sql {
-    text: "UPDATE billing.pools SET version = $2, remaining = $3, debt = $4, held = $5, \
-              active_remaining = $6, active_held = $7, cache_from = $8, cache_until = $9, \
-              updated_at = now() \
-           WHERE id = $1",
-    args: &[INT8, INT8, INT8, INT8, INT8, INT8, INT8, TSTZ, TSTZ],
+static UPDATE_POOLS: Sql = Sql {
+    text: "UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
+              held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
+              cache_from = u.cache_from, cache_until = u.cache_until, updated_at = now() \
+           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                       $6::bigint[], $7::bigint[], $8::timestamptz[], $9::timestamptz[]) \
+                AS u(id, version, remaining, debt, held, active_remaining, active_held, cache_from, cache_until) \
+           WHERE p.id = u.id",
+    args: &[
+        INT8_ARRAY,
+        INT8_ARRAY,
+        INT8_ARRAY,
+        INT8_ARRAY,
+        INT8_ARRAY,
+        INT8_ARRAY,
+        INT8_ARRAY,
+        pgrx::pg_sys::TIMESTAMPTZARRAYOID,
+        pgrx::pg_sys::TIMESTAMPTZARRAYOID,
+    ],
+};
+
+/// A batch's pools, locked in one statement, in one order for every batch.
+static LOCK_POOLS: Sql = Sql {
+    text: "SELECT p.id, p.floor, p.version, p.remaining, p.debt, p.held, p.active_held, \
+                  (p.cache_from <= now() AND now() < p.cache_until) AS cache_valid, p.cache_until, \
+                  p.account, p.unit \
+           FROM billing.pools p \
+           JOIN unnest($2::text[], $3::text[]) AS k(account, unit) \
+             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit \
+           ORDER BY p.account, p.unit FOR UPDATE OF p",
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
+};
+
+static CREATE_POOLS: Sql = Sql {
+    text: "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[]) AS k(account, unit)), \
+                a AS (INSERT INTO billing.accounts (tenant_id, account) \
+                      SELECT DISTINCT $1, account FROM k ON CONFLICT DO NOTHING) \
+           INSERT INTO billing.pools (tenant_id, account, unit) SELECT $1, account, unit FROM k \
+           ON CONFLICT DO NOTHING",
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
+};
+
+static LOAD_GRANTS_MANY: Sql = Sql {
+    text: "SELECT id, priority, remaining, effective_at, expires_at, pool_id FROM billing.grants \
+           WHERE pool_id = ANY($1) AND status = 'active' AND remaining > 0 \
+           ORDER BY pool_id, priority, expires_at NULLS LAST, id",
+    args: &[INT8_ARRAY],
+};
+
+static LOAD_OPEN_HOLDS_MANY: Sql = Sql {
+    text: "SELECT id, amount, expires_at, pool_id FROM billing.holds \
+           WHERE pool_id = ANY($1) AND status = 'open'",
+    args: &[INT8_ARRAY],
 };
 
 /// Whether a pool that does not exist yet may be created by this call.
@@ -286,20 +335,35 @@ impl PoolLedger {
         let Some(row) = rows.next() else {
             return Ok(None);
         };
-        let cache_valid: bool = db::col(&row, 8)?;
-        let cache_until: pgrx::datum::TimestampWithTimeZone = db::col(&row, 9)?;
-        let mut ledger = PoolLedger {
-            id: db::col(&row, 1)?,
+        let (mut ledger, cache_valid) = Self::from_lock_row(&row, tenant, account, unit)?;
+        if !cache_valid {
+            ledger.load_holds(client)?;
+        }
+        Ok(Some(ledger))
+    }
+
+    /// A locked pool row (columns 1-9 of LOCK_POOL / LOCK_POOLS), and whether
+    /// its cached figures are valid now.
+    fn from_lock_row(
+        row: &pgrx::spi::SpiHeapTupleData<'_>,
+        tenant: &str,
+        account: &str,
+        unit: &str,
+    ) -> Result<(PoolLedger, bool)> {
+        let cache_valid: bool = db::col(row, 8)?;
+        let cache_until: pgrx::datum::TimestampWithTimeZone = db::col(row, 9)?;
+        let ledger = PoolLedger {
+            id: db::col(row, 1)?,
             tenant: tenant.to_string(),
             account: account.to_string(),
             unit: unit.to_string(),
-            floor: db::col(&row, 2)?,
+            floor: db::col(row, 2)?,
             now: time::now(),
-            version: db::col(&row, 3)?,
-            remaining: db::col(&row, 4)?,
-            debt: db::col(&row, 5)?,
-            held: db::col(&row, 6)?,
-            active_held: db::col(&row, 7)?,
+            version: db::col(row, 3)?,
+            remaining: db::col(row, 4)?,
+            debt: db::col(row, 5)?,
+            held: db::col(row, 6)?,
+            active_held: db::col(row, 7)?,
             hold_bound: if cache_until.is_finite() {
                 cache_until.into()
             } else {
@@ -311,23 +375,89 @@ impl PoolLedger {
             current_event: None,
             current_hold: None,
         };
-        if !cache_valid {
-            ledger.load_holds(client)?;
+        Ok((ledger, cache_valid))
+    }
+
+    /// Lock the pools of a batch, in one order for every batch so that two
+    /// batches never deadlock, creating the missing ones; each brought up to
+    /// date as `open` does. Returned in the order of `keys` (account, unit).
+    pub fn open_many(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[(String, String)],
+    ) -> Result<Vec<PoolLedger>> {
+        let mut found = Self::lock_many(client, tenant, keys)?;
+        if found.len() < keys.len() {
+            let missing: Vec<(String, String)> = keys
+                .iter()
+                .filter(|k| !found.contains_key(*k))
+                .cloned()
+                .collect();
+            let (accounts, units): (Vec<String>, Vec<String>) = missing.iter().cloned().unzip();
+            db::write_once(
+                client,
+                &CREATE_POOLS,
+                &[tenant.into(), accounts.into(), units.into()],
+            )?;
+            found.extend(Self::lock_many(client, tenant, &missing)?);
         }
-        Ok(Some(ledger))
+        let mut ledgers = Vec::with_capacity(keys.len());
+        let mut stale_holds = Vec::new();
+        for k in keys {
+            let (ledger, cache_valid) = found
+                .remove(k)
+                .ok_or_else(|| BillingError::Internal("pool vanished after creation".into()))?;
+            if !cache_valid {
+                stale_holds.push(ledger.id);
+            }
+            ledgers.push(ledger);
+        }
+        let position: HashMap<i64, usize> =
+            ledgers.iter().enumerate().map(|(i, l)| (l.id, i)).collect();
+        let ids: Vec<i64> = ledgers.iter().map(|l| l.id).collect();
+        for row in db::write_once(client, &LOAD_GRANTS_MANY, &[ids.into()])? {
+            let pool: i64 = db::col(&row, 6)?;
+            ledgers[position[&pool]].grants.push(grant_from_row(&row)?);
+        }
+        if !stale_holds.is_empty() {
+            let mut holds: HashMap<i64, Vec<OpenHold>> = HashMap::new();
+            for row in db::write_once(client, &LOAD_OPEN_HOLDS_MANY, &[stale_holds.clone().into()])?
+            {
+                let pool: i64 = db::col(&row, 4)?;
+                holds.entry(pool).or_default().push(hold_from_row(&row)?);
+            }
+            for id in stale_holds {
+                ledgers[position[&id]].apply_open_holds(holds.remove(&id).unwrap_or_default());
+            }
+        }
+        for l in &mut ledgers {
+            l.catch_up();
+        }
+        Ok(ledgers)
+    }
+
+    fn lock_many(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[(String, String)],
+    ) -> Result<HashMap<(String, String), (PoolLedger, bool)>> {
+        let (accounts, units): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+        let mut found = HashMap::new();
+        for row in db::write_once(
+            client,
+            &LOCK_POOLS,
+            &[tenant.into(), accounts.into(), units.into()],
+        )? {
+            let (account, unit): (String, String) = (db::col(&row, 10)?, db::col(&row, 11)?);
+            let pool = Self::from_lock_row(&row, tenant, &account, &unit)?;
+            found.insert((account, unit), pool);
+        }
+        Ok(found)
     }
 
     fn load_grants(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
         for row in db::write(client, &LOAD_GRANTS, &[self.id.into()])? {
-            let effective_at: pgrx::datum::TimestampWithTimeZone = db::col(&row, 4)?;
-            let expires_at: Option<pgrx::datum::TimestampWithTimeZone> = db::opt(&row, 5)?;
-            self.grants.push(GrantState::new(
-                db::col(&row, 1)?,
-                db::col(&row, 2)?,
-                db::col(&row, 3)?,
-                effective_at.into(),
-                expires_at.map(Into::into),
-            ));
+            self.grants.push(grant_from_row(&row)?);
         }
         Ok(())
     }
@@ -335,15 +465,14 @@ impl PoolLedger {
     /// Outside the cached window: recompute the active held total from the open
     /// holds, and record the expiry of the holds whose time has passed.
     fn load_holds(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
-        let mut holds = Vec::new();
-        for row in db::write(client, &LOAD_OPEN_HOLDS, &[self.id.into()])? {
-            let expires_at: pgrx::datum::TimestampWithTimeZone = db::col(&row, 3)?;
-            holds.push(OpenHold {
-                id: db::col(&row, 1)?,
-                amount: db::col(&row, 2)?,
-                expires_at: expires_at.into(),
-            });
-        }
+        let holds = db::write(client, &LOAD_OPEN_HOLDS, &[self.id.into()])?
+            .map(|row| hold_from_row(&row))
+            .collect::<Result<Vec<_>>>()?;
+        self.apply_open_holds(holds);
+        Ok(())
+    }
+
+    fn apply_open_holds(&mut self, holds: Vec<OpenHold>) {
         self.active_held = 0;
         self.hold_bound = Ts::MAX;
         for h in holds {
@@ -354,7 +483,6 @@ impl PoolLedger {
                 self.hold_bound = self.hold_bound.min(h.expires_at);
             }
         }
-        Ok(())
     }
 
     /// Record expiries that are due and let spendable grants repay debt.
@@ -647,88 +775,161 @@ impl PoolLedger {
 
     /// Write grants, holds, entries and the pool row. Nothing is written before this.
     pub fn flush(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
-        if self.entries.is_empty() {
-            return Ok(());
-        }
-        let (ids, remaining): (Vec<i64>, Vec<i64>) = self
-            .grants
-            .iter()
-            .filter(|g| g.dirty)
-            .map(|g| (g.id, g.remaining))
-            .unzip();
-        if !ids.is_empty() {
-            db::write(client, &UPDATE_GRANTS, &[ids.into(), remaining.into()])?;
-        }
-        if !self.closed_holds.is_empty() {
-            let (ids, statuses): (Vec<i64>, Vec<String>) = self
-                .closed_holds
-                .iter()
-                .map(|(id, s)| (*id, s.to_string()))
-                .unzip();
-            db::write(client, &CLOSE_HOLDS, &[ids.into(), statuses.into()])?;
-        }
-        self.insert_entries(client)?;
-        let until = self.cache_until();
-        let until_sql = if until == Ts::MAX {
-            pgrx::datum::TimestampWithTimeZone::positive_infinity()
-        } else {
-            time::to_sql(until)
-        };
-        db::write(
-            client,
-            &UPDATE_POOL,
-            &[
-                self.id.into(),
-                self.version.into(),
-                self.remaining.into(),
-                self.debt.into(),
-                self.held.into(),
-                self.active_remaining().into(),
-                self.active_held.into(),
-                time::to_sql(self.now).into(),
-                until_sql.into(),
-            ],
-        )?;
+        flush_all(client, std::slice::from_mut(self))
+    }
+
+    /// Forget what was written, keeping the pool's state for further work.
+    fn written(&mut self) {
         for g in &mut self.grants {
             g.dirty = false;
         }
         self.grants.retain(|g| g.remaining > 0);
         self.entries.clear();
         self.closed_holds.clear();
-        Ok(())
     }
+}
 
-    fn insert_entries(&self, client: &mut SpiClient<'_>) -> Result<()> {
-        let e = &self.entries;
-        let ints = |f: fn(&Entry) -> i64| -> Vec<i64> { e.iter().map(f).collect() };
-        let opts = |f: fn(&Entry) -> Option<i64>| -> Vec<Option<i64>> { e.iter().map(f).collect() };
-        let kinds: Vec<&str> = e.iter().map(|x| x.kind).collect();
-        let effective: Vec<pgrx::datum::TimestampWithTimeZone> =
-            e.iter().map(|x| time::to_sql(x.effective_at)).collect();
-        db::write(
-            client,
-            &INSERT_ENTRIES,
-            &[
-                self.tenant.as_str().into(),
-                self.id.into(),
-                self.account.as_str().into(),
-                self.unit.as_str().into(),
-                ints(|x| x.version).into(),
-                kinds.into(),
-                ints(|x| x.amount).into(),
-                ints(|x| x.grant_amount).into(),
-                ints(|x| x.debt_amount).into(),
-                ints(|x| x.hold_amount).into(),
-                ints(|x| x.balance_before).into(),
-                ints(|x| x.balance_after).into(),
-                ints(|x| x.debt_after).into(),
-                ints(|x| x.held_after).into(),
-                opts(|x| x.grant_id).into(),
-                opts(|x| x.hold_id).into(),
-                opts(|x| x.event_id).into(),
-                effective.into(),
-            ],
-        )?;
-        Ok(())
+fn grant_from_row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<GrantState> {
+    let effective_at: pgrx::datum::TimestampWithTimeZone = db::col(row, 4)?;
+    let expires_at: Option<pgrx::datum::TimestampWithTimeZone> = db::opt(row, 5)?;
+    Ok(GrantState::new(
+        db::col(row, 1)?,
+        db::col(row, 2)?,
+        db::col(row, 3)?,
+        effective_at.into(),
+        expires_at.map(Into::into),
+    ))
+}
+
+fn hold_from_row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<OpenHold> {
+    let expires_at: pgrx::datum::TimestampWithTimeZone = db::col(row, 3)?;
+    Ok(OpenHold {
+        id: db::col(row, 1)?,
+        amount: db::col(row, 2)?,
+        expires_at: expires_at.into(),
+    })
+}
+
+fn sql_instant(t: Ts) -> pgrx::datum::TimestampWithTimeZone {
+    if t == Ts::MAX {
+        pgrx::datum::TimestampWithTimeZone::positive_infinity()
+    } else {
+        time::to_sql(t)
     }
+}
+
+/// Write what the given pools computed: grant remainders, expired holds,
+/// ledger entries and pool rows, a few set-based statements for all of them.
+/// One pool (a single call) uses the cached plans; many (a batch) are planned
+/// for the call.
+pub fn flush_all(client: &mut SpiClient<'_>, ledgers: &mut [PoolLedger]) -> Result<()> {
+    let many = ledgers.len() > 1;
+    let run = |client: &mut SpiClient<'_>,
+               sql: &'static Sql,
+               args: &[pgrx::datum::DatumWithOid<'_>]|
+     -> Result<()> {
+        if many {
+            db::write_once(client, sql, args)?;
+        } else {
+            db::write(client, sql, args)?;
+        }
+        Ok(())
+    };
+    let changed: Vec<&PoolLedger> = ledgers.iter().filter(|l| !l.entries.is_empty()).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let (ids, remaining): (Vec<i64>, Vec<i64>) = changed
+        .iter()
+        .flat_map(|l| {
+            l.grants
+                .iter()
+                .filter(|g| g.dirty)
+                .map(|g| (g.id, g.remaining))
+        })
+        .unzip();
+    if !ids.is_empty() {
+        run(client, &UPDATE_GRANTS, &[ids.into(), remaining.into()])?;
+    }
+    let (ids, statuses): (Vec<i64>, Vec<String>) = changed
+        .iter()
+        .flat_map(|l| l.closed_holds.iter().map(|(id, s)| (*id, s.to_string())))
+        .unzip();
+    if !ids.is_empty() {
+        run(client, &CLOSE_HOLDS, &[ids.into(), statuses.into()])?;
+    }
+    let entries: Vec<(&PoolLedger, &Entry)> = changed
+        .iter()
+        .flat_map(|l| l.entries.iter().map(move |e| (*l, e)))
+        .collect();
+    let text =
+        |f: fn(&PoolLedger) -> &str| -> Vec<&str> { entries.iter().map(|(l, _)| f(l)).collect() };
+    let ints = |f: fn(&Entry) -> i64| -> Vec<i64> { entries.iter().map(|(_, e)| f(e)).collect() };
+    let opts = |f: fn(&Entry) -> Option<i64>| -> Vec<Option<i64>> {
+        entries.iter().map(|(_, e)| f(e)).collect()
+    };
+    run(
+        client,
+        &INSERT_ENTRIES,
+        &[
+            text(|l| &l.tenant).into(),
+            entries
+                .iter()
+                .map(|(l, _)| l.id)
+                .collect::<Vec<i64>>()
+                .into(),
+            text(|l| &l.account).into(),
+            text(|l| &l.unit).into(),
+            ints(|x| x.version).into(),
+            entries
+                .iter()
+                .map(|(_, e)| e.kind)
+                .collect::<Vec<&str>>()
+                .into(),
+            ints(|x| x.amount).into(),
+            ints(|x| x.grant_amount).into(),
+            ints(|x| x.debt_amount).into(),
+            ints(|x| x.hold_amount).into(),
+            ints(|x| x.balance_before).into(),
+            ints(|x| x.balance_after).into(),
+            ints(|x| x.debt_after).into(),
+            ints(|x| x.held_after).into(),
+            opts(|x| x.grant_id).into(),
+            opts(|x| x.hold_id).into(),
+            opts(|x| x.event_id).into(),
+            entries
+                .iter()
+                .map(|(_, e)| time::to_sql(e.effective_at))
+                .collect::<Vec<_>>()
+                .into(),
+        ],
+    )?;
+    let pools = |f: fn(&PoolLedger) -> i64| -> Vec<i64> { changed.iter().map(|l| f(l)).collect() };
+    run(
+        client,
+        &UPDATE_POOLS,
+        &[
+            pools(|l| l.id).into(),
+            pools(|l| l.version).into(),
+            pools(|l| l.remaining).into(),
+            pools(|l| l.debt).into(),
+            pools(|l| l.held).into(),
+            pools(|l| l.active_remaining()).into(),
+            pools(|l| l.active_held).into(),
+            changed
+                .iter()
+                .map(|l| time::to_sql(l.now))
+                .collect::<Vec<_>>()
+                .into(),
+            changed
+                .iter()
+                .map(|l| sql_instant(l.cache_until()))
+                .collect::<Vec<_>>()
+                .into(),
+        ],
+    )?;
+    for l in ledgers.iter_mut() {
+        l.written();
+    }
+    Ok(())
 }
