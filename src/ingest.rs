@@ -464,7 +464,7 @@ fn ingest_events(
                 continue;
             }
             let (cost, unit_price) = priced[i];
-            let mut outcome = rejected(event, &unit, cost, &ledger);
+            let mut outcome = rejected(event, &unit, cost, ledger);
             if event.strict && !ledger.allows(cost) {
                 if raise_rejection {
                     return Err(ledger.insufficient(cost));

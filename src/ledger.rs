@@ -219,6 +219,24 @@ static INSERT_ENTRIES: Sql = Sql {
     ],
 };
 
+static UPDATE_POOL: Sql = Sql {
+    text: "UPDATE billing.pools SET version = $2, remaining = $3, debt = $4, held = $5, \
+              active_remaining = $6, active_held = $7, cache_from = $8, cache_until = $9, \
+              updated_at = now() \
+           WHERE id = $1",
+    args: &[
+        INT8,
+        INT8,
+        INT8,
+        INT8,
+        INT8,
+        INT8,
+        INT8,
+        pgrx::pg_sys::TIMESTAMPTZOID,
+        pgrx::pg_sys::TIMESTAMPTZOID,
+    ],
+};
+
 static UPDATE_POOLS: Sql = Sql {
     text: "UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
               held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
@@ -904,30 +922,49 @@ pub fn flush_all(client: &mut SpiClient<'_>, ledgers: &mut [PoolLedger]) -> Resu
                 .into(),
         ],
     )?;
-    let pools = |f: fn(&PoolLedger) -> i64| -> Vec<i64> { changed.iter().map(|l| f(l)).collect() };
-    run(
-        client,
-        &UPDATE_POOLS,
-        &[
-            pools(|l| l.id).into(),
-            pools(|l| l.version).into(),
-            pools(|l| l.remaining).into(),
-            pools(|l| l.debt).into(),
-            pools(|l| l.held).into(),
-            pools(|l| l.active_remaining()).into(),
-            pools(|l| l.active_held).into(),
-            changed
-                .iter()
-                .map(|l| time::to_sql(l.now))
-                .collect::<Vec<_>>()
-                .into(),
-            changed
-                .iter()
-                .map(|l| sql_instant(l.cache_until()))
-                .collect::<Vec<_>>()
-                .into(),
-        ],
-    )?;
+    if let [l] = changed.as_slice() {
+        db::write(
+            client,
+            &UPDATE_POOL,
+            &[
+                l.id.into(),
+                l.version.into(),
+                l.remaining.into(),
+                l.debt.into(),
+                l.held.into(),
+                l.active_remaining().into(),
+                l.active_held.into(),
+                time::to_sql(l.now).into(),
+                sql_instant(l.cache_until()).into(),
+            ],
+        )?;
+    } else {
+        let pools =
+            |f: fn(&PoolLedger) -> i64| -> Vec<i64> { changed.iter().map(|l| f(l)).collect() };
+        run(
+            client,
+            &UPDATE_POOLS,
+            &[
+                pools(|l| l.id).into(),
+                pools(|l| l.version).into(),
+                pools(|l| l.remaining).into(),
+                pools(|l| l.debt).into(),
+                pools(|l| l.held).into(),
+                pools(|l| l.active_remaining()).into(),
+                pools(|l| l.active_held).into(),
+                changed
+                    .iter()
+                    .map(|l| time::to_sql(l.now))
+                    .collect::<Vec<_>>()
+                    .into(),
+                changed
+                    .iter()
+                    .map(|l| sql_instant(l.cache_until()))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ],
+        )?;
+    }
     for l in ledgers.iter_mut() {
         l.written();
     }
