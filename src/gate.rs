@@ -6,6 +6,7 @@ use pgrx::spi::SpiClient;
 use crate::db::{self, Sql, TEXT};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
+use crate::ledger::UNIT_EXISTS;
 use crate::tenancy::current_tenant;
 
 /// Inside the pool's cached window the figures come from the pool row alone;
@@ -22,11 +23,6 @@ static CHECK_POOL: Sql = Sql {
                          WHERE h.pool_id = p.id AND h.status = 'open' AND now() < h.expires_at) END \
            FROM billing.pools p WHERE p.tenant_id = $1 AND p.account = $2 AND p.unit = $3",
     args: &[TEXT, TEXT, TEXT],
-};
-
-static UNIT_EXISTS: Sql = Sql {
-    text: "SELECT 1 FROM billing.units WHERE tenant_id = $1 AND unit = $2",
-    args: &[TEXT, TEXT],
 };
 
 type CheckRow = (

@@ -379,16 +379,7 @@ impl Close {
 
 fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<CloseRow> {
     let tenant = current_tenant()?;
-    let mut rows = db::write(
-        client,
-        &FIND_GRANT,
-        &[grant_id.into(), tenant.as_str().into()],
-    )?;
-    let Some(row) = rows.next() else {
-        return Err(BillingError::unknown("grant", grant_id.to_string()));
-    };
-    let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
-    let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+    let mut ledger = PoolLedger::open_owner_of(client, &tenant, &FIND_GRANT, grant_id, "grant")?;
     let row = db::write(client, &GRANT_STATUS, &[grant_id.into()])?
         .next()
         .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
@@ -453,16 +444,8 @@ fn reverse_grant(
         input::positive("amount", amount)?;
         Spi::connect_mut(|client| {
             let tenant = current_tenant()?;
-            let mut rows = db::write(
-                client,
-                &FIND_GRANT,
-                &[grant_id.into(), tenant.as_str().into()],
-            )?;
-            let Some(row) = rows.next() else {
-                return Err(BillingError::unknown("grant", grant_id.to_string()));
-            };
-            let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
-            let mut ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+            let mut ledger =
+                PoolLedger::open_owner_of(client, &tenant, &FIND_GRANT, grant_id, "grant")?;
             let revoked = ledger.shrink_grant(grant_id, amount);
             let debt = amount - revoked;
             ledger.add_debt(debt, Some(grant_id))?;

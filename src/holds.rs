@@ -199,16 +199,7 @@ struct HoldState {
 /// Lock the hold's pool and read the hold's committed state.
 fn open_hold(client: &mut SpiClient<'_>, hold_id: i64) -> Result<(PoolLedger, HoldState)> {
     let tenant = current_tenant()?;
-    let mut rows = db::write(
-        client,
-        &FIND_HOLD,
-        &[hold_id.into(), tenant.as_str().into()],
-    )?;
-    let Some(row) = rows.next() else {
-        return Err(BillingError::unknown("hold", hold_id.to_string()));
-    };
-    let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
-    let ledger = PoolLedger::open(client, &tenant, &account, &unit, Create::Pool)?;
+    let ledger = PoolLedger::open_owner_of(client, &tenant, &FIND_HOLD, hold_id, "hold")?;
     let row = db::write(client, &HOLD_STATE, &[hold_id.into()])?
         .next()
         .ok_or_else(|| BillingError::Internal("hold vanished under the pool lock".into()))?;

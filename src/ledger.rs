@@ -159,7 +159,7 @@ static LOAD_OPEN_HOLDS: Sql = Sql {
     args: &[INT8],
 };
 
-static UNIT_EXISTS: Sql = Sql {
+pub static UNIT_EXISTS: Sql = Sql {
     text: "SELECT 1 FROM billing.units WHERE tenant_id = $1 AND unit = $2",
     args: &[TEXT, TEXT],
 };
@@ -337,6 +337,23 @@ impl PoolLedger {
         ledger.load_grants(client)?;
         ledger.catch_up();
         Ok(ledger)
+    }
+
+    /// Lock the pool of a grant or hold of this tenant: `find` takes ($1 id,
+    /// $2 tenant) and returns (account, unit); no row is an unknown `what`.
+    pub fn open_owner_of(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        find: &'static Sql,
+        id: i64,
+        what: &'static str,
+    ) -> Result<PoolLedger> {
+        let mut rows = db::write(client, find, &[id.into(), tenant.into()])?;
+        let Some(row) = rows.next() else {
+            return Err(BillingError::unknown(what, id.to_string()));
+        };
+        let (account, unit): (String, String) = (db::col(&row, 1)?, db::col(&row, 2)?);
+        Self::open(client, tenant, &account, &unit, Create::Pool)
     }
 
     fn lock(
@@ -711,26 +728,23 @@ impl PoolLedger {
 
     /// Remove what is left of a grant (void or revoke); returns the amount removed.
     pub fn close_grant(&mut self, grant_id: i64, kind: &'static str) -> i64 {
-        let Some(i) = self.grants.iter().position(|g| g.id == grant_id) else {
-            return 0;
-        };
-        let amount = self.grants[i].remaining;
-        if amount > 0 {
-            self.take_from_grant(i, amount);
-            self.push(kind, -amount, 0, 0, Some(grant_id), None, self.now);
-        }
-        amount
+        self.take_back(grant_id, i64::MAX, kind)
     }
 
     /// Remove up to `amount` of what is left of a grant ('revoke'); returns what was removed.
     pub fn shrink_grant(&mut self, grant_id: i64, amount: i64) -> i64 {
+        self.take_back(grant_id, amount, "revoke")
+    }
+
+    /// Take up to `amount` of a grant's remaining credit back, as a `kind` entry.
+    fn take_back(&mut self, grant_id: i64, amount: i64, kind: &'static str) -> i64 {
         let Some(i) = self.grants.iter().position(|g| g.id == grant_id) else {
             return 0;
         };
         let part = self.grants[i].remaining.min(amount);
         if part > 0 {
             self.take_from_grant(i, part);
-            self.push("revoke", -part, 0, 0, Some(grant_id), None, self.now);
+            self.push(kind, -part, 0, 0, Some(grant_id), None, self.now);
         }
         part
     }
