@@ -334,4 +334,43 @@ mod tests {
             one("SELECT has_table_privilege('public', 'billing.webhook_endpoints', 'SELECT')");
         assert!(!public_select);
     }
+
+    #[pg_test]
+    fn webhook_configuration_is_validated() {
+        setup();
+        assert_rejected(
+            "SELECT billing.define_webhook_endpoint('x', 'paypal', 's')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_webhook_endpoint('Bad Name', 'stripe', 's')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_webhook_endpoint('x', 'stripe', '')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_webhook_endpoint('x', 'standard', 'whsec_!!!')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_webhook_endpoint('x', 'stripe', 's', tolerance_seconds => 0)",
+            "22023",
+        );
+        assert_rejected("SELECT billing.rotate_webhook_secret('nope', 's')", "42704");
+        assert_rejected(
+            "SELECT billing.register_webhook_handler('x', 'billing.sweep(integer)')",
+            "22023",
+        );
+        // defining an endpoint again updates it in place
+        run(&format!("SELECT billing.define_webhook_endpoint('stripe', 'stripe', '{SECRET}', tolerance_seconds => 60)"));
+        let row: String =
+            one("SELECT count(*) || ':' || max(tolerance_seconds) FROM billing.webhook_endpoints");
+        assert_eq!(row, "1:60");
+        let unknown: String = one(
+            "SELECT valid || ':' || reason FROM billing.verify_webhook('paypal', 's', '{}', '{}')",
+        );
+        assert!(unknown.starts_with("false:"), "{unknown}");
+    }
 }
