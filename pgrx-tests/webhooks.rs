@@ -49,13 +49,13 @@ mod tests {
 
     fn checkout_completed(evt: &str, pi: &str, amount: i64, created: i64) -> String {
         format!(
-            r#"{{"id":"{evt}","type":"checkout.session.completed","created":{created},"data":{{"object":{{"id":"cs_{pi}","payment_intent":"{pi}","payment_status":"paid","amount_total":{amount},"client_reference_id":"org_1","metadata":{{"account":"org_1","credits":"999999"}}}}}}}}"#
+            r#"{{"id":"{evt}","type":"checkout.session.completed","created":{created},"data":{{"object":{{"id":"cs_{pi}","payment_intent":"{pi}","payment_status":"paid","amount_total":{amount},"currency":"usd","client_reference_id":"org_1","metadata":{{"account":"org_1","credits":"999999"}}}}}}}}"#
         )
     }
 
     fn refunded(evt: &str, pi: &str, refunded: i64, created: i64) -> String {
         format!(
-            r#"{{"id":"{evt}","type":"charge.refunded","created":{created},"data":{{"object":{{"id":"ch_{pi}","payment_intent":"{pi}","amount_refunded":{refunded}}}}}}}"#
+            r#"{{"id":"{evt}","type":"charge.refunded","created":{created},"data":{{"object":{{"id":"ch_{pi}","payment_intent":"{pi}","amount_refunded":{refunded},"currency":"usd"}}}}}}"#
         )
     }
 
@@ -85,7 +85,7 @@ mod tests {
     #[pg_test]
     fn the_amount_credited_is_what_was_paid_not_what_metadata_claims() {
         setup();
-        let body = r#"{"id":"evt_m","type":"checkout.session.completed","created":1700000000,"data":{"object":{"id":"cs_m","payment_intent":"pi_m","payment_status":"paid","amount_total":500,"client_reference_id":"org_1","metadata":{"account":"org_1","amount":"100000","amount_total":"100000"}}}}"#;
+        let body = r#"{"id":"evt_m","type":"checkout.session.completed","created":1700000000,"data":{"object":{"id":"cs_m","payment_intent":"pi_m","payment_status":"paid","amount_total":500,"currency":"usd","client_reference_id":"org_1","metadata":{"account":"org_1","amount":"100000","amount_total":"100000"}}}}"#;
         assert_eq!(deliver(body), "applied|");
         assert_eq!(cents(), 500);
         let unpaid = r#"{"id":"evt_u","type":"checkout.session.completed","created":1700000000,"data":{"object":{"id":"cs_u","payment_intent":"pi_u","payment_status":"unpaid","amount_total":900,"client_reference_id":"org_1"}}}"#;
@@ -146,7 +146,7 @@ mod tests {
     fn a_dispute_reverses_the_disputed_amount() {
         setup();
         deliver(&pi_succeeded("evt_1", "pi_1", 1000, 1_700_000_000));
-        let dispute = r#"{"id":"evt_d","type":"charge.dispute.created","created":1700000300,"data":{"object":{"id":"dp_1","charge":"ch_pi_1","payment_intent":"pi_1","amount":1000}}}"#;
+        let dispute = r#"{"id":"evt_d","type":"charge.dispute.created","created":1700000300,"data":{"object":{"id":"dp_1","charge":"ch_pi_1","payment_intent":"pi_1","amount":1000,"currency":"usd","status":"needs_response"}}}"#;
         assert_eq!(deliver(dispute), "applied|");
         assert_eq!(cents(), 0);
     }
@@ -274,12 +274,13 @@ mod tests {
         run(&format!(
             "SELECT billing.define_webhook_endpoint('app', 'standard', '{secret}')"
         ));
-        run("CREATE TABLE pg_temp.subscriptions (id text PRIMARY KEY, status text)");
-        run("CREATE FUNCTION pg_temp.project(ev billing.webhook_events) RETURNS jsonb LANGUAGE sql AS $$ \
-             INSERT INTO pg_temp.subscriptions VALUES (ev.payload #>> '{data,object,id}', ev.payload #>> '{data,object,status}') \
+        run("CREATE SCHEMA app");
+        run("CREATE TABLE app.subscriptions (id text PRIMARY KEY, status text)");
+        run("CREATE FUNCTION app.project(ev billing.webhook_events) RETURNS jsonb LANGUAGE sql AS $$ \
+             INSERT INTO app.subscriptions VALUES (ev.payload #>> '{data,object,id}', ev.payload #>> '{data,object,status}') \
              ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status RETURNING jsonb_build_object('status', status) $$");
-        run("SELECT billing.register_webhook_handler('subscription.created', 'pg_temp.project(billing.webhook_events)')");
-        run("SELECT billing.register_webhook_handler('subscription.updated', 'pg_temp.project(billing.webhook_events)')");
+        run("SELECT billing.register_webhook_handler('subscription.created', 'app.project(billing.webhook_events)')");
+        run("SELECT billing.register_webhook_handler('subscription.updated', 'app.project(billing.webhook_events)')");
         let now = now_unix();
         let send = |id: &str, kind: &str, status: &str, created: i64| -> String {
             let body = format!(
@@ -293,7 +294,7 @@ mod tests {
         assert_eq!(send("msg_2", "updated", "active", 200), "applied");
         assert_eq!(send("msg_1", "created", "incomplete", 100), "superseded");
         assert_eq!(send("msg_2", "updated", "active", 200), "duplicate");
-        let status: String = one("SELECT status FROM pg_temp.subscriptions WHERE id = 'sub_1'");
+        let status: String = one("SELECT status FROM app.subscriptions WHERE id = 'sub_1'");
         assert_eq!(
             status, "active",
             "the older create did not overwrite the newer state"
@@ -303,13 +304,14 @@ mod tests {
     #[pg_test]
     fn a_failing_handler_rolls_back_and_a_redelivery_can_succeed() {
         setup();
-        run("CREATE TABLE pg_temp.flags (ok boolean)");
-        run("INSERT INTO pg_temp.flags VALUES (false)");
-        run("CREATE FUNCTION pg_temp.flaky(ev billing.webhook_events) RETURNS jsonb LANGUAGE plpgsql AS $$ \
+        run("CREATE SCHEMA app");
+        run("CREATE TABLE app.flags (ok boolean)");
+        run("INSERT INTO app.flags VALUES (false)");
+        run("CREATE FUNCTION app.flaky(ev billing.webhook_events) RETURNS jsonb LANGUAGE plpgsql AS $$ \
              BEGIN PERFORM billing.\"grant\"('org_1', 'usd_cents', 5, key => 'flaky:' || ev.provider_event_id); \
-                   IF NOT (SELECT ok FROM pg_temp.flags) THEN RAISE EXCEPTION 'downstream unavailable'; END IF; \
+                   IF NOT (SELECT ok FROM app.flags) THEN RAISE EXCEPTION 'downstream unavailable'; END IF; \
                    RETURN '{}'; END $$");
-        run("SELECT billing.register_webhook_handler('thing.happened', 'pg_temp.flaky(billing.webhook_events)', 'stripe')");
+        run("SELECT billing.register_webhook_handler('thing.happened', 'app.flaky(billing.webhook_events)', 'stripe')");
         let body = r#"{"id":"evt_f","type":"thing.happened","created":1700000000}"#;
         let first = deliver(body);
         assert_eq!(first, "failed|P0001: downstream unavailable");
@@ -318,7 +320,7 @@ mod tests {
             0,
             "the handler's grant was rolled back"
         );
-        run("UPDATE pg_temp.flags SET ok = true");
+        run("UPDATE app.flags SET ok = true");
         assert_eq!(deliver(body), "applied|");
         assert_eq!(cents(), 5);
         assert!(deliver(body).starts_with("duplicate|"));

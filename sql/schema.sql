@@ -116,6 +116,17 @@ CREATE TABLE billing.usage_events (
 );
 CREATE INDEX usage_events_by_meter ON billing.usage_events (tenant_id, account, meter, occurred_at);
 
+-- The sub-unit remainder of priced usage, per pool and meter: what the
+-- events' exact costs add up to beyond the whole units charged for them
+-- (src/pricing.rs). Read and written under the pool's lock.
+CREATE TABLE billing.meter_carries (
+    tenant_id text    NOT NULL,
+    pool_id   bigint  NOT NULL REFERENCES billing.pools (id),
+    meter     text    NOT NULL,
+    carry     numeric NOT NULL CHECK (carry >= -0.5 AND carry < 0.5),
+    PRIMARY KEY (pool_id, meter)
+);
+
 CREATE TABLE billing.holds (
     id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant_id      text        NOT NULL,
@@ -130,6 +141,7 @@ CREATE TABLE billing.holds (
     closed_at      timestamptz,
     settled_amount bigint      CHECK (settled_amount >= 0),
     settle_key     text,
+    settle_hash    bytea,
     settle_result  jsonb,
     request_hash   bytea       NOT NULL,
     metadata       jsonb       NOT NULL DEFAULT '{}',
@@ -152,7 +164,7 @@ CREATE TABLE billing.ledger_entries (
     version        bigint      NOT NULL CHECK (version > 0),
     kind           text        NOT NULL CHECK (kind IN (
                        'grant', 'debit', 'debt', 'debt_repayment', 'expire', 'void', 'revoke',
-                       'hold', 'settle', 'release', 'hold_expire')),
+                       'hold', 'settle', 'release', 'hold_expire', 'reinstate', 'debt_reversal')),
     amount         bigint      NOT NULL,
     grant_amount   bigint      NOT NULL DEFAULT 0,
     debt_amount    bigint      NOT NULL DEFAULT 0,
@@ -207,6 +219,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.pools', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.grants', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.meter_carries', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries', '');
 -- and so must the identity sequences, or restored ids would be handed out again
 -- (one call per statement: each call rewrites the extension's catalog row)
@@ -217,11 +230,14 @@ SELECT pg_catalog.pg_extension_config_dump('billing.holds_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by
--- billing_admin through billing.grant_tenant / billing.revoke_tenant.
+-- billing_admin through billing.grant_tenant / billing.revoke_tenant. A role
+-- is kept by OID (regrole), so renaming it keeps its tenants, and a role
+-- created later under a dropped role's name inherits nothing; a dump writes
+-- role names, and a restore resolves them in the target cluster.
 CREATE TABLE billing.tenant_roles (
     tenant_id  text        NOT NULL CHECK (tenant_id ~ '^[A-Za-z0-9_.:-]{1,63}$'),
-    role_name  name        NOT NULL,
+    role_id    regrole     NOT NULL,
     granted_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, role_name)
+    PRIMARY KEY (tenant_id, role_id)
 );
 SELECT pg_catalog.pg_extension_config_dump('billing.tenant_roles', '');

@@ -26,12 +26,18 @@ GRANT billing_reader TO billing_app;
 GRANT billing_app TO billing_admin;
 GRANT USAGE ON SCHEMA billing TO billing_reader;
 
--- Secrets stay unreadable: no role but the owner reads webhook_endpoints;
--- this view shows everything but the secrets, for the session's tenant.
-CREATE VIEW billing.webhook_endpoint_settings AS
-SELECT name, scheme, tolerance_seconds, signature_header, credit_unit, credits_per_minor_unit,
-       previous_secret IS NOT NULL AND previous_secret_expires_at > now() AS rotating, created_at
-FROM billing.webhook_endpoints WHERE tenant_id = billing.current_tenant();
+-- Secrets stay unreadable: other roles may read every column of
+-- webhook_endpoints but the two secrets (column privileges below). This view
+-- shows an endpoint's settings with the currencies it credits. Like every
+-- view, it runs with the caller's rights, so row-level security filters the
+-- rows before any function in the caller's WHERE clause sees them.
+CREATE VIEW billing.webhook_endpoint_settings WITH (security_invoker = true, security_barrier = true) AS
+SELECT e.name, e.scheme, e.tolerance_seconds, e.signature_header,
+       (SELECT jsonb_object_agg(c.currency, jsonb_build_object('unit', c.unit,
+                                 'credits_per_minor_unit', c.credits_per_minor_unit))
+        FROM billing.webhook_currencies c WHERE c.endpoint_id = e.id) AS currencies,
+       coalesce(e.previous_secret_expires_at > now(), false) AS rotating, e.created_at
+FROM billing.webhook_endpoints e;
 
 -- Row-level security, enabled and forced on every table. current_tenant()
 -- raises for a tenant the role was not granted, so a forged setting reads
@@ -39,9 +45,9 @@ FROM billing.webhook_endpoints WHERE tenant_id = billing.current_tenant();
 DO $$
 DECLARE t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds',
-                             'ledger_entries', 'webhook_endpoints', 'webhook_events', 'webhook_objects',
-                             'webhook_handlers', 'stripe_reversals'] LOOP
+    FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_carries',
+                             'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
+                             'webhook_objects', 'webhook_handlers', 'stripe_reversals'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -57,44 +63,79 @@ CREATE POLICY admins_only ON billing.tenant_roles
 REVOKE ALL ON billing.tenant_roles FROM PUBLIC;
 
 GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, billing.grants,
-                billing.usage_events, billing.holds, billing.ledger_entries, billing.webhook_events,
-                billing.webhook_objects, billing.webhook_handlers, billing.stripe_reversals,
-                billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings
+                billing.usage_events, billing.holds, billing.meter_carries, billing.ledger_entries,
+                billing.webhook_events,
+                billing.webhook_currencies, billing.webhook_objects, billing.webhook_handlers,
+                billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings
     TO billing_reader;
+GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
+              created_at)
+    ON billing.webhook_endpoints TO billing_reader;
 GRANT SELECT ON billing.tenant_roles TO billing_admin;
 -- The plain-INSERT interface of the webhook inbox: these three columns only.
 GRANT INSERT (endpoint, headers, body) ON billing.webhook_events TO billing_app;
 
 -- ----- tenants ---------------------------------------------------------------
 
+-- The OID of an existing role named exactly `role` (no case folding).
+CREATE FUNCTION billing.role_oid(role name) RETURNS oid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE id oid;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT r.oid INTO id FROM pg_catalog.pg_roles r WHERE r.rolname = role;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown role "%"', role USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN id;
+END
+$$;
+
+-- Grants of roles that were dropped grant nothing (roles are kept by OID);
+-- each change of tenant grants also removes them.
 CREATE FUNCTION billing.grant_tenant(tenant text, role name) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 BEGIN
+    IF tenant IS NULL THEN
+        RAISE EXCEPTION 'tenant must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF tenant !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
         RAISE EXCEPTION 'invalid tenant "%"', left(tenant, 80) USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role) THEN
-        RAISE EXCEPTION 'unknown role "%"', role USING ERRCODE = 'undefined_object';
-    END IF;
-    INSERT INTO billing.tenant_roles (tenant_id, role_name) VALUES (tenant, role) ON CONFLICT DO NOTHING;
+    DELETE FROM billing.tenant_roles r WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.oid = r.role_id);
+    INSERT INTO billing.tenant_roles (tenant_id, role_id) VALUES (tenant, billing.role_oid(role)::regrole)
+    ON CONFLICT DO NOTHING;
 END
 $$;
 
 CREATE FUNCTION billing.revoke_tenant(tenant text, role name) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-    WITH d AS (DELETE FROM billing.tenant_roles r WHERE r.tenant_id = tenant AND r.role_name = role RETURNING 1)
-    SELECT count(*) > 0 FROM d
+DECLARE n bigint;
+BEGIN
+    IF tenant IS NULL THEN
+        RAISE EXCEPTION 'tenant must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    DELETE FROM billing.tenant_roles r WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.oid = r.role_id);
+    WITH d AS (DELETE FROM billing.tenant_roles r WHERE r.tenant_id = tenant AND r.role_id = billing.role_oid(role)
+               RETURNING 1)
+    SELECT count(*) INTO n FROM d;
+    RETURN n > 0;
+END
 $$;
 
 -- ----- who may call what -----------------------------------------------------
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
 -- needed by every querying role: row-level security calls it
-GRANT EXECUTE ON FUNCTION billing.current_tenant() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION billing.current_tenant(), billing.currency_exponent(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
     billing."check"(text, text, bigint),
     billing.balance(text, text, timestamptz),
@@ -109,7 +150,7 @@ GRANT EXECUTE ON FUNCTION
     billing.ingest(text, text, numeric, text, timestamptz, jsonb, bigint, boolean),
     billing.ingest_batch(jsonb),
     billing.reserve(text, text, bigint, text, interval, jsonb),
-    billing.settle(bigint, bigint, text),
+    billing.settle(bigint, bigint, text, text, numeric, jsonb),
     billing.release(bigint),
     billing.account(text, text, jsonb),
     billing.receive_webhook(text, jsonb, text)
@@ -119,7 +160,9 @@ GRANT EXECUTE ON FUNCTION
     billing.define_meter(text, text, numeric, text),
     billing.set_floor(text, text, bigint),
     billing.sweep(integer),
-    billing.define_webhook_endpoint(text, text, text, integer, text, text, bigint),
+    billing.define_webhook_endpoint(text, text, text, integer, text, text, bigint, text),
+    billing.map_webhook_currency(text, text, text, integer, bigint),
+    billing.purge_webhook_events(interval, boolean),
     billing.rotate_webhook_secret(text, text, interval),
     billing.register_webhook_handler(text, regprocedure, text),
     billing.grant_tenant(text, name),

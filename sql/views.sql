@@ -28,6 +28,8 @@ FROM billing.ledger_entries e;
 --   * per hold: Σ hold_amount of its entries = its amount while open, 0 once closed
 --   * the pool's cached totals equal what the entries sum to
 --   * every grant, hold and event an entry names exists, in the entry's pool
+--   * per pool and meter, the exact cost of its priced events = what was
+--     charged for them + the carried remainder
 CREATE FUNCTION billing.verify_ledger()
 RETURNS TABLE (pool_id bigint, account text, unit text, problem text)
 LANGUAGE sql STABLE
@@ -88,4 +90,14 @@ LEFT JOIN LATERAL (SELECT sum(g.remaining) AS total FROM billing.grants g WHERE 
 WHERE p.version <> coalesce(l.version, 0) OR p.remaining <> coalesce(gr.total, 0)
    OR p.debt <> coalesce(l.debt_after, 0) OR p.held <> coalesce(l.held_after, 0)
    OR coalesce(l.balance_after, 0) <> p.remaining - p.debt
+UNION ALL
+SELECT p.id, p.account, p.unit,
+       format('meter %s: priced usage costs %s exactly, but %s was charged and %s carried',
+              u.meter, u.exact, u.charged, coalesce(c.carry, 0))
+FROM tenant_pools p
+JOIN LATERAL (SELECT e.meter, sum(e.quantity * e.unit_price) AS exact, sum(e.cost) AS charged
+              FROM billing.usage_events e WHERE e.pool_id = p.id AND e.unit_price IS NOT NULL
+              GROUP BY e.meter) u ON true
+LEFT JOIN billing.meter_carries c ON c.pool_id = p.id AND c.meter = u.meter
+WHERE u.exact - u.charged <> coalesce(c.carry, 0)
 $$;

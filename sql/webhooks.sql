@@ -13,11 +13,23 @@ CREATE TABLE billing.webhook_endpoints (
     previous_secret_expires_at timestamptz,
     tolerance_seconds          integer     NOT NULL DEFAULT 300 CHECK (tolerance_seconds BETWEEN 1 AND 86400),
     signature_header           text        NOT NULL DEFAULT 'x-signature',
-    -- Stripe credit handlers: the pool unit credited, per minor unit of currency paid
-    credit_unit                text        NOT NULL DEFAULT 'usd_cents',
-    credits_per_minor_unit     bigint      NOT NULL DEFAULT 1 CHECK (credits_per_minor_unit > 0),
     created_at                 timestamptz NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, name)
+);
+
+-- What a payment in each currency credits: the pool unit, and the credits per
+-- minor unit of the currency (provider amounts are in minor units: cents for
+-- USD, yen for JPY, fils for KWD). A payment, refund or dispute in a currency
+-- with no row here credits or reverses nothing; its event is recorded as
+-- failed with the reason.
+CREATE TABLE billing.webhook_currencies (
+    endpoint_id            bigint NOT NULL REFERENCES billing.webhook_endpoints (id),
+    tenant_id              text   NOT NULL,
+    currency               text   NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+    unit                   text   NOT NULL,
+    credits_per_minor_unit bigint NOT NULL CHECK (credits_per_minor_unit > 0),
+    PRIMARY KEY (endpoint_id, currency),
+    FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
 );
 
 -- The inbox: every delivery, kept with its outcome. A rejected delivery is kept
@@ -48,7 +60,11 @@ CREATE UNIQUE INDEX webhook_events_once ON billing.webhook_events (endpoint_id, 
 CREATE INDEX webhook_events_by_time ON billing.webhook_events (tenant_id, received_at);
 
 -- Per provider object, the newest event time applied: an older event for the
--- same object is superseded instead of overwriting newer state.
+-- same object is superseded instead of overwriting newer state. Each row is
+-- also the lock that serialises deliveries concerning its object (or, keyed
+-- 'event:<id>', an event that names no object; 'payment:<id>', the reversals
+-- of one payment): a row lock only pg_billing can take, so no other role can
+-- stall the intake, as it could by holding an advisory lock.
 CREATE TABLE billing.webhook_objects (
     endpoint_id       bigint      NOT NULL REFERENCES billing.webhook_endpoints (id),
     object_id         text        NOT NULL,
@@ -75,12 +91,14 @@ CREATE TABLE billing.stripe_reversals (
     tenant_id   text        NOT NULL,
     payment     text        NOT NULL,
     source      text        NOT NULL,
+    currency    text        NOT NULL,
     amount      bigint      NOT NULL CHECK (amount >= 0),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (endpoint_id, payment, source)
 );
 
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_endpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.webhook_currencies', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_objects', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.webhook_handlers', '');
@@ -90,35 +108,107 @@ SELECT pg_catalog.pg_extension_config_dump('billing.webhook_events_id_seq', '');
 
 -- ----- configuration ---------------------------------------------------------
 
+-- The exponent of a currency's minor unit as payment providers count amounts
+-- (Stripe's zero-decimal and three-decimal currencies; every other currency 2).
+CREATE FUNCTION billing.currency_exponent(currency text) RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE
+        WHEN lower(currency) = ANY (ARRAY['bif', 'clp', 'djf', 'gnf', 'jpy', 'kmf', 'krw', 'mga', 'pyg',
+                                          'rwf', 'ugx', 'vnd', 'vuv', 'xaf', 'xof', 'xpf']) THEN 0
+        WHEN lower(currency) = ANY (ARRAY['bhd', 'jod', 'kwd', 'omr', 'tnd']) THEN 3
+        ELSE 2 END
+$$;
+
+-- Map payments in `currency` to credits in `unit`: either the unit's own
+-- exponent (usd_mills: 3, so 10 credits per US cent; jpy: 0, so 1 per yen),
+-- or credits_per_minor_unit directly (an allowance sold for money).
+CREATE FUNCTION billing.map_webhook_currency(endpoint text, currency text, unit text,
+                                             unit_exponent integer DEFAULT NULL,
+                                             credits_per_minor_unit bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    ep bigint;
+    per_minor bigint := credits_per_minor_unit;
+BEGIN
+    IF endpoint IS NULL OR currency IS NULL OR unit IS NULL THEN
+        RAISE EXCEPTION 'endpoint, currency and unit must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF currency !~ '^[A-Za-z]{3}$' THEN
+        RAISE EXCEPTION 'invalid currency "%": an ISO 4217 code such as usd', left(currency, 40)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    currency := lower(currency);
+    IF (unit_exponent IS NULL) = (per_minor IS NULL) THEN
+        RAISE EXCEPTION 'give exactly one of unit_exponent and credits_per_minor_unit'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF unit_exponent IS NOT NULL THEN
+        IF unit_exponent NOT BETWEEN billing.currency_exponent(currency) AND 18 THEN
+            RAISE EXCEPTION 'invalid unit_exponent %: % amounts have % decimals, so a unit needs % to 18',
+                unit_exponent, currency, billing.currency_exponent(currency), billing.currency_exponent(currency)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A credit cannot be a fraction of the currency''s minor unit.';
+        END IF;
+        per_minor := (10::numeric ^ (unit_exponent - billing.currency_exponent(currency)))::bigint;
+    ELSIF per_minor <= 0 THEN
+        RAISE EXCEPTION 'invalid credits_per_minor_unit %: must be greater than 0', per_minor
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT e.id INTO ep FROM billing.webhook_endpoints e
+    WHERE e.tenant_id = billing.current_tenant() AND e.name = endpoint;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown webhook endpoint "%"', left(endpoint, 80) USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM billing.define_unit(unit);
+    INSERT INTO billing.webhook_currencies AS c (endpoint_id, tenant_id, currency, unit, credits_per_minor_unit)
+    VALUES (ep, billing.current_tenant(), currency, unit, per_minor)
+    ON CONFLICT ON CONSTRAINT webhook_currencies_pkey DO UPDATE
+    SET unit = EXCLUDED.unit, credits_per_minor_unit = EXCLUDED.credits_per_minor_unit;
+    RETURN per_minor;
+END
+$$;
+
 CREATE FUNCTION billing.define_webhook_endpoint(
     name text, scheme text, secret text,
     tolerance_seconds integer DEFAULT 300,
     signature_header text DEFAULT 'x-signature',
     credit_unit text DEFAULT 'usd_cents',
-    credits_per_minor_unit bigint DEFAULT 1)
+    credits_per_minor_unit bigint DEFAULT 1,
+    currency text DEFAULT 'usd')
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    IF name IS NULL OR scheme IS NULL OR secret IS NULL OR tolerance_seconds IS NULL
+       OR signature_header IS NULL OR credit_unit IS NULL OR credits_per_minor_unit IS NULL
+       OR currency IS NULL THEN
+        RAISE EXCEPTION 'webhook endpoint settings must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF scheme = 'standard' AND secret !~ '^(whsec_)?[A-Za-z0-9+/]+={0,2}$' THEN
         RAISE EXCEPTION 'invalid secret: a Standard Webhooks secret is whsec_<base64>'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM billing.define_unit(define_webhook_endpoint.credit_unit);
     INSERT INTO billing.webhook_endpoints AS e
-        (tenant_id, name, scheme, secret, tolerance_seconds, signature_header, credit_unit, credits_per_minor_unit)
+        (tenant_id, name, scheme, secret, tolerance_seconds, signature_header)
     VALUES (billing.current_tenant(), define_webhook_endpoint.name, define_webhook_endpoint.scheme,
             define_webhook_endpoint.secret, define_webhook_endpoint.tolerance_seconds,
-            lower(define_webhook_endpoint.signature_header), define_webhook_endpoint.credit_unit,
-            define_webhook_endpoint.credits_per_minor_unit)
+            lower(define_webhook_endpoint.signature_header))
     ON CONFLICT (tenant_id, name) DO UPDATE
     SET scheme = EXCLUDED.scheme, secret = EXCLUDED.secret, tolerance_seconds = EXCLUDED.tolerance_seconds,
-        signature_header = EXCLUDED.signature_header, credit_unit = EXCLUDED.credit_unit,
-        credits_per_minor_unit = EXCLUDED.credits_per_minor_unit;
+        signature_header = EXCLUDED.signature_header;
+    PERFORM billing.map_webhook_currency(define_webhook_endpoint.name, define_webhook_endpoint.currency,
+        define_webhook_endpoint.credit_unit,
+        credits_per_minor_unit => define_webhook_endpoint.credits_per_minor_unit);
     RETURN name;
-EXCEPTION WHEN check_violation THEN
+EXCEPTION WHEN check_violation OR string_data_right_truncation THEN
     RAISE EXCEPTION 'invalid webhook endpoint: %', SQLERRM USING ERRCODE = 'invalid_parameter_value',
         HINT = 'name is a lowercase identifier; scheme is stripe, standard or generic; the secret is not empty.';
 END
@@ -132,18 +222,31 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 #variable_conflict use_column
-DECLARE until timestamptz := now() + keep_previous_for;
+DECLARE until timestamptz;
 BEGIN
+    IF name IS NULL OR new_secret IS NULL OR keep_previous_for IS NULL THEN
+        RAISE EXCEPTION 'name, new_secret and keep_previous_for must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF new_secret = '' OR keep_previous_for < interval '0' OR keep_previous_for > interval '30 days' THEN
+        RAISE EXCEPTION 'invalid rotation: the new secret is not empty and the previous one is kept 0 to 30 days'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    until := now() + keep_previous_for;
     UPDATE billing.webhook_endpoints e
     SET previous_secret = e.secret, previous_secret_expires_at = until, secret = new_secret
     WHERE e.tenant_id = billing.current_tenant() AND e.name = rotate_webhook_secret.name;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown webhook endpoint "%"', name USING ERRCODE = 'undefined_object';
+        RAISE EXCEPTION 'unknown webhook endpoint "%"', left(name, 80) USING ERRCODE = 'undefined_object';
     END IF;
     RETURN until;
 END
 $$;
 
+-- An application's handler runs with its owner's rights (see
+-- billing.run_webhook_handler), so it may be any permanent function of the
+-- right shape; a temporary one is refused, as it would run code that
+-- another session planted.
 CREATE FUNCTION billing.register_webhook_handler(event_type text, handler regprocedure, endpoint text DEFAULT '*')
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
@@ -151,11 +254,20 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    IF event_type IS NULL OR handler IS NULL OR endpoint IS NULL THEN
+        RAISE EXCEPTION 'event_type, handler and endpoint must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.oid = handler
                    AND p.prorettype = 'jsonb'::regtype AND p.pronargs = 1
                    AND p.proargtypes[0] = 'billing.webhook_events'::regtype) THEN
         RAISE EXCEPTION 'a webhook handler takes (billing.webhook_events) and returns jsonb'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.oid = handler
+               AND (p.pronamespace = pg_catalog.pg_my_temp_schema()
+                    OR pg_catalog.pg_is_other_temp_schema(p.pronamespace))) THEN
+        RAISE EXCEPTION '% is a temporary (pg_temp) function; a webhook handler must be a permanent function',
+            handler USING ERRCODE = 'invalid_parameter_value';
     END IF;
     INSERT INTO billing.webhook_handlers AS h (tenant_id, endpoint, event_type, handler)
     VALUES (billing.current_tenant(), register_webhook_handler.endpoint, register_webhook_handler.event_type,
@@ -164,7 +276,71 @@ BEGIN
 END
 $$;
 
+-- Delete deliveries that changed nothing (rejected, duplicate, failed) older
+-- than `older_than`, in the session's tenant or, with all_tenants, in every
+-- tenant. Applied and superseded events stay: they are the record of what was
+-- applied and hold each event id once, forever. Returns how many were deleted.
+CREATE FUNCTION billing.purge_webhook_events(older_than interval DEFAULT '30 days',
+                                             all_tenants boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR all_tenants IS NULL THEN
+        RAISE EXCEPTION 'older_than and all_tenants must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF older_than < interval '0' THEN
+        RAISE EXCEPTION 'invalid older_than %: must not be negative', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH gone AS (
+        DELETE FROM billing.webhook_events e
+        WHERE e.status IN ('rejected', 'duplicate', 'failed') AND e.received_at < now() - older_than
+          AND (all_tenants OR e.tenant_id = tenant)
+        RETURNING 1)
+    SELECT count(*) INTO n FROM gone;
+    RETURN n;
+END
+$$;
+
 -- ----- intake ----------------------------------------------------------------
+
+-- Lock the row of `key` (an object id, 'event:<id>' or 'payment:<id>') for
+-- this transaction, creating it if needed; returns the newest event time
+-- applied to it ('-infinity' if none). Concurrent deliveries concerning the
+-- same key queue here, behind a lock only pg_billing can take.
+CREATE FUNCTION billing.lock_webhook_object(endpoint_id bigint, tenant text, key text)
+RETURNS timestamptz
+LANGUAGE sql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+    INSERT INTO billing.webhook_objects AS o (endpoint_id, object_id, tenant_id, newest_event_time, newest_event_id)
+    VALUES (lock_webhook_object.endpoint_id, lock_webhook_object.key, lock_webhook_object.tenant, '-infinity', 0)
+    ON CONFLICT (endpoint_id, object_id) DO UPDATE SET newest_event_time = o.newest_event_time
+    RETURNING o.newest_event_time
+$$;
+
+-- What a delivery that failed verification keeps: a sample, so an
+-- unauthenticated sender cannot fill the disk.
+CREATE FUNCTION billing.webhook_sample(ev billing.webhook_events) RETURNS billing.webhook_events
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+BEGIN
+    ev.endpoint := left(ev.endpoint, 100);
+    IF octet_length(ev.body) > 2048 THEN
+        ev.body := left(ev.body, 2048);
+    END IF;
+    IF octet_length(ev.headers::text) > 2048 THEN
+        ev.headers := jsonb_build_object('truncated', left(ev.headers::text, 2048));
+    END IF;
+    RETURN ev;
+END
+$$;
 
 CREATE FUNCTION billing.webhook_event_intake() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -176,6 +352,7 @@ DECLARE
     newest timestamptz;
     handler regprocedure;
     applied_id bigint;
+    created numeric;
 BEGIN
     -- A row that arrives already decided is a restore (pg_restore copies the
     -- inbox as it was); application roles can only insert endpoint, headers
@@ -193,59 +370,62 @@ BEGIN
 
     SELECT * INTO ep FROM billing.webhook_endpoints e WHERE e.tenant_id = NEW.tenant_id AND e.name = NEW.endpoint;
     IF NOT FOUND THEN
-        NEW.reason := 'unknown endpoint'; RETURN NEW;
+        NEW.reason := 'unknown endpoint'; RETURN billing.webhook_sample(NEW);
     END IF;
     NEW.endpoint_id := ep.id;
     IF octet_length(NEW.body) > 1048576 OR octet_length(NEW.headers::text) > 65536 THEN
         NEW.reason := 'too large: body over 1 MiB or headers over 64 KiB';
-        NEW.body := left(NEW.body, 4096); -- keep a sample, not the flood
-        RETURN NEW;
+        RETURN billing.webhook_sample(NEW);
     END IF;
 
     SELECT * INTO v FROM billing.verify_webhook(ep.scheme, ep.secret, NEW.headers, NEW.body,
         CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
         ep.tolerance_seconds, ep.signature_header);
     IF NOT v.valid THEN
-        NEW.reason := v.reason; RETURN NEW;
+        NEW.reason := v.reason; RETURN billing.webhook_sample(NEW);
     END IF;
     NEW.signed_at := v.signed_at;
 
     BEGIN
         NEW.payload := NEW.body::jsonb;
     EXCEPTION WHEN others THEN
-        NEW.reason := 'unparseable body: not JSON'; RETURN NEW;
+        NEW.reason := 'unparseable body: not JSON'; RETURN billing.webhook_sample(NEW);
     END;
     IF jsonb_typeof(NEW.payload) <> 'object' THEN
-        NEW.payload := NULL; NEW.reason := 'unparseable body: not a JSON object'; RETURN NEW;
+        NEW.payload := NULL; NEW.reason := 'unparseable body: not a JSON object'; RETURN billing.webhook_sample(NEW);
     END IF;
     NEW.provider_event_id := coalesce(v.event_id, NEW.payload ->> 'id');
     IF NEW.provider_event_id IS NULL OR length(NEW.provider_event_id) > 255 THEN
-        NEW.reason := 'unparseable body: no event id'; RETURN NEW;
+        NEW.payload := NULL; NEW.reason := 'unparseable body: no event id'; RETURN billing.webhook_sample(NEW);
     END IF;
     NEW.event_type := left(NEW.payload ->> 'type', 255);
     NEW.object_id := left(coalesce(NEW.payload #>> '{data,object,id}', NEW.payload #>> '{data,id}'), 255);
-    NEW.event_time := CASE WHEN jsonb_typeof(NEW.payload -> 'created') = 'number'
-                           THEN to_timestamp((NEW.payload ->> 'created')::numeric::double precision)
-                           ELSE v.signed_at END;
+    IF jsonb_typeof(NEW.payload -> 'created') = 'number' THEN
+        created := (NEW.payload ->> 'created')::numeric;
+        -- to_timestamp's range, with margin; beyond it the event's time is meaningless
+        IF created NOT BETWEEN 0 AND 253402300799 THEN
+            NEW.payload := NULL; NEW.reason := 'unparseable body: created is out of range';
+            RETURN billing.webhook_sample(NEW);
+        END IF;
+        NEW.event_time := to_timestamp(created::double precision);
+    ELSE
+        NEW.event_time := v.signed_at;
+    END IF;
 
-    -- One delivery of an event at a time; the loser of a race sees the winner's row.
-    PERFORM pg_advisory_xact_lock(hashtextextended('billing.webhook:' || ep.id || ':' || NEW.provider_event_id, 0));
+    -- One delivery of an event, and of events about one object, at a time;
+    -- the loser of a race sees the winner's row.
+    newest := billing.lock_webhook_object(ep.id, NEW.tenant_id,
+                                          coalesce(NEW.object_id, 'event:' || NEW.provider_event_id));
     SELECT e.id INTO applied_id FROM billing.webhook_events e
     WHERE e.endpoint_id = ep.id AND e.provider_event_id = NEW.provider_event_id AND e.status IN ('applied', 'superseded');
     IF FOUND THEN
         NEW.status := 'duplicate'; NEW.reason := 'already received as webhook event ' || applied_id;
-        RETURN NEW;
+        RETURN billing.webhook_sample(NEW);
     END IF;
-
-    IF NEW.object_id IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(hashtextextended('billing.webhook-object:' || ep.id || ':' || NEW.object_id, 0));
-        SELECT o.newest_event_time INTO newest FROM billing.webhook_objects o
-        WHERE o.endpoint_id = ep.id AND o.object_id = NEW.object_id;
-        IF newest IS NOT NULL AND NEW.event_time < newest THEN
-            NEW.status := 'superseded';
-            NEW.reason := format('older than the newest event applied to %s (%s)', NEW.object_id, newest);
-            RETURN NEW;
-        END IF;
+    IF NEW.object_id IS NOT NULL AND NEW.event_time < newest THEN
+        NEW.status := 'superseded';
+        NEW.reason := format('older than the newest event applied to %s (%s)', NEW.object_id, newest);
+        RETURN NEW;
     END IF;
 
     handler := billing.webhook_handler_for(NEW, ep.scheme);
@@ -253,21 +433,23 @@ BEGIN
         NEW.status := 'applied'; NEW.reason := 'no handler for ' || coalesce(NEW.event_type, 'untyped events');
     ELSE
         BEGIN
-            EXECUTE format('SELECT %s($1)', handler::regproc) INTO NEW.result USING NEW;
+            NEW.result := billing.run_webhook_handler(handler::oid, NEW);
             NEW.status := 'applied';
         EXCEPTION WHEN others THEN
             -- the handler's side effects are rolled back with this block; a redelivery may succeed
             NEW.status := 'failed';
             NEW.error := SQLSTATE || ': ' || SQLERRM;
+            -- a failure already on record keeps the full body once; repeats keep a sample
+            IF EXISTS (SELECT 1 FROM billing.webhook_events e WHERE e.endpoint_id = ep.id
+                       AND e.provider_event_id = NEW.provider_event_id AND e.status = 'failed') THEN
+                RETURN billing.webhook_sample(NEW);
+            END IF;
             RETURN NEW;
         END;
     END IF;
     IF NEW.object_id IS NOT NULL THEN
-        INSERT INTO billing.webhook_objects AS o (endpoint_id, object_id, tenant_id, newest_event_time, newest_event_id)
-        VALUES (ep.id, NEW.object_id, NEW.tenant_id, NEW.event_time, NEW.id)
-        ON CONFLICT (endpoint_id, object_id) DO UPDATE
-        SET newest_event_time = EXCLUDED.newest_event_time, newest_event_id = EXCLUDED.newest_event_id
-        WHERE o.newest_event_time <= EXCLUDED.newest_event_time;
+        UPDATE billing.webhook_objects o SET newest_event_time = NEW.event_time, newest_event_id = NEW.id
+        WHERE o.endpoint_id = ep.id AND o.object_id = NEW.object_id AND o.newest_event_time <= NEW.event_time;
     END IF;
     RETURN NEW;
 END
@@ -275,42 +457,97 @@ $$;
 
 CREATE TRIGGER webhook_events_intake BEFORE INSERT ON billing.webhook_events
     FOR EACH ROW EXECUTE FUNCTION billing.webhook_event_intake();
+
+-- The inbox is append-only, but for the retention of deliveries that changed
+-- nothing (billing.purge_webhook_events): only rejected, duplicate and failed
+-- rows may be deleted, and only the owner has DELETE at all.
+CREATE FUNCTION billing.webhook_events_guard() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND OLD.status IN ('rejected', 'duplicate', 'failed') THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'billing.webhook_events is append-only: % of % deliveries is not allowed', TG_OP,
+        coalesce(OLD.status, 'any')
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Deliveries that changed nothing are removed with billing.purge_webhook_events().';
+END
+$$;
+
 CREATE TRIGGER webhook_events_append_only BEFORE UPDATE OR DELETE ON billing.webhook_events
-    FOR EACH ROW EXECUTE FUNCTION billing.reject_ledger_change();
+    FOR EACH ROW EXECUTE FUNCTION billing.webhook_events_guard();
 CREATE TRIGGER webhook_events_no_truncate BEFORE TRUNCATE ON billing.webhook_events
     FOR EACH STATEMENT EXECUTE FUNCTION billing.reject_ledger_change();
 
 -- Receive one delivery: what an HTTP handler calls with the request's headers
--- and raw body. Never raises for a bad delivery; the status says what happened.
+-- and raw body. Never raises for what a sender controls; the status says what
+-- happened.
 CREATE FUNCTION billing.receive_webhook(endpoint text, headers jsonb, body text)
 RETURNS TABLE (webhook_event_id bigint, status text, reason text, provider_event_id text,
                event_type text, result jsonb)
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-    INSERT INTO billing.webhook_events (endpoint, headers, body)
+#variable_conflict use_column
+BEGIN
+    IF receive_webhook.endpoint IS NULL THEN
+        RAISE EXCEPTION 'endpoint must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN QUERY
+    INSERT INTO billing.webhook_events AS e (endpoint, headers, body)
     VALUES (receive_webhook.endpoint, coalesce(receive_webhook.headers, '{}'), coalesce(receive_webhook.body, ''))
-    RETURNING id, status, coalesce(reason, error), provider_event_id, event_type, result
+    RETURNING e.id, e.status, coalesce(e.reason, e.error), e.provider_event_id, e.event_type, e.result;
+END
 $$;
 
 -- ----- built-in Stripe projections -------------------------------------------
 
+-- The credits `amount` minor units of `currency` buy at an endpoint, and the
+-- unit they are in; a currency the endpoint does not map is an error that the
+-- intake records on the event.
+CREATE FUNCTION billing.stripe_credits(endpoint_id bigint, currency text, amount bigint,
+                                       OUT unit text, OUT credits bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE per_minor bigint;
+BEGIN
+    SELECT c.unit, c.credits_per_minor_unit INTO unit, per_minor FROM billing.webhook_currencies c
+    WHERE c.endpoint_id = stripe_credits.endpoint_id AND c.currency = lower(stripe_credits.currency);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'currency % is not credited by this endpoint (mapped: %)', coalesce(currency, 'missing'),
+            (SELECT coalesce(string_agg(c.currency, ', ' ORDER BY c.currency), 'none')
+             FROM billing.webhook_currencies c WHERE c.endpoint_id = stripe_credits.endpoint_id)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Map the currency with billing.map_webhook_currency(); nothing was credited.';
+    END IF;
+    IF amount::numeric * per_minor > 9223372036854775807 THEN
+        RAISE EXCEPTION 'amount % % is beyond bigint in %', amount, currency, unit
+            USING ERRCODE = 'numeric_value_out_of_range';
+    END IF;
+    credits := amount * per_minor;
+END
+$$;
+
 -- A paid top-up credits the account once, whichever event reports it first:
 -- the grant key is the PaymentIntent id. The amount is what was paid
--- (amount_total / amount_received), never anything from metadata.
+-- (amount_total / amount_received) in a currency the endpoint maps, never
+-- anything from metadata.
 CREATE FUNCTION billing.stripe_credit_topup(ev billing.webhook_events) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
-    ep billing.webhook_endpoints;
     obj jsonb := ev.payload #> '{data,object}';
     paid bigint;
     payment text;
     account text;
+    credit record;
     g record;
 BEGIN
-    SELECT * INTO ep FROM billing.webhook_endpoints WHERE id = ev.endpoint_id;
     IF ev.event_type = 'checkout.session.completed' THEN
         IF obj ->> 'payment_status' IS DISTINCT FROM 'paid' THEN
             RETURN jsonb_build_object('credited', false, 'why', 'checkout session is not paid');
@@ -330,19 +567,24 @@ BEGIN
         RAISE EXCEPTION 'payment % has no positive amount paid', coalesce(payment, '?')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO g FROM billing."grant"(account, ep.credit_unit, paid * ep.credits_per_minor_unit,
+    credit := billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', paid);
+    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
+    SELECT * INTO g FROM billing."grant"(account, credit.unit, credit.credits,
         kind => 'topup', key => 'stripe:' || payment,
         -- the same for every event type that reports this payment, so it credits once
         metadata => jsonb_build_object('source', 'stripe', 'payment', payment));
     PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
     RETURN jsonb_build_object('credited', g.status = 'applied', 'grant_id', g.grant_id, 'account', account,
-                              'amount', g.amount, 'payment', payment);
+                              'amount', g.amount, 'unit', credit.unit, 'payment', payment);
 END
 $$;
 
--- A refund (cumulative amount_refunded of the charge) or a dispute takes the
--- money back from the grant the payment funded: its unspent part first, the
--- rest as debt. Recorded per payment, so it also applies if it arrives first.
+-- Money the provider took back from a payment: a refund (the charge's
+-- cumulative amount_refunded) or a dispute (its amount while the funds are
+-- withdrawn: needs_response, under_review, lost; 0 once won or reinstated,
+-- for an inquiry (warning_*), which withdraws nothing, and when prevented,
+-- which Stripe settles with a refund). Recorded per payment and source, so it also applies if it
+-- arrives before the payment, and brought to the grant as one total.
 CREATE FUNCTION billing.stripe_reverse_payment(ev billing.webhook_events) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
@@ -352,61 +594,64 @@ DECLARE
     v_payment text := obj ->> 'payment_intent';
     v_source text;
     v_amount bigint;
+    v_status text := obj ->> 'status';
 BEGIN
     IF v_payment IS NULL THEN
         RAISE EXCEPTION '% for % names no payment_intent', ev.event_type, obj ->> 'id'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- the currency must be one the endpoint credits, or nothing is reversed
+    PERFORM billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', 0);
     IF ev.event_type = 'charge.refunded' THEN
         v_source := 'refunds';
         v_amount := (obj ->> 'amount_refunded')::bigint;
     ELSE
         v_source := 'dispute:' || (obj ->> 'id');
-        v_amount := (obj ->> 'amount')::bigint;
+        v_amount := CASE
+            WHEN ev.event_type = 'charge.dispute.funds_reinstated' OR v_status = 'won' THEN 0
+            -- an inquiry (warning_*) withdraws nothing; a prevented dispute is settled by a refund
+            WHEN v_status LIKE 'warning%' OR v_status = 'prevented' THEN 0
+            ELSE (obj ->> 'amount')::bigint END;
     END IF;
-    INSERT INTO billing.stripe_reversals AS r (endpoint_id, tenant_id, payment, source, amount)
-    VALUES (ev.endpoint_id, ev.tenant_id, v_payment, v_source, greatest(v_amount, 0))
+    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || v_payment);
+    INSERT INTO billing.stripe_reversals AS r (endpoint_id, tenant_id, payment, source, currency, amount)
+    VALUES (ev.endpoint_id, ev.tenant_id, v_payment, v_source, lower(obj ->> 'currency'), greatest(v_amount, 0))
     ON CONFLICT (endpoint_id, payment, source) DO UPDATE
-    SET amount = greatest(r.amount, EXCLUDED.amount), updated_at = now();
+    -- refunds only grow; a dispute's events arrive in order (older ones are
+    -- superseded), so its latest state is the one that counts
+    SET amount = CASE WHEN r.source = 'refunds' THEN greatest(r.amount, EXCLUDED.amount) ELSE EXCLUDED.amount END,
+        currency = EXCLUDED.currency, updated_at = now();
     RETURN billing.stripe_apply_reversals(ev.endpoint_id, v_payment);
 END
 $$;
 
--- Bring the grant funded by `payment` in line with everything reversed so far.
+-- Bring the grant funded by `payment` to everything reversed so far: the sum
+-- of its sources in credits, which reverse_grant caps at what the grant gave.
+-- The caller holds the payment's lock.
 CREATE FUNCTION billing.stripe_apply_reversals(endpoint_id bigint, payment text) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    mult bigint;
     g billing.grants;
-    target bigint;
-    done bigint;
+    total bigint := 0;
+    s record;
     r record;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended('billing.stripe-payment:' || stripe_apply_reversals.endpoint_id || ':' || stripe_apply_reversals.payment, 0));
-    SELECT credits_per_minor_unit INTO mult FROM billing.webhook_endpoints e WHERE e.id = stripe_apply_reversals.endpoint_id;
-    SELECT coalesce(sum(amount), 0) * mult INTO target FROM billing.stripe_reversals s
-    WHERE s.endpoint_id = stripe_apply_reversals.endpoint_id AND s.payment = stripe_apply_reversals.payment;
-    IF target = 0 THEN
-        RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0);
-    END IF;
     SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
-    IF NOT FOUND THEN
-        RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', target,
+    FOR s IN SELECT * FROM billing.stripe_reversals x
+             WHERE x.endpoint_id = stripe_apply_reversals.endpoint_id AND x.payment = stripe_apply_reversals.payment LOOP
+        total := total + (billing.stripe_credits(stripe_apply_reversals.endpoint_id, s.currency, s.amount)).credits;
+    END LOOP;
+    IF g.id IS NULL THEN
+        RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', total,
                                   'why', 'the payment has not been credited yet');
     END IF;
-    SELECT coalesce(sum(-e.grant_amount) FILTER (WHERE e.kind = 'revoke'), 0)
-         + coalesce(sum(e.debt_amount) FILTER (WHERE e.kind = 'debt'), 0)
-    INTO done FROM billing.ledger_entries e WHERE e.grant_id = g.id;
-    target := least(target, g.amount);
-    IF target <= done THEN
-        RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'grant_id', g.id, 'reversed', 0, 'total_reversed', done);
-    END IF;
-    SELECT * INTO r FROM billing.reverse_grant(g.id, target - done);
-    RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'grant_id', g.id, 'reversed', target - done,
-                              'revoked', r.revoked, 'debt_created', r.debt_created, 'total_reversed', target);
+    SELECT * INTO r FROM billing.reverse_grant(g.id, total);
+    RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'grant_id', g.id, 'status', r.status,
+                              'total_reversed', r.total, 'revoked', r.revoked, 'debt_created', r.debt_created,
+                              'reinstated', r.reinstated);
 END
 $$;
 
@@ -422,11 +667,12 @@ AS $$
          WHERE h.tenant_id = ev.tenant_id AND h.event_type = ev.event_type AND h.endpoint IN (ev.endpoint, '*')
          ORDER BY h.endpoint = '*' LIMIT 1),
         CASE WHEN scheme = 'stripe' THEN
-            CASE ev.event_type
-                WHEN 'checkout.session.completed' THEN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure
-                WHEN 'payment_intent.succeeded' THEN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure
-                WHEN 'charge.refunded' THEN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure
-                WHEN 'charge.dispute.created' THEN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure
+            CASE
+                WHEN ev.event_type IN ('checkout.session.completed', 'payment_intent.succeeded')
+                    THEN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure
+                WHEN ev.event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn',
+                                       'charge.dispute.closed', 'charge.dispute.funds_reinstated')
+                    THEN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure
             END
         END)
 $$;

@@ -31,7 +31,7 @@ type AccountRow = (
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn account(
-    account: &str,
+    account: Option<&str>,
     name: default!(Option<&str>, "NULL"),
     metadata: default!(Option<JsonArg>, "NULL"),
 ) -> TableIterator<
@@ -44,6 +44,7 @@ fn account(
     ),
 > {
     let result = (|| -> Result<AccountRow> {
+        let account = input::required("account", account)?;
         input::account(account)?;
         let metadata = match &metadata {
             Some(m) => {
@@ -86,8 +87,11 @@ static SET_FLOOR: Sql = Sql {
 /// negative floor is a credit line; the default is 0.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
-fn set_floor(account: &str, unit: &str, floor: i64) -> i64 {
+fn set_floor(account: Option<&str>, unit: Option<&str>, floor: Option<i64>) -> i64 {
     (|| -> Result<i64> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
+        let floor = input::required("floor", floor)?;
         input::account(account)?;
         input::name("unit", unit)?;
         let tenant = current_tenant()?;

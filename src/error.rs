@@ -14,6 +14,10 @@ pub enum BillingError {
         problem: String,
     },
 
+    /// A required argument was NULL.
+    #[error("{0} must not be null")]
+    NullArgument(&'static str),
+
     /// An amount or a computed cost does not fit in a bigint.
     #[error("amount out of range: {0}")]
     Overflow(String),
@@ -75,6 +79,7 @@ impl BillingError {
         use BillingError::*;
         match self {
             InvalidInput { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, // 22023
+            NullArgument(_) => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,      // 22004
             Overflow(_) => PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,      // 22003
             Unknown { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,             // 42704
             KeyReused { .. } => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,           // 23505
@@ -91,6 +96,7 @@ impl BillingError {
         use BillingError::*;
         match self {
             InvalidInput { .. } => None,
+            NullArgument(_) => Some("Pass a value, or leave the argument out to use its default.".into()),
             Overflow(_) => Some("Amounts are bigint minor units; split the amount or use a smaller unit.".into()),
             Unknown { kind: "unit", .. } => Some("Grant credits in the unit first, or create it with billing.define_unit().".into()),
             Unknown { kind: "meter or unit", .. } => Some("Define the meter with billing.define_meter(), or grant credits in a unit of that name.".into()),

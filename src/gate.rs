@@ -40,9 +40,9 @@ type CheckRow = (
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn check(
-    account: &str,
-    unit: &str,
-    amount: default!(i64, "0"),
+    account: Option<&str>,
+    unit: Option<&str>,
+    amount: default!(Option<i64>, "0"),
 ) -> TableIterator<
     'static,
     (
@@ -56,6 +56,9 @@ fn check(
     ),
 > {
     let result = (|| -> Result<CheckRow> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
+        let amount = input::required("amount", amount)?;
         input::account(account)?;
         input::name("unit", unit)?;
         input::non_negative("amount", amount)?;

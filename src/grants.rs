@@ -10,6 +10,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
 use crate::input::{self, JsonArg};
 use crate::ledger::{Create, GrantState, PoolLedger};
+use crate::reversal::{self, Adjustment, GrantFacts};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
 
@@ -40,6 +41,7 @@ struct GrantRequest<'a> {
 }
 
 impl GrantRequest<'_> {
+    /// Rules that hold whatever the time: checked before anything is read.
     fn validate(&self) -> Result<()> {
         input::account(self.account)?;
         input::name("unit", self.unit)?;
@@ -51,15 +53,20 @@ impl GrantRequest<'_> {
                 "must be between 0 and 1000",
             ));
         }
-        let start = self.effective_at.unwrap_or_else(time::now);
+        Ok(())
+    }
+
+    /// Rules relative to now: checked only for a new grant, after its key was
+    /// looked up, so a replay returns its original outcome forever.
+    fn validate_at(&self, now: Ts) -> Result<()> {
         if let Some(exp) = self.expires_at {
-            if exp <= start {
+            if exp <= self.effective_at.unwrap_or(now) {
                 return Err(BillingError::invalid(
                     "expires_at",
                     "must be after effective_at",
                 ));
             }
-            if exp <= time::now() {
+            if exp <= now {
                 return Err(BillingError::invalid("expires_at", "must be in the future"));
             }
         }
@@ -117,15 +124,15 @@ static RECORD_GRANT_OUTCOME: Sql = Sql {
 #[pg_extern(name = "grant", security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn grant_credits(
-    account: &str,
-    unit: &str,
-    amount: i64,
-    kind: default!(&str, "'manual'"),
+    account: Option<&str>,
+    unit: Option<&str>,
+    amount: Option<i64>,
+    kind: default!(Option<&str>, "'manual'"),
     priority: default!(Option<i32>, "NULL"),
     effective_at: default!(Option<Tstz>, "NULL"),
     expires_at: default!(Option<Tstz>, "NULL"),
     key: default!(Option<&str>, "NULL"),
-    metadata: default!(JsonArg, "'{}'"),
+    metadata: default!(Option<JsonArg>, "'{}'"),
 ) -> TableIterator<
     'static,
     (
@@ -141,21 +148,22 @@ fn grant_credits(
         name!(available, i64),
     ),
 > {
-    TableIterator::once(
-        build_request(
-            account,
-            unit,
-            amount,
-            kind,
+    let result = (|| {
+        let metadata = input::required("metadata", metadata.as_ref())?;
+        let req = build_request(
+            input::required("account", account)?,
+            input::required("unit", unit)?,
+            input::required("amount", amount)?,
+            input::required("kind", kind)?,
             priority,
             effective_at,
             expires_at,
             key,
-            &metadata,
-        )
-        .and_then(|req| Spi::connect_mut(|client| apply_grant(client, &req)))
-        .or_raise(),
-    )
+            metadata,
+        )?;
+        Spi::connect_mut(|client| apply_grant(client, &req))
+    })();
+    TableIterator::once(result.or_raise())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -204,6 +212,7 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
             return Ok(row);
         }
     }
+    req.validate_at(ledger.now)?;
     let effective_at = req.effective_at.unwrap_or(ledger.now);
     let id: i64 = db::write(
         client,
@@ -283,19 +292,26 @@ fn find_by_key(
     )))
 }
 
-// ----- void and revoke -------------------------------------------------------
+// ----- taking credit back: void, revoke, reversal ---------------------------
 
 static FIND_GRANT: Sql = Sql {
     text: "SELECT account, unit FROM billing.grants WHERE id = $1 AND tenant_id = $2",
     args: &[INT8, TEXT],
 };
 
-/// Read after the pool lock, so the status is the committed one.
-static GRANT_STATUS: Sql = Sql {
-    text: "SELECT g.status, g.amount, \
-              coalesce((SELECT (-sum(e.grant_amount))::bigint FROM billing.ledger_entries e \
-                        WHERE e.grant_id = g.id AND e.kind IN ('debit', 'debt_repayment')), 0) \
-           FROM billing.grants g WHERE g.id = $1",
+/// A grant's reversal facts (see reversal.rs), from its row and its entries.
+/// Read after the pool lock, once the ledger's catch-up is written, so the
+/// status and the entries are the committed, current ones.
+static GRANT_FACTS: Sql = Sql {
+    text: "SELECT g.status, g.amount, g.remaining, \
+              coalesce(sum(-e.grant_amount) FILTER (WHERE e.kind IN ('debit', 'debt_repayment')), 0)::bigint \
+                - coalesce(sum(e.grant_amount) FILTER (WHERE e.kind = 'debt_reversal'), 0)::bigint AS consumed, \
+              coalesce(sum(-e.grant_amount) FILTER (WHERE e.kind IN ('void', 'revoke')), 0)::bigint \
+                - coalesce(sum(e.grant_amount) FILTER (WHERE e.kind = 'reinstate'), 0)::bigint AS removed, \
+              coalesce(sum(e.debt_amount) FILTER (WHERE e.kind = 'debt'), 0)::bigint \
+                + coalesce(sum(e.debt_amount - e.grant_amount) FILTER (WHERE e.kind = 'debt_reversal'), 0)::bigint AS debt \
+           FROM billing.grants g LEFT JOIN billing.ledger_entries e ON e.grant_id = g.id \
+           WHERE g.id = $1 GROUP BY g.id",
     args: &[INT8],
 };
 
@@ -303,6 +319,64 @@ static CLOSE_GRANT: Sql = Sql {
     text: "UPDATE billing.grants SET status = $2, closed_at = now() WHERE id = $1",
     args: &[INT8, TEXT],
 };
+
+/// A grant of this tenant with its pool locked and brought up to date.
+struct LockedGrant {
+    id: i64,
+    status: String,
+    facts: GrantFacts,
+    ledger: PoolLedger,
+}
+
+fn lock_grant(client: &mut SpiClient<'_>, grant_id: i64) -> Result<LockedGrant> {
+    let tenant = current_tenant()?;
+    let mut ledger = PoolLedger::open_owner_of(client, &tenant, &FIND_GRANT, grant_id, "grant")?;
+    ledger.flush(client)?; // the catch-up's entries count in the facts
+    let row = db::write(client, &GRANT_FACTS, &[grant_id.into()])?
+        .next()
+        .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
+    let status: String = db::col(&row, 1)?;
+    let facts = GrantFacts {
+        amount: db::col(&row, 2)?,
+        remaining: db::col(&row, 3)?,
+        consumed: db::col(&row, 4)?,
+        removed: db::col(&row, 5)?,
+        debt: db::col(&row, 6)?,
+        closed: status != "active",
+    };
+    Ok(LockedGrant {
+        id: grant_id,
+        status,
+        facts,
+        ledger,
+    })
+}
+
+impl LockedGrant {
+    /// Book an adjustment on the grant; `take_kind` names the removal entry.
+    fn apply(
+        &mut self,
+        client: &mut SpiClient<'_>,
+        a: &Adjustment,
+        take_kind: &'static str,
+    ) -> Result<()> {
+        self.ledger.take_unspent(self.id, a.take_unspent, take_kind);
+        self.ledger.add_debt(a.add_debt, Some(self.id))?;
+        if a.return_unspent > 0 || a.return_debt > 0 {
+            self.ledger.load_grant(client, self.id)?;
+            self.ledger
+                .give_back(self.id, a.return_unspent, a.return_debt);
+        }
+        self.ledger.catch_up();
+        Ok(())
+    }
+
+    fn close(&mut self, client: &mut SpiClient<'_>, status: &str) -> Result<()> {
+        self.ledger.flush(client)?;
+        db::write(client, &CLOSE_GRANT, &[self.id.into(), status.into()])?;
+        Ok(())
+    }
+}
 
 type CloseRow = (
     name!(grant_id, i64),
@@ -314,11 +388,12 @@ type CloseRow = (
 );
 
 /// Cancel a grant as if it had never been given: its unspent credit is removed
-/// and what was already spent from it becomes debt.
+/// and what was already spent from it becomes debt. Whatever a reversal (a
+/// refund) already took back is not taken twice.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn void_grant(
-    grant_id: i64,
+    grant_id: Option<i64>,
 ) -> TableIterator<
     'static,
     (
@@ -330,16 +405,18 @@ fn void_grant(
         name!(available, i64),
     ),
 > {
-    TableIterator::once(
-        Spi::connect_mut(|client| close_grant(client, grant_id, Close::Void)).or_raise(),
-    )
+    let result = (|| {
+        let grant_id = input::required("grant_id", grant_id)?;
+        Spi::connect_mut(|client| close_grant(client, grant_id, Close::Void))
+    })();
+    TableIterator::once(result.or_raise())
 }
 
 /// Refund the unspent part of a grant: it shrinks to what was consumed.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn revoke_unused(
-    grant_id: i64,
+    grant_id: Option<i64>,
 ) -> TableIterator<
     'static,
     (
@@ -351,9 +428,11 @@ fn revoke_unused(
         name!(available, i64),
     ),
 > {
-    TableIterator::once(
-        Spi::connect_mut(|client| close_grant(client, grant_id, Close::Revoke)).or_raise(),
-    )
+    let result = (|| {
+        let grant_id = input::required("grant_id", grant_id)?;
+        Spi::connect_mut(|client| close_grant(client, grant_id, Close::Revoke))
+    })();
+    TableIterator::once(result.or_raise())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -375,84 +454,85 @@ impl Close {
             Close::Revoke => "revoked",
         }
     }
+    fn adjustment(self, facts: &GrantFacts) -> Adjustment {
+        match self {
+            Close::Void => reversal::void(facts),
+            Close::Revoke => Adjustment {
+                take_unspent: facts.remaining,
+                ..Adjustment::default()
+            },
+        }
+    }
 }
 
 fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<CloseRow> {
-    let tenant = current_tenant()?;
-    let mut ledger = PoolLedger::open_owner_of(client, &tenant, &FIND_GRANT, grant_id, "grant")?;
-    let row = db::write(client, &GRANT_STATUS, &[grant_id.into()])?
-        .next()
-        .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
-    let status: String = db::col(&row, 1)?;
-    let consumed: i64 = db::col(&row, 3)?;
-    if status == how.status() {
-        return Ok((
-            grant_id,
-            "duplicate".into(),
-            0,
-            consumed,
-            0,
-            ledger.available(),
-        ));
+    let mut g = lock_grant(client, grant_id)?;
+    let consumed = g.facts.consumed;
+    if g.status == how.status() {
+        let available = g.ledger.available();
+        return Ok((grant_id, "duplicate".into(), 0, consumed, 0, available));
     }
-    if status != "active" {
+    if g.status != "active" {
         return Err(BillingError::WrongState(format!(
-            "grant {grant_id} is {status}; only an active grant can be {}",
+            "grant {grant_id} is {}; only an active grant can be {}",
+            g.status,
             how.status()
         )));
     }
-    let removed = ledger.close_grant(grant_id, how.entry_kind());
-    let debt = if how == Close::Void { consumed } else { 0 };
-    ledger.add_debt(debt, Some(grant_id))?;
-    ledger.repay_debt();
-    let available = ledger.available();
-    ledger.flush(client)?;
-    db::write(
-        client,
-        &CLOSE_GRANT,
-        &[grant_id.into(), how.status().into()],
-    )?;
+    let a = how.adjustment(&g.facts);
+    g.apply(client, &a, how.entry_kind())?;
+    g.close(client, how.status())?;
     Ok((
         grant_id,
         how.status().into(),
-        removed,
+        a.take_unspent,
         consumed,
-        debt,
-        available,
+        a.add_debt,
+        g.ledger.available(),
     ))
 }
 
-// ----- partial reversal (refunds, disputes) ----------------------------------
-
-/// Take `amount` back from a grant: from its unspent part first, and what was
-/// already spent becomes debt. Used when a funded payment is refunded or disputed.
+/// Bring the total taken back from a grant to `total` (capped at what the
+/// grant gave): its unspent credit first, then debt for what the customer used
+/// and did not pay for. Idempotent: the same total again changes nothing. A
+/// lower total than before (a won dispute) gives the difference back, except
+/// on a voided or revoked grant. Used when a funded payment is refunded or disputed.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn reverse_grant(
-    grant_id: i64,
-    amount: i64,
+    grant_id: Option<i64>,
+    total: Option<i64>,
 ) -> TableIterator<
     'static,
     (
         name!(grant_id, i64),
+        name!(status, String),
+        name!(total, i64),
         name!(revoked, i64),
         name!(debt_created, i64),
+        name!(reinstated, i64),
         name!(available, i64),
     ),
 > {
-    let result = (|| -> Result<(i64, i64, i64, i64)> {
-        input::positive("amount", amount)?;
+    let result = (|| {
+        let grant_id = input::required("grant_id", grant_id)?;
+        let total = input::required("total", total)?;
+        input::non_negative("total", total)?;
         Spi::connect_mut(|client| {
-            let tenant = current_tenant()?;
-            let mut ledger =
-                PoolLedger::open_owner_of(client, &tenant, &FIND_GRANT, grant_id, "grant")?;
-            let revoked = ledger.shrink_grant(grant_id, amount);
-            let debt = amount - revoked;
-            ledger.add_debt(debt, Some(grant_id))?;
-            ledger.repay_debt();
-            let available = ledger.available();
-            ledger.flush(client)?;
-            Ok((grant_id, revoked, debt, available))
+            let mut g = lock_grant(client, grant_id)?;
+            let a = reversal::adjust(&g.facts, total);
+            let status = if a.is_none() { "unchanged" } else { "applied" };
+            g.apply(client, &a, "revoke")?;
+            g.ledger.flush(client)?;
+            Ok((
+                grant_id,
+                status.to_string(),
+                reversal::capped_total(&g.facts, total),
+                a.take_unspent,
+                a.add_debt,
+                a.return_unspent + a.return_debt,
+                g.ledger.available(),
+            ))
         })
     })();
     TableIterator::once(result.or_raise())

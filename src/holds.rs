@@ -5,14 +5,18 @@
 use pgrx::datum::{Interval, TimestampWithTimeZone as Tstz};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::JsonB;
+use pgrx::{AnyNumeric, JsonB};
+use rust_decimal::Decimal;
 use serde_json::json;
 
 use crate::db::{self, Sql, BYTEA, INT8, JSONB, TEXT, TSTZ};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
+use crate::ingest::{self, Event, Outcome};
+use crate::input::RESERVED_KEY_PREFIX;
 use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, Create, PoolLedger};
+use crate::pricing;
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
 
@@ -59,12 +63,12 @@ fn ttl_micros(ttl: &Interval) -> Result<i64> {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn reserve(
-    account: &str,
-    unit: &str,
-    amount: i64,
+    account: Option<&str>,
+    unit: Option<&str>,
+    amount: Option<i64>,
     key: default!(Option<&str>, "NULL"),
-    ttl: default!(Interval, "'15 minutes'"),
-    metadata: default!(JsonArg, "'{}'"),
+    ttl: default!(Option<Interval>, "'15 minutes'"),
+    metadata: default!(Option<JsonArg>, "'{}'"),
 ) -> TableIterator<
     'static,
     (
@@ -76,12 +80,15 @@ fn reserve(
     ),
 > {
     let result = (|| -> Result<HoldRow> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
+        let amount = input::required("amount", amount)?;
         input::account(account)?;
         input::name("unit", unit)?;
         input::positive("amount", amount)?;
         input::opt_key("key", key)?;
-        let ttl = ttl_micros(&ttl)?;
-        let metadata = metadata.value("metadata")?;
+        let ttl = ttl_micros(&input::required("ttl", ttl)?)?;
+        let metadata = input::required("metadata", metadata.as_ref())?.value("metadata")?;
         let meta = input::json_object("metadata", metadata)?;
         let hash = Fingerprint::new("reserve")
             .text(account)
@@ -171,15 +178,15 @@ static FIND_HOLD: Sql = Sql {
 
 /// Read after the pool lock, so the status is the committed one.
 static HOLD_STATE: Sql = Sql {
-    text: "SELECT status, amount, expires_at, settled_amount, settle_key, settle_result \
+    text: "SELECT status, amount, expires_at, settle_hash, settle_result, metadata \
            FROM billing.holds WHERE id = $1",
     args: &[INT8],
 };
 
 static SETTLE_HOLD: Sql = Sql {
     text: "UPDATE billing.holds SET status = 'settled', closed_at = now(), settled_amount = $2, \
-              settle_key = $3, settle_result = $4 WHERE id = $1",
-    args: &[INT8, INT8, TEXT, JSONB],
+              settle_key = $3, settle_result = $4, settle_hash = $5 WHERE id = $1",
+    args: &[INT8, INT8, TEXT, JSONB, BYTEA],
 };
 
 static RELEASE_HOLD: Sql = Sql {
@@ -191,9 +198,9 @@ struct HoldState {
     status: String,
     amount: i64,
     expires_at: Ts,
-    settled_amount: Option<i64>,
-    settle_key: Option<String>,
+    settle_hash: Option<Vec<u8>>,
     settle_result: Option<JsonB>,
+    metadata: JsonB,
 }
 
 /// Lock the hold's pool and read the hold's committed state.
@@ -208,9 +215,9 @@ fn open_hold(client: &mut SpiClient<'_>, hold_id: i64) -> Result<(PoolLedger, Ho
         status: db::col(&row, 1)?,
         amount: db::col(&row, 2)?,
         expires_at: expires_at.into(),
-        settled_amount: db::opt(&row, 4)?,
-        settle_key: db::opt(&row, 5)?,
-        settle_result: db::opt(&row, 6)?,
+        settle_hash: db::opt(&row, 4)?,
+        settle_result: db::opt(&row, 5)?,
+        metadata: db::col(&row, 6)?,
     };
     if state.status == "open" && state.expires_at <= ledger.now {
         // the ledger recorded its expiry when it caught up
@@ -229,6 +236,7 @@ type SettleRow = (
     name!(drains, JsonB),
     name!(available, i64),
     name!(entitled, bool),
+    name!(event_id, Option<i64>),
 );
 
 fn settle_row(hold_id: i64, status: &str, r: &serde_json::Value) -> SettleRow {
@@ -243,19 +251,26 @@ fn settle_row(hold_id: i64, status: &str, r: &serde_json::Value) -> SettleRow {
         JsonB(r.get("drains").cloned().unwrap_or(json!([]))),
         int("available"),
         r.get("entitled").and_then(|v| v.as_bool()).unwrap_or(false),
+        r.get("event_id").and_then(|v| v.as_i64()),
     )
 }
 
 /// Charge the actual cost of held work and close the hold. The actual cost is
 /// recorded even above the estimate or after expiry (DESIGN §2.7): what the
-/// pool cannot cover becomes debt. Settling twice with the same actual (and
-/// key) returns the first outcome.
+/// pool cannot cover becomes debt. The settlement is also recorded as a usage
+/// event (key `billing:hold:<id>`): of `meter` and `quantity` when given,
+/// else of the hold's unit with the actual cost as its quantity, with
+/// `properties` (default: the hold's metadata). Settling again with the same
+/// arguments returns the first outcome.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn settle(
-    hold_id: i64,
-    actual: i64,
+    hold_id: Option<i64>,
+    actual: Option<i64>,
     key: default!(Option<&str>, "NULL"),
+    meter: default!(Option<&str>, "NULL"),
+    quantity: default!(Option<AnyNumeric>, "NULL"),
+    properties: default!(Option<JsonArg>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -268,15 +283,57 @@ fn settle(
         name!(drains, JsonB),
         name!(available, i64),
         name!(entitled, bool),
+        name!(event_id, Option<i64>),
     ),
 > {
     let result = (|| -> Result<SettleRow> {
+        let hold_id = input::required("hold_id", hold_id)?;
+        let actual = input::required("actual", actual)?;
         input::non_negative("actual", actual)?;
         input::opt_key("key", key)?;
+        if let Some(m) = meter {
+            input::name("meter", m)?;
+        }
+        let quantity = match (meter, &quantity) {
+            (_, Some(q)) => Some(pricing::decimal("quantity", q)?),
+            (Some(_), None) => return Err(BillingError::NullArgument("quantity (with a meter)")),
+            (None, None) => None,
+        };
+        if quantity.is_some_and(|q| q.is_sign_negative()) {
+            return Err(BillingError::invalid("quantity", "must not be negative"));
+        }
+        let properties = properties
+            .as_ref()
+            .map(|p| {
+                p.value("properties")
+                    .and_then(|v| input::json_object("properties", v))
+            })
+            .transpose()?;
+        let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
             let (mut ledger, hold) = open_hold(client, hold_id)?;
+            let usage = Event {
+                account: ledger.account.clone(),
+                meter: meter.unwrap_or(&ledger.unit).to_string(),
+                quantity: quantity.unwrap_or_else(|| Decimal::from(actual)),
+                key: format!("{RESERVED_KEY_PREFIX}hold:{hold_id}"),
+                occurred_at: None,
+                properties_text: match properties {
+                    Some(p) => p,
+                    None => hold.metadata.0.to_string(),
+                },
+                cost: Some(actual),
+                strict: false,
+            };
+            let hash = Fingerprint::new("settle")
+                .int(actual)
+                .text(key.unwrap_or(""))
+                .text(&usage.meter)
+                .text(&usage.quantity.normalize().to_string())
+                .text(&usage.properties_text)
+                .finish();
             match hold.status.as_str() {
-                "settled" => return replay_settle(hold_id, actual, key, &hold),
+                "settled" => return replay_settle(hold_id, key, &hash, &hold),
                 "released" => {
                     return Err(BillingError::WrongState(format!(
                         "hold {hold_id} was released; ingest the usage instead"
@@ -284,20 +341,48 @@ fn settle(
                 }
                 _ => {}
             }
+            if meter.is_some()
+                && pricing::find_meter(client, &tenant, &usage.meter)?.unit != ledger.unit
+            {
+                return Err(BillingError::invalid(
+                    "meter",
+                    format!(
+                        "\"{}\" does not charge {}, the hold's unit",
+                        usage.meter, ledger.unit
+                    ),
+                ));
+            }
             if hold.status == "open" {
                 ledger.close_hold(hold_id, hold.amount, "settle", true);
             }
+            let event_id = ingest::allocate_event_id(client)?;
             ledger.current_hold = Some(hold_id);
+            ledger.current_event = Some(event_id);
             let debit = ledger.debit(actual)?;
+            let outcome = Outcome {
+                key: usage.key.clone(),
+                event_id: Some(event_id),
+                status: "applied",
+                meter: usage.meter.clone(),
+                unit: ledger.unit.clone(),
+                cost: actual,
+                covered: debit.covered,
+                debt_created: debit.uncovered,
+                drains: drains_json(&debit.drains),
+                available: ledger.available(),
+                entitled: ledger.entitled(),
+            };
             let result = json!({
                 "held": hold.amount,
                 "actual": actual,
                 "covered": debit.covered,
                 "debt_created": debit.uncovered,
-                "drains": drains_json(&debit.drains),
-                "available": ledger.available(),
-                "entitled": ledger.entitled(),
+                "drains": outcome.drains,
+                "available": outcome.available,
+                "entitled": outcome.entitled,
+                "event_id": event_id,
             });
+            ingest::record_usage(client, &tenant, event_id, usage, ledger.id, outcome)?;
             ledger.flush(client)?;
             db::write(
                 client,
@@ -307,6 +392,7 @@ fn settle(
                     actual.into(),
                     key.into(),
                     JsonB(result.clone()).into(),
+                    hash.into(),
                 ],
             )?;
             Ok(settle_row(hold_id, "settled", &result))
@@ -315,14 +401,14 @@ fn settle(
     TableIterator::once(result.or_raise())
 }
 
+/// A settled hold settled again: the first outcome for the same arguments.
 fn replay_settle(
     hold_id: i64,
-    actual: i64,
     key: Option<&str>,
+    hash: &[u8],
     hold: &HoldState,
 ) -> Result<SettleRow> {
-    let same_key = key.is_none() || key == hold.settle_key.as_deref();
-    if hold.settled_amount != Some(actual) || !same_key {
+    if hold.settle_hash.as_deref() != Some(hash) {
         return Err(BillingError::KeyReused {
             what: "settlement of hold",
             key: key.map_or_else(|| hold_id.to_string(), str::to_string),
@@ -347,7 +433,7 @@ type ReleaseRow = (
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn release(
-    hold_id: i64,
+    hold_id: Option<i64>,
 ) -> TableIterator<
     'static,
     (
@@ -357,27 +443,29 @@ fn release(
         name!(available, i64),
     ),
 > {
-    let result = Spi::connect_mut(|client| -> Result<ReleaseRow> {
-        let (mut ledger, hold) = open_hold(client, hold_id)?;
-        match hold.status.as_str() {
-            "open" => {
-                ledger.close_hold(hold_id, hold.amount, "release", true);
-                let available = ledger.available();
-                ledger.flush(client)?;
-                db::write(client, &RELEASE_HOLD, &[hold_id.into()])?;
-                Ok((hold_id, "released".into(), hold.amount, available))
+    let result = input::required("hold_id", hold_id).and_then(|hold_id| {
+        Spi::connect_mut(|client| -> Result<ReleaseRow> {
+            let (mut ledger, hold) = open_hold(client, hold_id)?;
+            match hold.status.as_str() {
+                "open" => {
+                    ledger.close_hold(hold_id, hold.amount, "release", true);
+                    let available = ledger.available();
+                    ledger.flush(client)?;
+                    db::write(client, &RELEASE_HOLD, &[hold_id.into()])?;
+                    Ok((hold_id, "released".into(), hold.amount, available))
+                }
+                "released" => Ok((hold_id, "duplicate".into(), 0, ledger.available())),
+                "expired" => {
+                    // Expiry already returned the credit; record it if the ledger caught up now.
+                    let available = ledger.available();
+                    ledger.flush(client)?;
+                    Ok((hold_id, "expired".into(), 0, available))
+                }
+                _ => Err(BillingError::WrongState(format!(
+                    "hold {hold_id} was settled; it cannot be released"
+                ))),
             }
-            "released" => Ok((hold_id, "duplicate".into(), 0, ledger.available())),
-            "expired" => {
-                // Expiry already returned the credit; record it if the ledger caught up now.
-                let available = ledger.available();
-                ledger.flush(client)?;
-                Ok((hold_id, "expired".into(), 0, available))
-            }
-            _ => Err(BillingError::WrongState(format!(
-                "hold {hold_id} was settled; it cannot be released"
-            ))),
-        }
+        })
     });
     TableIterator::once(result.or_raise())
 }

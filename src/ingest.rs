@@ -9,6 +9,8 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::{AnyNumeric, JsonB};
 use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::db::{self, Sql, INT4, TEXT, TEXT_ARRAY};
@@ -16,7 +18,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::Fingerprint;
 use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, flush_all, Create, PoolLedger};
-use crate::pricing::{self, Meter};
+use crate::pricing::{self, Carries, Cost, Meter};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
 
@@ -24,34 +26,43 @@ use crate::time::{self, Ts};
 const MAX_PAST_MICROS: i64 = 35 * 24 * 3600 * 1_000_000;
 const MAX_FUTURE_MICROS: i64 = 5 * 60 * 1_000_000;
 pub const MAX_BATCH: usize = 50_000;
+/// The largest batch accepted, in bytes of jsonb: the batch is read from its
+/// text into events, so the backend's memory stays a small multiple of this.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// One usage event as the caller described it, validated.
 #[derive(Debug, Clone)]
-struct Event {
-    account: String,
-    meter: String,
-    quantity: Decimal,
-    key: String,
-    occurred_at: Option<Ts>,
-    properties: Value,
-    properties_text: String,
-    cost: Option<i64>,
-    strict: bool,
+pub struct Event {
+    pub account: String,
+    pub meter: String,
+    pub quantity: Decimal,
+    pub key: String,
+    pub occurred_at: Option<Ts>,
+    /// The properties object as canonical JSON text (sorted keys).
+    pub properties_text: String,
+    pub cost: Option<i64>,
+    pub strict: bool,
 }
 
 impl Event {
+    /// Rules that hold whatever the time: checked before anything is read.
     fn validate(&self) -> Result<()> {
         input::account(&self.account)?;
         input::name("meter", &self.meter)?;
-        input::key("key", &self.key)?;
+        input::event_key("key", &self.key)?;
         if self.quantity.is_sign_negative() {
             return Err(BillingError::invalid("quantity", "must not be negative"));
         }
         if let Some(c) = self.cost {
             input::non_negative("cost", c)?;
         }
+        Ok(())
+    }
+
+    /// Rules relative to now: checked only for a new event, after its key was
+    /// looked up, so a replay returns its original outcome forever.
+    fn validate_at(&self, now: Ts) -> Result<()> {
         if let Some(t) = self.occurred_at {
-            let now = time::now();
             if t > now.saturating_add(MAX_FUTURE_MICROS) {
                 return Err(BillingError::invalid(
                     "occurred_at",
@@ -70,7 +81,7 @@ impl Event {
 
     /// What must match for a replay: everything the caller said, except strict
     /// (a retry may relax it) and an occurred_at the caller left to default.
-    fn fingerprint(&self) -> Vec<u8> {
+    pub fn fingerprint(&self) -> Vec<u8> {
         Fingerprint::new("ingest")
             .text(&self.account)
             .text(&self.meter)
@@ -84,18 +95,18 @@ impl Event {
 
 /// What the caller gets back, for a new event and for every replay of it.
 #[derive(Debug, Clone)]
-struct Outcome {
-    key: String,
-    event_id: Option<i64>,
-    status: &'static str,
-    meter: String,
-    unit: String,
-    cost: i64,
-    covered: i64,
-    debt_created: i64,
-    drains: Value,
-    available: i64,
-    entitled: bool,
+pub struct Outcome {
+    pub key: String,
+    pub event_id: Option<i64>,
+    pub status: &'static str,
+    pub meter: String,
+    pub unit: String,
+    pub cost: i64,
+    pub covered: i64,
+    pub debt_created: i64,
+    pub drains: Value,
+    pub available: i64,
+    pub entitled: bool,
 }
 
 type IngestRow = (
@@ -154,14 +165,14 @@ impl Outcome {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn ingest(
-    account: &str,
-    meter: &str,
-    quantity: default!(AnyNumeric, "1"),
+    account: Option<&str>,
+    meter: Option<&str>,
+    quantity: Option<AnyNumeric>,
     key: default!(Option<&str>, "NULL"),
     occurred_at: default!(Option<Tstz>, "NULL"),
-    properties: default!(JsonArg, "'{}'"),
+    properties: default!(Option<JsonArg>, "'{}'"),
     cost: default!(Option<i64>, "NULL"),
-    strict: default!(bool, "false"),
+    strict: default!(Option<bool>, "false"),
 ) -> TableIterator<
     'static,
     (
@@ -181,16 +192,16 @@ fn ingest(
         let key = key.ok_or_else(|| {
             BillingError::invalid("key", "is required: usage is idempotent by key")
         })?;
+        let properties = input::required("properties", properties)?;
         let event = Event {
-            account: account.into(),
-            meter: meter.into(),
-            quantity: pricing::decimal("quantity", &quantity)?,
+            account: input::required("account", account)?.into(),
+            meter: input::required("meter", meter)?.into(),
+            quantity: pricing::decimal("quantity", &input::required("quantity", quantity)?)?,
             key: key.into(),
             occurred_at: time::opt_from_sql("occurred_at", occurred_at)?,
             properties_text: input::json_object("properties", properties.value("properties")?)?,
-            properties: properties.value("properties")?.clone(),
             cost,
-            strict,
+            strict: input::required("strict", strict)?,
         };
         event.validate()?;
         let mut out = Spi::connect_mut(|client| ingest_events(client, vec![event], true))?;
@@ -206,7 +217,7 @@ fn ingest(
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn ingest_batch(
-    events: JsonArg,
+    events: Option<JsonArg>,
 ) -> TableIterator<
     'static,
     (
@@ -224,7 +235,7 @@ fn ingest_batch(
     ),
 > {
     let result = (|| -> Result<Vec<Outcome>> {
-        let parsed = parse_batch(events.value("events")?)?;
+        let parsed = parse_batch(input::required("events", events.as_ref())?)?;
         if parsed.is_empty() {
             return Ok(Vec::new());
         }
@@ -233,62 +244,91 @@ fn ingest_batch(
     TableIterator::new(result.or_raise().into_iter().map(Outcome::batch_row))
 }
 
-fn parse_batch(v: &Value) -> Result<Vec<Event>> {
-    let items = v
-        .as_array()
-        .ok_or_else(|| BillingError::invalid("events", "must be a JSON array of event objects"))?;
-    if items.len() > MAX_BATCH {
+/// Read a batch from its JSON text into events, without building a tree of
+/// the whole array: memory stays a small multiple of the batch's size.
+fn parse_batch(events: &JsonArg) -> Result<Vec<Event>> {
+    if events.size() > MAX_BATCH_BYTES {
         return Err(BillingError::invalid(
             "events",
-            format!("at most {MAX_BATCH} events per batch"),
+            format!(
+                "is {} bytes; the limit is {MAX_BATCH_BYTES} (split the batch)",
+                events.size()
+            ),
         ));
     }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| parse_event(i, item))
-        .collect()
+    let items = events.with_text(|text| {
+        serde_json::from_slice::<Vec<&RawValue>>(text)
+            .map_err(|_| BillingError::invalid("events", "must be a JSON array of event objects"))
+            .and_then(|items| {
+                if items.len() > MAX_BATCH {
+                    return Err(BillingError::invalid(
+                        "events",
+                        format!("at most {MAX_BATCH} events per batch"),
+                    ));
+                }
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| parse_event(i, item))
+                    .collect::<Result<Vec<_>>>()
+            })
+    })?;
+    Ok(items)
 }
 
-fn parse_event(i: usize, item: &Value) -> Result<Event> {
+/// One element of a batch as written; every field is checked by `parse_event`.
+#[derive(Deserialize)]
+struct BatchItem<'a> {
+    account: Option<String>,
+    meter: Option<String>,
+    #[serde(borrow)]
+    quantity: Option<&'a RawValue>,
+    key: Option<String>,
+    occurred_at: Option<String>,
+    properties: Option<Value>,
+    #[serde(borrow)]
+    cost: Option<&'a RawValue>,
+    strict: Option<bool>,
+}
+
+fn parse_event(i: usize, item: &RawValue) -> Result<Event> {
     let bad = |what: &str| BillingError::invalid("events", format!("element {i}: {what}"));
-    let obj = item.as_object().ok_or_else(|| bad("must be an object"))?;
-    let text = |f: &str| obj.get(f).and_then(Value::as_str).map(str::to_string);
-    let quantity = match obj.get("quantity") {
-        None | Some(Value::Null) => Decimal::ONE,
-        Some(Value::Number(n)) => n
-            .to_string()
-            .parse()
-            .map_err(|_| bad("quantity is not a decimal"))?,
-        Some(Value::String(s)) => s.parse().map_err(|_| bad("quantity is not a decimal"))?,
-        Some(_) => return Err(bad("quantity must be a number")),
+    let item: BatchItem = serde_json::from_str(item.get()).map_err(|e| {
+        bad(&format!(
+            "must be an object of account, meter, quantity, key, occurred_at, properties, cost, strict ({e})"
+        ))
+    })?;
+    let quantity = match item.quantity.map(RawValue::get) {
+        None | Some("null") => return Err(bad("quantity is required")),
+        Some(raw) => raw
+            .trim_matches('"')
+            .parse::<Decimal>()
+            .map_err(|_| bad("quantity is not a decimal number"))?,
     };
-    let cost = match obj.get("cost") {
-        None | Some(Value::Null) => None,
-        Some(c) => Some(
-            c.as_i64()
-                .ok_or_else(|| bad("cost must be an integer in bigint range"))?,
+    let cost = match item.cost.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(raw) => Some(
+            raw.parse::<i64>()
+                .map_err(|_| bad("cost must be an integer in bigint range"))?,
         ),
     };
-    let occurred_at = match text("occurred_at") {
+    let occurred_at = match item.occurred_at {
         None => None,
         Some(s) => Some(parse_timestamp(&s).map_err(|_| bad("occurred_at is not a timestamp"))?),
     };
-    let properties = obj
-        .get("properties")
-        .cloned()
-        .unwrap_or(Value::Object(Default::default()));
-    let properties_text = input::json_object("properties", &properties)?;
+    let properties = item
+        .properties
+        .unwrap_or_else(|| Value::Object(Default::default()));
     let event = Event {
-        account: text("account").ok_or_else(|| bad("account is required"))?,
-        meter: text("meter").ok_or_else(|| bad("meter is required"))?,
+        account: item.account.ok_or_else(|| bad("account is required"))?,
+        meter: item.meter.ok_or_else(|| bad("meter is required"))?,
         quantity,
-        key: text("key").ok_or_else(|| bad("key is required"))?,
+        key: item.key.ok_or_else(|| bad("key is required"))?,
         occurred_at,
-        properties,
-        properties_text,
+        properties_text: input::json_object("properties", &properties)
+            .map_err(|e| bad(&e.to_string()))?,
         cost,
-        strict: obj.get("strict").and_then(Value::as_bool).unwrap_or(false),
+        strict: item.strict.unwrap_or(false),
     };
     event.validate().map_err(|e| bad(&e.to_string()))?;
     Ok(event)
@@ -387,6 +427,38 @@ struct NewEvent {
     outcome: Outcome,
 }
 
+/// A fresh usage event id, for usage recorded outside `ingest` (a settled
+/// hold) whose ledger entries must name it before it is written.
+pub fn allocate_event_id(client: &mut SpiClient<'_>) -> Result<i64> {
+    db::write(client, &ALLOCATE_EVENT_IDS, &[1i32.into()])?
+        .first()
+        .get_one::<i64>()?
+        .ok_or_else(|| BillingError::Internal("no event id allocated".into()))
+}
+
+/// Record usage charged outside `ingest` (a settled hold: its cost is the
+/// settlement, already debited under `id`), in the same table and statement
+/// as ingested events, so every usage report includes it.
+pub fn record_usage(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    id: i64,
+    event: Event,
+    pool_id: i64,
+    outcome: Outcome,
+) -> Result<()> {
+    let new = NewEvent {
+        id,
+        hash: event.fingerprint(),
+        unit: outcome.unit.clone(),
+        event,
+        pool_id,
+        unit_price: None,
+        outcome,
+    };
+    insert_events(client, tenant, std::slice::from_ref(&new))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -440,6 +512,7 @@ fn ingest_events(
     };
     // After the locks: any concurrent ingest of these keys has committed.
     let stored = find_events(client, &tenant, &events)?;
+    let mut carries = Carries::load(client, priced_pairs(&ledgers, &by_pool, &events, &priced))?;
     for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
         let unit = ledger.unit.clone();
         for i in indexes {
@@ -463,7 +536,14 @@ fn ingest_events(
                 slots[i] = Slot::RepeatOfNew(*n);
                 continue;
             }
-            let (cost, unit_price) = priced[i];
+            event.validate_at(ledger.now)?;
+            let (cost, unit_price, carry) = match priced[i] {
+                Cost::Given(cost) => (cost, None, None),
+                Cost::Priced { exact, unit_price } => {
+                    let (cost, carry) = carries.charge(ledger.id, &event.meter, exact)?;
+                    (cost, Some(unit_price), Some(carry))
+                }
+            };
             let mut outcome = rejected(event, &unit, cost, ledger);
             if event.strict && !ledger.allows(cost) {
                 if raise_rejection {
@@ -471,6 +551,9 @@ fn ingest_events(
                 }
                 slots[i] = Slot::Done(outcome);
                 continue;
+            }
+            if let Some(carry) = carry {
+                carries.commit(ledger.id, &event.meter, carry);
             }
             let n = new_events.len();
             // A placeholder until ids are allocated for all new events at once.
@@ -499,6 +582,7 @@ fn ingest_events(
 
     assign_event_ids(client, &mut new_events, &mut ledgers)?;
     insert_events(client, &tenant, &new_events)?;
+    carries.save(client, &tenant)?;
     flush_all(client, &mut ledgers)?;
     slots
         .into_iter()
@@ -518,6 +602,29 @@ fn ingest_events(
             Slot::Pending => Err(BillingError::Internal("event without outcome".into())),
         })
         .collect()
+}
+
+/// The (pool, meter) pairs whose events the meter's price charges: the only
+/// ones with a carried remainder.
+fn priced_pairs(
+    ledgers: &[PoolLedger],
+    by_pool: &BTreeMap<(String, String), Vec<usize>>,
+    events: &[Event],
+    priced: &[Cost],
+) -> Vec<(i64, String)> {
+    let mut pairs: Vec<(i64, String)> = ledgers
+        .iter()
+        .zip(by_pool.values())
+        .flat_map(|(ledger, indexes)| {
+            indexes
+                .iter()
+                .filter(|i| matches!(priced[**i], Cost::Priced { .. }))
+                .map(|i| (ledger.id, events[*i].meter.clone()))
+        })
+        .collect();
+    pairs.sort();
+    pairs.dedup();
+    pairs
 }
 
 fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcome {
@@ -636,7 +743,7 @@ fn insert_events(client: &mut SpiClient<'_>, tenant: &str, new_events: &[NewEven
             col_i(&|n| n.outcome.available).into(),
             col_b(&|n| n.outcome.entitled).into(),
             occurred.into(),
-            col_s(&|n| n.event.properties.to_string()).into(),
+            col_s(&|n| n.event.properties_text.clone()).into(),
             col_s(&|n| hex(&n.hash)).into(),
         ],
     )?;

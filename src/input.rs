@@ -8,6 +8,14 @@ pub const MAX_ACCOUNT_BYTES: usize = 128;
 pub const MAX_JSON_BYTES: usize = 16 * 1024;
 pub const MAX_HOLD_TTL_SECONDS: i64 = 30 * 24 * 3600;
 
+/// A required argument: NULL is the error 22004 naming it. Every SQL
+/// function takes its arguments as Option and passes the required ones
+/// through here, so a NULL never reaches pgrx's own unboxing (which raises
+/// XX000) and never turns a call into a silent NULL result.
+pub fn required<T>(field: &'static str, v: Option<T>) -> Result<T> {
+    v.ok_or(BillingError::NullArgument(field))
+}
+
 fn printable(s: &str) -> bool {
     !s.chars().any(|c| c.is_control())
 }
@@ -56,6 +64,22 @@ pub fn key(field: &'static str, k: &str) -> Result<()> {
     Ok(())
 }
 
+/// Usage event keys that pg_billing makes itself (a settled hold's usage is
+/// `billing:hold:<id>`) begin with this; callers' keys may not.
+pub const RESERVED_KEY_PREFIX: &str = "billing:";
+
+/// A caller's usage event key: a key, outside pg_billing's own namespace.
+pub fn event_key(field: &'static str, k: &str) -> Result<()> {
+    key(field, k)?;
+    if k.starts_with(RESERVED_KEY_PREFIX) {
+        return Err(BillingError::invalid(
+            field,
+            format!("keys beginning with \"{RESERVED_KEY_PREFIX}\" are reserved for pg_billing"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn opt_key(field: &'static str, k: Option<&str>) -> Result<()> {
     k.map_or(Ok(()), |k| key(field, k))
 }
@@ -99,16 +123,63 @@ pub fn clip(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// A jsonb argument converted without panicking. pgrx's `JsonB` parses the
-/// value's text with serde_json and panics (XX000) on JSON nested deeper than
-/// serde_json's limit of 128; this keeps the failure, so the call can report
-/// it as a clear 22023.
-pub struct JsonArg(std::result::Result<serde_json::Value, String>);
+/// Bytes a jsonb argument parsed into a tree may have: far above every
+/// limit checked on the parsed value (metadata, properties, headers), so it
+/// only keeps a huge argument from being parsed at all. A batch of events is
+/// read as text instead, under its own limit.
+pub const MAX_JSON_ARG_BYTES: usize = 1024 * 1024;
+
+/// A jsonb argument, converted on demand and without panicking. pgrx's
+/// `JsonB` parses the value's text with serde_json when the call starts, and
+/// panics (XX000) on JSON nested deeper than serde_json's limit of 128; this
+/// keeps the datum, so the call can check the size first and report any
+/// failure as a clear 22023.
+pub struct JsonArg {
+    datum: pgrx::pg_sys::Datum,
+    parsed: std::cell::OnceCell<std::result::Result<serde_json::Value, String>>,
+}
 
 impl JsonArg {
+    /// The size of the value in bytes, read without detoasting it.
+    pub fn size(&self) -> usize {
+        // SAFETY: the datum is the call's jsonb argument, valid for the call.
+        unsafe { pgrx::pg_sys::toast_raw_datum_size(self.datum) }
+    }
+
+    /// Run `f` on the value's JSON text; the text is freed afterwards.
+    pub fn with_text<T>(&self, f: impl FnOnce(&[u8]) -> T) -> T {
+        use pgrx::pg_sys;
+        // SAFETY: the datum is a jsonb varlena (the function's declared type);
+        // jsonb_out returns a palloc'd C string, freed after use.
+        unsafe {
+            let varlena = self.datum.cast_mut_ptr::<pg_sys::varlena>();
+            let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
+            let text = pgrx::direct_function_call::<&core::ffi::CStr>(
+                pg_sys::jsonb_out,
+                &[Some(detoasted.into())],
+            )
+            .expect("jsonb_out returns text");
+            if detoasted != varlena {
+                pg_sys::pfree(detoasted as *mut core::ffi::c_void);
+            }
+            let out = f(text.to_bytes());
+            pg_sys::pfree(text.as_ptr() as *mut core::ffi::c_void);
+            out
+        }
+    }
+
     /// The value, or the 22023 error that says why it is unusable.
     pub fn value(&self, field: &'static str) -> Result<&serde_json::Value> {
-        self.0
+        self.parsed
+            .get_or_init(|| {
+                if self.size() > MAX_JSON_ARG_BYTES {
+                    return Err(format!(
+                        "is {} bytes; the limit is {MAX_JSON_ARG_BYTES}",
+                        self.size()
+                    ));
+                }
+                self.with_text(|t| serde_json::from_slice(t).map_err(|e| e.to_string()))
+            })
             .as_ref()
             .map_err(|why| BillingError::invalid(field, format!("is not usable JSON: {why}")))
     }
@@ -120,28 +191,13 @@ impl pgrx::FromDatum for JsonArg {
         is_null: bool,
         _: pgrx::pg_sys::Oid,
     ) -> Option<Self> {
-        use pgrx::pg_sys;
         if is_null {
             return None;
         }
-        // SAFETY: the datum is a jsonb varlena (the function's declared type).
-        unsafe {
-            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
-            let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
-            let text = pgrx::direct_function_call::<&core::ffi::CStr>(
-                pg_sys::jsonb_out,
-                &[Some(detoasted.into())],
-            )?;
-            let parsed = text
-                .to_str()
-                .map_err(|e| e.to_string())
-                .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()));
-            pg_sys::pfree(text.as_ptr() as *mut core::ffi::c_void);
-            if detoasted != varlena {
-                pg_sys::pfree(detoasted as *mut core::ffi::c_void);
-            }
-            Some(JsonArg(parsed))
-        }
+        Some(JsonArg {
+            datum,
+            parsed: std::cell::OnceCell::new(),
+        })
     }
 }
 

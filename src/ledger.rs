@@ -154,6 +154,12 @@ static LOAD_GRANTS: Sql = Sql {
     args: &[INT8],
 };
 
+static LOAD_GRANT: Sql = Sql {
+    text:
+        "SELECT id, priority, remaining, effective_at, expires_at FROM billing.grants WHERE id = $1",
+    args: &[INT8],
+};
+
 static LOAD_OPEN_HOLDS: Sql = Sql {
     text: "SELECT id, amount, expires_at FROM billing.holds WHERE pool_id = $1 AND status = 'open'",
     args: &[INT8],
@@ -497,6 +503,28 @@ impl PoolLedger {
         Ok(())
     }
 
+    /// Bring one grant of this pool into memory even when nothing is left of
+    /// it (the drain loads only grants with credit), so credit can return to it.
+    pub fn load_grant(&mut self, client: &mut SpiClient<'_>, grant_id: i64) -> Result<()> {
+        if self.grants.iter().any(|g| g.id == grant_id) {
+            return Ok(());
+        }
+        let row = db::write(client, &LOAD_GRANT, &[grant_id.into()])?
+            .next()
+            .ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
+        self.insert_in_drain_order(grant_from_row(&row)?);
+        Ok(())
+    }
+
+    fn insert_in_drain_order(&mut self, grant: GrantState) {
+        let pos = self
+            .grants
+            .iter()
+            .position(|g| g.drain_order() > grant.drain_order())
+            .unwrap_or(self.grants.len());
+        self.grants.insert(pos, grant);
+    }
+
     /// Outside the cached window: recompute the active held total from the open
     /// holds, and record the expiry of the holds whose time has passed.
     fn load_holds(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
@@ -714,30 +742,16 @@ impl PoolLedger {
     pub fn add_grant(&mut self, grant: GrantState) -> Result<i64> {
         let (id, amount) = (grant.id, grant.remaining);
         fits("pool balance", self.remaining, amount)?;
-        let pos = self
-            .grants
-            .iter()
-            .position(|g| g.drain_order() > grant.drain_order())
-            .unwrap_or(self.grants.len());
-        self.grants.insert(pos, grant);
+        self.insert_in_drain_order(grant);
         self.push("grant", amount, 0, 0, Some(id), None, self.now);
         let before = self.grant_remaining(id).unwrap_or(0);
         self.repay_debt();
         Ok(before - self.grant_remaining(id).unwrap_or(0))
     }
 
-    /// Remove what is left of a grant (void or revoke); returns the amount removed.
-    pub fn close_grant(&mut self, grant_id: i64, kind: &'static str) -> i64 {
-        self.take_back(grant_id, i64::MAX, kind)
-    }
-
-    /// Remove up to `amount` of what is left of a grant ('revoke'); returns what was removed.
-    pub fn shrink_grant(&mut self, grant_id: i64, amount: i64) -> i64 {
-        self.take_back(grant_id, amount, "revoke")
-    }
-
-    /// Take up to `amount` of a grant's remaining credit back, as a `kind` entry.
-    fn take_back(&mut self, grant_id: i64, amount: i64, kind: &'static str) -> i64 {
+    /// Take up to `amount` of a grant's remaining credit back, as a `kind`
+    /// entry (`void`, `revoke`); returns what was taken.
+    pub fn take_unspent(&mut self, grant_id: i64, amount: i64, kind: &'static str) -> i64 {
         let Some(i) = self.grants.iter().position(|g| g.id == grant_id) else {
             return 0;
         };
@@ -747,6 +761,36 @@ impl PoolLedger {
             self.push(kind, -part, 0, 0, Some(grant_id), None, self.now);
         }
         part
+    }
+
+    /// Give back what a reversal took from a grant (it was lowered, as when
+    /// a dispute is won): `unspent` credit returns to the grant (`reinstate`);
+    /// `debt` recorded against it is cancelled while the pool still owes it,
+    /// and what was already repaid returns to the grant as credit
+    /// (`debt_reversal`). The grant must be loaded (see `load_grant`).
+    /// Credit returned past the grant's expiry expires at the next catch-up.
+    pub fn give_back(&mut self, grant_id: i64, unspent: i64, debt: i64) {
+        let Some(i) = self.grants.iter().position(|g| g.id == grant_id) else {
+            return;
+        };
+        if unspent > 0 {
+            self.take_from_grant(i, -unspent);
+            self.push("reinstate", unspent, 0, 0, Some(grant_id), None, self.now);
+        }
+        if debt > 0 {
+            let cancelled = debt.min(self.debt);
+            let credited = debt - cancelled;
+            self.take_from_grant(i, -credited);
+            self.push(
+                "debt_reversal",
+                credited,
+                -cancelled,
+                0,
+                Some(grant_id),
+                None,
+                self.now,
+            );
+        }
     }
 
     /// Turn `amount` into debt without a grant (a voided grant's spent part).

@@ -21,6 +21,7 @@ mod input;
 mod ledger;
 mod pricing;
 mod reporting;
+mod reversal;
 mod signatures;
 mod tenancy;
 mod time;

@@ -1,6 +1,12 @@
-//! Meters and prices. A price may be fractional; the cost of each event is
-//! rounded once, half away from zero, to a whole minor unit (0.5 → 1, 2.5 → 3).
+//! Meters and prices. A price may be fractional. Each event's cost is charged
+//! in whole minor units with its sub-unit remainder carried, per pool and
+//! meter, to the next event: the event is charged `round(carry + exact)`,
+//! rounding half up, and what is left (in [-0.5, 0.5)) becomes the new carry.
+//! The sum charged for a pool and meter is therefore always the exact sum of
+//! its events rounded once, however the usage is split into events: a
+//! thousand one-token events cost what one thousand-token event costs.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use pgrx::prelude::*;
@@ -8,7 +14,7 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 use rust_decimal::{Decimal, RoundingStrategy};
 
-use crate::db::{self, Sql, TEXT};
+use crate::db::{self, Sql, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::tenancy::current_tenant;
@@ -22,14 +28,48 @@ pub fn decimal(field: &'static str, n: &AnyNumeric) -> Result<Decimal> {
     })
 }
 
-/// quantity × unit_price, rounded half away from zero; overflow is an error.
-pub fn price(quantity: Decimal, unit_price: Decimal) -> Result<i64> {
-    let exact = quantity
+/// quantity × unit_price, exactly: a product that does not fit a bigint, or
+/// that would need more than 28 decimal digits to be exact, is an error
+/// rather than a rounded figure.
+pub fn exact_cost(quantity: Decimal, unit_price: Decimal) -> Result<Decimal> {
+    let product = quantity
         .checked_mul(unit_price)
         .ok_or_else(|| BillingError::Overflow(format!("{quantity} × {unit_price}")))?;
-    let rounded = exact.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
-    i64::try_from(rounded)
-        .map_err(|_| BillingError::Overflow(format!("cost {rounded} exceeds bigint")))
+    if product.scale() < quantity.scale() + unit_price.scale() && !product.is_zero() {
+        return Err(BillingError::invalid(
+            "quantity",
+            format!("{quantity} × {unit_price} needs more than 28 digits; round the quantity"),
+        ));
+    }
+    Ok(product)
+}
+
+/// Charge an exact cost against the carried remainder of earlier events:
+/// whole units charged (rounding half up) and the new carry.
+pub fn charge(exact: Decimal, carry: Decimal) -> Result<(i64, Decimal)> {
+    let owed = exact
+        .checked_add(carry)
+        .filter(|sum| sum.scale() >= exact.scale().max(carry.scale()) || sum.is_zero())
+        .ok_or_else(|| BillingError::Overflow(format!("{exact} + {carry}")))?;
+    let whole = owed.round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero);
+    // owed ≥ -0.5, and -0.5 rounds away from zero to -1: half up means 0 there
+    let whole = if whole.is_sign_negative() {
+        Decimal::ZERO
+    } else {
+        whole
+    };
+    let charged = i64::try_from(whole)
+        .map_err(|_| BillingError::Overflow(format!("cost {whole} exceeds bigint")))?;
+    Ok((charged, owed - whole))
+}
+
+/// How one event is charged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cost {
+    /// The caller stated the cost (a provider-billed cost).
+    Given(i64),
+    /// The meter's price applies: the exact cost and the price snapshot.
+    Priced { exact: Decimal, unit_price: Decimal },
 }
 
 /// How an event of one meter is charged.
@@ -42,14 +82,17 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// The cost of one event and the price snapshot recorded with it.
-    pub fn cost(&self, quantity: Decimal, given: Option<i64>) -> Result<(i64, Option<Decimal>)> {
+    /// How an event of `quantity` (with the caller's cost, if given) is charged.
+    pub fn cost(&self, quantity: Decimal, given: Option<i64>) -> Result<Cost> {
         if let Some(cost) = given {
             input::non_negative("cost", cost)?;
-            return Ok((cost, None));
+            return Ok(Cost::Given(cost));
         }
         match self.unit_price {
-            Some(p) => Ok((price(quantity, p)?, Some(p))),
+            Some(p) => Ok(Cost::Priced {
+                exact: exact_cost(quantity, p)?,
+                unit_price: p,
+            }),
             None => Err(BillingError::invalid(
                 "cost",
                 format!(
@@ -58,6 +101,83 @@ impl Meter {
                 ),
             )),
         }
+    }
+}
+
+/// The carried remainders of the pools and meters a call charges, read and
+/// written under the pools' locks.
+#[derive(Default)]
+pub struct Carries {
+    /// (pool, meter) → (carry, changed by this call)
+    carries: HashMap<(i64, String), (Decimal, bool)>,
+}
+
+static LOAD_CARRIES: Sql = Sql {
+    text: "SELECT c.pool_id, c.meter, c.carry::text \
+           FROM unnest($1::bigint[], $2::text[]) AS k(pool_id, meter) \
+           JOIN billing.meter_carries c ON c.pool_id = k.pool_id AND c.meter = k.meter",
+    args: &[INT8_ARRAY, TEXT_ARRAY],
+};
+
+static SAVE_CARRIES: Sql = Sql {
+    text: "INSERT INTO billing.meter_carries AS c (tenant_id, pool_id, meter, carry) \
+           SELECT $1, k.pool_id, k.meter, k.carry::numeric \
+           FROM unnest($2::bigint[], $3::text[], $4::text[]) AS k(pool_id, meter, carry) \
+           ON CONFLICT (pool_id, meter) DO UPDATE SET carry = EXCLUDED.carry",
+    args: &[TEXT, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
+};
+
+impl Carries {
+    /// The carries of (pool, meter) pairs; a pair never charged carries 0.
+    pub fn load(client: &mut SpiClient<'_>, pairs: Vec<(i64, String)>) -> Result<Carries> {
+        if pairs.is_empty() {
+            return Ok(Carries::default());
+        }
+        let (pools, meters): (Vec<i64>, Vec<String>) = pairs.into_iter().unzip();
+        let mut carries = HashMap::new();
+        for row in db::write(client, &LOAD_CARRIES, &[pools.into(), meters.into()])? {
+            let carry: String = db::col(&row, 3)?;
+            let carry = Decimal::from_str(&carry)
+                .map_err(|e| BillingError::Internal(format!("stored carry: {e}")))?;
+            carries.insert((db::col(&row, 1)?, db::col(&row, 2)?), (carry, false));
+        }
+        Ok(Carries { carries })
+    }
+
+    /// What an event of exact cost `exact` is charged in this pool and meter;
+    /// `commit` records the new carry (only for an event that applies).
+    pub fn charge(&self, pool: i64, meter: &str, exact: Decimal) -> Result<(i64, Decimal)> {
+        let carry = self
+            .carries
+            .get(&(pool, meter.to_string()))
+            .map_or(Decimal::ZERO, |(carry, _)| *carry);
+        charge(exact, carry)
+    }
+
+    pub fn commit(&mut self, pool: i64, meter: &str, carry: Decimal) {
+        self.carries
+            .insert((pool, meter.to_string()), (carry, true));
+    }
+
+    pub fn save(&self, client: &mut SpiClient<'_>, tenant: &str) -> Result<()> {
+        let changed: Vec<(&(i64, String), &Decimal)> = self
+            .carries
+            .iter()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(k, (carry, _))| (k, carry))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let pools: Vec<i64> = changed.iter().map(|((p, _), _)| *p).collect();
+        let meters: Vec<&str> = changed.iter().map(|((_, m), _)| m.as_str()).collect();
+        let carries: Vec<String> = changed.iter().map(|(_, c)| c.to_string()).collect();
+        db::write(
+            client,
+            &SAVE_CARRIES,
+            &[tenant.into(), pools.into(), meters.into(), carries.into()],
+        )?;
+        Ok(())
     }
 }
 
@@ -103,8 +223,9 @@ static UPSERT_METER: Sql = Sql {
 /// Declare a unit that pools may count (grants also declare their unit).
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
-fn define_unit(unit: &str, description: default!(Option<&str>, "NULL")) -> String {
+fn define_unit(unit: Option<&str>, description: default!(Option<&str>, "NULL")) -> String {
     (|| -> Result<String> {
+        let unit = input::required("unit", unit)?;
         input::name("unit", unit)?;
         let tenant = current_tenant()?;
         Spi::connect_mut(|c| -> Result<()> {
@@ -125,12 +246,14 @@ fn define_unit(unit: &str, description: default!(Option<&str>, "NULL")) -> Strin
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn define_meter(
-    meter: &str,
-    unit: &str,
+    meter: Option<&str>,
+    unit: Option<&str>,
     unit_price: default!(Option<AnyNumeric>, "NULL"),
     description: default!(Option<&str>, "NULL"),
 ) -> String {
     (|| -> Result<String> {
+        let meter = input::required("meter", meter)?;
+        let unit = input::required("unit", unit)?;
         input::name("meter", meter)?;
         input::name("unit", unit)?;
         let price = unit_price
@@ -172,27 +295,85 @@ fn define_meter(
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
     }
 
+    fn once(q: &str, p: &str) -> i64 {
+        charge(exact_cost(d(q), d(p)).unwrap(), Decimal::ZERO)
+            .unwrap()
+            .0
+    }
+
     #[test]
-    fn rounds_half_away_from_zero_once() {
-        assert_eq!(price(d("1"), d("0.5")).unwrap(), 1);
-        assert_eq!(price(d("5"), d("0.5")).unwrap(), 3);
-        assert_eq!(price(d("3"), d("0.333")).unwrap(), 1);
-        assert_eq!(price(d("1.5"), d("1")).unwrap(), 2);
-        assert_eq!(price(d("1.49"), d("1")).unwrap(), 1);
-        assert_eq!(price(d("1000"), d("0.0015")).unwrap(), 2);
+    fn a_first_event_rounds_half_up_once() {
+        assert_eq!(once("1", "0.5"), 1);
+        assert_eq!(once("5", "0.5"), 3);
+        assert_eq!(once("3", "0.333"), 1);
+        assert_eq!(once("1.5", "1"), 2);
+        assert_eq!(once("1.49", "1"), 1);
+        assert_eq!(once("1000", "0.0015"), 2);
+        assert_eq!(once("0", "7"), 0);
+    }
+
+    #[test]
+    fn remainders_carry_so_splitting_costs_the_same() {
+        // 0.4 mills per token: one 1,000-token event, or 1,000 one-token events
+        let (one, _) = charge(exact_cost(d("1000"), d("0.4")).unwrap(), Decimal::ZERO).unwrap();
+        let mut carry = Decimal::ZERO;
+        let mut split = 0;
+        for _ in 0..1000 {
+            let (c, next) = charge(exact_cost(d("1"), d("0.4")).unwrap(), carry).unwrap();
+            split += c;
+            carry = next;
+        }
+        assert_eq!((one, split), (400, 400));
+        assert_eq!(carry, Decimal::ZERO);
+    }
+
+    #[test]
+    fn the_carry_stays_within_half_a_unit() {
+        let mut carry = Decimal::ZERO;
+        for q in ["0.5", "0.5", "0.49", "0.01", "2.5", "0", "0.3"] {
+            let (c, next) = charge(d(q), carry).unwrap();
+            assert!(c >= 0);
+            assert!(next >= d("-0.5") && next < d("0.5"), "{q}: {next}");
+            carry = next;
+        }
     }
 
     #[test]
     fn overflow_is_an_error_not_a_wrap() {
         assert!(matches!(
-            price(d("9223372036854775807"), d("2")),
+            exact_cost(d("9223372036854775807"), d("2")).and_then(|e| charge(e, Decimal::ZERO)),
             Err(BillingError::Overflow(_))
         ));
-        assert_eq!(price(d("9223372036854775807"), d("1")).unwrap(), i64::MAX);
+        assert_eq!(once("9223372036854775807", "1"), i64::MAX);
+    }
+
+    proptest! {
+        /// However a usage total is split into events, the sum charged is the
+        /// exact total rounded once: never lower by a unit, never higher.
+        #[test]
+        fn splitting_never_changes_the_total(
+            price_millis in 1u32..5_000,
+            parts in proptest::collection::vec(0u32..10_000, 1..200),
+        ) {
+            let price = Decimal::new(price_millis as i64, 4);
+            let total: u64 = parts.iter().map(|p| *p as u64).sum();
+            let whole = charge(exact_cost(Decimal::from(total), price).unwrap(), Decimal::ZERO).unwrap().0;
+            let mut carry = Decimal::ZERO;
+            let mut split = 0;
+            for p in &parts {
+                let (c, next) = charge(exact_cost(Decimal::from(*p), price).unwrap(), carry).unwrap();
+                prop_assert!(c >= 0);
+                split += c;
+                carry = next;
+            }
+            prop_assert_eq!(split, whole);
+            prop_assert_eq!(Decimal::from(split) + carry, exact_cost(Decimal::from(total), price).unwrap());
+        }
     }
 }

@@ -42,8 +42,8 @@ type BalanceRow = (
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn balance(
-    account: &str,
-    unit: &str,
+    account: Option<&str>,
+    unit: Option<&str>,
     as_of: default!(Option<Tstz>, "NULL"),
 ) -> TableIterator<
     'static,
@@ -56,6 +56,8 @@ fn balance(
     ),
 > {
     let result = (|| -> Result<BalanceRow> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
         input::account(account)?;
         input::name("unit", unit)?;
         let tenant = current_tenant()?;
@@ -96,7 +98,8 @@ static POOLS_DUE: Sql = Sql {
 /// Returns how many pools were brought up to date.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
-fn sweep(max_pools: default!(i32, "1000")) -> i64 {
+fn sweep(max_pools: default!(Option<i32>, "1000")) -> i64 {
+    let max_pools = input::required("max_pools", max_pools).or_raise();
     Spi::connect_mut(|client| -> Result<i64> {
         let due: Vec<(String, String, String)> =
             db::write(client, &POOLS_DUE, &[max_pools.max(0).into()])?

@@ -4,12 +4,19 @@
 //! `'default'`). The call may act for it only if the *outer* role — the role
 //! of the session after any SET ROLE, which SECURITY DEFINER functions do not
 //! change — is a superuser, has the privileges of `billing_admin`, or has the
-//! privileges of a role granted that tenant in `billing.tenant_roles`. Changing
-//! the setting therefore reaches no tenant the role was not granted.
+//! privileges of a role granted that tenant in `billing.tenant_roles` (roles are
+//! kept by OID, so a dropped role's grants are never inherited by a new role
+//! of the same name). Changing the setting therefore reaches no tenant the role
+//! was not granted.
+//!
+//! While an application's webhook handler runs, the tenant is pinned to the
+//! endpoint's: the handler's owner must be allowed to act for it, and nothing
+//! the handler does (such as changing the setting) reaches another tenant.
 
+use std::cell::RefCell;
 use std::ffi::CStr;
 
-use pgrx::pg_sys;
+use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 
 use crate::db::{self, Sql, OID, TEXT};
@@ -17,11 +24,46 @@ use crate::error::{BillingError, OrRaise, Result};
 
 pub const DEFAULT_TENANT: &str = "default";
 
+thread_local! {
+    /// The tenant every call is held to while a webhook handler runs.
+    static PINNED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
 /// The tenant this call acts for, after checking the calling role may.
 pub fn current_tenant() -> Result<String> {
     let tenant = requested_tenant()?;
-    authorize(&tenant)?;
+    match PINNED.with(|p| p.borrow().clone()) {
+        Some(pinned) if pinned == tenant => {}
+        Some(pinned) => {
+            return Err(BillingError::TenantDenied {
+                tenant,
+                role: format!("webhook handler of tenant {pinned}"),
+            })
+        }
+        None => authorize(outer_role(), &tenant)?,
+    }
     Ok(tenant)
+}
+
+/// While the returned guard lives, every call acts for `tenant` only, and
+/// `role` (a webhook handler's owner) must be allowed to act for it.
+pub fn pin_tenant(tenant: &str, role: Oid) -> Result<TenantPin> {
+    authorize(role, tenant)?;
+    let previous = PINNED.with(|p| p.replace(Some(tenant.to_string())));
+    Ok(TenantPin { previous })
+}
+
+/// Restores the previous pin (none, or an outer handler's) when dropped,
+/// including when an error unwinds through the handler call.
+pub struct TenantPin {
+    previous: Option<String>,
+}
+
+impl Drop for TenantPin {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        PINNED.with(|p| *p.borrow_mut() = previous);
+    }
 }
 
 /// `billing.tenant`, or `'default'` when unset or empty.
@@ -55,31 +97,56 @@ pub fn validate_tenant(t: &str) -> Result<()> {
     }
 }
 
+/// The session's role after any SET ROLE; SECURITY DEFINER does not change it.
+fn outer_role() -> Oid {
+    // SAFETY: reads a backend global.
+    unsafe { pg_sys::GetOuterUserId() }
+}
+
+/// The name of a role, or None when no role has that OID (it was dropped,
+/// possibly while one of its sessions is still connected).
+pub fn role_name(role: Oid) -> Option<String> {
+    // SAFETY: with noerr = true the lookup returns NULL for a missing role
+    // instead of raising; a non-NULL result is a palloc'd C string.
+    let raw = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    if raw.is_null() {
+        return None;
+    }
+    Some(
+        unsafe { CStr::from_ptr(raw) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 static TENANT_GRANTED: Sql = Sql {
     text: "SELECT 1 FROM billing.tenant_roles r \
-           WHERE r.tenant_id = $1 AND pg_catalog.pg_has_role($2, r.role_name, 'USAGE') LIMIT 1",
+           WHERE r.tenant_id = $1 AND pg_catalog.pg_has_role($2, r.role_id::oid, 'USAGE') LIMIT 1",
     args: &[TEXT, OID],
 };
 
-fn authorize(tenant: &str) -> Result<()> {
-    // SAFETY: plain catalog lookups on the current backend's user.
-    let user = unsafe { pg_sys::GetOuterUserId() };
-    if unsafe { pg_sys::superuser_arg(user) } {
+/// May `role` act for `tenant`? A role that no longer exists may not.
+fn authorize(role: Oid, tenant: &str) -> Result<()> {
+    let Some(name) = role_name(role) else {
+        return Err(BillingError::TenantDenied {
+            tenant: tenant.to_string(),
+            role: format!("{} (dropped)", role.to_u32()),
+        });
+    };
+    // SAFETY: plain catalog lookups on an existing role.
+    if unsafe { pg_sys::superuser_arg(role) } {
         return Ok(());
     }
     let admin = unsafe { pg_sys::get_role_oid(c"billing_admin".as_ptr(), true) };
-    if admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(user, admin) } {
+    if admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, admin) } {
         return Ok(());
     }
     let granted = Spi::connect(|c| -> Result<bool> {
-        Ok(!db::read(c, &TENANT_GRANTED, &[tenant.into(), user.into()])?.is_empty())
+        Ok(!db::read(c, &TENANT_GRANTED, &[tenant.into(), role.into()])?.is_empty())
     })?;
     if granted {
         return Ok(());
     }
-    let name = unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(user, true)) }
-        .to_string_lossy()
-        .into_owned();
     Err(BillingError::TenantDenied {
         tenant: tenant.to_string(),
         role: name,

@@ -1,11 +1,15 @@
 //! The SQL face of webhook verification. The inbox, deduplication, ordering and
 //! handlers live in sql/webhooks.sql; this is the part that must be exact bytes.
 
-use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::input::JsonArg;
+use crate::db::{self, Sql, OID};
+use crate::error::{BillingError, OrRaise, Result};
+use crate::input::{self, JsonArg};
 use crate::signatures::{self, Endpoint, Headers, Scheme};
+use crate::tenancy;
 use crate::time;
 
 /// Seconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -26,13 +30,13 @@ fn unix_to_sql(secs: i64) -> Option<Tstz> {
 #[pg_extern(stable, parallel_safe)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn verify_webhook(
-    scheme: &str,
-    secret: &str,
-    headers: JsonArg,
-    body: &str,
+    scheme: Option<&str>,
+    secret: Option<&str>,
+    headers: Option<JsonArg>,
+    body: Option<&str>,
     previous_secret: default!(Option<&str>, "NULL"),
-    tolerance_seconds: default!(i32, "300"),
-    signature_header: default!(&str, "'x-signature'"),
+    tolerance_seconds: default!(Option<i32>, "300"),
+    signature_header: default!(Option<&str>, "'x-signature'"),
 ) -> TableIterator<
     'static,
     (
@@ -42,6 +46,17 @@ fn verify_webhook(
         name!(signed_at, Option<Tstz>),
     ),
 > {
+    let required = (|| {
+        Ok::<_, BillingError>((
+            input::required("scheme", scheme)?,
+            input::required("secret", secret)?,
+            input::required("headers", headers)?,
+            input::required("body", body)?,
+            input::required("tolerance_seconds", tolerance_seconds)?,
+            input::required("signature_header", signature_header)?,
+        ))
+    })();
+    let (scheme, secret, headers, body, tolerance_seconds, signature_header) = required.or_raise();
     let result = (|| {
         let scheme = Scheme::parse(scheme)
             .ok_or_else(|| signatures::Rejection::BadSecret(format!("unknown scheme {scheme}")))?;
@@ -62,4 +77,105 @@ fn verify_webhook(
         Ok(v) => (true, None, v.event_id, unix_to_sql(v.signed_at)),
         Err(r) => (false, Some(r.reason()), None, None),
     })
+}
+
+// ----- running an application's handler ----------------------------------------
+
+/// Who owns a handler, its qualified name, and whether it lives in a temporary
+/// schema (which another session's owner could have put there).
+static HANDLER_INFO: Sql = Sql {
+    text: "SELECT p.proowner, \
+                  pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname), \
+                  p.pronamespace = pg_catalog.pg_my_temp_schema() \
+                    OR pg_catalog.pg_is_other_temp_schema(p.pronamespace) \
+           FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+           WHERE p.oid = $1",
+    args: &[OID],
+};
+
+/// Runs as another role until dropped, as PostgreSQL itself runs index
+/// expressions and materialized view refreshes: a local user change that the
+/// code running cannot undo (no SET ROLE), in a restricted operation (no temp
+/// objects, no session state that outlives the call). Dropping restores the
+/// caller's role, also when an error unwinds through the call.
+struct RunAs {
+    user: pg_sys::Oid,
+    context: i32,
+}
+
+impl RunAs {
+    fn new(role: pg_sys::Oid) -> Self {
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        // SAFETY: reads and sets backend globals; restored in Drop.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(
+                role,
+                context
+                    | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        RunAs { user, context }
+    }
+}
+
+impl Drop for RunAs {
+    fn drop(&mut self) {
+        // SAFETY: puts back exactly what `new` read.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) }
+    }
+}
+
+/// Call a registered webhook handler on a verified event, with the rights of
+/// the handler's owner and never more: as that role, in a restricted
+/// operation, and with every billing call and row-level-security check held to
+/// the event's tenant, which the owner must be allowed to act for. The intake
+/// calls it; no other role may.
+#[pg_extern(requires = ["webhooks"])]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn run_webhook_handler(
+    handler: Option<pg_sys::Oid>,
+    event: Option<pgrx::composite_type!("billing.webhook_events")>,
+) -> Option<pgrx::JsonB> {
+    (|| -> Result<Option<pgrx::JsonB>> {
+        let handler = input::required("handler", handler)?;
+        let event = input::required("event", event)?;
+        let tenant: String = event
+            .get_by_name("tenant_id")
+            .map_err(|e| BillingError::Internal(format!("event row: {e}")))?
+            .ok_or_else(|| BillingError::Internal("event without tenant".into()))?;
+        let (owner, name, temporary) = Spi::connect(|c| -> Result<(pg_sys::Oid, String, bool)> {
+            let mut rows = db::read(c, &HANDLER_INFO, &[handler.into()])?;
+            let row = rows.next().ok_or_else(|| {
+                BillingError::unknown("webhook handler", handler.to_u32().to_string())
+            })?;
+            Ok((db::col(&row, 1)?, db::col(&row, 2)?, db::col(&row, 3)?))
+        })?;
+        if temporary {
+            return Err(temporary_handler(&name));
+        }
+        let type_oid = event
+            .composite_type_oid()
+            .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
+        let _tenant = tenancy::pin_tenant(&tenant, owner)?;
+        let _owner = RunAs::new(owner);
+        let sql = format!("SELECT {name}($1)");
+        Spi::connect_mut(|c| -> Result<Option<pgrx::JsonB>> {
+            // SAFETY: the datum is the composite the statement's $1 is declared as.
+            let arg = unsafe { DatumWithOid::new(event, type_oid) };
+            Ok(c.update(&sql, Some(1), &[arg])?
+                .first()
+                .get_one::<pgrx::JsonB>()?)
+        })
+    })()
+    .or_raise()
+}
+
+/// A handler in a temporary schema would run code another session planted.
+fn temporary_handler(name: &str) -> BillingError {
+    BillingError::invalid(
+        "handler",
+        format!("{name} is a temporary (pg_temp) function; a webhook handler must be a permanent function"),
+    )
 }

@@ -46,7 +46,7 @@ fn session(id: usize, start: &Barrier) -> HashMap<usize, u32> {
                 .iter()
                 .map(|&k| {
                     format!(
-                        r#"{{"account":"{}","meter":"credits","key":"k{k}","cost":{}}}"#,
+                        r#"{{"account":"{}","meter":"credits","quantity":1,"key":"k{k}","cost":{}}}"#,
                         account_of(k),
                         cost_of(k)
                     )

@@ -27,13 +27,13 @@ fn events() -> Vec<(String, String)> {
         out.push((
             format!("evt_pi_{i}"),
             format!(
-                r#"{{"id":"evt_pi_{i}","type":"payment_intent.succeeded","created":1700000000,"data":{{"object":{{"id":"pi_{i}","amount_received":{a},"metadata":{{"account":"org_1"}}}}}}}}"#
+                r#"{{"id":"evt_pi_{i}","type":"payment_intent.succeeded","created":1700000000,"data":{{"object":{{"id":"pi_{i}","amount_received":{a},"currency":"usd","metadata":{{"account":"org_1"}}}}}}}}"#
             ),
         ));
         out.push((
             format!("evt_cs_{i}"),
             format!(
-                r#"{{"id":"evt_cs_{i}","type":"checkout.session.completed","created":1700000000,"data":{{"object":{{"id":"cs_{i}","payment_intent":"pi_{i}","payment_status":"paid","amount_total":{a},"client_reference_id":"org_1"}}}}}}"#
+                r#"{{"id":"evt_cs_{i}","type":"checkout.session.completed","created":1700000000,"data":{{"object":{{"id":"cs_{i}","payment_intent":"pi_{i}","payment_status":"paid","amount_total":{a},"currency":"usd","client_reference_id":"org_1"}}}}}}"#
             ),
         ));
     }

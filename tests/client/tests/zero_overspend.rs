@@ -135,16 +135,22 @@ fn concurrent_strict_debits_and_holds_never_overspend() {
     assert_eq!(available, CREDIT - committed);
     assert!(available >= FLOOR);
 
-    let charged: i64 = c
+    let row = c
         .query_one(
-            "SELECT coalesce(sum(cost), 0)::bigint FROM billing.usage_events",
+            "SELECT coalesce(sum(cost) FILTER (WHERE key NOT LIKE 'billing:hold:%'), 0)::bigint, \
+                    coalesce(sum(cost) FILTER (WHERE key LIKE 'billing:hold:%'), 0)::bigint \
+             FROM billing.usage_events",
             &[],
         )
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (ingested, settled_usage): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!(
-        charged, debited,
+        ingested, debited,
         "the events recorded are exactly the accepted ones"
+    );
+    assert_eq!(
+        settled_usage, settled,
+        "every settlement is recorded as usage, once"
     );
     assert_eq!(ledger_problems(&mut c), Vec::<String>::new());
 }

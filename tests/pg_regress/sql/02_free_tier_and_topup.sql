@@ -16,7 +16,7 @@ SELECT allowed, available, reason FROM billing.check('org_free', 'ai_requests', 
 -- the app gates strictly: request 101 is refused
 SELECT key, status, cost, covered, available, entitled
 FROM billing.ingest_batch((SELECT jsonb_agg(jsonb_build_object(
-         'account', 'org_free', 'meter', 'ai_requests', 'key', 'req:' || i, 'strict', true))
+         'account', 'org_free', 'meter', 'ai_requests', 'quantity', 1, 'key', 'req:' || i, 'strict', true))
        FROM generate_series(96, 101) i));
 
 -- a usage that already happened (the provider billed it) is recorded as debt

@@ -20,8 +20,13 @@ SELECT q, pg_temp.state(q) FROM (VALUES
   ($$SELECT * FROM billing.reserve('org_err', 'usd_mills', 10)$$),
   ($$SELECT * FROM billing.settle(999999, 10)$$),
   ($$SELECT * FROM billing.void_grant(999999)$$),
+  ($$SELECT * FROM billing.ingest('org_err', 'usd_mills', NULL, key => 'k')$$),
+  ($$SELECT * FROM billing.check(NULL, 'usd_mills')$$),
+  ($$SELECT * FROM billing.ingest_batch('[{"account":"org_err","meter":"usd_mills","key":"b"}]')$$),
+  ($$SELECT * FROM billing.ingest('org_err', 'usd_mills', 1, key => 'billing:hold:1', cost => 1)$$),
   ($$UPDATE billing.ledger_entries SET amount = 0$$),
-  ($$DELETE FROM billing.usage_events$$)
+  ($$DELETE FROM billing.usage_events$$),
+  ($$TRUNCATE billing.ledger_entries CASCADE$$)
 ) AS t(q);
 
 -- the error carries a hint

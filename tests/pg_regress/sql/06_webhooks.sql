@@ -10,12 +10,12 @@ RETURNS jsonb LANGUAGE sql AS $$
 $$;
 SELECT billing.define_webhook_endpoint('stripe', 'stripe', 'whsec_demo', credit_unit => 'usd_mills',
                                        credits_per_minor_unit => 10);
-SELECT name, scheme, tolerance_seconds, credit_unit, credits_per_minor_unit, rotating
+SELECT name, scheme, tolerance_seconds, currencies, rotating
 FROM billing.webhook_endpoint_settings;
 
 \set pi '{"id":"evt_1","type":"payment_intent.succeeded","created":1700000000,"data":{"object":{"id":"pi_A","amount_received":2000,"currency":"usd","metadata":{"account":"org_hook","credits":"1000000"}}}}'
-\set cs '{"id":"evt_2","type":"checkout.session.completed","created":1700000005,"data":{"object":{"id":"cs_A","payment_intent":"pi_A","payment_status":"paid","amount_total":2000,"client_reference_id":"org_hook"}}}'
-\set refund '{"id":"evt_3","type":"charge.refunded","created":1700000100,"data":{"object":{"id":"ch_A","payment_intent":"pi_A","amount_refunded":500}}}'
+\set cs '{"id":"evt_2","type":"checkout.session.completed","created":1700000005,"data":{"object":{"id":"cs_A","payment_intent":"pi_A","payment_status":"paid","amount_total":2000,"currency":"usd","client_reference_id":"org_hook"}}}'
+\set refund '{"id":"evt_3","type":"charge.refunded","created":1700000100,"data":{"object":{"id":"ch_A","payment_intent":"pi_A","amount_refunded":500,"currency":"usd"}}}'
 
 -- $20.00 paid: 2000 cents × 10 = 20000 mills, whatever metadata claims
 SELECT status, reason, provider_event_id, event_type, result

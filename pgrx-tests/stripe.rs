@@ -1,0 +1,92 @@
+// Stripe events for the tests, built from Stripe's own example objects
+// (tests/fixtures/stripe, every field as Stripe sends it) with the fields a
+// test is about set, and signed with pgcrypto's HMAC as Stripe signs them.
+
+use pgrx::prelude::*;
+use serde_json::{json, Value};
+
+use crate::pgrx_tests::support::*;
+
+pub const SECRET: &str = "whsec_stripe_test";
+
+fn fixture(name: &str) -> Value {
+    let text = match name {
+        "event" => include_str!("../tests/fixtures/stripe/event.json"),
+        "payment_intent" => include_str!("../tests/fixtures/stripe/payment_intent.json"),
+        "checkout_session" => include_str!("../tests/fixtures/stripe/checkout_session.json"),
+        "charge" => include_str!("../tests/fixtures/stripe/charge.json"),
+        "dispute" => include_str!("../tests/fixtures/stripe/dispute.json"),
+        other => panic!("no fixture {other}"),
+    };
+    serde_json::from_str(text).expect("fixture is JSON")
+}
+
+fn with(mut object: Value, fields: Value) -> Value {
+    for (k, v) in fields.as_object().expect("fields are an object") {
+        object[k] = v.clone();
+    }
+    object
+}
+
+/// An event envelope around `object`.
+pub fn event(id: &str, kind: &str, created: i64, object: Value) -> String {
+    let e = with(
+        fixture("event"),
+        json!({"id": id, "type": kind, "created": created, "data": {"object": object}}),
+    );
+    e.to_string()
+}
+
+/// A succeeded PaymentIntent that paid `amount` for `account`.
+pub fn payment_intent(pi: &str, amount: i64, currency: &str, account: &str) -> Value {
+    with(
+        fixture("payment_intent"),
+        json!({"id": pi, "amount": amount, "amount_received": amount, "currency": currency,
+               "status": "succeeded", "metadata": {"account": account}}),
+    )
+}
+
+/// A charge of `pi` for `amount`, of which `refunded` has been refunded so far.
+pub fn charge(pi: &str, amount: i64, refunded: i64, currency: &str) -> Value {
+    with(
+        fixture("charge"),
+        json!({"id": format!("ch_{pi}"), "payment_intent": pi, "amount": amount,
+               "amount_captured": amount, "amount_refunded": refunded,
+               "refunded": refunded == amount, "currency": currency}),
+    )
+}
+
+/// A dispute of `pi`'s charge for `amount`, in `status`.
+pub fn dispute(dp: &str, pi: &str, amount: i64, currency: &str, status: &str) -> Value {
+    with(
+        fixture("dispute"),
+        json!({"id": dp, "charge": format!("ch_{pi}"), "payment_intent": pi, "amount": amount,
+               "currency": currency, "status": status,
+               "is_charge_refundable": false}),
+    )
+}
+
+pub fn setup() {
+    run("CREATE EXTENSION IF NOT EXISTS pgcrypto");
+    run("CREATE OR REPLACE FUNCTION pg_temp.stripe_headers(body text, secret text, t bigint) RETURNS jsonb \
+         LANGUAGE sql AS $$ SELECT jsonb_build_object('Stripe-Signature', \
+            't=' || t || ',v1=' || encode(hmac(t || '.' || body, secret, 'sha256'), 'hex')) $$");
+    run(&format!(
+        "SELECT billing.define_webhook_endpoint('stripe', 'stripe', '{SECRET}')"
+    ));
+}
+
+pub fn now_unix() -> i64 {
+    one("SELECT floor(extract(epoch FROM now()))::bigint")
+}
+
+/// Deliver a signed event to the `stripe` endpoint: "status|reason or error".
+pub fn deliver(body: &str) -> String {
+    Spi::get_one_with_args::<String>(
+        "SELECT status || '|' || coalesce(reason, '') FROM billing.receive_webhook('stripe', \
+         pg_temp.stripe_headers($1, $2, $3), $1)",
+        &[body.into(), SECRET.into(), now_unix().into()],
+    )
+    .expect("receive_webhook")
+    .expect("a status")
+}
