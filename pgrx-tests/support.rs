@@ -21,8 +21,13 @@ pub fn opt<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
 
 /// The SQLSTATE a statement fails with (its writes rolled back), or None.
 pub fn sqlstate(sql: &str) -> Option<String> {
-    run("CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
-         BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$");
+    // created once per session, so that it also works after SET ROLE
+    run(
+        "DO $d$ BEGIN IF to_regprocedure('pg_temp.sqlstate_of(text)') IS NULL THEN \
+         CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+         BEGIN EXECUTE q; RETURN NULL; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$; \
+         GRANT EXECUTE ON FUNCTION pg_temp.sqlstate_of(text) TO PUBLIC; END IF; END $d$",
+    );
     Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }

@@ -1,0 +1,107 @@
+// Every argument that may not be NULL is refused with 22004 and a message
+// naming it, and the call writes nothing: never XX000, never a silent empty
+// result. Every function of the schema is listed, so a new one must be too.
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::pgrx_tests::support::*;
+
+    /// Each public function with valid arguments; `?` marks one that may
+    /// not be NULL, `~` one whose NULL means "the default".
+    const CALLS: &[&str] = &[
+        "billing.grant(?'a', ?'mills', ?5, kind => ?'manual', priority => ~NULL, effective_at => ~NULL, expires_at => ~NULL, key => ~'g1', metadata => ?'{}')",
+        "billing.void_grant(?$grant)",
+        "billing.revoke_unused(?$grant)",
+        "billing.reverse_grant(?$grant, ?1)",
+        "billing.check(?'a', ?'mills', ?1)",
+        "billing.ingest(?'a', ?'mills', ?1, key => 'i1', occurred_at => ~NULL, properties => ?'{}', cost => ~NULL, strict => ?false)",
+        "billing.ingest_batch(?'[]')",
+        "billing.reserve(?'a', ?'mills', ?1, key => ~'r1', ttl => ?'1 minute', metadata => ?'{}')",
+        "billing.settle(?$hold, ?1, key => ~NULL, meter => ~NULL, quantity => ~NULL, properties => ~NULL)",
+        "billing.release(?$hold)",
+        "billing.balance(?'a', ?'mills', as_of => ~NULL)",
+        "billing.define_unit(?'u1', ~'d')",
+        "billing.define_meter(?'m1', ?'mills', ~1, ~'d')",
+        "billing.account(?'a', ~'n', ~'{}')",
+        "billing.set_floor(?'a', ?'mills', ?0)",
+        "billing.sweep(?10)",
+        "billing.verify_webhook(?'stripe', ?'s', ?'{}', ?'{}', ~NULL, ?300, ?'x-signature')",
+        "billing.define_webhook_endpoint(?'e1', ?'stripe', ?'s', ?300, ?'x-signature', ?'usd_cents', ?1, ?'usd')",
+        "billing.map_webhook_currency(?'e0', ?'eur', ?'eur_cents', ~2, ~NULL)",
+        "billing.rotate_webhook_secret(?'e0', ?'s2', ?'1 hour')",
+        "billing.register_webhook_handler(?'x', ?'billing.stripe_credit_topup(billing.webhook_events)', ?'*')",
+        "billing.purge_webhook_events(?'1 day', ?false)",
+        "billing.grant_tenant(?'t1', ?'null_test_role')",
+        "billing.revoke_tenant(?'t1', ?'null_test_role')",
+        "billing.receive_webhook(?'e0', ~'{}', ~'{}')",
+        "billing.currency_exponent(~'usd')",
+        "billing.verify_ledger()",
+    ];
+
+    /// `call` with argument `n` (of those marked) set to NULL; None past the last.
+    fn with_null(call: &str, n: usize) -> Option<(String, bool)> {
+        let mut out = String::new();
+        let mut seen = 0;
+        let mut hit = None;
+        let mut chars = call.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '?' || c == '~' {
+                let mut arg = String::new();
+                while let Some(&d) = chars.peek() {
+                    if (d == ',' || d == ')') && arg.matches('\'').count() % 2 == 0 {
+                        break;
+                    }
+                    arg.push(d);
+                    chars.next();
+                }
+                if seen == n {
+                    out.push_str("NULL");
+                    hit = Some(c == '?');
+                } else {
+                    out.push_str(&arg);
+                }
+                seen += 1;
+            } else {
+                out.push(c);
+            }
+        }
+        hit.map(|required| (out, required))
+    }
+
+    #[pg_test]
+    fn every_required_argument_refuses_null_and_writes_nothing() {
+        run("CREATE ROLE null_test_role NOLOGIN");
+        run("SELECT billing.define_webhook_endpoint('e0', 'stripe', 's')");
+        let g = grant("a", "mills", 1000, "");
+        let h: i64 = one("SELECT hold_id FROM billing.reserve('a', 'mills', 10)");
+        let listed: i64 = one(
+            "SELECT count(DISTINCT proname) FROM pg_proc WHERE pronamespace = 'billing'::regnamespace \
+             AND has_function_privilege('billing_admin', oid, 'EXECUTE') AND proname <> 'current_tenant'",
+        );
+        assert_eq!(
+            listed as usize,
+            CALLS.len(),
+            "every callable function is listed here"
+        );
+        for template in CALLS {
+            let call = template
+                .replace("$grant", &g.to_string())
+                .replace("$hold", &h.to_string());
+            let mut n = 0;
+            while let Some((sql, required)) = with_null(&call, n) {
+                let sql = format!("SELECT * FROM {sql}");
+                if required {
+                    assert_rejected(&sql, "22004");
+                } else {
+                    let state = sqlstate(&sql);
+                    assert!(
+                        !matches!(state.as_deref(), Some("XX000" | "22004")),
+                        "{sql}: a NULL that means the default failed with {state:?}"
+                    );
+                }
+                n += 1;
+            }
+        }
+    }
+}

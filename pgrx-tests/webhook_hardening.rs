@@ -1,0 +1,147 @@
+// What a sender controls can neither raise nor fill the disk; retention is
+// an admin function; the intake takes no lock another role can hold.
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::pgrx_tests::stripe::{deliver, now_unix, setup, SECRET};
+    use crate::pgrx_tests::support::*;
+
+    fn stored(id_sql: &str) -> (i64, i64) {
+        let row: String = one(&format!(
+            "SELECT octet_length(body) || ',' || octet_length(headers::text) FROM billing.webhook_events WHERE id = ({id_sql})"
+        ));
+        let (b, h) = row.split_once(',').unwrap();
+        (b.parse().unwrap(), h.parse().unwrap())
+    }
+
+    #[pg_test]
+    fn an_event_time_out_of_range_is_a_rejection_not_an_error() {
+        setup();
+        for created in ["1e20", "-5", "99999999999999"] {
+            let body = format!(r#"{{"id":"evt_t","type":"x","created":{created}}}"#);
+            for _ in 0..2 {
+                assert_eq!(
+                    deliver(&body),
+                    "rejected|unparseable body: created is out of range"
+                );
+            }
+        }
+    }
+
+    #[pg_test]
+    fn deliveries_that_fail_verification_keep_a_bounded_sample() {
+        setup();
+        let big = format!(r#"{{"id":"evt_big","pad":"{}"}}"#, "x".repeat(3_000_000));
+        let headers = format!(r#"{{"x-junk": "{}"}}"#, "h".repeat(60_000));
+        let unknown: i64 = Spi::get_one_with_args(
+            "SELECT webhook_event_id FROM billing.receive_webhook($1, $2::jsonb, $3)",
+            &[
+                "z".repeat(10_000).as_str().into(),
+                headers.as_str().into(),
+                big.as_str().into(),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        let (body, headers) = stored(&unknown.to_string());
+        assert_eq!(body, 2048);
+        assert!(headers < 2200, "headers kept: {headers} bytes");
+        let name_len: i32 = one(&format!(
+            "SELECT length(endpoint) FROM billing.webhook_events WHERE id = {unknown}"
+        ));
+        assert_eq!(name_len, 100);
+        let mib = format!(r#"{{"id":"evt_sig","pad":"{}"}}"#, "x".repeat(1_000_000));
+        let bad_sig: i64 = Spi::get_one_with_args(
+            "SELECT webhook_event_id FROM billing.receive_webhook('stripe', '{\"Stripe-Signature\": \"t=1,v1=00\"}', $1)",
+            &[mib.as_str().into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(stored(&bad_sig.to_string()).0, 2048);
+        // a verified event keeps its body; its replays keep a sample
+        let body = format!(
+            r#"{{"id":"evt_ok","type":"x","created":{},"pad":"{}"}}"#,
+            now_unix(),
+            "p".repeat(5000)
+        );
+        assert_eq!(deliver(&body), "applied|no handler for x");
+        assert!(deliver(&body).starts_with("duplicate|"));
+        let (applied, duplicate): (i64, i64) = (
+            stored("SELECT id FROM billing.webhook_events WHERE status = 'applied'").0,
+            stored("SELECT id FROM billing.webhook_events WHERE status = 'duplicate'").0,
+        );
+        assert_eq!((applied > 5000, duplicate), (true, 2048));
+    }
+
+    #[pg_test]
+    fn a_repeated_failure_keeps_only_a_sample() {
+        setup();
+        let body = format!(
+            r#"{{"id":"evt_f","type":"payment_intent.succeeded","created":{},"pad":"{}","data":{{"object":{{"id":"pi_f","amount_received":10,"currency":"jpy","metadata":{{"account":"a"}}}}}}}}"#,
+            now_unix(),
+            "p".repeat(5000)
+        );
+        assert!(deliver(&body).starts_with("failed|22023: currency jpy"));
+        assert!(deliver(&body).starts_with("failed|"));
+        let sizes: String = one(
+            "SELECT string_agg(octet_length(body)::text, ',' ORDER BY id) FROM billing.webhook_events",
+        );
+        let sizes: Vec<i64> = sizes.split(',').map(|s| s.parse().unwrap()).collect();
+        assert!(sizes[0] > 5000 && sizes[1] == 2048, "{sizes:?}");
+    }
+
+    #[pg_test]
+    fn an_admin_purges_old_deliveries_that_changed_nothing() {
+        setup();
+        let now = now_unix();
+        let ok = format!(r#"{{"id":"evt_1","type":"x","created":{now}}}"#);
+        deliver(&ok);
+        deliver(&ok); // duplicate
+        run("SELECT * FROM billing.receive_webhook('nowhere', '{}', 'x')"); // rejected
+        run("SET LOCAL session_replication_role = replica");
+        run("UPDATE billing.webhook_events SET received_at = received_at - interval '40 days'");
+        run("SET LOCAL session_replication_role = origin");
+        run("SELECT * FROM billing.receive_webhook('nowhere', '{}', 'y')"); // recent
+        let purged: i64 = one("SELECT billing.purge_webhook_events(interval '30 days')");
+        assert_eq!(purged, 2, "the old duplicate and the old rejection");
+        let left: String =
+            one("SELECT string_agg(status, ',' ORDER BY id) FROM billing.webhook_events");
+        assert_eq!(left, "applied,rejected");
+        assert_rejected(
+            "DELETE FROM billing.webhook_events WHERE status = 'applied'",
+            "42501",
+        );
+        assert_rejected(
+            "SELECT billing.purge_webhook_events(interval '-1 day')",
+            "22023",
+        );
+        run("CREATE ROLE purge_app NOLOGIN");
+        run("GRANT billing_app TO purge_app");
+        run("SELECT billing.grant_tenant('default', 'purge_app')");
+        run("SET LOCAL ROLE purge_app");
+        assert_rejected("SELECT billing.purge_webhook_events()", "42501");
+        assert_rejected("DELETE FROM billing.webhook_events", "42501");
+        run("RESET ROLE");
+        let _ = SECRET;
+    }
+
+    #[pg_test]
+    fn a_temporary_function_cannot_be_registered_as_a_handler() {
+        setup();
+        run("CREATE FUNCTION pg_temp.planted(ev billing.webhook_events) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$");
+        assert_rejected(
+            "SELECT billing.register_webhook_handler('x', 'pg_temp.planted(billing.webhook_events)')",
+            "22023",
+        );
+    }
+
+    #[pg_test]
+    fn no_pg_billing_function_takes_an_advisory_lock() {
+        let uses: i64 = one(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'billing'::regnamespace \
+             AND prosrc ILIKE '%advisory%'",
+        );
+        assert_eq!(uses, 0, "another role could hold it and stall the intake");
+    }
+}
