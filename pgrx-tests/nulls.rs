@@ -49,7 +49,7 @@ mod tests {
             if c == '?' || c == '~' {
                 let mut arg = String::new();
                 while let Some(&d) = chars.peek() {
-                    if (d == ',' || d == ')') && arg.matches('\'').count() % 2 == 0 {
+                    if (d == ',' || d == ')') && arg.matches('\'').count().is_multiple_of(2) {
                         break;
                     }
                     arg.push(d);
