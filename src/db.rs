@@ -36,6 +36,11 @@ pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
 /// executions costs nothing measurable.
 const REPLAN_EVERY: u32 = 1024;
 
+/// Rows written per set-based statement: a batch is written in chunks of
+/// this many, so the arrays built for one statement stay small whatever the
+/// batch's size.
+pub const WRITE_CHUNK: usize = 2048;
+
 struct Cached {
     plan: Rc<OwnedPreparedStatement>,
     uses: u32,

@@ -417,9 +417,9 @@ static INSERT_EVENTS: Sql = Sql {
 };
 
 /// A new event, ready to be written once its pool's entries are computed.
-struct NewEvent {
+struct NewEvent<'e> {
     id: i64,
-    event: Event,
+    event: &'e Event,
     unit: String,
     pool_id: i64,
     unit_price: Option<Decimal>,
@@ -451,7 +451,7 @@ pub fn record_usage(
         id,
         hash: event.fingerprint(),
         unit: outcome.unit.clone(),
-        event,
+        event: &event,
         pool_id,
         unit_price: None,
         outcome,
@@ -567,7 +567,7 @@ fn ingest_events(
             outcome.entitled = ledger.entitled();
             new_events.push(NewEvent {
                 id: 0,
-                event: event.clone(),
+                event,
                 unit: unit.clone(),
                 pool_id: ledger.id,
                 unit_price,
@@ -706,19 +706,32 @@ fn find_events(
     Ok(found)
 }
 
-fn insert_events(client: &mut SpiClient<'_>, tenant: &str, new_events: &[NewEvent]) -> Result<()> {
-    if new_events.is_empty() {
-        return Ok(());
+fn insert_events(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    new_events: &[NewEvent<'_>],
+) -> Result<()> {
+    for chunk in new_events.chunks(db::WRITE_CHUNK) {
+        insert_event_rows(client, tenant, chunk)?;
     }
-    let col_s =
-        |f: &dyn Fn(&NewEvent) -> String| -> Vec<String> { new_events.iter().map(f).collect() };
-    let col_i = |f: &dyn Fn(&NewEvent) -> i64| -> Vec<i64> { new_events.iter().map(f).collect() };
-    let col_b = |f: &dyn Fn(&NewEvent) -> bool| -> Vec<bool> { new_events.iter().map(f).collect() };
-    let unit_prices: Vec<Option<String>> = new_events
+    Ok(())
+}
+
+fn insert_event_rows<'e>(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    rows: &'e [NewEvent<'e>],
+) -> Result<()> {
+    let col_t =
+        |f: &dyn Fn(&'e NewEvent<'e>) -> &'e str| -> Vec<&'e str> { rows.iter().map(f).collect() };
+    let col_s = |f: &dyn Fn(&NewEvent) -> String| -> Vec<String> { rows.iter().map(f).collect() };
+    let col_i = |f: &dyn Fn(&NewEvent) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+    let col_b = |f: &dyn Fn(&NewEvent) -> bool| -> Vec<bool> { rows.iter().map(f).collect() };
+    let unit_prices: Vec<Option<String>> = rows
         .iter()
         .map(|n| n.unit_price.map(|p| p.to_string()))
         .collect();
-    let occurred: Vec<Option<Tstz>> = new_events
+    let occurred: Vec<Option<Tstz>> = rows
         .iter()
         .map(|n| n.event.occurred_at.map(time::to_sql))
         .collect();
@@ -728,10 +741,10 @@ fn insert_events(client: &mut SpiClient<'_>, tenant: &str, new_events: &[NewEven
         &[
             tenant.into(),
             col_i(&|n| n.id).into(),
-            col_s(&|n| n.event.key.clone()).into(),
-            col_s(&|n| n.event.account.clone()).into(),
-            col_s(&|n| n.event.meter.clone()).into(),
-            col_s(&|n| n.unit.clone()).into(),
+            col_t(&|n| &n.event.key).into(),
+            col_t(&|n| &n.event.account).into(),
+            col_t(&|n| &n.event.meter).into(),
+            col_t(&|n| &n.unit).into(),
             col_i(&|n| n.pool_id).into(),
             col_s(&|n| n.event.quantity.to_string()).into(),
             unit_prices.into(),
@@ -743,7 +756,7 @@ fn insert_events(client: &mut SpiClient<'_>, tenant: &str, new_events: &[NewEven
             col_i(&|n| n.outcome.available).into(),
             col_b(&|n| n.outcome.entitled).into(),
             occurred.into(),
-            col_s(&|n| n.event.properties_text.clone()).into(),
+            col_t(&|n| &n.event.properties_text).into(),
             col_s(&|n| hex(&n.hash)).into(),
         ],
     )?;

@@ -11,6 +11,8 @@ use serde_json::json;
 
 use std::collections::HashMap;
 
+use pgrx::datum::DatumWithOid;
+
 use crate::db::{self, Sql, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, Result};
 use crate::time::{self, Ts};
@@ -894,6 +896,49 @@ fn sql_instant(t: Ts) -> pgrx::datum::TimestampWithTimeZone {
     }
 }
 
+/// The columns of INSERT_ENTRIES for some entries, each with its pool.
+fn entry_columns<'a>(entries: &[(&'a PoolLedger, &'a Entry)]) -> Vec<DatumWithOid<'a>> {
+    let text = |f: fn(&PoolLedger) -> &str| -> Vec<&'a str> {
+        entries.iter().map(|(l, _)| f(l)).collect()
+    };
+    let ints = |f: fn(&Entry) -> i64| -> Vec<i64> { entries.iter().map(|(_, e)| f(e)).collect() };
+    let opts = |f: fn(&Entry) -> Option<i64>| -> Vec<Option<i64>> {
+        entries.iter().map(|(_, e)| f(e)).collect()
+    };
+    vec![
+        text(|l| &l.tenant).into(),
+        entries
+            .iter()
+            .map(|(l, _)| l.id)
+            .collect::<Vec<i64>>()
+            .into(),
+        text(|l| &l.account).into(),
+        text(|l| &l.unit).into(),
+        ints(|x| x.version).into(),
+        entries
+            .iter()
+            .map(|(_, e)| e.kind)
+            .collect::<Vec<&str>>()
+            .into(),
+        ints(|x| x.amount).into(),
+        ints(|x| x.grant_amount).into(),
+        ints(|x| x.debt_amount).into(),
+        ints(|x| x.hold_amount).into(),
+        ints(|x| x.balance_before).into(),
+        ints(|x| x.balance_after).into(),
+        ints(|x| x.debt_after).into(),
+        ints(|x| x.held_after).into(),
+        opts(|x| x.grant_id).into(),
+        opts(|x| x.hold_id).into(),
+        opts(|x| x.event_id).into(),
+        entries
+            .iter()
+            .map(|(_, e)| time::to_sql(e.effective_at))
+            .collect::<Vec<_>>()
+            .into(),
+    ]
+}
+
 /// Write what the given pools computed: grant remainders, expired holds,
 /// ledger entries and pool rows, a few set-based statements for all of them.
 /// One pool (a single call) uses the cached plans; many (a batch) are planned
@@ -938,48 +983,9 @@ pub fn flush_all(client: &mut SpiClient<'_>, ledgers: &mut [PoolLedger]) -> Resu
         .iter()
         .flat_map(|l| l.entries.iter().map(move |e| (*l, e)))
         .collect();
-    let text =
-        |f: fn(&PoolLedger) -> &str| -> Vec<&str> { entries.iter().map(|(l, _)| f(l)).collect() };
-    let ints = |f: fn(&Entry) -> i64| -> Vec<i64> { entries.iter().map(|(_, e)| f(e)).collect() };
-    let opts = |f: fn(&Entry) -> Option<i64>| -> Vec<Option<i64>> {
-        entries.iter().map(|(_, e)| f(e)).collect()
-    };
-    run(
-        client,
-        &INSERT_ENTRIES,
-        &[
-            text(|l| &l.tenant).into(),
-            entries
-                .iter()
-                .map(|(l, _)| l.id)
-                .collect::<Vec<i64>>()
-                .into(),
-            text(|l| &l.account).into(),
-            text(|l| &l.unit).into(),
-            ints(|x| x.version).into(),
-            entries
-                .iter()
-                .map(|(_, e)| e.kind)
-                .collect::<Vec<&str>>()
-                .into(),
-            ints(|x| x.amount).into(),
-            ints(|x| x.grant_amount).into(),
-            ints(|x| x.debt_amount).into(),
-            ints(|x| x.hold_amount).into(),
-            ints(|x| x.balance_before).into(),
-            ints(|x| x.balance_after).into(),
-            ints(|x| x.debt_after).into(),
-            ints(|x| x.held_after).into(),
-            opts(|x| x.grant_id).into(),
-            opts(|x| x.hold_id).into(),
-            opts(|x| x.event_id).into(),
-            entries
-                .iter()
-                .map(|(_, e)| time::to_sql(e.effective_at))
-                .collect::<Vec<_>>()
-                .into(),
-        ],
-    )?;
+    for chunk in entries.chunks(db::WRITE_CHUNK) {
+        run(client, &INSERT_ENTRIES, &entry_columns(chunk))?;
+    }
     if let [l] = changed.as_slice() {
         db::write(
             client,
