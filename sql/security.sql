@@ -77,58 +77,46 @@ GRANT INSERT (endpoint, headers, body) ON billing.webhook_events TO billing_app;
 
 -- ----- tenants ---------------------------------------------------------------
 
--- The OID of an existing role named exactly `role` (no case folding).
-CREATE FUNCTION billing.role_oid(role name) RETURNS oid
-LANGUAGE plpgsql STABLE
+-- Checks a change of tenant grants and returns the role: the tenant must be
+-- a valid name and the role an existing role named exactly `role` (no case
+-- folding). Grants of roles that were dropped grant nothing already (roles are
+-- kept by OID); each change of tenant grants also removes them.
+CREATE FUNCTION billing.tenant_grant_role(tenant text, role name) RETURNS regrole
+LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE id oid;
 BEGIN
-    IF role IS NULL THEN
-        RAISE EXCEPTION 'role must not be null' USING ERRCODE = 'null_value_not_allowed';
+    IF tenant IS NULL OR role IS NULL THEN
+        RAISE EXCEPTION 'tenant and role must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF tenant !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid tenant "%"', left(tenant, 80) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT r.oid INTO id FROM pg_catalog.pg_roles r WHERE r.rolname = role;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown role "%"', role USING ERRCODE = 'undefined_object';
     END IF;
-    RETURN id;
+    DELETE FROM billing.tenant_roles r WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.oid = r.role_id);
+    RETURN id::regrole;
 END
 $$;
 
--- Grants of roles that were dropped grant nothing (roles are kept by OID);
--- each change of tenant grants also removes them.
 CREATE FUNCTION billing.grant_tenant(tenant text, role name) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-BEGIN
-    IF tenant IS NULL THEN
-        RAISE EXCEPTION 'tenant must not be null' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF tenant !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
-        RAISE EXCEPTION 'invalid tenant "%"', left(tenant, 80) USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    DELETE FROM billing.tenant_roles r WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.oid = r.role_id);
-    INSERT INTO billing.tenant_roles (tenant_id, role_id) VALUES (tenant, billing.role_oid(role)::regrole)
-    ON CONFLICT DO NOTHING;
-END
+    INSERT INTO billing.tenant_roles (tenant_id, role_id) VALUES (tenant, billing.tenant_grant_role(tenant, role))
+    ON CONFLICT DO NOTHING
 $$;
 
 CREATE FUNCTION billing.revoke_tenant(tenant text, role name) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-DECLARE n bigint;
-BEGIN
-    IF tenant IS NULL THEN
-        RAISE EXCEPTION 'tenant must not be null' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    DELETE FROM billing.tenant_roles r WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles x WHERE x.oid = r.role_id);
-    WITH d AS (DELETE FROM billing.tenant_roles r WHERE r.tenant_id = tenant AND r.role_id = billing.role_oid(role)
-               RETURNING 1)
-    SELECT count(*) INTO n FROM d;
-    RETURN n > 0;
-END
+    WITH r AS (SELECT billing.tenant_grant_role(tenant, role) AS id),
+         d AS (DELETE FROM billing.tenant_roles t USING r WHERE t.tenant_id = tenant AND t.role_id = r.id RETURNING 1)
+    SELECT count(*) > 0 FROM d
 $$;
 
 -- ----- who may call what -----------------------------------------------------
