@@ -2,7 +2,13 @@
 //! pg_billing installed, on the server named by `PG_BILLING_TEST_DSN`
 //! (bin/test starts one). Tests talk to it over real connections.
 
+pub mod cluster;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
 use postgres::{Client, NoTls};
+use sha2::Sha256;
 
 /// The server to test against, without a database name.
 pub fn dsn() -> String {
@@ -38,6 +44,48 @@ pub fn ledger_problems(c: &mut Client) -> Vec<String> {
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// A connection to `db` as login role `role`, acting for `tenant`.
+pub fn login(db: &str, role: &str, tenant: &str) -> Client {
+    let mut c = Client::connect(&format!("{} dbname={db} user={role}", dsn()), NoTls)
+        .unwrap_or_else(|e| panic!("login {role}: {e}"));
+    c.batch_execute(&format!("SET billing.tenant = '{tenant}'"))
+        .unwrap();
+    c
+}
+
+/// Run `sql`: "ok", or the SQLSTATE it failed with. A lost connection (a
+/// crashed backend) panics.
+pub fn attempt(c: &mut Client, sql: &str) -> String {
+    match c.batch_execute(sql) {
+        Ok(()) => "ok".into(),
+        Err(e) => {
+            sqlstate(&e).unwrap_or_else(|| panic!("{sql}: no SQLSTATE (backend crashed?): {e}"))
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, as providers stamp their events.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The `Stripe-Signature` header Stripe sends with `body`, signed now with
+/// `secret`: `t=<time>,v1=<hex HMAC-SHA256 of "<time>.<body>">`.
+pub fn stripe_signature(body: &str, secret: &str) -> String {
+    let t = unix_now();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The headers of a Stripe delivery of `body`, as JSON text.
+pub fn stripe_headers(body: &str, secret: &str) -> String {
+    serde_json::json!({ "Stripe-Signature": stripe_signature(body, secret) }).to_string()
 }
 
 /// SQLSTATE of a failed statement, if the server sent one.
@@ -89,6 +137,8 @@ pub const BILLING_TABLES: &[&str] = &[
     "webhook_handlers",
     "stripe_reversals",
     "tenant_roles",
+    "meter_carries",
+    "webhook_currencies",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released

@@ -6,62 +6,29 @@
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
-use pg_billing_client_tests::{dsn, fresh_db, sqlstate};
+use pg_billing_client_tests::{attempt, dsn, fresh_db, stripe_headers, unix_now};
 use postgres::{Client, Config, NoTls};
-use sha2::Sha256;
 
 const DB: &str = "pgb_privilege_attacks";
 const SECRET_A: &str = "whsec_tenant_a";
 const SECRET_B: &str = "whsec_tenant_b_must_not_leak";
 
 fn login(role: &str, tenant: &str) -> Client {
-    let mut c = Client::connect(&format!("{} dbname={DB} user={role}", dsn()), NoTls)
-        .unwrap_or_else(|e| panic!("login {role}: {e}"));
-    c.batch_execute(&format!("SET billing.tenant = '{tenant}'"))
-        .unwrap();
-    c
-}
-
-/// Run `sql`; "ok" or the SQLSTATE it failed with. A lost connection panics.
-fn attempt(c: &mut Client, sql: &str) -> String {
-    match c.batch_execute(sql) {
-        Ok(()) => "ok".into(),
-        Err(e) => {
-            sqlstate(&e).unwrap_or_else(|| panic!("{sql}: no SQLSTATE (backend crashed?): {e}"))
-        }
-    }
-}
-
-fn signed(body: &str, secret: &str) -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{t}.{body}").as_bytes());
-    format!(
-        r#"{{"Stripe-Signature": "t={t},v1={}"}}"#,
-        hex::encode(mac.finalize().into_bytes())
-    )
+    pg_billing_client_tests::login(DB, role, tenant)
 }
 
 /// Deliver an event of `kind` to tenant a's endpoint: (status, reason or error, result).
 fn deliver(c: &mut Client, id: &str, kind: &str, extra: &str) -> (String, String, String) {
     let body = format!(
         r#"{{"id":"{id}","object":"event","type":"{kind}","created":{},"data":{{"object":{{"id":"obj_{id}"{extra}}}}}}}"#,
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        unix_now()
     );
     let row = c
         .query_one(
             "SELECT status, coalesce(reason, ''), coalesce(result::text, '') \
              FROM billing.receive_webhook('hooks', $1::text::jsonb, $2)",
-            &[&signed(&body, SECRET_A), &body],
+            &[&stripe_headers(&body, SECRET_A), &body],
         )
         .unwrap_or_else(|e| panic!("deliver {id}: {e}"));
     (row.get(0), row.get(1), row.get(2))
@@ -387,15 +354,12 @@ fn no_lock_another_role_can_take_stalls_the_webhook_intake() {
     app.batch_execute("SET lock_timeout = '2s'").unwrap();
     let body = format!(
         r#"{{"id":"evt_lock","object":"event","type":"payment_intent.succeeded","created":{},"data":{{"object":{{"id":"pi_lock","object":"payment_intent","amount_received":500,"currency":"usd","metadata":{{"account":"acct_lock"}}}}}}}}"#,
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        unix_now()
     );
     let status: String = app
         .query_one(
             "SELECT status FROM billing.receive_webhook('hooks', $1::text::jsonb, $2)",
-            &[&signed(&body, SECRET_A), &body],
+            &[&stripe_headers(&body, SECRET_A), &body],
         )
         .unwrap_or_else(|e| panic!("the intake was stalled: {e}"))
         .get(0);

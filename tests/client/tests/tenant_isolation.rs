@@ -2,27 +2,13 @@
 //! and change nothing of B's — through tables, views and every function,
 //! including by setting billing.tenant to B or by SET ROLE.
 
-use pg_billing_client_tests::{dsn, fresh_db, sqlstate, BILLING_TABLES};
-use postgres::{Client, NoTls};
+use pg_billing_client_tests::{attempt, fresh_db, sqlstate, BILLING_TABLES};
+use postgres::Client;
 
 const DB: &str = "pgb_tenant_isolation";
 
 fn login(role: &str, tenant: &str) -> Client {
-    let mut c = Client::connect(&format!("{} dbname={DB} user={role}", dsn()), NoTls)
-        .unwrap_or_else(|e| panic!("login {role}: {e}"));
-    c.batch_execute(&format!("SET billing.tenant = '{tenant}'"))
-        .unwrap();
-    c
-}
-
-/// Run `sql`; the SQLSTATE it failed with, or "ok".
-fn attempt(c: &mut Client, sql: &str) -> String {
-    match c.batch_execute(sql) {
-        Ok(()) => "ok".into(),
-        Err(e) => {
-            sqlstate(&e).unwrap_or_else(|| panic!("{sql}: no SQLSTATE (connection lost?): {e}"))
-        }
-    }
+    pg_billing_client_tests::login(DB, role, tenant)
 }
 
 /// Everything tenant B owns, as text, read by the superuser.

@@ -2,13 +2,11 @@
 //! sessions deliver the same 200 signed Stripe events (100 payments, each
 //! reported by two event types) at once, each in its own order.
 
+use pg_billing_client_tests::{
+    connect, fresh_db, ledger_problems, run_sessions, stripe_headers, Rng,
+};
 use std::collections::HashMap;
 use std::sync::Barrier;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use hmac::{Hmac, Mac};
-use pg_billing_client_tests::{connect, fresh_db, ledger_problems, run_sessions, Rng};
-use sha2::Sha256;
 
 const DB: &str = "pgb_webhook_deliveries";
 const SECRET: &str = "whsec_client_test";
@@ -40,16 +38,6 @@ fn events() -> Vec<(String, String)> {
     out
 }
 
-fn stripe_signature(body: &str) -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(format!("{t}.{body}").as_bytes());
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 fn session(id: usize, start: &Barrier) -> Vec<(String, String)> {
     let mut c = connect(DB);
     let mut evs = events();
@@ -57,8 +45,7 @@ fn session(id: usize, start: &Barrier) -> Vec<(String, String)> {
     start.wait();
     evs.into_iter()
         .map(|(evt, body)| {
-            let headers =
-                serde_json::json!({ "Stripe-Signature": stripe_signature(&body) }).to_string();
+            let headers = stripe_headers(&body, SECRET);
             let row = c
                 .query_one(
                     "SELECT status FROM billing.receive_webhook('stripe', $1::text::jsonb, $2)",
