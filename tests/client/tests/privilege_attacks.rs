@@ -219,8 +219,11 @@ fn no_view_shows_another_tenants_rows_to_a_leaky_function() {
     let mut config = Config::from_str(&format!("{} dbname={DB} user=pgb_hook_app", dsn())).unwrap();
     config.notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()));
     let mut app = config.connect(NoTls).unwrap();
+    // The attacker also steers the planner away from index scans, so that
+    // every row of a table passes through the filter.
     app.batch_execute(
         "SET billing.tenant = 'a';
+         SET enable_indexscan = off; SET enable_indexonlyscan = off; SET enable_bitmapscan = off;
          CREATE FUNCTION app.leak(text) RETURNS boolean LANGUAGE plpgsql COST 0.0000001 AS $$
          BEGIN RAISE NOTICE 'leak:%', $1; RETURN true; END $$;",
     )
