@@ -277,11 +277,24 @@ fn roles_are_kept_by_oid_and_a_dropped_roles_session_gets_a_clear_error() {
         .batch_execute("REVOKE billing_app FROM pgb_gone; DROP ROLE pgb_gone")
         .unwrap();
 
-    // Its session is still connected: every billing call is refused, clearly.
+    // Its session is still connected: every billing call is refused, clearly,
+    // directly (it lost the schema with its role) and through an
+    // application's SECURITY DEFINER function, which keeps the session's role
+    // as the one billing authorizes — for its own tenant and for one nobody
+    // was granted (where looking up the role's name to report it found none,
+    // and the backend crashed).
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.app_check() RETURNS text LANGUAGE sql SECURITY DEFINER AS $$
+               SELECT billing.current_tenant() || (SELECT available FROM billing.check('x', 'usd_cents'))::text $$;
+             ALTER FUNCTION public.app_check() OWNER TO pgb_other;",
+        )
+        .unwrap();
     for sql in [
         "SELECT * FROM billing.check('x', 'usd_cents')",
         "SELECT * FROM billing.grant('x', 'usd_cents', 5)",
-        "SELECT billing.current_tenant()",
+        "SELECT public.app_check()",
+        "SET billing.tenant = 'nobody'; SELECT public.app_check()",
     ] {
         let state = attempt(&mut gone, sql);
         assert!(
@@ -319,7 +332,9 @@ fn roles_are_kept_by_oid_and_a_dropped_roles_session_gets_a_clear_error() {
         .unwrap()
         .get(0);
     assert_eq!(dangling, 0);
-    admin.batch_execute("DROP ROLE pgb_gone").unwrap();
+    admin
+        .batch_execute("DROP FUNCTION public.app_check(); DROP ROLE pgb_gone")
+        .unwrap();
 }
 
 #[test]
