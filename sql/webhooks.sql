@@ -639,11 +639,14 @@ DECLARE
     s record;
     r record;
 BEGIN
-    SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
     FOR s IN SELECT * FROM billing.stripe_reversals x
              WHERE x.endpoint_id = stripe_apply_reversals.endpoint_id AND x.payment = stripe_apply_reversals.payment LOOP
         total := total + (billing.stripe_credits(stripe_apply_reversals.endpoint_id, s.currency, s.amount)).credits;
     END LOOP;
+    IF NOT FOUND THEN
+        RETURN NULL; -- nothing was ever taken back from this payment
+    END IF;
+    SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
     IF g.id IS NULL THEN
         RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', total,
                                   'why', 'the payment has not been credited yet');

@@ -1,9 +1,14 @@
 //! The SQL face of webhook verification. The inbox, deduplication, ordering and
 //! handlers live in sql/webhooks.sql; this is the part that must be exact bytes.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
-use pgrx::pg_sys;
+use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use crate::db::{self, Sql, OID};
 use crate::error::{BillingError, OrRaise, Result};
@@ -160,16 +165,40 @@ fn run_webhook_handler(
             .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
         let _tenant = tenancy::pin_tenant(&tenant, owner)?;
         let _owner = RunAs::new(owner);
-        let sql = format!("SELECT {name}($1)");
         Spi::connect_mut(|c| -> Result<Option<pgrx::JsonB>> {
+            let call = handler_call(c, handler, &name, type_oid)?;
             // SAFETY: the datum is the composite the statement's $1 is declared as.
             let arg = unsafe { DatumWithOid::new(event, type_oid) };
-            Ok(c.update(&sql, Some(1), &[arg])?
+            Ok(c.update(&*call, Some(1), &[arg])?
                 .first()
                 .get_one::<pgrx::JsonB>()?)
         })
     })()
     .or_raise()
+}
+
+thread_local! {
+    /// The call of each handler, planned once per backend; PostgreSQL replans
+    /// it when the function or what it reads changes. Keyed by OID and name,
+    /// as the plan's text names the function (a renamed handler is planned anew).
+    static HANDLER_CALLS: RefCell<HashMap<(u32, String), Rc<OwnedPreparedStatement>>> =
+        RefCell::new(HashMap::new());
+}
+
+fn handler_call(
+    client: &mut SpiClient<'_>,
+    handler: pg_sys::Oid,
+    name: &str,
+    event_type: pg_sys::Oid,
+) -> Result<Rc<OwnedPreparedStatement>> {
+    let key = (handler.to_u32(), name.to_string());
+    if let Some(call) = HANDLER_CALLS.with(|c| c.borrow().get(&key).cloned()) {
+        return Ok(call);
+    }
+    let sql = format!("SELECT {name}($1)");
+    let call = Rc::new(client.prepare_mut(&sql, &[PgOid::from(event_type)])?.keep());
+    HANDLER_CALLS.with(|c| c.borrow_mut().insert(key, call.clone()));
+    Ok(call)
 }
 
 /// A handler in a temporary schema would run code another session planted.
