@@ -324,19 +324,41 @@ AS $$
     RETURNING o.newest_event_time
 $$;
 
--- What a delivery that failed verification keeps: a sample, so an
--- unauthenticated sender cannot fill the disk.
+-- The longest prefix of `s` of at most `max_bytes` bytes, cut at a
+-- character boundary (left() counts characters, which may be 4 bytes each).
+CREATE FUNCTION billing.clip_bytes(s text, max_bytes integer) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT
+SET search_path = pg_catalog
+AS $$
+DECLARE n integer := max_bytes;
+BEGIN
+    WHILE octet_length(left(s, n)) > max_bytes LOOP
+        n := n - greatest((octet_length(left(s, n)) - max_bytes + 3) / 4, 1);
+    END LOOP;
+    RETURN left(s, n);
+END
+$$;
+
+-- What a delivery that failed verification keeps: a sample of at most 2 KiB
+-- of its body and of its headers, so an unauthenticated sender cannot fill
+-- the disk.
 CREATE FUNCTION billing.webhook_sample(ev billing.webhook_events) RETURNS billing.webhook_events
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
+DECLARE
+    limit_bytes constant integer := 2048;
+    h text;
 BEGIN
     ev.endpoint := left(ev.endpoint, 100);
-    IF octet_length(ev.body) > 2048 THEN
-        ev.body := left(ev.body, 2048);
-    END IF;
-    IF octet_length(ev.headers::text) > 2048 THEN
-        ev.headers := jsonb_build_object('truncated', left(ev.headers::text, 2048));
+    ev.body := billing.clip_bytes(ev.body, limit_bytes);
+    IF octet_length(ev.headers::text) > limit_bytes THEN
+        -- escaping inside the JSON string makes the text longer: clip until it fits
+        h := billing.clip_bytes(ev.headers::text, limit_bytes - 20);
+        WHILE octet_length(jsonb_build_object('truncated', h)::text) > limit_bytes LOOP
+            h := billing.clip_bytes(h, octet_length(h) - (octet_length(jsonb_build_object('truncated', h)::text) - limit_bytes));
+        END LOOP;
+        ev.headers := jsonb_build_object('truncated', h);
     END IF;
     RETURN ev;
 END
