@@ -364,8 +364,10 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION billing.webhook_event_intake() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
+-- Verify, deduplicate, order and apply one new delivery; returns the row to
+-- store, with its status and reason.
+CREATE FUNCTION billing.webhook_intake_decide(ev billing.webhook_events) RETURNS billing.webhook_events
+LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
@@ -376,102 +378,116 @@ DECLARE
     applied_id bigint;
     created numeric;
 BEGIN
+    -- whatever the caller put in the other columns is ignored
+    ev.tenant_id := billing.current_tenant();
+    ev.status := 'rejected';
+    ev.payload := NULL; ev.provider_event_id := NULL; ev.event_type := NULL; ev.object_id := NULL;
+    ev.event_time := NULL; ev.signed_at := NULL; ev.reason := NULL; ev.error := NULL; ev.result := NULL;
+    ev.received_at := clock_timestamp();
+    ev.headers := coalesce(ev.headers, '{}');
+
+    SELECT * INTO ep FROM billing.webhook_endpoints e WHERE e.tenant_id = ev.tenant_id AND e.name = ev.endpoint;
+    IF NOT FOUND THEN
+        ev.reason := 'unknown endpoint'; RETURN ev;
+    END IF;
+    ev.endpoint_id := ep.id;
+    IF octet_length(ev.body) > 1048576 OR octet_length(ev.headers::text) > 65536 THEN
+        ev.reason := 'too large: body over 1 MiB or headers over 64 KiB';
+        RETURN ev;
+    END IF;
+
+    SELECT * INTO v FROM billing.verify_webhook(ep.scheme, ep.secret, ev.headers, ev.body,
+        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
+        ep.tolerance_seconds, ep.signature_header);
+    IF NOT v.valid THEN
+        ev.reason := v.reason; RETURN ev;
+    END IF;
+    ev.signed_at := v.signed_at;
+
+    BEGIN
+        ev.payload := ev.body::jsonb;
+    EXCEPTION WHEN others THEN
+        ev.reason := 'unparseable body: not JSON'; RETURN ev;
+    END;
+    IF jsonb_typeof(ev.payload) <> 'object' THEN
+        ev.payload := NULL; ev.reason := 'unparseable body: not a JSON object'; RETURN ev;
+    END IF;
+    ev.provider_event_id := coalesce(v.event_id, ev.payload ->> 'id');
+    IF ev.provider_event_id IS NULL OR length(ev.provider_event_id) > 255 THEN
+        ev.payload := NULL; ev.reason := 'unparseable body: no event id'; RETURN ev;
+    END IF;
+    ev.event_type := left(ev.payload ->> 'type', 255);
+    ev.object_id := left(coalesce(ev.payload #>> '{data,object,id}', ev.payload #>> '{data,id}'), 255);
+    IF jsonb_typeof(ev.payload -> 'created') = 'number' THEN
+        created := (ev.payload ->> 'created')::numeric;
+        -- to_timestamp's range, with margin; beyond it the event's time is meaningless
+        IF created NOT BETWEEN 0 AND 253402300799 THEN
+            ev.payload := NULL; ev.reason := 'unparseable body: created is out of range';
+            RETURN ev;
+        END IF;
+        ev.event_time := to_timestamp(created::double precision);
+    ELSE
+        ev.event_time := v.signed_at;
+    END IF;
+
+    -- One delivery of an event, and of events about one object, at a time;
+    -- the loser of a race sees the winner's row.
+    newest := billing.lock_webhook_object(ep.id, ev.tenant_id,
+                                          coalesce(ev.object_id, 'event:' || ev.provider_event_id));
+    SELECT e.id INTO applied_id FROM billing.webhook_events e
+    WHERE e.endpoint_id = ep.id AND e.provider_event_id = ev.provider_event_id AND e.status IN ('applied', 'superseded');
+    IF FOUND THEN
+        ev.status := 'duplicate'; ev.reason := 'already received as webhook event ' || applied_id;
+        RETURN ev;
+    END IF;
+    IF ev.object_id IS NOT NULL AND ev.event_time < newest THEN
+        ev.status := 'superseded';
+        ev.reason := format('older than the newest event applied to %s (%s)', ev.object_id, newest);
+        RETURN ev;
+    END IF;
+
+    handler := billing.webhook_handler_for(ev, ep.scheme);
+    IF handler IS NULL THEN
+        ev.status := 'applied'; ev.reason := 'no handler for ' || coalesce(ev.event_type, 'untyped events');
+    ELSE
+        BEGIN
+            ev.result := billing.run_webhook_handler(handler::oid, ev);
+            ev.status := 'applied';
+        EXCEPTION WHEN others THEN
+            -- the handler's side effects are rolled back with this block; a redelivery may succeed
+            ev.status := 'failed';
+            ev.error := SQLSTATE || ': ' || SQLERRM;
+            RETURN ev;
+        END;
+    END IF;
+    IF ev.object_id IS NOT NULL THEN
+        UPDATE billing.webhook_objects o SET newest_event_time = ev.event_time, newest_event_id = ev.id
+        WHERE o.endpoint_id = ep.id AND o.object_id = ev.object_id AND o.newest_event_time <= ev.event_time;
+    END IF;
+    RETURN ev;
+END
+$$;
+
+CREATE FUNCTION billing.webhook_event_intake() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+BEGIN
     -- A row that arrives already decided is a restore (pg_restore copies the
     -- inbox as it was); application roles can only insert endpoint, headers
     -- and body, so for them status is always 'received'.
     IF NEW.status <> 'received' THEN
         RETURN NEW;
     END IF;
-    -- whatever the caller put in the other columns is ignored
-    NEW.tenant_id := billing.current_tenant();
-    NEW.status := 'rejected';
-    NEW.payload := NULL; NEW.provider_event_id := NULL; NEW.event_type := NULL; NEW.object_id := NULL;
-    NEW.event_time := NULL; NEW.signed_at := NULL; NEW.reason := NULL; NEW.error := NULL; NEW.result := NULL;
-    NEW.received_at := clock_timestamp();
-    NEW.headers := coalesce(NEW.headers, '{}');
-
-    SELECT * INTO ep FROM billing.webhook_endpoints e WHERE e.tenant_id = NEW.tenant_id AND e.name = NEW.endpoint;
-    IF NOT FOUND THEN
-        NEW.reason := 'unknown endpoint'; RETURN billing.webhook_sample(NEW);
-    END IF;
-    NEW.endpoint_id := ep.id;
-    IF octet_length(NEW.body) > 1048576 OR octet_length(NEW.headers::text) > 65536 THEN
-        NEW.reason := 'too large: body over 1 MiB or headers over 64 KiB';
+    NEW := billing.webhook_intake_decide(NEW);
+    -- What did not change anything keeps a sample: a delivery that failed
+    -- verification, a duplicate, and a failure already on record (the first
+    -- keeps its full body for forensics).
+    IF NEW.status IN ('rejected', 'duplicate')
+       OR (NEW.status = 'failed' AND EXISTS (
+               SELECT 1 FROM billing.webhook_events e WHERE e.endpoint_id = NEW.endpoint_id
+               AND e.provider_event_id = NEW.provider_event_id AND e.status = 'failed')) THEN
         RETURN billing.webhook_sample(NEW);
-    END IF;
-
-    SELECT * INTO v FROM billing.verify_webhook(ep.scheme, ep.secret, NEW.headers, NEW.body,
-        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-        ep.tolerance_seconds, ep.signature_header);
-    IF NOT v.valid THEN
-        NEW.reason := v.reason; RETURN billing.webhook_sample(NEW);
-    END IF;
-    NEW.signed_at := v.signed_at;
-
-    BEGIN
-        NEW.payload := NEW.body::jsonb;
-    EXCEPTION WHEN others THEN
-        NEW.reason := 'unparseable body: not JSON'; RETURN billing.webhook_sample(NEW);
-    END;
-    IF jsonb_typeof(NEW.payload) <> 'object' THEN
-        NEW.payload := NULL; NEW.reason := 'unparseable body: not a JSON object'; RETURN billing.webhook_sample(NEW);
-    END IF;
-    NEW.provider_event_id := coalesce(v.event_id, NEW.payload ->> 'id');
-    IF NEW.provider_event_id IS NULL OR length(NEW.provider_event_id) > 255 THEN
-        NEW.payload := NULL; NEW.reason := 'unparseable body: no event id'; RETURN billing.webhook_sample(NEW);
-    END IF;
-    NEW.event_type := left(NEW.payload ->> 'type', 255);
-    NEW.object_id := left(coalesce(NEW.payload #>> '{data,object,id}', NEW.payload #>> '{data,id}'), 255);
-    IF jsonb_typeof(NEW.payload -> 'created') = 'number' THEN
-        created := (NEW.payload ->> 'created')::numeric;
-        -- to_timestamp's range, with margin; beyond it the event's time is meaningless
-        IF created NOT BETWEEN 0 AND 253402300799 THEN
-            NEW.payload := NULL; NEW.reason := 'unparseable body: created is out of range';
-            RETURN billing.webhook_sample(NEW);
-        END IF;
-        NEW.event_time := to_timestamp(created::double precision);
-    ELSE
-        NEW.event_time := v.signed_at;
-    END IF;
-
-    -- One delivery of an event, and of events about one object, at a time;
-    -- the loser of a race sees the winner's row.
-    newest := billing.lock_webhook_object(ep.id, NEW.tenant_id,
-                                          coalesce(NEW.object_id, 'event:' || NEW.provider_event_id));
-    SELECT e.id INTO applied_id FROM billing.webhook_events e
-    WHERE e.endpoint_id = ep.id AND e.provider_event_id = NEW.provider_event_id AND e.status IN ('applied', 'superseded');
-    IF FOUND THEN
-        NEW.status := 'duplicate'; NEW.reason := 'already received as webhook event ' || applied_id;
-        RETURN billing.webhook_sample(NEW);
-    END IF;
-    IF NEW.object_id IS NOT NULL AND NEW.event_time < newest THEN
-        NEW.status := 'superseded';
-        NEW.reason := format('older than the newest event applied to %s (%s)', NEW.object_id, newest);
-        RETURN NEW;
-    END IF;
-
-    handler := billing.webhook_handler_for(NEW, ep.scheme);
-    IF handler IS NULL THEN
-        NEW.status := 'applied'; NEW.reason := 'no handler for ' || coalesce(NEW.event_type, 'untyped events');
-    ELSE
-        BEGIN
-            NEW.result := billing.run_webhook_handler(handler::oid, NEW);
-            NEW.status := 'applied';
-        EXCEPTION WHEN others THEN
-            -- the handler's side effects are rolled back with this block; a redelivery may succeed
-            NEW.status := 'failed';
-            NEW.error := SQLSTATE || ': ' || SQLERRM;
-            -- a failure already on record keeps the full body once; repeats keep a sample
-            IF EXISTS (SELECT 1 FROM billing.webhook_events e WHERE e.endpoint_id = ep.id
-                       AND e.provider_event_id = NEW.provider_event_id AND e.status = 'failed') THEN
-                RETURN billing.webhook_sample(NEW);
-            END IF;
-            RETURN NEW;
-        END;
-    END IF;
-    IF NEW.object_id IS NOT NULL THEN
-        UPDATE billing.webhook_objects o SET newest_event_time = NEW.event_time, newest_event_id = NEW.id
-        WHERE o.endpoint_id = ep.id AND o.object_id = NEW.object_id AND o.newest_event_time <= NEW.event_time;
     END IF;
     RETURN NEW;
 END
