@@ -61,19 +61,18 @@ mod tests {
             ));
             let exact: i64 = one(&format!("SELECT round({tokens} * 0.0137)::bigint"));
             let charged = total(&account);
-            assert!(
-                (charged - exact).abs() <= 1,
-                "{tokens} tokens: charged {charged}, exact {exact}"
+            assert_eq!(
+                charged, exact,
+                "{tokens} tokens: the exact total rounded once"
             );
-            let carried: String = one(&format!("SELECT ({tokens} * 0.0137 - {charged})::text"));
-            let stored: String = one(&format!(
-                "SELECT c.carry::text FROM billing.meter_carries c JOIN billing.pools p ON p.id = c.pool_id \
+            let carry_is_the_rest: bool = one(&format!(
+                "SELECT c.carry = {tokens} * 0.0137 - {charged} \
+                 FROM billing.meter_carries c JOIN billing.pools p ON p.id = c.pool_id \
                  WHERE p.account = '{account}' AND c.meter = 'tokens'"
             ));
-            assert_eq!(
-                stored.parse::<f64>().unwrap(),
-                carried.parse::<f64>().unwrap(),
-                "the carry is what the exact total exceeds the charges by"
+            assert!(
+                carry_is_the_rest,
+                "the carry is what the exact total exceeds the charges by, exactly"
             );
         }
         assert_ledger_consistent();
