@@ -11,10 +11,11 @@ as_postgres() {
   if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi
 }
 
-# start_cluster DIR PORT: a fresh cluster in DIR listening on 127.0.0.1:PORT
-# and on a socket in /tmp. Any cluster left in DIR by an earlier run is removed.
+# start_cluster DIR PORT [CONF]: a fresh cluster in DIR listening on
+# 127.0.0.1:PORT and on a socket in /tmp, with CONF appended to its settings.
+# Any cluster left in DIR by an earlier run is removed.
 start_cluster() {
-  local dir=$1 port=$2
+  local dir=$1 port=$2 extra=${3:-}
   stop_cluster "$dir"
   rm -rf "$dir"
   mkdir -p "$dir"
@@ -27,6 +28,7 @@ unix_socket_directories = '/tmp'
 max_connections = 100
 shared_buffers = 512MB
 log_min_messages = warning
+$extra
 CONF
   as_postgres "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
 }

@@ -1,11 +1,10 @@
-// DESIGN §2.3: a debit drains active grants by priority, then earliest expiry
+// docs/architecture.md, rule 3: a debit drains active grants by priority, then earliest expiry
 // (no expiry last), then oldest first; inactive grants are never drained.
 
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::ledger::{GrantState, PoolLedger};
     use crate::pgrx_tests::support::*;
 
     #[pg_test]
@@ -125,30 +124,5 @@ mod tests {
             replay, 2,
             "a replay returns the original charge, not a re-price"
         );
-    }
-
-    // The drain rule on the in-memory ledger, without SQL.
-    #[pg_test]
-    fn in_memory_ties_break_by_age() {
-        let now = 1_000_000;
-        let grants = vec![
-            GrantState::new(3, 50, 10, 0, Some(now + 5)),
-            GrantState::new(2, 50, 10, 0, Some(now + 5)),
-            GrantState::new(1, 50, 10, 0, None),
-            GrantState::new(4, 10, 10, 0, None),
-            GrantState::new(5, 10, 10, now + 1, None), // not effective yet
-            GrantState::new(6, 10, 10, 0, Some(now)),  // expired exactly now
-        ];
-        let mut ledger = PoolLedger::in_memory(now, grants, 0);
-        ledger.catch_up();
-        let debit = ledger.debit(35).unwrap();
-        let order: Vec<(i64, i64)> = debit
-            .drains
-            .iter()
-            .map(|d| (d.grant_id, d.amount))
-            .collect();
-        assert_eq!(order, vec![(4, 10), (2, 10), (3, 10), (1, 5)]);
-        assert_eq!(debit.uncovered, 0);
-        assert_eq!(ledger.available(), 5);
     }
 }

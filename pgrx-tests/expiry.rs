@@ -1,4 +1,4 @@
-// DESIGN §2.4: a grant is spendable strictly before its expires_at, exactly,
+// docs/architecture.md, rule 4: a grant is spendable strictly before its expires_at, exactly,
 // at every instant, with no sweeper job.
 
 #[pgrx::pg_schema]

@@ -1,4 +1,4 @@
-// DESIGN §2.5: available = Σ active remaining − open holds − debt;
+// docs/architecture.md, rule 5: available = Σ active remaining − open holds − debt;
 // check(amount) allows iff available − amount ≥ floor. The gate writes nothing.
 
 #[pgrx::pg_schema]

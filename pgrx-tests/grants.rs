@@ -1,4 +1,4 @@
-// Grants, debt and its repayment (DESIGN §2.7), void and revoke.
+// Grants, debt and its repayment (docs/architecture.md, rule 7), void and revoke.
 
 #[pgrx::pg_schema]
 mod tests {

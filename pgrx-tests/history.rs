@@ -1,4 +1,4 @@
-// DESIGN §2.10: balance(account, unit, as_of) answers from the ledger for any
+// docs/architecture.md, rule 10: balance(account, unit, as_of) answers from the ledger for any
 // past instant.
 
 #[pgrx::pg_schema]

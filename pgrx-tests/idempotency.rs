@@ -1,4 +1,4 @@
-// DESIGN §2.2: every key applies at most once, forever; a replay returns the
+// docs/architecture.md, rule 2: every key applies at most once, forever; a replay returns the
 // original outcome and writes nothing; the same key with different content is
 // an error (SQLSTATE 23505) that writes nothing.
 

@@ -36,6 +36,7 @@ mod tests {
         "billing.revoke_tenant(?'t1', ?'null_test_role')",
         "billing.receive_webhook(?'e0', ~'{}', ~'{}')",
         "billing.currency_exponent(~'usd')",
+        "billing.grant_state(~'active', ~1, ~now(), ~NULL, ~now())",
         "billing.verify_ledger()",
     ];
 

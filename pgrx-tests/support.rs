@@ -76,7 +76,7 @@ pub fn ingest(account: &str, meter: &str, cost: i64, key: &str) -> String {
     ))
 }
 
-/// DESIGN §2.8 must hold after every test.
+/// docs/architecture.md, rule 8, must hold after every test.
 pub fn assert_ledger_consistent() {
     let problems = opt::<String>("SELECT string_agg(problem, '; ') FROM billing.verify_ledger()");
     assert_eq!(problems, None, "ledger invariants violated");

@@ -64,4 +64,58 @@ mod tests {
         tamper("DELETE FROM billing.ledger_entries WHERE version = 2");
         assert!(problems().contains("version gap"), "{}", problems());
     }
+
+    // The tables written per event carry no CHECK constraints; verify_ledger
+    // holds their row rules instead.
+    #[pg_test]
+    fn verify_ledger_checks_the_row_rules() {
+        let g = grant("a", "mills", 100, "");
+        let e: i64 =
+            one("SELECT event_id FROM billing.ingest('a', 'mills', 1, key => 'e1', cost => 30)");
+        assert_eq!(problems(), "");
+        tamper(&format!(
+            "UPDATE billing.grants SET status = 'voided' WHERE id = {g}"
+        ));
+        assert!(
+            problems().contains("closed but keeps credit"),
+            "{}",
+            problems()
+        );
+        tamper(&format!(
+            "UPDATE billing.grants SET status = 'active' WHERE id = {g}"
+        ));
+        tamper(&format!(
+            "UPDATE billing.usage_events SET covered = 29 WHERE id = {e}"
+        ));
+        assert!(
+            problems().contains("covered + debt_created differs from cost"),
+            "{}",
+            problems()
+        );
+        tamper(&format!(
+            "UPDATE billing.usage_events SET covered = 30 WHERE id = {e}"
+        ));
+        tamper("UPDATE billing.ledger_entries SET amount = amount + 1, balance_after = balance_after + 1 WHERE version = 2");
+        assert!(
+            problems().contains("amount differs from grant_amount - debt_amount"),
+            "{}",
+            problems()
+        );
+        tamper("UPDATE billing.ledger_entries SET amount = amount - 1, balance_after = balance_after - 1 WHERE version = 2");
+        assert_eq!(problems(), "");
+    }
+
+    // One list of entry kinds: the database's type and the core's enum agree.
+    #[pg_test]
+    fn entry_kinds_have_one_list() {
+        let labels: String = one(
+            "SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum \
+             WHERE enumtypid = 'billing.entry_kind'::regtype",
+        );
+        let core: Vec<&str> = crate::ledger::EntryKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(labels, core.join(","));
+    }
 }

@@ -123,7 +123,8 @@ $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
 -- needed by every querying role: row-level security calls it
-GRANT EXECUTE ON FUNCTION billing.current_tenant(), billing.currency_exponent(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION billing.current_tenant(), billing.currency_exponent(text),
+    billing.grant_state(text, bigint, timestamptz, timestamptz, timestamptz) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
     billing."check"(text, text, bigint),
     billing.balance(text, text, timestamptz),

@@ -5,11 +5,7 @@
 CREATE VIEW billing.grant_balances WITH (security_invoker = true) AS
 SELECT g.id AS grant_id, g.account, g.unit, g.kind, g.priority, g.amount, g.remaining,
        g.effective_at, g.expires_at,
-       CASE WHEN g.status <> 'active' THEN g.status
-            WHEN g.expires_at IS NOT NULL AND g.expires_at <= now() THEN 'expired'
-            WHEN g.effective_at > now() THEN 'pending'
-            WHEN g.remaining = 0 THEN 'exhausted'
-            ELSE 'active' END AS state,
+       billing.grant_state(g.status, g.remaining, g.effective_at, g.expires_at, now()) AS state,
        g.key, g.metadata, g.created_at
 FROM billing.grants g;
 
@@ -20,7 +16,7 @@ SELECT e.account, e.unit, e.version, e.kind, e.amount, e.balance_after, e.debt_a
        e.grant_amount, e.debt_amount, e.hold_amount, e.balance_before, e.pool_id, e.id AS entry_id
 FROM billing.ledger_entries e;
 
--- DESIGN §2.8 for every pool of the current tenant: returns one row per
+-- docs/architecture.md, rule 8, for every pool of the current tenant: returns one row per
 -- violation, so an empty result means the ledger is consistent.
 --   * entries chain: versions 1..n without gaps, balance_before = previous balance_after
 --   * per grant: Σ grant_amount of its entries = its remaining
@@ -30,6 +26,8 @@ FROM billing.ledger_entries e;
 --   * every grant, hold and event an entry names exists, in the entry's pool
 --   * per pool and meter, the exact cost of its priced events = what was
 --     charged for them + the carried remainder
+--   * every row rule of the tables written per event (which carry no CHECK
+--     constraints, see schema.sql): amounts in range, entries balanced
 CREATE FUNCTION billing.verify_ledger()
 RETURNS TABLE (pool_id bigint, account text, unit text, problem text)
 LANGUAGE sql STABLE
@@ -100,4 +98,34 @@ JOIN LATERAL (SELECT e.meter, sum(e.quantity * e.unit_price) AS exact, sum(e.cos
               GROUP BY e.meter) u ON true
 LEFT JOIN billing.meter_carries c ON c.pool_id = p.id AND c.meter = u.meter
 WHERE u.exact - u.charged <> coalesce(c.carry, 0)
+UNION ALL
+SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
+FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+CROSS JOIN LATERAL (VALUES
+    (g.amount <= 0, 'amount is not positive'),
+    (g.remaining < 0 OR g.remaining > g.amount, 'remaining is outside 0..amount'),
+    (g.expires_at <= g.effective_at, 'expires_at does not follow effective_at'),
+    (g.status NOT IN ('active', 'voided', 'revoked'), 'unknown status ' || g.status),
+    (g.status <> 'active' AND g.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
+WHERE r.broken
+UNION ALL
+SELECT u.pool_id, u.account, u.unit, format('usage event %s: %s', u.id, r.rule)
+FROM billing.usage_events u JOIN tenant_pools p ON p.id = u.pool_id
+CROSS JOIN LATERAL (VALUES
+    (u.quantity < 0, 'negative quantity'),
+    (u.cost < 0 OR u.covered < 0 OR u.debt_created < 0, 'negative amount'),
+    (u.covered + u.debt_created <> u.cost, 'covered + debt_created differs from cost')) r(broken, rule)
+WHERE r.broken
+UNION ALL
+SELECT e.pool_id, e.account, e.unit, format('entry version %s: %s', e.version, r.rule)
+FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+CROSS JOIN LATERAL (VALUES
+    (e.balance_before + e.amount <> e.balance_after, 'balance_before + amount differs from balance_after'),
+    (e.amount <> e.grant_amount - e.debt_amount, 'amount differs from grant_amount - debt_amount'),
+    (e.grant_amount <> 0 AND e.grant_id IS NULL, 'moves credit without naming a grant'),
+    (e.debt_after < 0 OR e.held_after < 0, 'negative debt or held total')) r(broken, rule)
+WHERE r.broken
+UNION ALL
+SELECT p.id, p.account, p.unit, 'pool: a negative booked total'
+FROM tenant_pools p WHERE p.remaining < 0 OR p.debt < 0 OR p.held < 0
 $$;

@@ -28,6 +28,7 @@ pub const BYTEA: Oid = pg_sys::BYTEAOID;
 pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
 pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
 pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
+pub const TSTZ_ARRAY: Oid = pg_sys::TIMESTAMPTZARRAYOID;
 
 /// A cached plan is prepared again after this many executions. A generic plan
 /// made while a table was nearly empty (a fresh install) can be a sequential
@@ -47,17 +48,16 @@ struct Cached {
 }
 
 thread_local! {
-    static PLANS: RefCell<HashMap<usize, Cached>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<(usize, bool), Cached>> = RefCell::new(HashMap::new());
 }
 
-/// A statement is always run through the same one of `read`/`write`, so its
-/// address alone identifies the cached plan.
+/// A statement's address and whether it runs as a write identify its cached plan.
 fn plan(
     client: &SpiClient<'_>,
     sql: &'static Sql,
     mutating: bool,
 ) -> Result<Rc<OwnedPreparedStatement>> {
-    let key = sql as *const Sql as usize;
+    let key = (sql as *const Sql as usize, mutating);
     let cached = PLANS.with(|plans| {
         let mut plans = plans.borrow_mut();
         let c = plans.get_mut(&key)?;
@@ -96,17 +96,6 @@ pub fn write<'conn>(
     Ok(client.update(&*p, None, args)?)
 }
 
-/// Run a statement planned for this call alone. For set-based statements over
-/// arrays whose size varies call to call (a batch), a cached generic plan
-/// cannot know the array's size; planning each call costs little next to the batch.
-pub fn write_once<'conn>(
-    client: &mut SpiClient<'conn>,
-    sql: &'static Sql,
-    args: &[DatumWithOid<'_>],
-) -> Result<SpiTupleTable<'conn>> {
-    Ok(client.update(sql.text, None, args)?)
-}
-
 /// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.
 pub fn read<'conn>(
     client: &SpiClient<'conn>,
@@ -117,20 +106,19 @@ pub fn read<'conn>(
     Ok(client.select(&*p, None, args)?)
 }
 
-/// A required column of the current row.
-pub fn col<T: pgrx::FromDatum + pgrx::IntoDatum>(
-    row: &pgrx::spi::SpiHeapTupleData<'_>,
-    ordinal: usize,
-) -> Result<T> {
-    row.get::<T>(ordinal)?.ok_or_else(|| {
-        crate::error::BillingError::Internal(format!("unexpected NULL in column {ordinal}"))
-    })
-}
+/// A row of a result, read by column name.
+pub struct Row<'r, 'conn>(pub &'r pgrx::spi::SpiHeapTupleData<'conn>);
 
-/// An optional column of the current row.
-pub fn opt<T: pgrx::FromDatum + pgrx::IntoDatum>(
-    row: &pgrx::spi::SpiHeapTupleData<'_>,
-    ordinal: usize,
-) -> Result<Option<T>> {
-    Ok(row.get::<T>(ordinal)?)
+impl Row<'_, '_> {
+    /// A required column.
+    pub fn get<T: pgrx::FromDatum + pgrx::IntoDatum>(&self, name: &str) -> Result<T> {
+        self.opt(name)?.ok_or_else(|| {
+            crate::error::BillingError::Internal(format!("unexpected NULL in column {name}"))
+        })
+    }
+
+    /// A column that may be NULL.
+    pub fn opt<T: pgrx::FromDatum + pgrx::IntoDatum>(&self, name: &str) -> Result<Option<T>> {
+        Ok(self.0.get_by_name::<T, _>(name)?)
+    }
 }

@@ -3,27 +3,11 @@
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::db::{self, Sql, TEXT};
+use crate::db::{self, Row};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
-use crate::ledger::UNIT_EXISTS;
+use crate::ledger::{self, Figures, READ_POOL, UNIT_EXISTS};
 use crate::tenancy::current_tenant;
-
-/// Inside the pool's cached window the figures come from the pool row alone;
-/// outside it (a grant or hold changed state by the clock since the last
-/// write) they are recomputed from the grants and holds, exactly, at now().
-static CHECK_POOL: Sql = Sql {
-    text: "SELECT p.floor, p.debt, \
-              CASE WHEN p.cache_from <= now() AND now() < p.cache_until THEN p.active_remaining \
-                   ELSE (SELECT coalesce(sum(g.remaining), 0)::bigint FROM billing.grants g \
-                         WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0 AND g.effective_at <= now() \
-                           AND (g.expires_at IS NULL OR now() < g.expires_at)) END, \
-              CASE WHEN p.cache_from <= now() AND now() < p.cache_until THEN p.active_held \
-                   ELSE (SELECT coalesce(sum(h.amount), 0)::bigint FROM billing.holds h \
-                         WHERE h.pool_id = p.id AND h.status = 'open' AND now() < h.expires_at) END \
-           FROM billing.pools p WHERE p.tenant_id = $1 AND p.account = $2 AND p.unit = $3",
-    args: &[TEXT, TEXT, TEXT],
-};
 
 type CheckRow = (
     name!(allowed, bool),
@@ -77,43 +61,42 @@ fn gate(
 ) -> Result<CheckRow> {
     let mut rows = db::read(
         client,
-        &CHECK_POOL,
+        &READ_POOL,
         &[tenant.into(), account.into(), unit.into()],
     )?;
-    let (floor, debt, balance, held) = match rows.next() {
-        Some(row) => (
-            db::col(&row, 1)?,
-            db::col(&row, 2)?,
-            db::col(&row, 3)?,
-            db::col(&row, 4)?,
-        ),
+    let figures = match rows.next() {
+        Some(row) => ledger::figures_now(client, &Row(&row))?,
         None => {
             if db::read(client, &UNIT_EXISTS, &[tenant.into(), unit.into()])?.is_empty() {
                 return Err(BillingError::unknown("unit", unit));
             }
-            (0, 0, 0, 0)
+            Figures {
+                balance: 0,
+                held: 0,
+                debt: 0,
+                floor: 0,
+            }
         }
     };
-    Ok(decide(amount, floor, debt, balance, held))
+    Ok(decide(amount, &figures))
 }
 
-fn decide(amount: i64, floor: i64, debt: i64, balance: i64, held: i64) -> CheckRow {
-    let available = balance - held - debt;
-    let allowed = (available as i128) - (amount as i128) >= floor as i128;
+fn decide(amount: i64, f: &Figures) -> CheckRow {
+    let allowed = f.allows(amount);
     let reason = if allowed {
         "ok"
-    } else if debt > 0 {
+    } else if f.debt > 0 {
         "in_debt"
     } else {
         "insufficient_credits"
     };
     (
         allowed,
-        available,
-        balance,
-        held,
-        debt,
-        floor,
+        f.available(),
+        f.balance,
+        f.held,
+        f.debt,
+        f.floor,
         reason.into(),
     )
 }

@@ -5,11 +5,12 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
-use crate::db::{self, Sql, BYTEA, INT4, INT8, JSONB, TEXT, TSTZ};
+use crate::db::{self, Row, Sql, BYTEA, INT4, INT8, JSONB, TEXT, TSTZ};
 use crate::error::{BillingError, OrRaise, Result};
-use crate::idempotency::Fingerprint;
+use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
-use crate::ledger::{Create, GrantState, PoolLedger};
+use crate::ledger::core::grant_facts;
+use crate::ledger::{Create, EntryKind, GrantState, PoolLedger};
 use crate::reversal::{self, Adjustment, GrantFacts};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -101,7 +102,7 @@ type GrantRow = (
 );
 
 static FIND_GRANT_BY_KEY: Sql = Sql {
-    text: "SELECT id, request_hash, kind, priority, amount, NULL, effective_at, expires_at, \
+    text: "SELECT id, request_hash, kind, priority, amount, effective_at, expires_at, \
                   debt_repaid, available_after \
            FROM billing.grants WHERE tenant_id = $1 AND key = $2",
     args: &[TEXT, TEXT],
@@ -269,26 +270,22 @@ fn find_by_key(
     let Some(row) = rows.next() else {
         return Ok(None);
     };
-    let stored: Vec<u8> = db::col(&row, 2)?;
-    if stored != hash {
-        return Err(BillingError::KeyReused {
-            what: "grant",
-            key: key.into(),
-        });
-    }
-    let amount: i64 = db::col(&row, 5)?;
-    let debt_repaid: i64 = db::col(&row, 9)?;
+    let row = Row(&row);
+    let stored: Vec<u8> = row.get("request_hash")?;
+    idempotency::same_request("grant", key, &stored, hash)?;
+    let amount: i64 = row.get("amount")?;
+    let debt_repaid: i64 = row.get("debt_repaid")?;
     Ok(Some((
-        db::col(&row, 1)?,
+        row.get("id")?,
         "duplicate".into(),
-        db::col(&row, 3)?,
-        db::col(&row, 4)?,
+        row.get("kind")?,
+        row.get("priority")?,
         amount,
         amount - debt_repaid, // what remained when it was granted
-        db::col(&row, 7)?,
-        db::opt(&row, 8)?,
+        row.get("effective_at")?,
+        row.opt("expires_at")?,
         debt_repaid,
-        db::col(&row, 10)?,
+        row.get("available_after")?,
     )))
 }
 
@@ -299,19 +296,17 @@ static FIND_GRANT: Sql = Sql {
     args: &[INT8, TEXT],
 };
 
-/// A grant's reversal facts (see reversal.rs), from its row and its entries.
-/// Read after the pool lock, once the ledger's catch-up is written, so the
-/// status and the entries are the committed, current ones.
-static GRANT_FACTS: Sql = Sql {
-    text: "SELECT g.status, g.amount, g.remaining, \
-              coalesce(sum(-e.grant_amount) FILTER (WHERE e.kind IN ('debit', 'debt_repayment')), 0)::bigint \
-                - coalesce(sum(e.grant_amount) FILTER (WHERE e.kind = 'debt_reversal'), 0)::bigint AS consumed, \
-              coalesce(sum(-e.grant_amount) FILTER (WHERE e.kind IN ('void', 'revoke')), 0)::bigint \
-                - coalesce(sum(e.grant_amount) FILTER (WHERE e.kind = 'reinstate'), 0)::bigint AS removed, \
-              coalesce(sum(e.debt_amount) FILTER (WHERE e.kind = 'debt'), 0)::bigint \
-                + coalesce(sum(e.debt_amount - e.grant_amount) FILTER (WHERE e.kind = 'debt_reversal'), 0)::bigint AS debt \
-           FROM billing.grants g LEFT JOIN billing.ledger_entries e ON e.grant_id = g.id \
-           WHERE g.id = $1 GROUP BY g.id",
+/// A grant's row and every entry that names it, read after the pool lock
+/// once the ledger's catch-up is written, so they are the committed, current
+/// ones; what they mean for a reversal is computed by `ledger::core::grant_facts`.
+static GRANT_ROW: Sql = Sql {
+    text: "SELECT status, amount, remaining FROM billing.grants WHERE id = $1",
+    args: &[INT8],
+};
+
+static GRANT_ENTRIES: Sql = Sql {
+    text: "SELECT kind::text AS kind, grant_amount, debt_amount FROM billing.ledger_entries \
+           WHERE grant_id = $1",
     args: &[INT8],
 };
 
@@ -332,18 +327,26 @@ fn lock_grant(client: &mut SpiClient<'_>, grant_id: i64) -> Result<LockedGrant> 
     let tenant = current_tenant()?;
     let mut ledger = PoolLedger::open_owner_of(client, &tenant, &FIND_GRANT, grant_id, "grant")?;
     ledger.flush(client)?; // the catch-up's entries count in the facts
-    let row = db::write(client, &GRANT_FACTS, &[grant_id.into()])?
+    let row = db::write(client, &GRANT_ROW, &[grant_id.into()])?
         .next()
         .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
-    let status: String = db::col(&row, 1)?;
-    let facts = GrantFacts {
-        amount: db::col(&row, 2)?,
-        remaining: db::col(&row, 3)?,
-        consumed: db::col(&row, 4)?,
-        removed: db::col(&row, 5)?,
-        debt: db::col(&row, 6)?,
-        closed: status != "active",
-    };
+    let row = Row(&row);
+    let status: String = row.get("status")?;
+    let entries = db::write(client, &GRANT_ENTRIES, &[grant_id.into()])?
+        .map(|e| {
+            let e = Row(&e);
+            let kind: String = e.get("kind")?;
+            let kind = EntryKind::parse(&kind)
+                .ok_or_else(|| BillingError::Internal(format!("unknown entry kind {kind}")))?;
+            Ok((kind, e.get("grant_amount")?, e.get("debt_amount")?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let facts = grant_facts(
+        row.get("amount")?,
+        row.get("remaining")?,
+        status != "active",
+        entries,
+    );
     Ok(LockedGrant {
         id: grant_id,
         status,
@@ -358,16 +361,12 @@ impl LockedGrant {
         &mut self,
         client: &mut SpiClient<'_>,
         a: &Adjustment,
-        take_kind: &'static str,
+        take_kind: EntryKind,
     ) -> Result<()> {
-        self.ledger.take_unspent(self.id, a.take_unspent, take_kind);
-        self.ledger.add_debt(a.add_debt, Some(self.id))?;
         if a.return_unspent > 0 || a.return_debt > 0 {
             self.ledger.load_grant(client, self.id)?;
-            self.ledger
-                .give_back(self.id, a.return_unspent, a.return_debt);
         }
-        self.ledger.catch_up();
+        self.ledger.adjust_grant(self.id, a, take_kind)?;
         Ok(())
     }
 
@@ -442,10 +441,10 @@ enum Close {
 }
 
 impl Close {
-    fn entry_kind(self) -> &'static str {
+    fn entry_kind(self) -> EntryKind {
         match self {
-            Close::Void => "void",
-            Close::Revoke => "revoke",
+            Close::Void => EntryKind::Void,
+            Close::Revoke => EntryKind::Revoke,
         }
     }
     fn status(self) -> &'static str {
@@ -522,7 +521,7 @@ fn reverse_grant(
             let mut g = lock_grant(client, grant_id)?;
             let a = reversal::adjust(&g.facts, total);
             let status = if a.is_none() { "unchanged" } else { "applied" };
-            g.apply(client, &a, "revoke")?;
+            g.apply(client, &a, EntryKind::Revoke)?;
             g.ledger.flush(client)?;
             Ok((
                 grant_id,

@@ -9,13 +9,13 @@ use pgrx::{AnyNumeric, JsonB};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use crate::db::{self, Sql, BYTEA, INT8, JSONB, TEXT, TSTZ};
+use crate::db::{self, Row, Sql, BYTEA, INT8, JSONB, TEXT, TSTZ};
 use crate::error::{BillingError, OrRaise, Result};
-use crate::idempotency::Fingerprint;
+use crate::idempotency::{self, Fingerprint};
 use crate::ingest::{self, Event, Outcome};
 use crate::input::RESERVED_KEY_PREFIX;
 use crate::input::{self, JsonArg};
-use crate::ledger::{drains_json, Create, PoolLedger};
+use crate::ledger::{drains_json, Create, EntryKind, PoolLedger};
 use crate::pricing;
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -59,7 +59,7 @@ fn ttl_micros(ttl: &Interval) -> Result<i64> {
 }
 
 /// Reserve `amount` for up to `ttl`. Accepted only if the floor rule holds
-/// with the reservation counted (DESIGN §2.6); otherwise nothing is written.
+/// with the reservation counted (docs/architecture.md, rule 6); otherwise nothing is written.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn reserve(
@@ -153,19 +153,15 @@ fn find_hold_by_key(
     let Some(row) = rows.next() else {
         return Ok(None);
     };
-    let stored: Vec<u8> = db::col(&row, 2)?;
-    if stored != hash {
-        return Err(BillingError::KeyReused {
-            what: "hold",
-            key: key.into(),
-        });
-    }
+    let row = Row(&row);
+    let stored: Vec<u8> = row.get("request_hash")?;
+    idempotency::same_request("hold", key, &stored, hash)?;
     Ok(Some((
-        db::col(&row, 1)?,
+        row.get("id")?,
         "duplicate".into(),
-        db::col(&row, 3)?,
-        db::col(&row, 4)?,
-        db::col(&row, 5)?,
+        row.get("amount")?,
+        row.get("expires_at")?,
+        row.get("available_after")?,
     )))
 }
 
@@ -210,14 +206,15 @@ fn open_hold(client: &mut SpiClient<'_>, hold_id: i64) -> Result<(PoolLedger, Ho
     let row = db::write(client, &HOLD_STATE, &[hold_id.into()])?
         .next()
         .ok_or_else(|| BillingError::Internal("hold vanished under the pool lock".into()))?;
-    let expires_at: Tstz = db::col(&row, 3)?;
+    let row = Row(&row);
+    let expires_at: Tstz = row.get("expires_at")?;
     let mut state = HoldState {
-        status: db::col(&row, 1)?,
-        amount: db::col(&row, 2)?,
+        status: row.get("status")?,
+        amount: row.get("amount")?,
         expires_at: expires_at.into(),
-        settle_hash: db::opt(&row, 4)?,
-        settle_result: db::opt(&row, 5)?,
-        metadata: db::col(&row, 6)?,
+        settle_hash: row.opt("settle_hash")?,
+        settle_result: row.opt("settle_result")?,
+        metadata: row.get("metadata")?,
     };
     if state.status == "open" && state.expires_at <= ledger.now {
         // the ledger recorded its expiry when it caught up
@@ -256,7 +253,7 @@ fn settle_row(hold_id: i64, status: &str, r: &serde_json::Value) -> SettleRow {
 }
 
 /// Charge the actual cost of held work and close the hold. The actual cost is
-/// recorded even above the estimate or after expiry (DESIGN §2.7): what the
+/// recorded even above the estimate or after expiry (docs/architecture.md, rule 7): what the
 /// pool cannot cover becomes debt. The settlement is also recorded as a usage
 /// event (key `billing:hold:<id>`): of `meter` and `quantity` when given,
 /// else of the hold's unit with the actual cost as its quantity, with
@@ -353,7 +350,7 @@ fn settle(
                 ));
             }
             if hold.status == "open" {
-                ledger.close_hold(hold_id, hold.amount, "settle", true);
+                ledger.close_hold(hold_id, hold.amount, EntryKind::Settle, true);
             }
             let event_id = ingest::allocate_event_id(client)?;
             ledger.current_hold = Some(hold_id);
@@ -408,12 +405,12 @@ fn replay_settle(
     hash: &[u8],
     hold: &HoldState,
 ) -> Result<SettleRow> {
-    if hold.settle_hash.as_deref() != Some(hash) {
-        return Err(BillingError::KeyReused {
-            what: "settlement of hold",
-            key: key.map_or_else(|| hold_id.to_string(), str::to_string),
-        });
-    }
+    idempotency::same_request(
+        "settlement of hold",
+        &key.map_or_else(|| hold_id.to_string(), str::to_string),
+        hold.settle_hash.as_deref().unwrap_or_default(),
+        hash,
+    )?;
     let result = hold
         .settle_result
         .as_ref()
@@ -448,7 +445,7 @@ fn release(
             let (mut ledger, hold) = open_hold(client, hold_id)?;
             match hold.status.as_str() {
                 "open" => {
-                    ledger.close_hold(hold_id, hold.amount, "release", true);
+                    ledger.close_hold(hold_id, hold.amount, EntryKind::Release, true);
                     let available = ledger.available();
                     ledger.flush(client)?;
                     db::write(client, &RELEASE_HOLD, &[hold_id.into()])?;

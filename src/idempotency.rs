@@ -4,6 +4,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::error::{BillingError, Result};
+
 pub struct Fingerprint(Sha256);
 
 impl Fingerprint {
@@ -34,5 +36,19 @@ impl Fingerprint {
 
     pub fn finish(self) -> Vec<u8> {
         self.0.finalize().to_vec()
+    }
+}
+
+/// The one key-reuse rule: a replay of `key` must carry the fingerprint stored
+/// with its first use; anything else is "idempotency key reused with
+/// different parameters", and nothing is written.
+pub fn same_request(what: &'static str, key: &str, stored: &[u8], fresh: &[u8]) -> Result<()> {
+    if stored == fresh {
+        Ok(())
+    } else {
+        Err(BillingError::KeyReused {
+            what,
+            key: key.to_string(),
+        })
     }
 }

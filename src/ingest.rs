@@ -13,9 +13,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::db::{self, Sql, INT4, TEXT, TEXT_ARRAY};
+use crate::db::{self, Row, Sql, INT4, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
-use crate::idempotency::Fingerprint;
+use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, flush_all, Create, PoolLedger};
 use crate::pricing::{self, Carries, Cost, Meter};
@@ -353,17 +353,8 @@ fn parse_timestamp(s: &str) -> Result<Ts> {
 
 // ----- the shared path -------------------------------------------------------
 
-/// One key at a time: equality on the whole unique key is the one plan that
-/// stays right however the table grows (a generic plan for `key = ANY($2)`,
-/// made while the table was small, scanned every event of the tenant).
-static FIND_EVENT: Sql = Sql {
-    text: "SELECT key, id, request_hash, meter, unit, cost, covered, debt_created, drains, \
-                  available_after, entitled_after \
-           FROM billing.usage_events WHERE tenant_id = $1 AND key = $2",
-    args: &[TEXT, TEXT],
-};
-
-/// A batch's keys at once, planned for the call (see db::write_once).
+/// The stored events of some keys. Joined to the keys (not `key = ANY`), so
+/// the plan is an index lookup per key whatever the batch's size.
 static FIND_EVENTS: Sql = Sql {
     text: "SELECT DISTINCT ON (e.key) e.key, e.id, e.request_hash, e.meter, e.unit, e.cost, e.covered, \
                   e.debt_created, e.drains, e.available_after, e.entitled_after \
@@ -500,16 +491,7 @@ fn ingest_events(
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut in_batch: HashMap<&str, (Vec<u8>, usize)> = HashMap::new();
     let pool_keys: Vec<(String, String)> = by_pool.keys().cloned().collect();
-    let mut ledgers = match pool_keys.as_slice() {
-        [(account, unit)] => vec![PoolLedger::open(
-            client,
-            &tenant,
-            account,
-            unit,
-            Create::Pool,
-        )?],
-        _ => PoolLedger::open_many(client, &tenant, &pool_keys)?,
-    };
+    let mut ledgers = PoolLedger::open_many(client, &tenant, &pool_keys, Create::Pool)?;
     // After the locks: any concurrent ingest of these keys has committed.
     let stored = find_events(client, &tenant, &events)?;
     let mut carries = Carries::load(client, priced_pairs(&ledgers, &by_pool, &events, &priced))?;
@@ -518,21 +500,13 @@ fn ingest_events(
         for i in indexes {
             let event = &events[i];
             let hash = event.fingerprint();
-            let key_reused = || BillingError::KeyReused {
-                what: "usage event",
-                key: event.key.clone(),
-            };
             if let Some((stored_hash, outcome)) = stored.get(&event.key) {
-                if *stored_hash != hash {
-                    return Err(key_reused());
-                }
+                idempotency::same_request("usage event", &event.key, stored_hash, &hash)?;
                 slots[i] = Slot::Done(outcome.clone());
                 continue;
             }
             if let Some((first_hash, n)) = in_batch.get(event.key.as_str()) {
-                if *first_hash != hash {
-                    return Err(key_reused());
-                }
+                idempotency::same_request("usage event", &event.key, first_hash, &hash)?;
                 slots[i] = Slot::RepeatOfNew(*n);
                 continue;
             }
@@ -657,7 +631,7 @@ fn assign_event_ids(
         &ALLOCATE_EVENT_IDS,
         &[(new_events.len() as i32).into()],
     )?
-    .map(|row| db::col::<i64>(&row, 1))
+    .map(|row| Row(&row).get::<i64>("nextval"))
     .collect::<Result<_>>()?;
     for (n, id) in new_events.iter_mut().zip(&ids) {
         n.id = *id;
@@ -673,35 +647,26 @@ fn find_events(
     tenant: &str,
     events: &[Event],
 ) -> Result<HashMap<String, (Vec<u8>, Outcome)>> {
-    let rows = match events {
-        [one] => db::write(
-            client,
-            &FIND_EVENT,
-            &[tenant.into(), one.key.as_str().into()],
-        )?,
-        _ => {
-            let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
-            db::write_once(client, &FIND_EVENTS, &[tenant.into(), keys.into()])?
-        }
-    };
+    let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
     let mut found = HashMap::new();
-    for row in rows {
-        let key: String = db::col(&row, 1)?;
-        let drains: JsonB = db::col(&row, 9)?;
+    for row in db::write(client, &FIND_EVENTS, &[tenant.into(), keys.into()])? {
+        let row = Row(&row);
+        let key: String = row.get("key")?;
+        let drains: JsonB = row.get("drains")?;
         let outcome = Outcome {
             key: key.clone(),
-            event_id: Some(db::col(&row, 2)?),
+            event_id: Some(row.get("id")?),
             status: "duplicate",
-            meter: db::col(&row, 4)?,
-            unit: db::col(&row, 5)?,
-            cost: db::col(&row, 6)?,
-            covered: db::col(&row, 7)?,
-            debt_created: db::col(&row, 8)?,
+            meter: row.get("meter")?,
+            unit: row.get("unit")?,
+            cost: row.get("cost")?,
+            covered: row.get("covered")?,
+            debt_created: row.get("debt_created")?,
             drains: drains.0,
-            available: db::col(&row, 10)?,
-            entitled: db::col(&row, 11)?,
+            available: row.get("available_after")?,
+            entitled: row.get("entitled_after")?,
         };
-        found.insert(key, (db::col(&row, 3)?, outcome));
+        found.insert(key, (row.get("request_hash")?, outcome));
     }
     Ok(found)
 }

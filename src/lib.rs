@@ -38,7 +38,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/views.sql",
     name = "views",
-    requires = ["schema", "webhooks", tenancy::current_tenant_sql]
+    requires = [
+        "schema",
+        "webhooks",
+        tenancy::current_tenant_sql,
+        reporting::grant_state
+    ]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 

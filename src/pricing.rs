@@ -14,7 +14,7 @@ use pgrx::spi::SpiClient;
 use pgrx::AnyNumeric;
 use rust_decimal::{Decimal, RoundingStrategy};
 
-use crate::db::{self, Sql, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::db::{self, Row, Sql, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::tenancy::current_tenant;
@@ -113,7 +113,7 @@ pub struct Carries {
 }
 
 static LOAD_CARRIES: Sql = Sql {
-    text: "SELECT c.pool_id, c.meter, c.carry::text \
+    text: "SELECT c.pool_id, c.meter, c.carry::text AS carry \
            FROM unnest($1::bigint[], $2::text[]) AS k(pool_id, meter) \
            JOIN billing.meter_carries c ON c.pool_id = k.pool_id AND c.meter = k.meter",
     args: &[INT8_ARRAY, TEXT_ARRAY],
@@ -136,10 +136,11 @@ impl Carries {
         let (pools, meters): (Vec<i64>, Vec<String>) = pairs.into_iter().unzip();
         let mut carries = HashMap::new();
         for row in db::write(client, &LOAD_CARRIES, &[pools.into(), meters.into()])? {
-            let carry: String = db::col(&row, 3)?;
+            let row = Row(&row);
+            let carry: String = row.get("carry")?;
             let carry = Decimal::from_str(&carry)
                 .map_err(|e| BillingError::Internal(format!("stored carry: {e}")))?;
-            carries.insert((db::col(&row, 1)?, db::col(&row, 2)?), (carry, false));
+            carries.insert((row.get("pool_id")?, row.get("meter")?), (carry, false));
         }
         Ok(Carries { carries })
     }
@@ -182,7 +183,7 @@ impl Carries {
 }
 
 static FIND_METER: Sql = Sql {
-    text: "SELECT unit, unit_price::text FROM billing.meters WHERE tenant_id = $1 AND meter = $2 \
+    text: "SELECT unit, unit_price::text AS unit_price FROM billing.meters WHERE tenant_id = $1 AND meter = $2 \
            UNION ALL \
            SELECT unit, '1' FROM billing.units WHERE tenant_id = $1 AND unit = $2 \
            LIMIT 1",
@@ -195,10 +196,11 @@ pub fn find_meter(client: &mut SpiClient<'_>, tenant: &str, meter: &str) -> Resu
     let Some(row) = rows.next() else {
         return Err(BillingError::unknown("meter or unit", meter));
     };
-    let price: Option<String> = db::opt(&row, 2)?;
+    let row = Row(&row);
+    let price: Option<String> = row.opt("unit_price")?;
     Ok(Meter {
         name: meter.to_string(),
-        unit: db::col(&row, 1)?,
+        unit: row.get("unit")?,
         unit_price: price
             .map(|p| Decimal::from_str(&p))
             .transpose()

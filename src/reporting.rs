@@ -4,23 +4,25 @@
 use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::prelude::*;
 
-use crate::db::{self, Sql, INT4, TEXT, TSTZ};
+use crate::db::{self, Row, Sql, INT4, TEXT, TSTZ};
 use crate::error::{OrRaise, Result};
 use crate::input;
-use crate::ledger::{Create, PoolLedger};
+use crate::ledger::{instant, Create, PoolLedger};
 use crate::tenancy::current_tenant;
 
 /// The pool as a check at `as_of` would have seen it, from ledger entries
-/// recorded by then: a grant counts at `as_of` if it was effective and not yet
-/// expired, with what remained of it after the entries recorded up to `as_of`.
+/// recorded by then: a grant counts at `as_of` if it was spendable then
+/// (`grant_state`), with what remained of it after the entries recorded up to `as_of`.
 static BALANCE_AS_OF: Sql = Sql {
     text: "WITH p AS (SELECT id FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3), \
                 t AS (SELECT coalesce($4, now()) AS at) \
            SELECT t.at, \
-              (SELECT coalesce(sum((SELECT coalesce(sum(e.grant_amount), 0) FROM billing.ledger_entries e \
-                                    WHERE e.grant_id = g.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
-               FROM billing.grants g JOIN p ON g.pool_id = p.id \
-               WHERE g.effective_at <= t.at AND (g.expires_at IS NULL OR t.at < g.expires_at)), \
+              (SELECT coalesce(sum(r.remaining), 0)::bigint \
+               FROM billing.grants g JOIN p ON g.pool_id = p.id, \
+                    LATERAL (SELECT coalesce(sum(e.grant_amount), 0)::bigint AS remaining \
+                             FROM billing.ledger_entries e \
+                             WHERE e.grant_id = g.id AND ($4 IS NULL OR e.recorded_at <= $4)) r \
+               WHERE billing.grant_state('active', r.remaining, g.effective_at, g.expires_at, t.at) = 'active'), \
               (SELECT coalesce(sum((SELECT coalesce(sum(e.hold_amount), 0) FROM billing.ledger_entries e \
                                     WHERE e.hold_id = h.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
                FROM billing.holds h JOIN p ON h.pool_id = p.id WHERE t.at < h.expires_at), \
@@ -103,7 +105,10 @@ fn sweep(max_pools: default!(Option<i32>, "1000")) -> i64 {
     Spi::connect_mut(|client| -> Result<i64> {
         let due: Vec<(String, String, String)> =
             db::write(client, &POOLS_DUE, &[max_pools.max(0).into()])?
-                .map(|r| Ok((db::col(&r, 1)?, db::col(&r, 2)?, db::col(&r, 3)?)))
+                .map(|r| {
+                    let r = Row(&r);
+                    Ok((r.get("tenant_id")?, r.get("account")?, r.get("unit")?))
+                })
                 .collect::<Result<_>>()?;
         for (tenant, account, unit) in &due {
             PoolLedger::open(client, tenant, account, unit, Create::Pool)?.flush(client)?;
@@ -111,4 +116,24 @@ fn sweep(max_pools: default!(Option<i32>, "1000")) -> i64 {
         Ok(due.len() as i64)
     })
     .or_raise()
+}
+
+/// The state of a grant at instant `at` (pending, active, exhausted,
+/// expired, voided, revoked): the ledger core's rule, for views and reports.
+#[pg_extern(immutable, parallel_safe)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn grant_state(
+    status: Option<&str>,
+    remaining: Option<i64>,
+    effective_at: Option<Tstz>,
+    expires_at: Option<Tstz>,
+    at: Option<Tstz>,
+) -> Option<&'static str> {
+    Some(crate::ledger::core::grant_state(
+        status?,
+        remaining?,
+        instant(effective_at?),
+        expires_at.map(instant),
+        instant(at?),
+    ))
 }

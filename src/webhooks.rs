@@ -10,7 +10,7 @@ use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
-use crate::db::{self, Sql, OID};
+use crate::db::{self, Row, Sql, OID};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input::{self, JsonArg};
 use crate::signatures::{self, Endpoint, Headers, Scheme};
@@ -89,10 +89,10 @@ fn verify_webhook(
 /// Who owns a handler, its qualified name, and whether it lives in a temporary
 /// schema (which another session's owner could have put there).
 static HANDLER_INFO: Sql = Sql {
-    text: "SELECT p.proowner, \
-                  pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname), \
-                  p.pronamespace = pg_catalog.pg_my_temp_schema() \
-                    OR pg_catalog.pg_is_other_temp_schema(p.pronamespace) \
+    text: "SELECT p.proowner AS owner, \
+                  pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname) AS name, \
+                  (p.pronamespace = pg_catalog.pg_my_temp_schema() \
+                    OR pg_catalog.pg_is_other_temp_schema(p.pronamespace)) AS temporary \
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
            WHERE p.oid = $1",
     args: &[OID],
@@ -155,7 +155,8 @@ fn run_webhook_handler(
             let row = rows.next().ok_or_else(|| {
                 BillingError::unknown("webhook handler", handler.to_u32().to_string())
             })?;
-            Ok((db::col(&row, 1)?, db::col(&row, 2)?, db::col(&row, 3)?))
+            let row = Row(&row);
+            Ok((row.get("owner")?, row.get("name")?, row.get("temporary")?))
         })?;
         if temporary {
             return Err(temporary_handler(&name));

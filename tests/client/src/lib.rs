@@ -37,7 +37,7 @@ pub fn fresh_db(db: &str) -> Client {
     c
 }
 
-/// DESIGN §2.8, checked by the extension itself: no row means consistent.
+/// docs/architecture.md, rule 8, checked by the extension itself: no row means consistent.
 pub fn ledger_problems(c: &mut Client) -> Vec<String> {
     c.query("SELECT problem FROM billing.verify_ledger()", &[])
         .expect("verify_ledger")

@@ -1,4 +1,4 @@
-//! DESIGN §2.2, §2.6, §2.7, §2.8 across crashes. Six real sessions run mixed
+//! docs/architecture.md, rules 2, 6, 7, 8: across crashes. Six real sessions run mixed
 //! billing traffic (grants, strict and non-strict ingests, batches, holds with
 //! settle and release, signed Stripe webhooks, replays) against a cluster of
 //! the test's own, which is SIGKILLed (postmaster and every child) several

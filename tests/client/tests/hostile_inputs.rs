@@ -1,4 +1,4 @@
-//! DESIGN §5: random and hostile inputs — huge, empty, unicode, SQL-looking,
+//! README, "Tenants and roles": random and hostile inputs — huge, empty, unicode, SQL-looking,
 //! boundary integers, odd numerics, timestamps and JSON, and SQL NULL in any
 //! argument position — thrown at every public function. Each call succeeds or
 //! fails with a documented SQLSTATE (a NULL where a value is required is 22004,
@@ -458,11 +458,17 @@ const FUNCTIONS: &[&str] = &[
     "purge_webhook_events",
     "grant_tenant",
     "revoke_tenant",
+    "grant_state",
 ];
 
 /// Functions that take no argument a NULL could be refused for: none, a
 /// STRICT one (NULL in, NULL out), and set_config (NULL resets the setting).
-const NO_REQUIRED_ARGUMENT: &[&str] = &["verify_ledger", "currency_exponent", "current_tenant"];
+const NO_REQUIRED_ARGUMENT: &[&str] = &[
+    "verify_ledger",
+    "currency_exponent",
+    "current_tenant",
+    "grant_state",
+];
 
 fn random_call(rng: &mut Rng, p: &Pools, valid_json: &HashSet<String>) -> Call {
     let r = rng;
@@ -698,10 +704,22 @@ fn random_call(rng: &mut Rng, p: &Pools, valid_json: &HashSet<String>) -> Call {
             "SELECT billing.grant_tenant($1, $2::text::name)",
             vec![arg(r, &p.t), arg2(r, &p.roles, &p.t)],
         ),
-        _ => call(
+        28 => call(
             "revoke_tenant",
             "SELECT billing.revoke_tenant($1, $2::text::name)",
             vec![arg(r, &p.t), arg2(r, &p.roles, &p.t)],
+        ),
+        _ => call(
+            "grant_state",
+            "SELECT billing.grant_state($1, $2::text::bigint, $3::text::timestamptz, \
+             $4::text::timestamptz, $5::text::timestamptz)",
+            vec![
+                arg(r, &p.t),
+                arg2(r, &p.amounts, &p.i),
+                arg2(r, &p.recent, &p.ts),
+                arg2(r, &p.recent, &p.ts),
+                arg2(r, &p.recent, &p.ts),
+            ],
         ),
     }
 }

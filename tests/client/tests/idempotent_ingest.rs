@@ -1,4 +1,4 @@
-//! DESIGN §2.2: the same 10,000 keys ingested concurrently from 8 sessions
+//! docs/architecture.md, rule 2: the same 10,000 keys ingested concurrently from 8 sessions
 //! (each in its own order, some one by one, some in batches) are applied
 //! exactly once.
 

@@ -1,4 +1,4 @@
-//! DESIGN §5, attacked over real connections as real login roles: code an
+//! README, "Tenants and roles" attacked over real connections as real login roles: code an
 //! application registers runs with its owner's rights only; no view leaks
 //! another tenant's rows to a leaky function; roles are kept by OID; a
 //! session whose role was dropped gets a clear error, not a crashed backend;

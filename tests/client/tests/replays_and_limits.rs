@@ -1,4 +1,4 @@
-//! DESIGN §2.2 and §5 over real connections and real time: a replay returns
+//! docs/architecture.md, rule 2; README, "Tenants and roles" over real connections and real time: a replay returns
 //! its original outcome forever, even after a time-relative rule would refuse
 //! its arguments; a batch's memory stays a small multiple of its size.
 

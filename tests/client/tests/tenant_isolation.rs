@@ -1,4 +1,4 @@
-//! DESIGN §5: tenant A's roles, holding tenant B's ids, read none of B's rows
+//! README, "Tenants and roles": tenant A's roles, holding tenant B's ids, read none of B's rows
 //! and change nothing of B's — through tables, views and every function,
 //! including by setting billing.tenant to B or by SET ROLE.
 

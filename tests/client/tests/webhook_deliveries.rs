@@ -1,4 +1,4 @@
-//! DESIGN §4: replays and concurrent duplicate deliveries apply once. Eight real
+//! README, "Webhooks": replays and concurrent duplicate deliveries apply once. Eight real
 //! sessions deliver the same 200 signed Stripe events (100 payments, each
 //! reported by two event types) at once, each in its own order.
 

@@ -1,4 +1,4 @@
-//! DESIGN §2.6: under any number of concurrent callers, the sum of accepted
+//! docs/architecture.md, rule 6: under any number of concurrent callers, the sum of accepted
 //! strict debits and holds never exceeds what was available above the floor.
 //! 32 real sessions hammer one pool with strict debits, reservations and
 //! settlements for a few seconds.

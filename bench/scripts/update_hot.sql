@@ -1,0 +1,1 @@
+UPDATE bench.accounts SET balance = balance - 1 WHERE id = 0;

@@ -1,0 +1,590 @@
+//! The pool store: pools locked, their grants and holds loaded, handed to the
+//! pure [`core`], and what the core computed written back. One set-based path
+//! for one pool or many (a single call is a batch of one): one statement locks
+//! the pools, one loads their grants, and a handful write grant remainders,
+//! expired holds, ledger entries and pool rows.
+//!
+//! Every write to a pool goes through [`PoolLedger`], under the pool's row lock
+//! (`SELECT … FOR UPDATE`), so concurrent debits serialise on the pool and the
+//! floor rule is checked against committed state: zero overspend. Rows are
+//! read by column name.
+
+pub mod core;
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
+use pgrx::spi::{SpiClient, SpiTupleTable};
+use serde_json::json;
+
+use crate::db::{self, Row, Sql, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY};
+use crate::error::{BillingError, Result};
+use crate::time::{self, Ts};
+
+pub use self::core::{cache_valid, Figures};
+use self::core::{Booked, Entry, Holds, OpenHold, Pool};
+pub use self::core::{Drain, EntryKind, GrantState};
+
+impl From<self::core::Overflow> for BillingError {
+    fn from(o: self::core::Overflow) -> Self {
+        BillingError::Overflow(o.0)
+    }
+}
+
+pub fn drains_json(drains: &[Drain]) -> serde_json::Value {
+    serde_json::Value::Array(
+        drains
+            .iter()
+            .map(|d| json!({"grant_id": d.grant_id, "amount": d.amount}))
+            .collect(),
+    )
+}
+
+/// A locked pool: where it is, and the core's view of it.
+pub struct PoolLedger {
+    pub id: i64,
+    pub tenant: String,
+    pub account: String,
+    pub unit: String,
+    pool: Pool,
+}
+
+impl Deref for PoolLedger {
+    type Target = Pool;
+    fn deref(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+impl DerefMut for PoolLedger {
+    fn deref_mut(&mut self) -> &mut Pool {
+        &mut self.pool
+    }
+}
+
+/// Pools of one tenant, locked in one order for every caller (account, unit)
+/// so two batches never deadlock.
+static LOCK_POOLS: Sql = Sql {
+    text: "SELECT p.id, p.account, p.unit, p.floor, p.version, p.remaining, p.debt, p.held, \
+                  p.active_remaining, p.active_held, p.cache_from, p.cache_until \
+           FROM billing.pools p \
+           JOIN unnest($2::text[], $3::text[]) AS k(account, unit) \
+             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit \
+           ORDER BY p.account, p.unit FOR UPDATE OF p",
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
+};
+
+/// Read after the lock (a new statement sees what the previous holder committed).
+static LOAD_GRANTS: Sql = Sql {
+    text: "SELECT pool_id, id, priority, remaining, effective_at, expires_at FROM billing.grants \
+           WHERE pool_id = ANY($1) AND status = 'active' AND remaining > 0",
+    args: &[INT8_ARRAY],
+};
+
+static LOAD_GRANT: Sql = Sql {
+    text: "SELECT pool_id, id, priority, remaining, effective_at, expires_at \
+           FROM billing.grants WHERE id = $1",
+    args: &[INT8],
+};
+
+static LOAD_OPEN_HOLDS: Sql = Sql {
+    text: "SELECT pool_id, id, amount, expires_at FROM billing.holds \
+           WHERE pool_id = ANY($1) AND status = 'open'",
+    args: &[INT8_ARRAY],
+};
+
+pub static UNIT_EXISTS: Sql = Sql {
+    text: "SELECT 1 FROM billing.units WHERE tenant_id = $1 AND unit = $2",
+    args: &[TEXT, TEXT],
+};
+
+static CREATE_UNITS: Sql = Sql {
+    text: "INSERT INTO billing.units (tenant_id, unit) SELECT DISTINCT $1, u FROM unnest($2::text[]) u \
+           ON CONFLICT DO NOTHING",
+    args: &[TEXT, TEXT_ARRAY],
+};
+
+static KNOWN_UNITS: Sql = Sql {
+    text: "SELECT unit FROM billing.units WHERE tenant_id = $1 AND unit = ANY($2)",
+    args: &[TEXT, TEXT_ARRAY],
+};
+
+static CREATE_POOLS: Sql = Sql {
+    text: "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[]) AS k(account, unit)), \
+                a AS (INSERT INTO billing.accounts (tenant_id, account) \
+                      SELECT DISTINCT $1, account FROM k ON CONFLICT DO NOTHING) \
+           INSERT INTO billing.pools (tenant_id, account, unit) SELECT $1, account, unit FROM k \
+           ON CONFLICT DO NOTHING",
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
+};
+
+static UPDATE_GRANTS: Sql = Sql {
+    text: "UPDATE billing.grants g SET remaining = u.remaining \
+           FROM unnest($1::bigint[], $2::bigint[]) AS u(id, remaining) WHERE g.id = u.id",
+    args: &[INT8_ARRAY, INT8_ARRAY],
+};
+
+static EXPIRE_HOLDS: Sql = Sql {
+    text: "UPDATE billing.holds SET status = 'expired', closed_at = now() WHERE id = ANY($1)",
+    args: &[INT8_ARRAY],
+};
+
+static INSERT_ENTRIES: Sql = Sql {
+    text: "INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
+              amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
+              debt_after, held_after, grant_id, hold_id, event_id, effective_at) \
+           SELECT e.* FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], \
+              $6::text[]::billing.entry_kind[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
+              $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], \
+              $18::timestamptz[]) AS e",
+    args: &[
+        TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY,
+        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
+        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, TSTZ_ARRAY,
+    ],
+};
+
+static UPDATE_POOLS: Sql = Sql {
+    text: "UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
+              held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
+              cache_from = now(), cache_until = u.cache_until, updated_at = now() \
+           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                       $6::bigint[], $7::bigint[], $8::timestamptz[]) \
+                AS u(id, version, remaining, debt, held, active_remaining, active_held, cache_until) \
+           WHERE p.id = u.id",
+    args: &[
+        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
+        TSTZ_ARRAY,
+    ],
+};
+
+/// Whether a pool that does not exist yet may be created by this call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// Create the unit too (a grant introduces a unit).
+    UnitAndPool,
+    /// Create the pool if the unit is known; an unknown unit is an error.
+    Pool,
+}
+
+/// A pool row as read, before its grants are loaded.
+struct Locked {
+    id: i64,
+    floor: i64,
+    booked: Booked,
+    /// The instant it was last brought up to date.
+    since: Ts,
+    /// Its cached figures: spendable credit and open holds, when valid now.
+    cached: Option<(i64, Holds)>,
+}
+
+impl Locked {
+    /// A pool row with the columns of LOCK_POOLS.
+    fn from_row(row: &Row<'_, '_>, now: Ts) -> Result<Locked> {
+        let since = instant(row.get("cache_from")?);
+        let until = instant(row.get("cache_until")?);
+        let cached = if cache_valid(since, until, now) {
+            let holds = Holds::Cached {
+                active_held: row.get("active_held")?,
+                until,
+            };
+            Some((row.get("active_remaining")?, holds))
+        } else {
+            None
+        };
+        Ok(Locked {
+            id: row.get("id")?,
+            floor: row.get("floor")?,
+            booked: Booked {
+                version: row.get("version")?,
+                remaining: row.get("remaining")?,
+                debt: row.get("debt")?,
+                held: row.get("held")?,
+            },
+            since,
+            cached,
+        })
+    }
+}
+
+impl PoolLedger {
+    /// Lock the pool of (tenant, account, unit), creating it as allowed, and
+    /// bring it up to date at `now()`: record expiries and repay debt.
+    pub fn open(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        account: &str,
+        unit: &str,
+        create: Create,
+    ) -> Result<PoolLedger> {
+        let key = [(account.to_string(), unit.to_string())];
+        let mut pools = Self::open_many(client, tenant, &key, create)?;
+        Ok(pools.remove(0))
+    }
+
+    /// Lock the pool of a grant or hold of this tenant: `find` takes ($1 id,
+    /// $2 tenant) and returns (account, unit); no row is an unknown `what`.
+    pub fn open_owner_of(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        find: &'static Sql,
+        id: i64,
+        what: &'static str,
+    ) -> Result<PoolLedger> {
+        let mut rows = db::write(client, find, &[id.into(), tenant.into()])?;
+        let Some(row) = rows.next() else {
+            return Err(BillingError::unknown(what, id.to_string()));
+        };
+        let row = Row(&row);
+        let (account, unit): (String, String) = (row.get("account")?, row.get("unit")?);
+        Self::open(client, tenant, &account, &unit, Create::Pool)
+    }
+
+    /// Lock the pools of `keys` (account, unit), creating the missing ones as
+    /// allowed, load them, and bring each up to date at `now()`. Returned in
+    /// the order of `keys`.
+    pub fn open_many(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[(String, String)],
+        create: Create,
+    ) -> Result<Vec<PoolLedger>> {
+        let now = time::now();
+        let mut found = Self::lock(client, tenant, keys, now)?;
+        if found.len() < keys.len() {
+            let missing: Vec<(String, String)> = keys
+                .iter()
+                .filter(|k| !found.contains_key(*k))
+                .cloned()
+                .collect();
+            Self::create(client, tenant, &missing, create)?;
+            found.extend(Self::lock(client, tenant, &missing, now)?);
+        }
+        let mut locked = Vec::with_capacity(keys.len());
+        for k in keys {
+            let l = found
+                .remove(k)
+                .ok_or_else(|| BillingError::Internal("pool vanished after creation".into()))?;
+            locked.push((k, l));
+        }
+        let ids: Vec<i64> = locked.iter().map(|(_, l)| l.id).collect();
+        let mut grants = load_grants(client, &ids)?;
+        let stale: Vec<i64> = locked
+            .iter()
+            .filter(|(_, l)| l.cached.is_none())
+            .map(|(_, l)| l.id)
+            .collect();
+        let mut holds = load_open_holds(client, &stale)?;
+        Ok(locked
+            .into_iter()
+            .map(|((account, unit), l)| {
+                let holds = match l.cached {
+                    Some((_, cached)) => cached,
+                    None => Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
+                };
+                let grants = grants.remove(&l.id).unwrap_or_default();
+                PoolLedger {
+                    id: l.id,
+                    tenant: tenant.to_string(),
+                    account: account.clone(),
+                    unit: unit.clone(),
+                    pool: Pool::open(l.booked, l.floor, l.since, now, grants, holds),
+                }
+            })
+            .collect())
+    }
+
+    fn lock(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[(String, String)],
+        now: Ts,
+    ) -> Result<HashMap<(String, String), Locked>> {
+        let (accounts, units): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
+        let mut found = HashMap::new();
+        for row in db::write(
+            client,
+            &LOCK_POOLS,
+            &[tenant.into(), accounts.into(), units.into()],
+        )? {
+            let row = Row(&row);
+            let locked = Locked::from_row(&row, now)?;
+            found.insert((row.get("account")?, row.get("unit")?), locked);
+        }
+        Ok(found)
+    }
+
+    fn create(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[(String, String)],
+        create: Create,
+    ) -> Result<()> {
+        let (accounts, units): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
+        match create {
+            Create::UnitAndPool => {
+                db::write(
+                    client,
+                    &CREATE_UNITS,
+                    &[tenant.into(), units.clone().into()],
+                )?;
+            }
+            Create::Pool => {
+                let known: Vec<String> =
+                    db::write(client, &KNOWN_UNITS, &[tenant.into(), units.clone().into()])?
+                        .map(|r| Row(&r).get::<String>("unit"))
+                        .collect::<Result<_>>()?;
+                if let Some(u) = units.iter().find(|u| !known.iter().any(|k| k == *u)) {
+                    return Err(BillingError::unknown("unit", *u));
+                }
+            }
+        }
+        db::write(
+            client,
+            &CREATE_POOLS,
+            &[tenant.into(), accounts.into(), units.into()],
+        )?;
+        Ok(())
+    }
+
+    /// Bring one grant of this pool into memory even when nothing is left of
+    /// it (the drain loads only grants with credit), so credit can return to it.
+    pub fn load_grant(&mut self, client: &mut SpiClient<'_>, grant_id: i64) -> Result<()> {
+        if self.pool.has_grant(grant_id) {
+            return Ok(());
+        }
+        let row = db::write(client, &LOAD_GRANT, &[grant_id.into()])?
+            .next()
+            .ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
+        let (_, grant) = grant_from_row(&Row(&row))?;
+        self.pool.insert_in_drain_order(grant);
+        Ok(())
+    }
+
+    pub fn insufficient(&self, requested: i64) -> BillingError {
+        BillingError::InsufficientCredits {
+            unit: self.unit.clone(),
+            available: self.available(),
+            requested,
+            floor: self.floor,
+        }
+    }
+
+    /// Write what this pool computed. Nothing is written before this.
+    pub fn flush(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
+        flush_all(client, std::slice::from_mut(self))
+    }
+}
+
+/// The instant a timestamptz column holds; infinities as the extremes.
+pub fn instant(t: Tstz) -> Ts {
+    if t.is_finite() {
+        t.into()
+    } else if t == Tstz::positive_infinity() {
+        Ts::MAX
+    } else {
+        Ts::MIN
+    }
+}
+
+fn sql_instant(t: Ts) -> Tstz {
+    if t == Ts::MAX {
+        Tstz::positive_infinity()
+    } else {
+        time::to_sql(t)
+    }
+}
+
+fn grant_from_row(row: &Row<'_, '_>) -> Result<(i64, GrantState)> {
+    let effective_at: Tstz = row.get("effective_at")?;
+    let expires_at: Option<Tstz> = row.opt("expires_at")?;
+    Ok((
+        row.get("pool_id")?,
+        GrantState::new(
+            row.get("id")?,
+            row.get("priority")?,
+            row.get("remaining")?,
+            effective_at.into(),
+            expires_at.map(Into::into),
+        ),
+    ))
+}
+
+/// After a lock, loads run as writes: a new snapshot sees what the previous
+/// holder of the lock committed.
+fn load_grants(client: &mut SpiClient<'_>, pools: &[i64]) -> Result<HashMap<i64, Vec<GrantState>>> {
+    grants_by_pool(db::write(client, &LOAD_GRANTS, &[pools.to_vec().into()])?)
+}
+
+fn grants_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<GrantState>>> {
+    let mut by_pool: HashMap<i64, Vec<GrantState>> = HashMap::new();
+    for row in rows {
+        let (pool, grant) = grant_from_row(&Row(&row))?;
+        by_pool.entry(pool).or_default().push(grant);
+    }
+    Ok(by_pool)
+}
+
+fn load_open_holds(
+    client: &mut SpiClient<'_>,
+    pools: &[i64],
+) -> Result<HashMap<i64, Vec<OpenHold>>> {
+    if pools.is_empty() {
+        return Ok(HashMap::new());
+    }
+    holds_by_pool(db::write(
+        client,
+        &LOAD_OPEN_HOLDS,
+        &[pools.to_vec().into()],
+    )?)
+}
+
+fn holds_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<OpenHold>>> {
+    let mut by_pool: HashMap<i64, Vec<OpenHold>> = HashMap::new();
+    for row in rows {
+        let row = Row(&row);
+        let expires_at: Tstz = row.get("expires_at")?;
+        by_pool
+            .entry(row.get("pool_id")?)
+            .or_default()
+            .push(OpenHold {
+                id: row.get("id")?,
+                amount: row.get("amount")?,
+                expires_at: expires_at.into(),
+            });
+    }
+    Ok(by_pool)
+}
+
+/// The pool row the gate reads: the columns of LOCK_POOLS, without a lock.
+pub static READ_POOL: Sql = Sql {
+    text: "SELECT id, floor, version, remaining, debt, held, active_remaining, active_held, \
+                  cache_from, cache_until \
+           FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3",
+    args: &[TEXT, TEXT, TEXT],
+};
+
+/// The figures of a pool row at `now`, for the gate: inside its cached window
+/// from the row alone; outside it, its grants and open holds are read and the
+/// pool is brought up to date in memory, exactly as a write would, and nothing is written.
+pub fn figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures> {
+    let now = time::now();
+    let l = Locked::from_row(row, now)?;
+    if let Some((balance, Holds::Cached { active_held, .. })) = l.cached {
+        return Ok(Figures {
+            balance,
+            held: active_held,
+            debt: l.booked.debt,
+            floor: l.floor,
+        });
+    }
+    let args = [vec![l.id].into()];
+    let mut grants = grants_by_pool(db::read(client, &LOAD_GRANTS, &args)?)?;
+    let mut holds = holds_by_pool(db::read(client, &LOAD_OPEN_HOLDS, &args)?)?;
+    let pool = Pool::open(
+        l.booked,
+        l.floor,
+        l.since,
+        now,
+        grants.remove(&l.id).unwrap_or_default(),
+        Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
+    );
+    Ok(pool.figures())
+}
+
+/// The columns of INSERT_ENTRIES for some entries, each with its pool.
+fn entry_columns<'a>(entries: &[(&'a PoolLedger, &'a Entry)]) -> Vec<DatumWithOid<'a>> {
+    let text = |f: fn(&PoolLedger) -> &str| -> Vec<&'a str> {
+        entries.iter().map(|(l, _)| f(l)).collect()
+    };
+    let ints = |f: fn(&Entry) -> i64| -> Vec<i64> { entries.iter().map(|(_, e)| f(e)).collect() };
+    let opts = |f: fn(&Entry) -> Option<i64>| -> Vec<Option<i64>> {
+        entries.iter().map(|(_, e)| f(e)).collect()
+    };
+    vec![
+        text(|l| &l.tenant).into(),
+        entries
+            .iter()
+            .map(|(l, _)| l.id)
+            .collect::<Vec<i64>>()
+            .into(),
+        text(|l| &l.account).into(),
+        text(|l| &l.unit).into(),
+        ints(|x| x.version).into(),
+        entries
+            .iter()
+            .map(|(_, e)| e.kind.as_str())
+            .collect::<Vec<&str>>()
+            .into(),
+        ints(|x| x.amount).into(),
+        ints(|x| x.grant_amount).into(),
+        ints(|x| x.debt_amount).into(),
+        ints(|x| x.hold_amount).into(),
+        ints(|x| x.balance_before).into(),
+        ints(|x| x.balance_after).into(),
+        ints(|x| x.debt_after).into(),
+        ints(|x| x.held_after).into(),
+        opts(|x| x.grant_id).into(),
+        opts(|x| x.hold_id).into(),
+        opts(|x| x.event_id).into(),
+        entries
+            .iter()
+            .map(|(_, e)| time::to_sql(e.effective_at))
+            .collect::<Vec<_>>()
+            .into(),
+    ]
+}
+
+/// Write what the given pools computed: grant remainders, expired holds,
+/// ledger entries and pool rows, a few set-based statements for all of them.
+pub fn flush_all(client: &mut SpiClient<'_>, ledgers: &mut [PoolLedger]) -> Result<()> {
+    let changed: Vec<&PoolLedger> = ledgers.iter().filter(|l| l.is_changed()).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let (ids, remaining): (Vec<i64>, Vec<i64>) =
+        changed.iter().flat_map(|l| l.dirty_grants()).unzip();
+    if !ids.is_empty() {
+        db::write(client, &UPDATE_GRANTS, &[ids.into(), remaining.into()])?;
+    }
+    let expired: Vec<i64> = changed
+        .iter()
+        .flat_map(|l| l.expired_holds().iter().copied())
+        .collect();
+    if !expired.is_empty() {
+        db::write(client, &EXPIRE_HOLDS, &[expired.into()])?;
+    }
+    let entries: Vec<(&PoolLedger, &Entry)> = changed
+        .iter()
+        .flat_map(|l| l.entries().iter().map(move |e| (*l, e)))
+        .collect();
+    for chunk in entries.chunks(db::WRITE_CHUNK) {
+        db::write(client, &INSERT_ENTRIES, &entry_columns(chunk))?;
+    }
+    let pools = |f: fn(&PoolLedger) -> i64| -> Vec<i64> { changed.iter().map(|l| f(l)).collect() };
+    db::write(
+        client,
+        &UPDATE_POOLS,
+        &[
+            pools(|l| l.id).into(),
+            pools(|l| l.booked().version).into(),
+            pools(|l| l.booked().remaining).into(),
+            pools(|l| l.booked().debt).into(),
+            pools(|l| l.booked().held).into(),
+            pools(|l| l.active_remaining()).into(),
+            pools(|l| l.active_held()).into(),
+            changed
+                .iter()
+                .map(|l| sql_instant(l.cache_until()))
+                .collect::<Vec<_>>()
+                .into(),
+        ],
+    )?;
+    for l in ledgers.iter_mut() {
+        l.pool.written();
+    }
+    Ok(())
+}
