@@ -86,6 +86,33 @@ fn plan(
     Ok(prepared)
 }
 
+/// While alive, cached plans run their generic plan. A statement over a
+/// parameter array (`unnest($1)`, `= ANY($1)`) is estimated at 100 rows in its
+/// generic plan and at the array's true length in a custom one, so PostgreSQL
+/// would plan every call afresh (about a third of a one-client ingest); our
+/// statements are written so the generic plan is right for any length. The
+/// setting is restored when the statement returns or raises.
+struct GenericPlans(std::ffi::c_int);
+
+impl GenericPlans {
+    fn force() -> Self {
+        // SAFETY: a backend is single-threaded; the previous value is restored on drop.
+        unsafe {
+            let previous = pg_sys::plan_cache_mode;
+            pg_sys::plan_cache_mode =
+                pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
+            GenericPlans(previous)
+        }
+    }
+}
+
+impl Drop for GenericPlans {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { pg_sys::plan_cache_mode = self.0 }
+    }
+}
+
 /// Run a statement that may write (or lock) and return its rows.
 pub fn write<'conn>(
     client: &mut SpiClient<'conn>,
@@ -93,6 +120,7 @@ pub fn write<'conn>(
     args: &[DatumWithOid<'_>],
 ) -> Result<SpiTupleTable<'conn>> {
     let p = plan(client, sql, true)?;
+    let _generic = GenericPlans::force();
     Ok(client.update(&*p, None, args)?)
 }
 
@@ -103,6 +131,7 @@ pub fn read<'conn>(
     args: &[DatumWithOid<'_>],
 ) -> Result<SpiTupleTable<'conn>> {
     let p = plan(client, sql, false)?;
+    let _generic = GenericPlans::force();
     Ok(client.select(&*p, None, args)?)
 }
 
