@@ -11,7 +11,12 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, Oid, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 
-use crate::error::Result;
+use std::panic::AssertUnwindSafe;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{PgSqlErrorCode, PgTryBuilder};
+
+use crate::error::{BillingError, Result};
 
 /// One SQL statement and the types of its `$n` parameters.
 pub struct Sql {
@@ -29,6 +34,7 @@ pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
 pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
 pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
 pub const TSTZ_ARRAY: Oid = pg_sys::TIMESTAMPTZARRAYOID;
+pub const BOOL_ARRAY: Oid = pg_sys::BOOLARRAYOID;
 
 /// A cached plan is prepared again after this many executions. A generic plan
 /// made while a table was nearly empty (a fresh install) can be a sequential
@@ -113,15 +119,85 @@ impl Drop for GenericPlans {
     }
 }
 
+/// `billing.lock_timeout`: how long, in milliseconds, a billing call waits
+/// for a row another transaction holds (an account's pool, most often) when
+/// the session sets no `lock_timeout` of its own; 0 waits without limit.
+pub static LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
+pub fn define_settings() {
+    GucRegistry::define_int_guc(
+        c"billing.lock_timeout",
+        c"How long a billing call waits for a row another transaction holds.",
+        c"Used when the session's lock_timeout is 0. In milliseconds; 0 waits without limit.",
+        &LOCK_TIMEOUT_MS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// While alive, every lock wait is bounded: by the session's `lock_timeout`
+/// if it set one, else by `billing.lock_timeout`. Restored on return or raise.
+struct BoundedWaits {
+    previous: std::ffi::c_int,
+    bound: std::ffi::c_int,
+}
+
+impl BoundedWaits {
+    fn start() -> Self {
+        // SAFETY: a backend is single-threaded; the previous value is restored on drop.
+        unsafe {
+            let previous = pg_sys::LockTimeout;
+            let bound = if previous > 0 {
+                previous
+            } else {
+                LOCK_TIMEOUT_MS.get()
+            };
+            pg_sys::LockTimeout = bound;
+            BoundedWaits { previous, bound }
+        }
+    }
+}
+
+impl Drop for BoundedWaits {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { pg_sys::LockTimeout = self.previous }
+    }
+}
+
 /// Run a statement that may write (or lock) and return its rows.
 pub fn write<'conn>(
     client: &mut SpiClient<'conn>,
     sql: &'static Sql,
     args: &[DatumWithOid<'_>],
 ) -> Result<SpiTupleTable<'conn>> {
+    write_waiting_for(client, sql, args, "a row this call needs")
+}
+
+/// As `write`; a wait that outlasts the bound raises 55P03 naming `what`
+/// (the caller knows which pool it was locking) and saying what to do.
+pub fn write_waiting_for<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static Sql,
+    args: &[DatumWithOid<'_>],
+    what: &str,
+) -> Result<SpiTupleTable<'conn>> {
     let p = plan(client, sql, true)?;
     let _generic = GenericPlans::force();
-    Ok(client.update(&*p, None, args)?)
+    let waits = BoundedWaits::start();
+    let waited_ms = waits.bound;
+    let run = AssertUnwindSafe(|| client.update(&*p, None, args));
+    Ok(PgTryBuilder::new(run)
+        .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
+            BillingError::LockWait {
+                what: what.to_string(),
+                waited_ms,
+            }
+            .raise()
+        })
+        .execute()?)
 }
 
 /// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.

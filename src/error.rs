@@ -49,6 +49,11 @@ pub enum BillingError {
     #[error("role \"{role}\" may not act for tenant \"{tenant}\"")]
     TenantDenied { tenant: String, role: String },
 
+    /// A row this call needs (an account's pool, most often) stayed locked by
+    /// another transaction for longer than the wait allowed.
+    #[error("{what} is held by another transaction; gave up after {waited_ms} ms")]
+    LockWait { what: String, waited_ms: i32 },
+
     /// The session's tenant setting is not a usable tenant name.
     #[error("invalid tenant \"{0}\"")]
     InvalidTenant(String),
@@ -87,6 +92,7 @@ impl BillingError {
             WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             InvalidTenant(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,    // 22023
             TenantDenied { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,  // 42501
+            LockWait { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,          // 55P03
             Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,                  // XX000
         }
     }
@@ -104,6 +110,7 @@ impl BillingError {
             KeyReused { .. } => Some("Use a new key for a new request; a retry must repeat the original parameters exactly.".into()),
             InsufficientCredits { .. } => Some("Grant or top up credits, release holds, or call without strict to record the usage as debt.".into()),
             WrongState(_) => None,
+            LockWait { .. } => Some("A transaction that debited this account has not ended: billing calls hold the account's pool until their transaction commits. Keep them at the end of short transactions; for slow work, reserve in a short transaction, do the work outside it, then settle. To wait longer, raise lock_timeout or billing.lock_timeout (milliseconds; 0 waits without limit).".into()),
             TenantDenied { .. } => Some("SET billing.tenant to a tenant granted to this role (billing.grant_tenant), or ask a billing_admin.".into()),
             InvalidTenant(_) => Some("SET billing.tenant to 1-63 characters of letters, digits, '_', '-', '.' or ':'.".into()),
             Internal(_) => Some("This is a pg_billing bug; please report it with the statement that caused it.".into()),

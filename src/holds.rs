@@ -379,8 +379,7 @@ fn settle(
                 "entitled": outcome.entitled,
                 "event_id": event_id,
             });
-            ingest::record_usage(client, &tenant, event_id, usage, ledger.id, outcome)?;
-            ledger.flush(client)?;
+            ingest::flush_with_usage(client, &mut ledger, event_id, usage, outcome)?;
             db::write(
                 client,
                 &SETTLE_HOLD,

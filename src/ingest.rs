@@ -13,11 +13,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::db::{self, Row, Sql, INT4, TEXT, TEXT_ARRAY};
+use pgrx::datum::DatumWithOid;
+
+use crate::db::{self, Row, Sql, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
-use crate::ledger::{drains_json, flush_all, Create, PoolLedger};
+use crate::ledger::{drains_json, flush_all, Create, EventRows, PoolLedger};
 use crate::pricing::{self, Carries, Cost, Meter};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -353,58 +355,22 @@ fn parse_timestamp(s: &str) -> Result<Ts> {
 
 // ----- the shared path -------------------------------------------------------
 
-/// The stored events of some keys. Joined to the keys (not `key = ANY`), so
-/// the plan is an index lookup per key whatever the batch's size.
+/// Every key of a call with its stored event, if any, and a fresh id for
+/// the event it becomes if new (ids of keys that turn out stored are never
+/// used). Joined to the keys (not `key = ANY`), so the plan is an index
+/// lookup per key whatever the batch's size.
 static FIND_EVENTS: Sql = Sql {
-    text: "SELECT DISTINCT ON (e.key) e.key, e.id, e.request_hash, e.meter, e.unit, e.cost, e.covered, \
-                  e.debt_created, e.drains, e.available_after, e.entitled_after \
+    text: "SELECT k.key, nextval('billing.usage_events_id_seq') AS new_id, e.id, e.request_hash, \
+                  e.meter, e.unit, e.cost, e.covered, e.debt_created, e.drains, e.available_after, \
+                  e.entitled_after \
            FROM unnest($2::text[]) AS k(key) \
-           JOIN billing.usage_events e ON e.tenant_id = $1 AND e.key = k.key",
+           LEFT JOIN billing.usage_events e ON e.tenant_id = $1 AND e.key = k.key",
     args: &[TEXT, TEXT_ARRAY],
 };
 
-static ALLOCATE_EVENT_IDS: Sql = Sql {
-    text: "SELECT nextval('billing.usage_events_id_seq') FROM generate_series(1, $1)",
-    args: &[INT4],
-};
-
-static INSERT_EVENTS: Sql = Sql {
-    text: "INSERT INTO billing.usage_events \
-              (id, tenant_id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
-               debt_created, strict, drains, available_after, entitled_after, occurred_at, properties, \
-               request_hash) OVERRIDING SYSTEM VALUE \
-           SELECT e.id, $1, e.key, e.account, e.meter, e.unit, e.pool_id, e.quantity::numeric, \
-                  e.unit_price::numeric, e.cost, e.covered, e.debt_created, e.strict, e.drains::jsonb, \
-                  e.available_after, e.entitled_after, coalesce(e.occurred_at, now()), \
-                  e.properties::jsonb, decode(e.request_hash, 'hex') \
-           FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], \
-                       $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], \
-                       $13::boolean[], $14::text[], $15::bigint[], $16::boolean[], \
-                       $17::timestamptz[], $18::text[], $19::text[]) \
-                AS e(id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
-                     debt_created, strict, drains, available_after, entitled_after, occurred_at, \
-                     properties, request_hash)",
-    args: &[
-        TEXT,
-        db::INT8_ARRAY,
-        TEXT_ARRAY,
-        TEXT_ARRAY,
-        TEXT_ARRAY,
-        TEXT_ARRAY,
-        db::INT8_ARRAY,
-        TEXT_ARRAY,
-        TEXT_ARRAY,
-        db::INT8_ARRAY,
-        db::INT8_ARRAY,
-        db::INT8_ARRAY,
-        pgrx::pg_sys::BOOLARRAYOID,
-        TEXT_ARRAY,
-        db::INT8_ARRAY,
-        pgrx::pg_sys::BOOLARRAYOID,
-        pgrx::pg_sys::TIMESTAMPTZARRAYOID,
-        TEXT_ARRAY,
-        TEXT_ARRAY,
-    ],
+static ALLOCATE_EVENT_ID: Sql = Sql {
+    text: "SELECT nextval('billing.usage_events_id_seq') AS id",
+    args: &[],
 };
 
 /// A new event, ready to be written once its pool's entries are computed.
@@ -421,33 +387,33 @@ struct NewEvent<'e> {
 /// A fresh usage event id, for usage recorded outside `ingest` (a settled
 /// hold) whose ledger entries must name it before it is written.
 pub fn allocate_event_id(client: &mut SpiClient<'_>) -> Result<i64> {
-    db::write(client, &ALLOCATE_EVENT_IDS, &[1i32.into()])?
-        .first()
-        .get_one::<i64>()?
-        .ok_or_else(|| BillingError::Internal("no event id allocated".into()))
+    let row = db::write(client, &ALLOCATE_EVENT_ID, &[])?
+        .next()
+        .ok_or_else(|| BillingError::Internal("no event id allocated".into()))?;
+    Row(&row).get("id")
 }
 
-/// Record usage charged outside `ingest` (a settled hold: its cost is the
-/// settlement, already debited under `id`), in the same table and statement
-/// as ingested events, so every usage report includes it.
-pub fn record_usage(
+/// Write a pool's changes together with usage charged outside `ingest` (a
+/// settled hold: its cost is the settlement, already debited under `id`), in
+/// the same table and statement as ingested events, so every usage report
+/// includes it.
+pub fn flush_with_usage(
     client: &mut SpiClient<'_>,
-    tenant: &str,
+    ledger: &mut PoolLedger,
     id: i64,
     event: Event,
-    pool_id: i64,
     outcome: Outcome,
 ) -> Result<()> {
-    let new = NewEvent {
+    let new = [NewEvent {
         id,
         hash: event.fingerprint(),
         unit: outcome.unit.clone(),
         event: &event,
-        pool_id,
+        pool_id: ledger.id,
         unit_price: None,
         outcome,
-    };
-    insert_events(client, tenant, std::slice::from_ref(&new))
+    }];
+    flush_all(client, std::slice::from_mut(ledger), Some(&NewEvents(&new)))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -493,7 +459,7 @@ fn ingest_events(
     let pool_keys: Vec<(String, String)> = by_pool.keys().cloned().collect();
     let mut ledgers = PoolLedger::open_many(client, &tenant, &pool_keys, Create::Pool)?;
     // After the locks: any concurrent ingest of these keys has committed.
-    let stored = find_events(client, &tenant, &events)?;
+    let (stored, new_ids) = find_events(client, &tenant, &events)?;
     let mut carries = Carries::load(client, priced_pairs(&ledgers, &by_pool, &events, &priced))?;
     for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
         let unit = ledger.unit.clone();
@@ -530,8 +496,8 @@ fn ingest_events(
                 carries.commit(ledger.id, &event.meter, carry);
             }
             let n = new_events.len();
-            // A placeholder until ids are allocated for all new events at once.
-            ledger.current_event = Some(n as i64);
+            let id = new_ids[event.key.as_str()];
+            ledger.current_event = Some(id);
             let debit = ledger.debit(cost)?;
             outcome.status = "applied";
             outcome.covered = debit.covered;
@@ -540,7 +506,7 @@ fn ingest_events(
             outcome.available = ledger.available();
             outcome.entitled = ledger.entitled();
             new_events.push(NewEvent {
-                id: 0,
+                id,
                 event,
                 unit: unit.clone(),
                 pool_id: ledger.id,
@@ -554,10 +520,8 @@ fn ingest_events(
         ledger.current_event = None;
     }
 
-    assign_event_ids(client, &mut new_events, &mut ledgers)?;
-    insert_events(client, &tenant, &new_events)?;
     carries.save(client, &tenant)?;
-    flush_all(client, &mut ledgers)?;
+    flush_all(client, &mut ledgers, Some(&NewEvents(&new_events)))?;
     slots
         .into_iter()
         .map(|slot| match slot {
@@ -617,45 +581,29 @@ fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcom
     }
 }
 
-/// Give new events their ids, and point their ledger entries at them.
-fn assign_event_ids(
-    client: &mut SpiClient<'_>,
-    new_events: &mut [NewEvent],
-    ledgers: &mut [PoolLedger],
-) -> Result<()> {
-    if new_events.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<i64> = db::write(
-        client,
-        &ALLOCATE_EVENT_IDS,
-        &[(new_events.len() as i32).into()],
-    )?
-    .map(|row| Row(&row).get::<i64>("nextval"))
-    .collect::<Result<_>>()?;
-    for (n, id) in new_events.iter_mut().zip(&ids) {
-        n.id = *id;
-    }
-    for ledger in ledgers {
-        ledger.map_event_ids(|slot| ids[slot as usize]);
-    }
-    Ok(())
-}
-
+/// The stored outcome and fingerprint of each key already used, and a fresh
+/// id for each key of the call.
+#[allow(clippy::type_complexity)]
 fn find_events(
     client: &mut SpiClient<'_>,
     tenant: &str,
     events: &[Event],
-) -> Result<HashMap<String, (Vec<u8>, Outcome)>> {
+) -> Result<(HashMap<String, (Vec<u8>, Outcome)>, HashMap<String, i64>)> {
     let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
     let mut found = HashMap::new();
+    let mut new_ids: HashMap<String, i64> = HashMap::new();
+    // Rows come in the plan's order, not the keys': each is matched by its key.
     for row in db::write(client, &FIND_EVENTS, &[tenant.into(), keys.into()])? {
         let row = Row(&row);
         let key: String = row.get("key")?;
+        new_ids.entry(key.clone()).or_insert(row.get("new_id")?);
+        let Some(id) = row.opt::<i64>("id")? else {
+            continue;
+        };
         let drains: JsonB = row.get("drains")?;
         let outcome = Outcome {
             key: key.clone(),
-            event_id: Some(row.get("id")?),
+            event_id: Some(id),
             status: "duplicate",
             meter: row.get("meter")?,
             unit: row.get("unit")?,
@@ -668,48 +616,40 @@ fn find_events(
         };
         found.insert(key, (row.get("request_hash")?, outcome));
     }
-    Ok(found)
+    Ok((found, new_ids))
 }
 
-fn insert_events(
-    client: &mut SpiClient<'_>,
-    tenant: &str,
-    new_events: &[NewEvent<'_>],
-) -> Result<()> {
-    for chunk in new_events.chunks(db::WRITE_CHUNK) {
-        insert_event_rows(client, tenant, chunk)?;
+/// New events as WRITE's events part (see ledger::EventRows).
+struct NewEvents<'a, 'e>(&'a [NewEvent<'e>]);
+
+impl EventRows for NewEvents<'_, '_> {
+    fn count(&self) -> usize {
+        self.0.len()
     }
-    Ok(())
-}
 
-fn insert_event_rows<'e>(
-    client: &mut SpiClient<'_>,
-    tenant: &str,
-    rows: &'e [NewEvent<'e>],
-) -> Result<()> {
-    let col_t =
-        |f: &dyn Fn(&'e NewEvent<'e>) -> &'e str| -> Vec<&'e str> { rows.iter().map(f).collect() };
-    let col_s = |f: &dyn Fn(&NewEvent) -> String| -> Vec<String> { rows.iter().map(f).collect() };
-    let col_i = |f: &dyn Fn(&NewEvent) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
-    let col_b = |f: &dyn Fn(&NewEvent) -> bool| -> Vec<bool> { rows.iter().map(f).collect() };
-    let unit_prices: Vec<Option<String>> = rows
-        .iter()
-        .map(|n| n.unit_price.map(|p| p.to_string()))
-        .collect();
-    let occurred: Vec<Option<Tstz>> = rows
-        .iter()
-        .map(|n| n.event.occurred_at.map(time::to_sql))
-        .collect();
-    db::write(
-        client,
-        &INSERT_EVENTS,
-        &[
-            tenant.into(),
+    fn columns(&self, range: std::ops::Range<usize>) -> Vec<DatumWithOid<'_>> {
+        let rows: &[NewEvent<'_>] = &self.0[range];
+        let col_t = |f: for<'r> fn(&'r NewEvent<'r>) -> &'r str| -> Vec<&str> {
+            rows.iter().map(|n| f(n)).collect()
+        };
+        let col_s =
+            |f: &dyn Fn(&NewEvent) -> String| -> Vec<String> { rows.iter().map(f).collect() };
+        let col_i = |f: &dyn Fn(&NewEvent) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+        let col_b = |f: &dyn Fn(&NewEvent) -> bool| -> Vec<bool> { rows.iter().map(f).collect() };
+        let unit_prices: Vec<Option<String>> = rows
+            .iter()
+            .map(|n| n.unit_price.map(|p| p.to_string()))
+            .collect();
+        let occurred: Vec<Option<Tstz>> = rows
+            .iter()
+            .map(|n| n.event.occurred_at.map(time::to_sql))
+            .collect();
+        vec![
             col_i(&|n| n.id).into(),
-            col_t(&|n| &n.event.key).into(),
-            col_t(&|n| &n.event.account).into(),
-            col_t(&|n| &n.event.meter).into(),
-            col_t(&|n| &n.unit).into(),
+            col_t(|n| &n.event.key).into(),
+            col_t(|n| &n.event.account).into(),
+            col_t(|n| &n.event.meter).into(),
+            col_t(|n| &n.unit).into(),
             col_i(&|n| n.pool_id).into(),
             col_s(&|n| n.event.quantity.to_string()).into(),
             unit_prices.into(),
@@ -721,9 +661,8 @@ fn insert_event_rows<'e>(
             col_i(&|n| n.outcome.available).into(),
             col_b(&|n| n.outcome.entitled).into(),
             occurred.into(),
-            col_t(&|n| &n.event.properties_text).into(),
+            col_t(|n| &n.event.properties_text).into(),
             col_s(&|n| hex(&n.hash)).into(),
-        ],
-    )?;
-    Ok(())
+        ]
+    }
 }

@@ -29,6 +29,12 @@ mod webhooks;
 
 ::pgrx::pg_module_magic!(name, version);
 
+/// Runs when a backend first loads pg_billing: registers its settings.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    db::define_settings();
+}
+
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!(
     "../sql/webhooks.sql",

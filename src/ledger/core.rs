@@ -459,13 +459,6 @@ impl Pool {
         &self.expired_holds
     }
 
-    /// Replace placeholder event references (batch slots) with real event ids.
-    pub fn map_event_ids(&mut self, id_of: impl Fn(i64) -> i64) {
-        for e in &mut self.entries {
-            e.event_id = e.event_id.map(&id_of);
-        }
-    }
-
     /// Forget what was written, keeping the pool's state for further work.
     pub fn written(&mut self) {
         for g in &mut self.grants {

@@ -12,13 +12,13 @@
 pub mod core;
 
 use std::collections::HashMap;
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
 use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
-use crate::db::{self, Row, Sql, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY};
+use crate::db::{self, Row, Sql, BOOL_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY};
 use crate::error::{BillingError, Result};
 use crate::time::{self, Ts};
 
@@ -119,45 +119,76 @@ static CREATE_POOLS: Sql = Sql {
     args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
 };
 
-static UPDATE_GRANTS: Sql = Sql {
-    text: "UPDATE billing.grants g SET remaining = u.remaining \
-           FROM unnest($1::bigint[], $2::bigint[]) AS u(id, remaining) WHERE g.id = u.id",
-    args: &[INT8_ARRAY, INT8_ARRAY],
-};
-
 static EXPIRE_HOLDS: Sql = Sql {
     text: "UPDATE billing.holds SET status = 'expired', closed_at = now() WHERE id = ANY($1)",
     args: &[INT8_ARRAY],
 };
 
-static INSERT_ENTRIES: Sql = Sql {
-    text: "INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
-              amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
-              debt_after, held_after, grant_id, hold_id, event_id, effective_at) \
-           SELECT e.* FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], \
-              $6::text[]::billing.entry_kind[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
-              $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], \
-              $18::timestamptz[]) AS e",
-    args: &[
-        TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY,
-        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
-        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, TSTZ_ARRAY,
-    ],
-};
-
-static UPDATE_POOLS: Sql = Sql {
-    text: "UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
+/// Everything a call changed, in one statement: the usage events it records
+/// ($2-$19), grant remainders ($20-$21), ledger entries ($22-$38) and pool
+/// rows ($39-$46). A part with nothing to write gets empty (or NULL) arrays.
+static WRITE: Sql = Sql {
+    text: "WITH events AS ( \
+             INSERT INTO billing.usage_events \
+                (id, tenant_id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
+                 debt_created, strict, drains, available_after, entitled_after, occurred_at, properties, \
+                 request_hash) OVERRIDING SYSTEM VALUE \
+             SELECT e.id, $1, e.key, e.account, e.meter, e.unit, e.pool_id, e.quantity::numeric, \
+                    e.unit_price::numeric, e.cost, e.covered, e.debt_created, e.strict, e.drains::jsonb, \
+                    e.available_after, e.entitled_after, coalesce(e.occurred_at, now()), \
+                    e.properties::jsonb, decode(e.request_hash, 'hex') \
+             FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], \
+                         $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], \
+                         $13::boolean[], $14::text[], $15::bigint[], $16::boolean[], \
+                         $17::timestamptz[], $18::text[], $19::text[]) \
+                  AS e(id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
+                       debt_created, strict, drains, available_after, entitled_after, occurred_at, \
+                       properties, request_hash)), \
+           grants AS ( \
+             UPDATE billing.grants g SET remaining = u.remaining \
+             FROM unnest($20::bigint[], $21::bigint[]) AS u(id, remaining) WHERE g.id = u.id), \
+           entries AS ( \
+             INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
+                amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
+                debt_after, held_after, grant_id, hold_id, event_id, effective_at) \
+             SELECT $1, e.* FROM unnest($22::bigint[], $23::text[], $24::text[], $25::bigint[], \
+                $26::text[]::billing.entry_kind[], $27::bigint[], $28::bigint[], $29::bigint[], \
+                $30::bigint[], $31::bigint[], $32::bigint[], $33::bigint[], $34::bigint[], \
+                $35::bigint[], $36::bigint[], $37::bigint[], $38::timestamptz[]) AS e) \
+           UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
               held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
               cache_from = now(), cache_until = u.cache_until, updated_at = now() \
-           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
-                       $6::bigint[], $7::bigint[], $8::timestamptz[]) \
+           FROM unnest($39::bigint[], $40::bigint[], $41::bigint[], $42::bigint[], $43::bigint[], \
+                       $44::bigint[], $45::bigint[], $46::timestamptz[]) \
                 AS u(id, version, remaining, debt, held, active_remaining, active_held, cache_until) \
            WHERE p.id = u.id",
     args: &[
+        TEXT,
+        // events
+        INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY,
+        TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, BOOL_ARRAY, TEXT_ARRAY, INT8_ARRAY,
+        BOOL_ARRAY, TSTZ_ARRAY, TEXT_ARRAY, TEXT_ARRAY,
+        // grants
+        INT8_ARRAY, INT8_ARRAY,
+        // entries
+        INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY,
+        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
+        INT8_ARRAY, INT8_ARRAY, TSTZ_ARRAY,
+        // pools
         INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
         TSTZ_ARRAY,
     ],
 };
+
+/// The columns of WRITE's events part ($2-$19) for rows `range` of some
+/// usage events, which the caller (ingest, settle) owns.
+pub trait EventRows {
+    fn count(&self) -> usize;
+    fn columns(&self, range: Range<usize>) -> Vec<DatumWithOid<'_>>;
+}
+
+/// The events part of a call that records no usage.
+const EVENT_COLUMNS: usize = 18;
 
 /// Whether a pool that does not exist yet may be created by this call.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -303,11 +334,16 @@ impl PoolLedger {
     ) -> Result<HashMap<(String, String), Locked>> {
         let (accounts, units): (Vec<&str>, Vec<&str>) =
             keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
+        let what = match keys {
+            [(account, unit)] => format!("the {unit} pool of account \"{account}\""),
+            _ => format!("one of the {} pools of this batch", keys.len()),
+        };
         let mut found = HashMap::new();
-        for row in db::write(
+        for row in db::write_waiting_for(
             client,
             &LOCK_POOLS,
             &[tenant.into(), accounts.into(), units.into()],
+            &what,
         )? {
             let row = Row(&row);
             let locked = Locked::from_row(&row, now)?;
@@ -375,7 +411,7 @@ impl PoolLedger {
 
     /// Write what this pool computed. Nothing is written before this.
     pub fn flush(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
-        flush_all(client, std::slice::from_mut(self))
+        flush_all(client, std::slice::from_mut(self), None)
     }
 }
 
@@ -505,7 +541,6 @@ fn entry_columns<'a>(entries: &[(&'a PoolLedger, &'a Entry)]) -> Vec<DatumWithOi
         entries.iter().map(|(_, e)| f(e)).collect()
     };
     vec![
-        text(|l| &l.tenant).into(),
         entries
             .iter()
             .map(|(l, _)| l.id)
@@ -538,18 +573,28 @@ fn entry_columns<'a>(entries: &[(&'a PoolLedger, &'a Entry)]) -> Vec<DatumWithOi
     ]
 }
 
-/// Write what the given pools computed: grant remainders, expired holds,
-/// ledger entries and pool rows, a few set-based statements for all of them.
-pub fn flush_all(client: &mut SpiClient<'_>, ledgers: &mut [PoolLedger]) -> Result<()> {
+/// The part of `len` rows that chunk `i` writes.
+fn chunk(i: usize, len: usize) -> Range<usize> {
+    (i * db::WRITE_CHUNK).min(len)..((i + 1) * db::WRITE_CHUNK).min(len)
+}
+
+/// Write what the given pools computed, and the usage events that caused it:
+/// one statement (per chunk of rows, for a large batch); expired holds, which
+/// are rare, by a second.
+pub fn flush_all(
+    client: &mut SpiClient<'_>,
+    ledgers: &mut [PoolLedger],
+    events: Option<&dyn EventRows>,
+) -> Result<()> {
     let changed: Vec<&PoolLedger> = ledgers.iter().filter(|l| l.is_changed()).collect();
-    if changed.is_empty() {
+    let event_count = events.map_or(0, |e| e.count());
+    if changed.is_empty() && event_count == 0 {
         return Ok(());
     }
-    let (ids, remaining): (Vec<i64>, Vec<i64>) =
-        changed.iter().flat_map(|l| l.dirty_grants()).unzip();
-    if !ids.is_empty() {
-        db::write(client, &UPDATE_GRANTS, &[ids.into(), remaining.into()])?;
-    }
+    let tenant = ledgers
+        .first()
+        .map(|l| l.tenant.clone())
+        .ok_or_else(|| BillingError::Internal("events without a pool".into()))?;
     let expired: Vec<i64> = changed
         .iter()
         .flat_map(|l| l.expired_holds().iter().copied())
@@ -557,34 +602,54 @@ pub fn flush_all(client: &mut SpiClient<'_>, ledgers: &mut [PoolLedger]) -> Resu
     if !expired.is_empty() {
         db::write(client, &EXPIRE_HOLDS, &[expired.into()])?;
     }
+    let grants: Vec<(i64, i64)> = changed.iter().flat_map(|l| l.dirty_grants()).collect();
     let entries: Vec<(&PoolLedger, &Entry)> = changed
         .iter()
         .flat_map(|l| l.entries().iter().map(move |e| (*l, e)))
         .collect();
-    for chunk in entries.chunks(db::WRITE_CHUNK) {
-        db::write(client, &INSERT_ENTRIES, &entry_columns(chunk))?;
+    let longest = event_count
+        .max(grants.len())
+        .max(entries.len())
+        .max(changed.len());
+    for i in 0..longest.div_ceil(db::WRITE_CHUNK) {
+        let mut args: Vec<DatumWithOid<'_>> = vec![tenant.as_str().into()];
+        match events {
+            Some(e) => args.extend(e.columns(chunk(i, event_count))),
+            None => args.extend(
+                WRITE.args[1..=EVENT_COLUMNS]
+                    .iter()
+                    .map(|o| DatumWithOid::null_oid(*o)),
+            ),
+        }
+        let (ids, remaining): (Vec<i64>, Vec<i64>) =
+            grants[chunk(i, grants.len())].iter().copied().unzip();
+        args.push(ids.into());
+        args.push(remaining.into());
+        args.extend(entry_columns(&entries[chunk(i, entries.len())]));
+        args.extend(pool_columns(&changed[chunk(i, changed.len())]));
+        db::write(client, &WRITE, &args)?;
     }
-    let pools = |f: fn(&PoolLedger) -> i64| -> Vec<i64> { changed.iter().map(|l| f(l)).collect() };
-    db::write(
-        client,
-        &UPDATE_POOLS,
-        &[
-            pools(|l| l.id).into(),
-            pools(|l| l.booked().version).into(),
-            pools(|l| l.booked().remaining).into(),
-            pools(|l| l.booked().debt).into(),
-            pools(|l| l.booked().held).into(),
-            pools(|l| l.active_remaining()).into(),
-            pools(|l| l.active_held()).into(),
-            changed
-                .iter()
-                .map(|l| sql_instant(l.cache_until()))
-                .collect::<Vec<_>>()
-                .into(),
-        ],
-    )?;
     for l in ledgers.iter_mut() {
         l.pool.written();
     }
     Ok(())
+}
+
+/// The columns of WRITE's pools part for some pools.
+fn pool_columns<'a>(pools: &[&'a PoolLedger]) -> Vec<DatumWithOid<'a>> {
+    let ints = |f: fn(&PoolLedger) -> i64| -> Vec<i64> { pools.iter().map(|l| f(l)).collect() };
+    vec![
+        ints(|l| l.id).into(),
+        ints(|l| l.booked().version).into(),
+        ints(|l| l.booked().remaining).into(),
+        ints(|l| l.booked().debt).into(),
+        ints(|l| l.booked().held).into(),
+        ints(|l| l.active_remaining()).into(),
+        ints(|l| l.active_held()).into(),
+        pools
+            .iter()
+            .map(|l| sql_instant(l.cache_until()))
+            .collect::<Vec<_>>()
+            .into(),
+    ]
 }

@@ -1,0 +1,157 @@
+//! A billing call inside the application's transaction holds the account's
+//! pool until that transaction ends. Over real sessions: another debit of the
+//! same account waits at most the bound (the session's lock_timeout, else
+//! billing.lock_timeout) and then fails with 55P03 saying what to do, having
+//! written nothing; other accounts never wait; with the bound at 0 it waits
+//! until the holder commits; and the recommended pattern (reserve in a short
+//! transaction, do the slow work outside, settle) blocks nobody.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pg_billing_client_tests::{connect, fresh_db, ledger_problems};
+use postgres::Client;
+
+const DB: &str = "pgb_lock_waits";
+
+const INGEST: &str = "SELECT status FROM billing.ingest('a', 'usd_cents', 1, key => $1, cost => 1)";
+
+/// An ingest of account `a` from its own session; the SQLSTATE and message
+/// if it failed, and how long it took.
+fn timed_ingest(c: &mut Client, key: &str) -> (Result<String, (String, String)>, Duration) {
+    let start = Instant::now();
+    let r = c.query_one(INGEST, &[&key]).map(|r| r.get(0)).map_err(|e| {
+        let db = e.as_db_error().expect("a database error");
+        (
+            db.code().code().to_string(),
+            format!("{} HINT: {}", db.message(), db.hint().unwrap_or("")),
+        )
+    });
+    (r, start.elapsed())
+}
+
+fn events(c: &mut Client) -> i64 {
+    c.query_one("SELECT count(*) FROM billing.usage_events", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_pool_held_by_an_open_transaction_bounds_every_wait() {
+    let mut setup = fresh_db(DB);
+    setup
+        .batch_execute(
+            "SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup'); \
+             SELECT billing.grant('b', 'usd_cents', 1000, kind => 'topup');",
+        )
+        .unwrap();
+    // The application ingests, then goes on with slow work in the same transaction.
+    let mut holder = connect(DB);
+    holder.batch_execute("BEGIN").unwrap();
+    holder.query_one(INGEST, &[&"held"]).unwrap();
+
+    // billing.lock_timeout bounds the wait of a session that sets no lock_timeout
+    let mut waiter = connect(DB);
+    waiter
+        .batch_execute("SET billing.lock_timeout = 300")
+        .unwrap();
+    let (r, took) = timed_ingest(&mut waiter, "w1");
+    let (code, message) = r.expect_err("the pool is held");
+    assert_eq!(code, "55P03");
+    assert!(
+        message.contains("usd_cents pool of account \"a\"") && message.contains("reserve"),
+        "{message}"
+    );
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(2000),
+        "waited {took:?}"
+    );
+
+    // the session's own lock_timeout wins when set
+    waiter
+        .batch_execute("SET billing.lock_timeout = 60000; SET lock_timeout = 200")
+        .unwrap();
+    let (r, took) = timed_ingest(&mut waiter, "w2");
+    assert_eq!(r.unwrap_err().0, "55P03");
+    assert!(took < Duration::from_millis(2000), "waited {took:?}");
+
+    // the default bound is 5 s, not forever
+    waiter
+        .batch_execute("RESET billing.lock_timeout; RESET lock_timeout")
+        .unwrap();
+    let (r, took) = timed_ingest(&mut waiter, "w3");
+    assert_eq!(r.unwrap_err().0, "55P03");
+    assert!(
+        took >= Duration::from_millis(4900) && took < Duration::from_millis(8000),
+        "waited {took:?}"
+    );
+
+    // another account never waits
+    let (r, took) = {
+        let start = Instant::now();
+        let r = waiter.query_one(
+            "SELECT status FROM billing.ingest('b', 'usd_cents', 1, key => 'b1', cost => 1)",
+            &[],
+        );
+        (r, start.elapsed())
+    };
+    assert_eq!(r.unwrap().get::<_, String>(0), "applied");
+    assert!(took < Duration::from_millis(1000), "waited {took:?}");
+
+    // with the bound at 0 the wait lasts until the holder commits
+    waiter
+        .batch_execute("SET billing.lock_timeout = 0")
+        .unwrap();
+    let committer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(1500));
+        holder.batch_execute("COMMIT").unwrap();
+    });
+    let (r, took) = timed_ingest(&mut waiter, "w4");
+    committer.join().unwrap();
+    assert_eq!(r.unwrap(), "applied");
+    assert!(took >= Duration::from_millis(1400), "waited {took:?}");
+
+    // the refused calls wrote nothing: held, b1, w4
+    assert_eq!(events(&mut setup), 3);
+    assert!(ledger_problems(&mut setup).is_empty());
+}
+
+#[test]
+fn reserving_outside_the_slow_work_blocks_nobody() {
+    let mut setup = fresh_db(&format!("{DB}_pattern"));
+    setup
+        .batch_execute("SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup')")
+        .unwrap();
+    let db = format!("{DB}_pattern");
+    let mut app = connect(&db);
+    // reserve in a short transaction; the slow work runs outside any transaction
+    let hold: i64 = app
+        .query_one(
+            "SELECT hold_id FROM billing.reserve('a', 'usd_cents', 50, key => 'r1')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut other = connect(&db);
+    other
+        .batch_execute("SET billing.lock_timeout = 200")
+        .unwrap();
+    let slow_work = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(1000));
+        app.query_one("SELECT status FROM billing.settle($1, 42)", &[&hold])
+            .unwrap()
+            .get::<_, String>(0)
+    });
+    for i in 0..20 {
+        let (r, took) = timed_ingest(&mut other, &format!("o{i}"));
+        assert_eq!(r.unwrap(), "applied");
+        assert!(took < Duration::from_millis(200), "waited {took:?}");
+    }
+    assert_eq!(slow_work.join().unwrap(), "settled");
+    let available: i64 = setup
+        .query_one("SELECT available FROM billing.check('a', 'usd_cents')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(available, 1000 - 20 - 42);
+    assert!(ledger_problems(&mut setup).is_empty());
+}
