@@ -47,6 +47,28 @@ CREATE TABLE billing.meters (
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
 );
 
+-- Every change of a meter or unit empties every backend's meter cache
+-- (src/pricing.rs): the trigger sends a relcache invalidation. Per row, so an
+-- INSERT … ON CONFLICT DO NOTHING that changes nothing (a unit that exists)
+-- sends none.
+CREATE FUNCTION billing.meters_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    PERFORM billing.forget_cached_meters(TG_RELID);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER meters_changed AFTER INSERT OR UPDATE OR DELETE ON billing.meters
+    FOR EACH ROW EXECUTE FUNCTION billing.meters_changed();
+CREATE TRIGGER meters_truncated AFTER TRUNCATE ON billing.meters
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.meters_changed();
+CREATE TRIGGER units_changed AFTER INSERT OR UPDATE OR DELETE ON billing.units
+    FOR EACH ROW EXECUTE FUNCTION billing.meters_changed();
+CREATE TRIGGER units_truncated AFTER TRUNCATE ON billing.units
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.meters_changed();
+
 -- One pool per account and unit. remaining/debt/held are the booked totals
 -- (they always equal what the ledger sums to). active_remaining/active_held
 -- are the spendable figures as of cache_from, valid until cache_until, the

@@ -33,6 +33,7 @@ mod webhooks;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     db::define_settings();
+    pricing::watch_meter_changes();
 }
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
@@ -63,7 +64,11 @@ mod pgrx_tests;
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
+    /// The suites run in parallel, each test in a transaction that is rolled
+    /// back, on overlapping accounts: a test may wait for another's pool
+    /// until that test ends, however long it runs. Lock waits have their own
+    /// client test (tests/client/tests/lock_waits.rs).
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        vec!["billing.lock_timeout = 0"]
     }
 }

@@ -6,6 +6,7 @@
 //! its events rounded once, however the usage is split into events: a
 //! thousand one-token events cost what one thousand-token event costs.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::str::FromStr;
 
@@ -192,20 +193,95 @@ static FIND_METER: Sql = Sql {
 
 /// A meter by name; a unit's own name is a meter that charges 1 per quantity.
 pub fn find_meter(client: &mut SpiClient<'_>, tenant: &str, meter: &str) -> Result<Meter> {
+    let key = (tenant.to_string(), meter.to_string());
+    if let Some(m) = METERS.with(|c| c.borrow().get(&key).cloned()) {
+        return Ok(m);
+    }
     let mut rows = db::write(client, &FIND_METER, &[tenant.into(), meter.into()])?;
     let Some(row) = rows.next() else {
         return Err(BillingError::unknown("meter or unit", meter));
     };
     let row = Row(&row);
     let price: Option<String> = row.opt("unit_price")?;
-    Ok(Meter {
+    let found = Meter {
         name: meter.to_string(),
         unit: row.get("unit")?,
         unit_price: price
             .map(|p| Decimal::from_str(&p))
             .transpose()
             .map_err(|e| BillingError::Internal(format!("stored price: {e}")))?,
-    })
+    };
+    METERS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= MAX_CACHED_METERS {
+            c.clear();
+        }
+        c.insert(key, found.clone());
+    });
+    Ok(found)
+}
+
+// ----- the meter cache ---------------------------------------------------------
+
+const MAX_CACHED_METERS: usize = 10_000;
+
+thread_local! {
+    /// Meters this backend has read, by (tenant, meter name): an ingest then
+    /// needs no lookup. A change of billing.meters or billing.units sends a
+    /// relcache invalidation of the table (their statement trigger calls
+    /// `forget_cached_meters`); PostgreSQL delivers it to this backend locally
+    /// after the changing command, to every other backend before its next
+    /// transaction, and locally again if the change rolls back, and each
+    /// delivery empties the cache. So a cached meter is never one another
+    /// transaction has since changed, nor one that was rolled back.
+    static METERS: RefCell<HashMap<(String, String), Meter>> = RefCell::new(HashMap::new());
+}
+
+/// Registered once per backend (`_PG_init`).
+pub fn watch_meter_changes() {
+    // SAFETY: called from _PG_init; the callback only empties a thread-local map.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        )
+    }
+}
+
+/// Any relcache invalidation of billing.meters or billing.units, or of all
+/// relations, empties the meter cache (a stray one only costs a lookup).
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || is_meter_table(relid) {
+        METERS.with(|c| c.borrow_mut().clear());
+    }
+}
+
+fn is_meter_table(relid: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookups by name, valid whenever a relcache callback runs
+    // (inside a transaction or at its end); a missing schema or table is InvalidOid.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"billing".as_ptr(), true);
+        if schema == pg_sys::InvalidOid {
+            return true;
+        }
+        [c"meters", c"units"]
+            .iter()
+            .any(|t| pg_sys::get_relname_relid(t.as_ptr(), schema) == relid)
+    }
+}
+
+/// Invalidate a meter table's relcache entry in every backend (called by the
+/// tables' statement trigger, so every change empties every meter cache).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn forget_cached_meters(relation: Option<pg_sys::Oid>) {
+    if let Some(relid) = relation {
+        if is_meter_table(relid) {
+            // SAFETY: relid names an existing table of the billing schema.
+            unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) }
+        }
+    }
 }
 
 static UPSERT_UNIT: Sql = Sql {

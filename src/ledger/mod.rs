@@ -64,18 +64,32 @@ impl DerefMut for PoolLedger {
 }
 
 /// Pools of one tenant, locked in one order for every caller (account, unit)
-/// so two batches never deadlock.
+/// so two batches never deadlock, with their grants that hold credit. The
+/// grants are read in the statement's snapshot, the locked row is the latest
+/// version: when the pool's version differs between the two (another
+/// transaction changed the pool and committed while this one waited), the
+/// grants are read again after the lock (LOAD_GRANTS). A pool changes only
+/// with its version, so equal versions mean the grants are current.
 static LOCK_POOLS: Sql = Sql {
     text: "SELECT p.id, p.account, p.unit, p.floor, p.version, p.remaining, p.debt, p.held, \
-                  p.active_remaining, p.active_held, p.cache_from, p.cache_until \
+                  p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
+                  s.seen_version, s.grant_ids, s.priorities, s.remainings, s.effective, s.expires \
            FROM billing.pools p \
            JOIN unnest($2::text[], $3::text[]) AS k(account, unit) \
              ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit \
+           CROSS JOIN LATERAL ( \
+             SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
+                    array_agg(g.id) AS grant_ids, array_agg(g.priority) AS priorities, \
+                    array_agg(g.remaining) AS remainings, array_agg(g.effective_at) AS effective, \
+                    array_agg(g.expires_at) AS expires \
+             FROM billing.grants g \
+             WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s \
            ORDER BY p.account, p.unit FOR UPDATE OF p",
     args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
 };
 
-/// Read after the lock (a new statement sees what the previous holder committed).
+/// Read after the lock when the locked pool changed since LOCK_POOLS's
+/// snapshot (a new statement sees what the previous holder committed).
 static LOAD_GRANTS: Sql = Sql {
     text: "SELECT pool_id, id, priority, remaining, effective_at, expires_at FROM billing.grants \
            WHERE pool_id = ANY($1) AND status = 'active' AND remaining > 0",
@@ -208,6 +222,8 @@ struct Locked {
     since: Ts,
     /// Its cached figures: spendable credit and open holds, when valid now.
     cached: Option<(i64, Holds)>,
+    /// Its grants with credit, when read with the locked version.
+    grants: Option<Vec<GrantState>>,
 }
 
 impl Locked {
@@ -235,7 +251,46 @@ impl Locked {
             },
             since,
             cached,
+            grants: None,
         })
+    }
+
+    /// The grants LOCK_POOLS read with the row, if they are those of the locked version.
+    fn with_locked_grants(mut self, row: &Row<'_, '_>) -> Result<Locked> {
+        if row.get::<i64>("seen_version")? != self.booked.version {
+            return Ok(self);
+        }
+        let ids: Vec<i64> = row.opt("grant_ids")?.unwrap_or_default();
+        let priorities: Vec<i32> = row.opt("priorities")?.unwrap_or_default();
+        let remainings: Vec<i64> = row.opt("remainings")?.unwrap_or_default();
+        let effective: Vec<Tstz> = row.opt("effective")?.unwrap_or_default();
+        let expires: Vec<Option<Tstz>> = row.opt("expires")?.unwrap_or_default();
+        let n = ids.len();
+        if [
+            priorities.len(),
+            remainings.len(),
+            effective.len(),
+            expires.len(),
+        ] != [n; 4]
+        {
+            return Err(BillingError::Internal(
+                "grant arrays differ in length".into(),
+            ));
+        }
+        self.grants = Some(
+            (0..n)
+                .map(|i| {
+                    GrantState::new(
+                        ids[i],
+                        priorities[i],
+                        remainings[i],
+                        effective[i].into(),
+                        expires[i].map(Into::into),
+                    )
+                })
+                .collect(),
+        );
+        Ok(self)
     }
 }
 
@@ -282,15 +337,20 @@ impl PoolLedger {
         create: Create,
     ) -> Result<Vec<PoolLedger>> {
         let now = time::now();
-        let mut found = Self::lock(client, tenant, keys, now)?;
+        let what = match keys {
+            [(account, unit)] => format!("the {unit} pool of account \"{account}\""),
+            _ => format!("one of the {} pools of this batch", keys.len()),
+        };
+        let mut found = Self::lock(client, tenant, keys, now, &what)?;
         if found.len() < keys.len() {
             let missing: Vec<(String, String)> = keys
                 .iter()
                 .filter(|k| !found.contains_key(*k))
                 .cloned()
                 .collect();
-            Self::create(client, tenant, &missing, create)?;
-            found.extend(Self::lock(client, tenant, &missing, now)?);
+            // creating a pool waits for another transaction creating the same one
+            Self::create(client, tenant, &missing, create, &what)?;
+            found.extend(Self::lock(client, tenant, &missing, now, &what)?);
         }
         let mut locked = Vec::with_capacity(keys.len());
         for k in keys {
@@ -299,8 +359,16 @@ impl PoolLedger {
                 .ok_or_else(|| BillingError::Internal("pool vanished after creation".into()))?;
             locked.push((k, l));
         }
-        let ids: Vec<i64> = locked.iter().map(|(_, l)| l.id).collect();
-        let mut grants = load_grants(client, &ids)?;
+        let changed: Vec<i64> = locked
+            .iter()
+            .filter(|(_, l)| l.grants.is_none())
+            .map(|(_, l)| l.id)
+            .collect();
+        let mut reloaded = if changed.is_empty() {
+            HashMap::new()
+        } else {
+            load_grants(client, &changed)?
+        };
         let stale: Vec<i64> = locked
             .iter()
             .filter(|(_, l)| l.cached.is_none())
@@ -314,7 +382,10 @@ impl PoolLedger {
                     Some((_, cached)) => cached,
                     None => Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
                 };
-                let grants = grants.remove(&l.id).unwrap_or_default();
+                let grants = match l.grants {
+                    Some(g) => g,
+                    None => reloaded.remove(&l.id).unwrap_or_default(),
+                };
                 PoolLedger {
                     id: l.id,
                     tenant: tenant.to_string(),
@@ -331,22 +402,19 @@ impl PoolLedger {
         tenant: &str,
         keys: &[(String, String)],
         now: Ts,
+        what: &str,
     ) -> Result<HashMap<(String, String), Locked>> {
         let (accounts, units): (Vec<&str>, Vec<&str>) =
             keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
-        let what = match keys {
-            [(account, unit)] => format!("the {unit} pool of account \"{account}\""),
-            _ => format!("one of the {} pools of this batch", keys.len()),
-        };
         let mut found = HashMap::new();
         for row in db::write_waiting_for(
             client,
             &LOCK_POOLS,
             &[tenant.into(), accounts.into(), units.into()],
-            &what,
+            what,
         )? {
             let row = Row(&row);
-            let locked = Locked::from_row(&row, now)?;
+            let locked = Locked::from_row(&row, now)?.with_locked_grants(&row)?;
             found.insert((row.get("account")?, row.get("unit")?), locked);
         }
         Ok(found)
@@ -357,6 +425,7 @@ impl PoolLedger {
         tenant: &str,
         keys: &[(String, String)],
         create: Create,
+        what: &str,
     ) -> Result<()> {
         let (accounts, units): (Vec<&str>, Vec<&str>) =
             keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
@@ -378,10 +447,11 @@ impl PoolLedger {
                 }
             }
         }
-        db::write(
+        db::write_waiting_for(
             client,
             &CREATE_POOLS,
             &[tenant.into(), accounts.into(), units.into()],
+            what,
         )?;
         Ok(())
     }
