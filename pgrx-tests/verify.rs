@@ -103,6 +103,14 @@ mod tests {
         );
         tamper("UPDATE billing.ledger_entries SET amount = amount - 1, balance_after = balance_after - 1 WHERE version = 2");
         assert_eq!(problems(), "");
+        tamper(&format!(
+            "UPDATE billing.usage_events SET pool_id = -1 WHERE id = {e}"
+        ));
+        assert!(
+            problems().contains(&format!("usage event {e} names a missing pool")),
+            "{}",
+            problems()
+        );
     }
 
     // One list of entry kinds: the database's type and the core's enum agree.

@@ -5,10 +5,13 @@
 -- The tables written on every usage event (pools, grants, usage_events,
 -- ledger_entries) carry no CHECK constraints: PostgreSQL re-reads and plans
 -- each CHECK expression on every statement, which cost more than a tenth of an
--- ingest. Their rules are enforced where the rows are computed (the ledger
--- core, src/ledger/core.rs) and every one of them is checked by
+-- ingest. Nor do usage_events and ledger_entries carry a foreign key to their
+-- pool: each row's check was a query of its own, under the pool lock the row's
+-- writer already holds. Their rules are enforced where the rows are computed
+-- (the ledger core, src/ledger/core.rs) and every one of them is checked by
 -- billing.verify_ledger(); pools and grants leave room on each page so the
--- update of every event stays a HOT update (no index entry written).
+-- update of every event stays a HOT update (no index entry written). A ledger
+-- entry is identified by (pool_id, version); its id is unique but not indexed.
 
 -- What a ledger entry records: the one list, mirrored by EntryKind in
 -- src/ledger/core.rs (a test compares them).
@@ -132,7 +135,7 @@ CREATE TABLE billing.usage_events (
     account         text        NOT NULL,
     meter           text        NOT NULL,
     unit            text        NOT NULL,
-    pool_id         bigint      NOT NULL REFERENCES billing.pools (id),
+    pool_id         bigint      NOT NULL,
     quantity        numeric     NOT NULL,
     unit_price      numeric,
     cost            bigint      NOT NULL,
@@ -190,9 +193,9 @@ CREATE INDEX holds_open ON billing.holds (pool_id, expires_at) WHERE status = 'o
 -- runs over the net booked balance (Σ remaining of grants − debt).
 -- amount = grant_amount − debt_amount; hold_amount moves the held total.
 CREATE TABLE billing.ledger_entries (
-    id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id             bigint      GENERATED ALWAYS AS IDENTITY,
     tenant_id      text        NOT NULL,
-    pool_id        bigint      NOT NULL REFERENCES billing.pools (id),
+    pool_id        bigint      NOT NULL,
     account        text        NOT NULL,
     unit           text        NOT NULL,
     version        bigint      NOT NULL,
@@ -213,7 +216,7 @@ CREATE TABLE billing.ledger_entries (
     event_id       bigint,
     effective_at   timestamptz NOT NULL,
     recorded_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
-    UNIQUE (pool_id, version)
+    PRIMARY KEY (pool_id, version)
 );
 CREATE INDEX ledger_entries_by_grant ON billing.ledger_entries (grant_id) WHERE grant_id IS NOT NULL;
 CREATE INDEX ledger_entries_by_hold ON billing.ledger_entries (hold_id) WHERE hold_id IS NOT NULL;

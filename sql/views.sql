@@ -27,7 +27,8 @@ FROM billing.ledger_entries e;
 --   * per pool and meter, the exact cost of its priced events = what was
 --     charged for them + the carried remainder
 --   * every row rule of the tables written per event (which carry no CHECK
---     constraints, see schema.sql): amounts in range, entries balanced
+--     constraints nor foreign keys, see schema.sql): amounts in range, entries
+--     balanced, every event and entry in an existing pool
 CREATE FUNCTION billing.verify_ledger()
 RETURNS TABLE (pool_id bigint, account text, unit text, problem text)
 LANGUAGE sql STABLE
@@ -128,4 +129,12 @@ WHERE r.broken
 UNION ALL
 SELECT p.id, p.account, p.unit, 'pool: a negative booked total'
 FROM tenant_pools p WHERE p.remaining < 0 OR p.debt < 0 OR p.held < 0
+UNION ALL
+SELECT x.pool_id, x.account, x.unit, x.what || ' names a missing pool'
+FROM (SELECT u.pool_id, u.account, u.unit, 'usage event ' || u.id AS what
+      FROM billing.usage_events u WHERE u.tenant_id = billing.current_tenant()
+      UNION ALL
+      SELECT e.pool_id, e.account, e.unit, 'entry version ' || e.version
+      FROM billing.ledger_entries e WHERE e.tenant_id = billing.current_tenant()) x
+WHERE NOT EXISTS (SELECT 1 FROM billing.pools p WHERE p.id = x.pool_id)
 $$;
