@@ -16,8 +16,10 @@ fn account_of(k: usize) -> String {
     format!("acct{}", k % ACCOUNTS)
 }
 
+/// One key in seven costs nothing: such an event changes no balance, and must
+/// still be applied exactly once (its write touches the pool row all the same).
 fn cost_of(k: usize) -> i64 {
-    (k % 7) as i64 + 1
+    (k % 7) as i64
 }
 
 /// Returns, per key, how many times this session saw it `applied`.
