@@ -201,7 +201,8 @@ pub trait EventRows {
     fn columns(&self, range: Range<usize>) -> Vec<DatumWithOid<'_>>;
 }
 
-/// The events part of a call that records no usage.
+/// How many parameters WRITE's events part takes ($2-$19); a call that
+/// records no usage passes NULL for each (unnest of NULL is no rows).
 const EVENT_COLUMNS: usize = 18;
 
 /// Whether a pool that does not exist yet may be created by this call.
