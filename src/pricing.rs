@@ -6,7 +6,7 @@
 //! its events rounded once, however the usage is split into events: a
 //! thousand one-token events cost what one thousand-token event costs.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::str::FromStr;
 
@@ -197,6 +197,12 @@ pub fn find_meter(client: &mut SpiClient<'_>, tenant: &str, meter: &str) -> Resu
     if let Some(m) = METERS.with(|c| c.borrow().get(&key).cloned()) {
         return Ok(m);
     }
+    // The tables to watch are known before the read; a meter read while an
+    // invalidation arrived is returned but not cached.
+    if METER_TABLES.with(Cell::get).is_none() {
+        METER_TABLES.with(|t| t.set(Some(meter_tables())));
+    }
+    let generation = INVALIDATIONS.with(Cell::get);
     let mut rows = db::write(client, &FIND_METER, &[tenant.into(), meter.into()])?;
     let Some(row) = rows.next() else {
         return Err(BillingError::unknown("meter or unit", meter));
@@ -211,6 +217,9 @@ pub fn find_meter(client: &mut SpiClient<'_>, tenant: &str, meter: &str) -> Resu
             .transpose()
             .map_err(|e| BillingError::Internal(format!("stored price: {e}")))?,
     };
+    if INVALIDATIONS.with(Cell::get) != generation {
+        return Ok(found);
+    }
     METERS.with(|c| {
         let mut c = c.borrow_mut();
         if c.len() >= MAX_CACHED_METERS {
@@ -228,18 +237,23 @@ const MAX_CACHED_METERS: usize = 10_000;
 thread_local! {
     /// Meters this backend has read, by (tenant, meter name): an ingest then
     /// needs no lookup. A change of billing.meters or billing.units sends a
-    /// relcache invalidation of the table (their statement trigger calls
+    /// relcache invalidation of the table (their triggers call
     /// `forget_cached_meters`); PostgreSQL delivers it to this backend locally
     /// after the changing command, to every other backend before its next
     /// transaction, and locally again if the change rolls back, and each
     /// delivery empties the cache. So a cached meter is never one another
     /// transaction has since changed, nor one that was rolled back.
     static METERS: RefCell<HashMap<(String, String), Meter>> = RefCell::new(HashMap::new());
+    /// The OIDs of the tables whose invalidation empties METERS, set before
+    /// the first meter is read.
+    static METER_TABLES: Cell<Option<[pg_sys::Oid; 2]>> = const { Cell::new(None) };
+    /// How many times METERS was emptied.
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Registered once per backend (`_PG_init`).
 pub fn watch_meter_changes() {
-    // SAFETY: called from _PG_init; the callback only empties a thread-local map.
+    // SAFETY: called from _PG_init; the callback only empties thread-local state.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(
             Some(on_relcache_invalidation),
@@ -248,36 +262,39 @@ pub fn watch_meter_changes() {
     }
 }
 
-/// Any relcache invalidation of billing.meters or billing.units, or of all
-/// relations, empties the meter cache (a stray one only costs a lookup).
+/// A relcache invalidation of billing.meters or billing.units, or of all
+/// relations, empties the meter cache. A relcache callback may run where the
+/// catalogs cannot be read (at transaction abort, for one), so it compares
+/// with the tables' OIDs remembered when the cache was filled, and forgets
+/// them too: a re-created extension's tables are looked up afresh.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    if relid == pg_sys::InvalidOid || is_meter_table(relid) {
+    let watched = METER_TABLES.with(Cell::get);
+    if relid == pg_sys::InvalidOid || watched.is_some_and(|t| t.contains(&relid)) {
         METERS.with(|c| c.borrow_mut().clear());
+        METER_TABLES.with(|t| t.set(None));
+        INVALIDATIONS.with(|n| n.set(n.get().wrapping_add(1)));
     }
 }
 
-fn is_meter_table(relid: pg_sys::Oid) -> bool {
-    // SAFETY: catalog lookups by name, valid whenever a relcache callback runs
-    // (inside a transaction or at its end); a missing schema or table is InvalidOid.
+/// The OIDs of billing.meters and billing.units (InvalidOid for a missing
+/// one). Reads the catalogs: only inside a transaction, never from a callback.
+fn meter_tables() -> [pg_sys::Oid; 2] {
+    // SAFETY: catalog lookups by name inside a transaction; a missing schema
+    // or table is InvalidOid.
     unsafe {
         let schema = pg_sys::get_namespace_oid(c"billing".as_ptr(), true);
-        if schema == pg_sys::InvalidOid {
-            return true;
-        }
-        [c"meters", c"units"]
-            .iter()
-            .any(|t| pg_sys::get_relname_relid(t.as_ptr(), schema) == relid)
+        [c"meters", c"units"].map(|t| pg_sys::get_relname_relid(t.as_ptr(), schema))
     }
 }
 
 /// Invalidate a meter table's relcache entry in every backend (called by the
-/// tables' statement trigger, so every change empties every meter cache).
+/// tables' triggers, so every change empties every meter cache).
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn forget_cached_meters(relation: Option<pg_sys::Oid>) {
     if let Some(relid) = relation {
-        if is_meter_table(relid) {
+        if meter_tables().contains(&relid) {
             // SAFETY: relid names an existing table of the billing schema.
             unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) }
         }
