@@ -5,15 +5,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys::{self, Oid, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
-
-use std::panic::AssertUnwindSafe;
-
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::{PgSqlErrorCode, PgTryBuilder};
 
 use crate::error::{BillingError, Result};
@@ -92,30 +90,42 @@ fn plan(
     Ok(prepared)
 }
 
-/// While alive, cached plans run their generic plan. A statement over a
-/// parameter array (`unnest($1)`, `= ANY($1)`) is estimated at 100 rows in its
-/// generic plan and at the array's true length in a custom one, so PostgreSQL
-/// would plan every call afresh (about a third of a one-client ingest); our
-/// statements are written so the generic plan is right for any length. The
-/// setting is restored when the statement returns or raises.
-struct GenericPlans(std::ffi::c_int);
+/// A backend setting changed for one statement: restored when it returns or
+/// raises (the guard is dropped while the error unwinds).
+struct Scoped {
+    setting: *mut std::ffi::c_int,
+    previous: std::ffi::c_int,
+}
 
-impl GenericPlans {
-    fn force() -> Self {
-        // SAFETY: a backend is single-threaded; the previous value is restored on drop.
-        unsafe {
-            let previous = pg_sys::plan_cache_mode;
-            pg_sys::plan_cache_mode =
-                pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
-            GenericPlans(previous)
-        }
+impl Scoped {
+    /// SAFETY: `setting` is one of PostgreSQL's `int` GUC variables; a
+    /// backend is single-threaded.
+    unsafe fn set(setting: *mut std::ffi::c_int, value: std::ffi::c_int) -> Scoped {
+        let previous = *setting;
+        *setting = value;
+        Scoped { setting, previous }
     }
 }
 
-impl Drop for GenericPlans {
+impl Drop for Scoped {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { pg_sys::plan_cache_mode = self.0 }
+        // SAFETY: as for `set`.
+        unsafe { *self.setting = self.previous }
+    }
+}
+
+/// Cached plans run their generic plan. A statement over a parameter array
+/// (`unnest($1)`, `= ANY($1)`) is estimated at 100 rows in its generic plan
+/// and at the array's true length in a custom one, so PostgreSQL would plan
+/// every call afresh (about a third of a one-client ingest); our statements
+/// are written so the generic plan is right for any length.
+fn generic_plans() -> Scoped {
+    // SAFETY: plan_cache_mode is an int GUC variable.
+    unsafe {
+        Scoped::set(
+            &raw mut pg_sys::plan_cache_mode,
+            pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int,
+        )
     }
 }
 
@@ -137,33 +147,18 @@ pub fn define_settings() {
     );
 }
 
-/// While alive, every lock wait is bounded: by the session's `lock_timeout`
-/// if it set one, else by `billing.lock_timeout`. Restored on return or raise.
-struct BoundedWaits {
-    previous: std::ffi::c_int,
-    bound: std::ffi::c_int,
-}
-
-impl BoundedWaits {
-    fn start() -> Self {
-        // SAFETY: a backend is single-threaded; the previous value is restored on drop.
-        unsafe {
-            let previous = pg_sys::LockTimeout;
-            let bound = if previous > 0 {
-                previous
-            } else {
-                LOCK_TIMEOUT_MS.get()
-            };
-            pg_sys::LockTimeout = bound;
-            BoundedWaits { previous, bound }
-        }
-    }
-}
-
-impl Drop for BoundedWaits {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { pg_sys::LockTimeout = self.previous }
+/// Every lock wait is bounded: by the session's `lock_timeout` if it set one,
+/// else by `billing.lock_timeout`. Returns the guard and the bound.
+fn bounded_waits() -> (Scoped, std::ffi::c_int) {
+    // SAFETY: LockTimeout is an int GUC variable.
+    unsafe {
+        let session = pg_sys::LockTimeout;
+        let bound = if session > 0 {
+            session
+        } else {
+            LOCK_TIMEOUT_MS.get()
+        };
+        (Scoped::set(&raw mut pg_sys::LockTimeout, bound), bound)
     }
 }
 
@@ -185,9 +180,8 @@ pub fn write_waiting_for<'conn>(
     what: &str,
 ) -> Result<SpiTupleTable<'conn>> {
     let p = plan(client, sql, true)?;
-    let _generic = GenericPlans::force();
-    let waits = BoundedWaits::start();
-    let waited_ms = waits.bound;
+    let _generic = generic_plans();
+    let (_waits, waited_ms) = bounded_waits();
     let run = AssertUnwindSafe(|| client.update(&*p, None, args));
     Ok(PgTryBuilder::new(run)
         .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
@@ -207,7 +201,7 @@ pub fn read<'conn>(
     args: &[DatumWithOid<'_>],
 ) -> Result<SpiTupleTable<'conn>> {
     let p = plan(client, sql, false)?;
-    let _generic = GenericPlans::force();
+    let _generic = generic_plans();
     Ok(client.select(&*p, None, args)?)
 }
 

@@ -6,7 +6,7 @@ use pgrx::spi::SpiClient;
 use crate::db::{self, Row};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
-use crate::ledger::{self, Figures, READ_POOL, UNIT_EXISTS};
+use crate::ledger::{self, Figures, KNOWN_UNITS, READ_POOL};
 use crate::tenancy::current_tenant;
 
 type CheckRow = (
@@ -67,15 +67,11 @@ fn gate(
     let figures = match rows.next() {
         Some(row) => ledger::figures_now(client, &Row(&row))?,
         None => {
-            if db::read(client, &UNIT_EXISTS, &[tenant.into(), unit.into()])?.is_empty() {
+            let known = db::read(client, &KNOWN_UNITS, &[tenant.into(), vec![unit].into()])?;
+            if ledger::first_unknown_unit(known, &[unit])?.is_some() {
                 return Err(BillingError::unknown("unit", unit));
             }
-            Figures {
-                balance: 0,
-                held: 0,
-                debt: 0,
-                floor: 0,
-            }
+            Figures::default()
         }
     };
     Ok(decide(amount, &figures))

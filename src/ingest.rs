@@ -416,10 +416,6 @@ pub fn flush_with_usage(
     flush_all(client, std::slice::from_mut(ledger), Some(&NewEvents(&new)))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Where each input event's outcome comes from.
 enum Slot {
     Pending,
@@ -581,14 +577,16 @@ fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcom
     }
 }
 
+/// Each stored key's fingerprint and outcome.
+type Stored = HashMap<String, (Vec<u8>, Outcome)>;
+
 /// The stored outcome and fingerprint of each key already used, and a fresh
 /// id for each key of the call.
-#[allow(clippy::type_complexity)]
 fn find_events(
     client: &mut SpiClient<'_>,
     tenant: &str,
     events: &[Event],
-) -> Result<(HashMap<String, (Vec<u8>, Outcome)>, HashMap<String, i64>)> {
+) -> Result<(Stored, HashMap<String, i64>)> {
     let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
     let mut found = HashMap::new();
     let mut new_ids: HashMap<String, i64> = HashMap::new();
@@ -662,7 +660,7 @@ impl EventRows for NewEvents<'_, '_> {
             col_b(&|n| n.outcome.entitled).into(),
             occurred.into(),
             col_t(|n| &n.event.properties_text).into(),
-            col_s(&|n| hex(&n.hash)).into(),
+            col_s(&|n| hex::encode(&n.hash)).into(),
         ]
     }
 }

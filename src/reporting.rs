@@ -7,8 +7,9 @@ use pgrx::prelude::*;
 use crate::db::{self, Row, Sql, INT4, TEXT, TSTZ};
 use crate::error::{OrRaise, Result};
 use crate::input;
-use crate::ledger::{instant, Create, PoolLedger};
+use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
+use crate::time::instant;
 
 /// The pool as a check at `as_of` would have seen it, from ledger entries
 /// recorded by then: a grant counts at `as_of` if it was spendable then

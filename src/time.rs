@@ -29,3 +29,23 @@ pub fn from_sql(field: &'static str, ts: TimestampWithTimeZone) -> Result<Ts> {
 pub fn opt_from_sql(field: &'static str, ts: Option<TimestampWithTimeZone>) -> Result<Option<Ts>> {
     ts.map(|t| from_sql(field, t)).transpose()
 }
+
+/// The instant a stored timestamptz holds; the infinities as the extremes.
+pub fn instant(t: TimestampWithTimeZone) -> Ts {
+    if t.is_finite() {
+        t.into()
+    } else if t == TimestampWithTimeZone::positive_infinity() {
+        Ts::MAX
+    } else {
+        Ts::MIN
+    }
+}
+
+/// An instant to store; `Ts::MAX` (no bound) as infinity.
+pub fn sql_instant(t: Ts) -> TimestampWithTimeZone {
+    if t == Ts::MAX {
+        TimestampWithTimeZone::positive_infinity()
+    } else {
+        to_sql(t)
+    }
+}

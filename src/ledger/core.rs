@@ -227,7 +227,7 @@ pub struct Debit {
 }
 
 /// The figures a check answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Figures {
     /// Σ remaining of the grants spendable now.
     pub balance: i64,

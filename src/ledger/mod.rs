@@ -1,8 +1,8 @@
 //! The pool store: pools locked, their grants and holds loaded, handed to the
 //! pure [`core`], and what the core computed written back. One set-based path
 //! for one pool or many (a single call is a batch of one): one statement locks
-//! the pools, one loads their grants, and a handful write grant remainders,
-//! expired holds, ledger entries and pool rows.
+//! the pools and reads their grants, and one writes usage events, grant
+//! remainders, ledger entries and pool rows (expired holds, rare, by another).
 //!
 //! Every write to a pool goes through [`PoolLedger`], under the pool's row lock
 //! (`SELECT … FOR UPDATE`), so concurrent debits serialise on the pool and the
@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::db::{self, Row, Sql, BOOL_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY};
 use crate::error::{BillingError, Result};
-use crate::time::{self, Ts};
+use crate::time::{self, instant, sql_instant, Ts};
 
 pub use self::core::{cache_valid, Figures};
 use self::core::{Booked, Entry, Holds, OpenHold, Pool};
@@ -108,18 +108,14 @@ static LOAD_OPEN_HOLDS: Sql = Sql {
     args: &[INT8_ARRAY],
 };
 
-pub static UNIT_EXISTS: Sql = Sql {
-    text: "SELECT 1 FROM billing.units WHERE tenant_id = $1 AND unit = $2",
-    args: &[TEXT, TEXT],
-};
-
 static CREATE_UNITS: Sql = Sql {
     text: "INSERT INTO billing.units (tenant_id, unit) SELECT DISTINCT $1, u FROM unnest($2::text[]) u \
            ON CONFLICT DO NOTHING",
     args: &[TEXT, TEXT_ARRAY],
 };
 
-static KNOWN_UNITS: Sql = Sql {
+/// Which of the units $2 the tenant $1 has defined.
+pub static KNOWN_UNITS: Sql = Sql {
     text: "SELECT unit FROM billing.units WHERE tenant_id = $1 AND unit = ANY($2)",
     args: &[TEXT, TEXT_ARRAY],
 };
@@ -214,6 +210,13 @@ pub enum Create {
     Pool,
 }
 
+/// A pool row's spendable figures as of its last write, valid until `until`.
+struct CachedFigures {
+    active_remaining: i64,
+    active_held: i64,
+    until: Ts,
+}
+
 /// A pool row as read, before its grants are loaded.
 struct Locked {
     id: i64,
@@ -221,8 +224,8 @@ struct Locked {
     booked: Booked,
     /// The instant it was last brought up to date.
     since: Ts,
-    /// Its cached figures: spendable credit and open holds, when valid now.
-    cached: Option<(i64, Holds)>,
+    /// Its cached spendable figures, when valid now.
+    cached: Option<CachedFigures>,
     /// Its grants with credit, when read with the locked version.
     grants: Option<Vec<GrantState>>,
 }
@@ -233,11 +236,11 @@ impl Locked {
         let since = instant(row.get("cache_from")?);
         let until = instant(row.get("cache_until")?);
         let cached = if cache_valid(since, until, now) {
-            let holds = Holds::Cached {
+            Some(CachedFigures {
+                active_remaining: row.get("active_remaining")?,
                 active_held: row.get("active_held")?,
                 until,
-            };
-            Some((row.get("active_remaining")?, holds))
+            })
         } else {
             None
         };
@@ -380,7 +383,10 @@ impl PoolLedger {
             .into_iter()
             .map(|((account, unit), l)| {
                 let holds = match l.cached {
-                    Some((_, cached)) => cached,
+                    Some(c) => Holds::Cached {
+                        active_held: c.active_held,
+                        until: c.until,
+                    },
                     None => Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
                 };
                 let grants = match l.grants {
@@ -439,12 +445,10 @@ impl PoolLedger {
                 )?;
             }
             Create::Pool => {
-                let known: Vec<String> =
-                    db::write(client, &KNOWN_UNITS, &[tenant.into(), units.clone().into()])?
-                        .map(|r| Row(&r).get::<String>("unit"))
-                        .collect::<Result<_>>()?;
-                if let Some(u) = units.iter().find(|u| !known.iter().any(|k| k == *u)) {
-                    return Err(BillingError::unknown("unit", *u));
+                let known =
+                    db::write(client, &KNOWN_UNITS, &[tenant.into(), units.clone().into()])?;
+                if let Some(u) = first_unknown_unit(known, &units)? {
+                    return Err(BillingError::unknown("unit", u));
                 }
             }
         }
@@ -486,23 +490,19 @@ impl PoolLedger {
     }
 }
 
-/// The instant a timestamptz column holds; infinities as the extremes.
-pub fn instant(t: Tstz) -> Ts {
-    if t.is_finite() {
-        t.into()
-    } else if t == Tstz::positive_infinity() {
-        Ts::MAX
-    } else {
-        Ts::MIN
-    }
-}
-
-fn sql_instant(t: Ts) -> Tstz {
-    if t == Ts::MAX {
-        Tstz::positive_infinity()
-    } else {
-        time::to_sql(t)
-    }
+/// The first of `units` that KNOWN_UNITS did not return, if any. The caller
+/// runs KNOWN_UNITS as a read (the gate) or after a lock, as a write.
+pub fn first_unknown_unit<'u>(
+    known: SpiTupleTable<'_>,
+    units: &[&'u str],
+) -> Result<Option<&'u str>> {
+    let known: Vec<String> = known
+        .map(|r| Row(&r).get::<String>("unit"))
+        .collect::<Result<_>>()?;
+    Ok(units
+        .iter()
+        .copied()
+        .find(|u| !known.iter().any(|k| k == u)))
 }
 
 fn grant_from_row(row: &Row<'_, '_>) -> Result<(i64, GrantState)> {
@@ -580,10 +580,10 @@ pub static READ_POOL: Sql = Sql {
 pub fn figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures> {
     let now = time::now();
     let l = Locked::from_row(row, now)?;
-    if let Some((balance, Holds::Cached { active_held, .. })) = l.cached {
+    if let Some(c) = l.cached {
         return Ok(Figures {
-            balance,
-            held: active_held,
+            balance: c.active_remaining,
+            held: c.active_held,
             debt: l.booked.debt,
             floor: l.floor,
         });
@@ -602,7 +602,7 @@ pub fn figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures>
     Ok(pool.figures())
 }
 
-/// The columns of INSERT_ENTRIES for some entries, each with its pool.
+/// The columns of WRITE's entries part for some entries, each with its pool.
 fn entry_columns<'a>(entries: &[(&'a PoolLedger, &'a Entry)]) -> Vec<DatumWithOid<'a>> {
     let text = |f: fn(&PoolLedger) -> &str| -> Vec<&'a str> {
         entries.iter().map(|(l, _)| f(l)).collect()
