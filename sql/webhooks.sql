@@ -315,13 +315,20 @@ $$;
 -- same key queue here, behind a lock only pg_billing can take.
 CREATE FUNCTION billing.lock_webhook_object(endpoint_id bigint, tenant text, key text)
 RETURNS timestamptz
-LANGUAGE sql
+-- plpgsql, not sql: a sql function with its own search_path is parsed and
+-- planned again on every call, which cost more than the rest of a delivery.
+LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
+#variable_conflict use_column
+DECLARE newest timestamptz;
+BEGIN
     INSERT INTO billing.webhook_objects AS o (endpoint_id, object_id, tenant_id, newest_event_time, newest_event_id)
     VALUES (lock_webhook_object.endpoint_id, lock_webhook_object.key, lock_webhook_object.tenant, '-infinity', 0)
     ON CONFLICT (endpoint_id, object_id) DO UPDATE SET newest_event_time = o.newest_event_time
-    RETURNING o.newest_event_time
+    RETURNING o.newest_event_time INTO newest;
+    RETURN newest;
+END
 $$;
 
 -- The longest prefix of `s` of at most `max_bytes` bytes, cut at a
@@ -700,20 +707,26 @@ $$;
 -- a built-in Stripe projection, else none.
 CREATE FUNCTION billing.webhook_handler_for(ev billing.webhook_events, scheme text)
 RETURNS regprocedure
-LANGUAGE sql STABLE
+-- plpgsql for the same reason as lock_webhook_object: planned once per session
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-    SELECT coalesce(
-        (SELECT h.handler FROM billing.webhook_handlers h
-         WHERE h.tenant_id = ev.tenant_id AND h.event_type = ev.event_type AND h.endpoint IN (ev.endpoint, '*')
-         ORDER BY h.endpoint = '*' LIMIT 1),
-        CASE WHEN scheme = 'stripe' THEN
-            CASE
-                WHEN ev.event_type IN ('checkout.session.completed', 'payment_intent.succeeded')
-                    THEN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure
-                WHEN ev.event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn',
-                                       'charge.dispute.closed', 'charge.dispute.funds_reinstated')
-                    THEN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure
-            END
-        END)
+DECLARE h regprocedure;
+BEGIN
+    SELECT x.handler INTO h FROM billing.webhook_handlers x
+    WHERE x.tenant_id = ev.tenant_id AND x.event_type = ev.event_type AND x.endpoint IN (ev.endpoint, '*')
+    ORDER BY x.endpoint = '*' LIMIT 1;
+    IF FOUND THEN
+        RETURN h;
+    END IF;
+    IF scheme = 'stripe' THEN
+        IF ev.event_type IN ('checkout.session.completed', 'payment_intent.succeeded') THEN
+            RETURN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure;
+        ELSIF ev.event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn',
+                                'charge.dispute.closed', 'charge.dispute.funds_reinstated') THEN
+            RETURN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure;
+        END IF;
+    END IF;
+    RETURN NULL;
+END
 $$;

@@ -101,23 +101,27 @@ type GrantRow = (
     name!(available, i64),
 );
 
+/// The grant stored under key $2 (none for a NULL key), or else the id the
+/// new grant takes (a replay takes none).
 static FIND_GRANT_BY_KEY: Sql = Sql {
-    text: "SELECT id, request_hash, kind, priority, amount, effective_at, expires_at, \
-                  debt_repaid, available_after \
-           FROM billing.grants WHERE tenant_id = $1 AND key = $2",
+    text: "SELECT CASE WHEN g.id IS NULL THEN nextval('billing.grants_id_seq') END AS new_id, g.id, g.request_hash, g.kind, \
+                  g.priority, g.amount, g.effective_at, g.expires_at, g.debt_repaid, g.available_after \
+           FROM (SELECT $2::text AS key) k \
+           LEFT JOIN billing.grants g ON g.tenant_id = $1 AND g.key = k.key",
     args: &[TEXT, TEXT],
 };
 
+/// A new grant, written once with what it became: the core has already
+/// repaid debt from it, so the row is never updated in the same call.
 static INSERT_GRANT: Sql = Sql {
-    text: "INSERT INTO billing.grants (tenant_id, pool_id, account, unit, kind, priority, amount, \
+    text: "INSERT INTO billing.grants (id, tenant_id, pool_id, account, unit, kind, priority, amount, \
               remaining, effective_at, expires_at, key, request_hash, metadata, debt_repaid, available_after) \
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, 0, 0) RETURNING id",
-    args: &[TEXT, INT8, TEXT, TEXT, TEXT, INT4, INT8, TSTZ, TSTZ, TEXT, BYTEA, JSONB],
-};
-
-static RECORD_GRANT_OUTCOME: Sql = Sql {
-    text: "UPDATE billing.grants SET debt_repaid = $2, available_after = $3 WHERE id = $1",
-    args: &[INT8, INT8, INT8],
+           OVERRIDING SYSTEM VALUE \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    args: &[
+        INT8, TEXT, INT8, TEXT, TEXT, TEXT, INT4, INT8, INT8, TSTZ, TSTZ, TEXT, BYTEA, JSONB, INT8,
+        INT8,
+    ],
 };
 
 /// Add credits to an account's pool. Idempotent by `key`; a new grant first repays debt.
@@ -208,17 +212,21 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     let tenant = current_tenant()?;
     let hash = req.fingerprint();
     let mut ledger = PoolLedger::open(client, &tenant, req.account, req.unit, Create::UnitAndPool)?;
-    if let Some(key) = req.key {
-        if let Some(row) = find_by_key(client, &tenant, key, &hash)? {
-            return Ok(row);
-        }
-    }
+    let id = match find_by_key(client, &tenant, req.key, &hash)? {
+        Stored::Grant(row) => return Ok(row),
+        Stored::None { new_id } => new_id,
+    };
     req.validate_at(ledger.now)?;
     let effective_at = req.effective_at.unwrap_or(ledger.now);
-    let id: i64 = db::write(
+    let grant = GrantState::new(id, req.priority, req.amount, effective_at, req.expires_at);
+    let repaid = ledger.add_grant(grant)?;
+    let remaining = ledger.grant_remaining(id).unwrap_or(0);
+    let available = ledger.available();
+    db::write(
         client,
         &INSERT_GRANT,
         &[
+            id.into(),
             tenant.as_str().into(),
             ledger.id.into(),
             req.account.into(),
@@ -226,26 +234,18 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
             req.kind.into(),
             req.priority.into(),
             req.amount.into(),
+            remaining.into(),
             time::to_sql(effective_at).into(),
             req.expires_at.map(time::to_sql).into(),
             req.key.into(),
             hash.into(),
             JsonB(req.metadata.clone()).into(),
+            repaid.into(),
+            available.into(),
         ],
-    )?
-    .first()
-    .get_one()?
-    .ok_or_else(|| BillingError::Internal("grant insert returned no id".into()))?;
-    let grant = GrantState::new(id, req.priority, req.amount, effective_at, req.expires_at);
-    let repaid = ledger.add_grant(grant)?;
-    let remaining = ledger.grant_remaining(id).unwrap_or(0);
-    let available = ledger.available();
-    ledger.flush(client)?;
-    db::write(
-        client,
-        &RECORD_GRANT_OUTCOME,
-        &[id.into(), repaid.into(), available.into()],
     )?;
+    ledger.grant_row_written(id);
+    ledger.flush(client)?;
     Ok((
         id,
         "applied".into(),
@@ -260,23 +260,36 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     ))
 }
 
+/// What FIND_GRANT_BY_KEY found.
+enum Stored {
+    /// The outcome of the grant stored under the key, for a replay.
+    Grant(GrantRow),
+    /// Nothing: the id the new grant takes.
+    None { new_id: i64 },
+}
+
 fn find_by_key(
     client: &mut SpiClient<'_>,
     tenant: &str,
-    key: &str,
+    key: Option<&str>,
     hash: &[u8],
-) -> Result<Option<GrantRow>> {
+) -> Result<Stored> {
     let mut rows = db::write(client, &FIND_GRANT_BY_KEY, &[tenant.into(), key.into()])?;
-    let Some(row) = rows.next() else {
-        return Ok(None);
-    };
+    let row = rows
+        .next()
+        .ok_or_else(|| BillingError::Internal("grant lookup returned no row".into()))?;
     let row = Row(&row);
+    let Some(id) = row.opt::<i64>("id")? else {
+        return Ok(Stored::None {
+            new_id: row.get("new_id")?,
+        });
+    };
     let stored: Vec<u8> = row.get("request_hash")?;
-    idempotency::same_request("grant", key, &stored, hash)?;
+    idempotency::same_request("grant", key.unwrap_or_default(), &stored, hash)?;
     let amount: i64 = row.get("amount")?;
     let debt_repaid: i64 = row.get("debt_repaid")?;
-    Ok(Some((
-        row.get("id")?,
+    Ok(Stored::Grant((
+        id,
         "duplicate".into(),
         row.get("kind")?,
         row.get("priority")?,

@@ -454,6 +454,14 @@ impl Pool {
             .map(|g| (g.id, g.remaining))
     }
 
+    /// The store wrote this grant's row with its current remaining (a new
+    /// grant is inserted once, with what it became), so flushing leaves it.
+    pub fn grant_row_written(&mut self, grant_id: i64) {
+        if let Some(g) = self.grants.iter_mut().find(|g| g.id == grant_id) {
+            g.dirty = false;
+        }
+    }
+
     /// Holds closed by reaching their expiry.
     pub fn expired_holds(&self) -> &[i64] {
         &self.expired_holds
