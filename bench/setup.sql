@@ -5,6 +5,9 @@ SELECT billing.define_unit('credits');
 SELECT count(*) FROM generate_series(0, 9999) i,
     LATERAL billing.grant('acct' || i, 'credits', 1000000000000, kind => 'topup');
 SELECT * FROM billing.grant('hot', 'credits', 1000000000000, kind => 'topup');
+-- the same hot account, split across 8 lanes that concurrent debits take in parallel
+SELECT * FROM billing.grant('hot_split', 'credits', 1000000000000, kind => 'topup');
+SELECT billing.set_lanes('hot_split', 'credits', 8);
 CREATE SCHEMA bench;
 CREATE TABLE bench.events (tenant_id text, key text, account text, cost bigint, PRIMARY KEY (tenant_id, key));
 CREATE TABLE bench.accounts (id int PRIMARY KEY, balance bigint);

@@ -9,6 +9,7 @@ mod history;
 mod holds;
 mod idempotency;
 mod input;
+mod lanes;
 mod nulls;
 mod reversals;
 mod stripe;

@@ -17,7 +17,7 @@
 -- src/ledger/core.rs (a test compares them).
 CREATE TYPE billing.entry_kind AS ENUM (
     'grant', 'debit', 'debt', 'debt_repayment', 'expire', 'void', 'revoke',
-    'hold', 'settle', 'release', 'hold_expire', 'reinstate', 'debt_reversal');
+    'hold', 'settle', 'release', 'hold_expire', 'reinstate', 'debt_reversal', 'transfer');
 
 CREATE TABLE billing.accounts (
     tenant_id  text        NOT NULL,
@@ -77,11 +77,19 @@ CREATE TRIGGER units_truncated AFTER TRUNCATE ON billing.units
 -- are the spendable figures as of cache_from, valid until cache_until, the
 -- next instant at which a grant or hold changes state by the clock alone; the
 -- gate answers from them with one row read and recomputes outside the window.
+--
+-- A hot pool may be split (billing.set_lanes): lane 0 is the pool, and
+-- lanes 1..n are rows of their own, each holding a share of the first grant
+-- in drain order, that concurrent debits take in parallel (see
+-- docs/architecture.md, "Split pools"). Readers sum a pool over its lanes.
 CREATE TABLE billing.pools (
     id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant_id        text        NOT NULL,
     account          text        NOT NULL,
     unit             text        NOT NULL,
+    lane           smallint    NOT NULL DEFAULT 0,
+    -- on lane 0: how many lanes take debits beside it (0: not split)
+    lanes          smallint    NOT NULL DEFAULT 0,
     floor            bigint      NOT NULL DEFAULT 0,
     version          bigint      NOT NULL DEFAULT 0,
     remaining        bigint      NOT NULL DEFAULT 0,
@@ -93,7 +101,7 @@ CREATE TABLE billing.pools (
     cache_until      timestamptz NOT NULL DEFAULT 'infinity',
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (tenant_id, account, unit),
+    UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
 ) WITH (fillfactor = 70);
@@ -115,6 +123,9 @@ CREATE TABLE billing.grants (
     key          text,
     request_hash bytea       NOT NULL,
     metadata     jsonb       NOT NULL DEFAULT '{}',
+    -- a lane's share of grant parent_id (same kind, priority and window;
+    -- amount is the parent's, credit arrives by transfer entries)
+    parent_id    bigint,
     -- the outcome returned to the first call, and to every replay of its key
     debt_repaid     bigint   NOT NULL DEFAULT 0,
     available_after bigint   NOT NULL DEFAULT 0,
@@ -127,6 +138,7 @@ CREATE TABLE billing.grants (
 CREATE INDEX grants_drain_order ON billing.grants
     (pool_id, priority, expires_at NULLS LAST, id) WHERE status = 'active';
 CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
+CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
 
 CREATE TABLE billing.usage_events (
     id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

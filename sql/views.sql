@@ -1,13 +1,17 @@
 -- Readable views over the ledger, and the invariant check. Views run with the
 -- caller's rights (security_invoker), so row-level security applies to them.
 
--- Grants with their state at this instant.
+-- Grants with their state at this instant; what the lanes of a split
+-- pool hold of a grant counts as the grant's.
 CREATE VIEW billing.grant_balances WITH (security_invoker = true) AS
-SELECT g.id AS grant_id, g.account, g.unit, g.kind, g.priority, g.amount, g.remaining,
+SELECT g.id AS grant_id, g.account, g.unit, g.kind, g.priority, g.amount, r.remaining,
        g.effective_at, g.expires_at,
-       billing.grant_state(g.status, g.remaining, g.effective_at, g.expires_at, now()) AS state,
+       billing.grant_state(g.status, r.remaining, g.effective_at, g.expires_at, now()) AS state,
        g.key, g.metadata, g.created_at
-FROM billing.grants g;
+FROM billing.grants g
+CROSS JOIN LATERAL (SELECT g.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
+                                                   WHERE c.parent_id = g.id), 0)::bigint AS remaining) r
+WHERE g.parent_id IS NULL;
 
 -- Ledger entries in pool order, with the grant, hold or event they concern.
 CREATE VIEW billing.ledger WITH (security_invoker = true) AS

@@ -4,8 +4,8 @@ use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::db::{self, Sql, INT8, JSONB, TEXT};
-use crate::error::{OrRaise, Result};
+use crate::db::{self, Sql, INT4, INT8, JSONB, TEXT};
+use crate::error::{BillingError, OrRaise, Result};
 use crate::input::{self, JsonArg};
 use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
@@ -96,9 +96,50 @@ fn set_floor(account: Option<&str>, unit: Option<&str>, floor: Option<i64>) -> i
         input::name("unit", unit)?;
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
-            let ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            // a split pool's lanes give back what was dealt above the old floor
+            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            ledger.flush(client)?;
             db::write(client, &SET_FLOOR, &[ledger.id.into(), floor.into()])?;
             Ok(floor)
+        })
+    })()
+    .or_raise()
+}
+
+static SET_LANES: Sql = Sql {
+    text: "UPDATE billing.pools SET lanes = $2, updated_at = now() WHERE id = $1",
+    args: &[INT8, INT4],
+};
+
+/// The most lanes a pool may have.
+const MAX_LANES: i32 = 64;
+
+/// Split a hot pool's balance across `lanes` rows beside the pool, which
+/// concurrent debits of a given cost take in parallel (0: not split). The
+/// floor, drain order and zero overspend stay exact; each lane holds a
+/// share of the first grant in drain order only. Takes every lane's credit
+/// back first. Returns the new number of lanes.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn set_lanes(account: Option<&str>, unit: Option<&str>, lanes: Option<i32>) -> i32 {
+    (|| -> Result<i32> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
+        let lanes = input::required("lanes", lanes)?;
+        input::account(account)?;
+        input::name("unit", unit)?;
+        if !(0..=MAX_LANES).contains(&lanes) {
+            return Err(BillingError::invalid(
+                "lanes",
+                format!("{lanes} is not between 0 and {MAX_LANES}"),
+            ));
+        }
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            ledger.flush(client)?;
+            db::write(client, &SET_LANES, &[ledger.id.into(), lanes.into()])?;
+            Ok(lanes)
         })
     })()
     .or_raise()

@@ -30,6 +30,7 @@ pub const JSONB: Oid = pg_sys::JSONBOID;
 pub const BYTEA: Oid = pg_sys::BYTEAOID;
 pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
 pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
+pub const INT4_ARRAY: Oid = pg_sys::INT4ARRAYOID;
 pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
 pub const TSTZ_ARRAY: Oid = pg_sys::TIMESTAMPTZARRAYOID;
 pub const BOOL_ARRAY: Oid = pg_sys::BOOLARRAYOID;
@@ -195,6 +196,32 @@ pub fn write_waiting_for<'conn>(
 }
 
 /// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.
+/// Run `attempt` in a subtransaction, kept if it returns Some and rolled
+/// back otherwise (an error included): row locks it took and had no use for
+/// are released, so a caller that gives up waits for nothing while holding
+/// them. What it returns must not borrow from SPI results of the attempt.
+pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
+    // SAFETY: the sequence PL/pgSQL uses around an exception block: the
+    // caller's memory context and resource owner are restored after the
+    // subtransaction ends either way. An ERROR raised inside unwinds past
+    // this; aborting the transaction then ends the subtransaction too.
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        let result = attempt();
+        if matches!(result, Ok(Some(_))) {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}
+
 pub fn read<'conn>(
     client: &SpiClient<'conn>,
     sql: &'static Sql,

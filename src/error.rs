@@ -54,6 +54,12 @@ pub enum BillingError {
     #[error("{what} is held by another transaction; gave up after {waited_ms} ms")]
     LockWait { what: String, waited_ms: i32 },
 
+    /// A debit on a lane of a split pool found its credit not yet
+    /// spendable at the transaction's start time (it became spendable while
+    /// the transaction ran): nothing was written, a retry succeeds.
+    #[error("{0}")]
+    Retry(String),
+
     /// The session's tenant setting is not a usable tenant name.
     #[error("invalid tenant \"{0}\"")]
     InvalidTenant(String),
@@ -93,6 +99,7 @@ impl BillingError {
             InvalidTenant(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,    // 22023
             TenantDenied { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,  // 42501
             LockWait { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,          // 55P03
+            Retry(_) => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,          // 40001
             Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,                  // XX000
         }
     }
@@ -111,6 +118,7 @@ impl BillingError {
             InsufficientCredits { .. } => Some("Grant or top up credits, release holds, or call without strict to record the usage as debt.".into()),
             WrongState(_) => None,
             LockWait { .. } => Some("A transaction that debited this account has not ended: billing calls hold the account's pool until their transaction commits. Keep them at the end of short transactions; for slow work, reserve in a short transaction, do the work outside it, then settle. To wait longer, raise lock_timeout or billing.lock_timeout (milliseconds; 0 waits without limit).".into()),
+            Retry(_) => Some("Retry the transaction: a new transaction sees the credit.".into()),
             TenantDenied { .. } => Some("SET billing.tenant to a tenant granted to this role (billing.grant_tenant), or ask a billing_admin.".into()),
             InvalidTenant(_) => Some("SET billing.tenant to 1-63 characters of letters, digits, '_', '-', '.' or ':'.".into()),
             Internal(_) => Some("This is a pg_billing bug; please report it with the statement that caused it.".into()),

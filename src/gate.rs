@@ -3,7 +3,7 @@
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::db::{self, Row};
+use crate::db;
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::ledger::{self, Figures, KNOWN_UNITS, READ_POOL};
@@ -59,13 +59,13 @@ fn gate(
     unit: &str,
     amount: i64,
 ) -> Result<CheckRow> {
-    let mut rows = db::read(
+    let rows = db::read(
         client,
         &READ_POOL,
         &[tenant.into(), account.into(), unit.into()],
     )?;
-    let figures = match rows.next() {
-        Some(row) => ledger::figures_now(client, &Row(&row))?,
+    let figures = match ledger::figures_now(client, rows)? {
+        Some(figures) => figures,
         None => {
             let known = db::read(client, &KNOWN_UNITS, &[tenant.into(), vec![unit].into()])?;
             if ledger::first_unknown_unit(known, &[unit])?.is_some() {

@@ -305,7 +305,9 @@ fn find_by_key(
 // ----- taking credit back: void, revoke, reversal ---------------------------
 
 static FIND_GRANT: Sql = Sql {
-    text: "SELECT account, unit FROM billing.grants WHERE id = $1 AND tenant_id = $2",
+    // a lane's share of a grant is not a grant of its own
+    text: "SELECT account, unit FROM billing.grants \
+           WHERE id = $1 AND tenant_id = $2 AND parent_id IS NULL",
     args: &[INT8, TEXT],
 };
 
@@ -317,9 +319,11 @@ static GRANT_ROW: Sql = Sql {
     args: &[INT8],
 };
 
+/// Its lane shares' entries count as its own (their transfers cancel out).
 static GRANT_ENTRIES: Sql = Sql {
     text: "SELECT kind::text AS kind, grant_amount, debt_amount FROM billing.ledger_entries \
-           WHERE grant_id = $1",
+           WHERE grant_id IN (SELECT $1 UNION ALL \
+                              SELECT c.id FROM billing.grants c WHERE c.parent_id = $1)",
     args: &[INT8],
 };
 

@@ -19,7 +19,9 @@ use crate::db::{self, Row, Sql, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
-use crate::ledger::{drains_json, flush_all, Create, EventRows, PoolLedger};
+use crate::ledger::{
+    drains_json, flush_all, flush_checked, Create, EventRows, Flushed, PoolLedger,
+};
 use crate::pricing::{self, Carries, Cost, Meter};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -453,7 +455,18 @@ fn ingest_events(
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut in_batch: HashMap<&str, (Vec<u8>, usize)> = HashMap::new();
     let pool_keys: Vec<(String, String)> = by_pool.keys().cloned().collect();
-    let mut ledgers = PoolLedger::open_many(client, &tenant, &pool_keys, Create::Pool)?;
+    // One event of a given cost on a split pool takes one lane, if one can pay it.
+    let share = match (&pool_keys[..], &priced[..]) {
+        ([(account, unit)], [Cost::Given(cost)]) if events.len() == 1 => {
+            PoolLedger::lock_share(client, &tenant, account, unit, *cost)?
+        }
+        _ => None,
+    };
+    let mut ledgers = match share {
+        Some(share) => vec![share],
+        None => open_pools(client, &tenant, &pool_keys, &priced, events.len())?,
+    };
+    let on_share = ledgers.iter().any(|l| l.is_lane());
     // After the locks: any concurrent ingest of these keys has committed.
     let (stored, new_ids) = find_events(client, &tenant, &events)?;
     let mut carries = Carries::load(client, priced_pairs(&ledgers, &by_pool, &events, &priced))?;
@@ -481,6 +494,13 @@ fn ingest_events(
                 }
             };
             let mut outcome = rejected(event, &unit, cost, ledger);
+            if on_share && !ledger.allows(cost) {
+                // its figures were written after this transaction began
+                return Err(BillingError::Retry(format!(
+                    "the lane of the {unit} pool of account \"{}\" this debit took holds credit that was not spendable yet when its transaction began",
+                    event.account
+                )));
+            }
             if event.strict && !ledger.allows(cost) {
                 if raise_rejection {
                     return Err(ledger.insufficient(cost));
@@ -498,9 +518,9 @@ fn ingest_events(
             outcome.status = "applied";
             outcome.covered = debit.covered;
             outcome.debt_created = debit.uncovered;
-            outcome.drains = drains_json(&debit.drains);
-            outcome.available = ledger.available();
-            outcome.entitled = ledger.entitled();
+            outcome.drains = drains_json(&ledger.grant_drains(&debit.drains));
+            outcome.available = ledger.pool_available();
+            outcome.entitled = ledger.pool_entitled();
             new_events.push(NewEvent {
                 id,
                 event,
@@ -514,10 +534,20 @@ fn ingest_events(
             slots[i] = Slot::New(n);
         }
         ledger.current_event = None;
+        ledger.deal_shares(client)?;
     }
 
     carries.save(client, &tenant)?;
-    flush_all(client, &mut ledgers, Some(&NewEvents(&new_events)))?;
+    let flushed = flush_checked(
+        client,
+        &mut ledgers,
+        Some(&NewEvents(&new_events)),
+        on_share,
+    )?;
+    if flushed == Flushed::KeyTaken {
+        // a debit on another lane recorded this key first: answer as a replay
+        return replay(client, &tenant, &events);
+    }
     slots
         .into_iter()
         .map(|slot| match slot {
@@ -536,6 +566,29 @@ fn ingest_events(
             Slot::Pending => Err(BillingError::Internal("event without outcome".into())),
         })
         .collect()
+}
+
+/// Lock the pools of a call. A split pool's lanes keep their credit when
+/// the call is one event of a given cost that one of them can pay (all its
+/// lanes were busy a moment ago): it is debited there, as if the lane had
+/// been free; otherwise the pool takes its lanes' credit back.
+fn open_pools(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    keys: &[(String, String)],
+    priced: &[Cost],
+    events: usize,
+) -> Result<Vec<PoolLedger>> {
+    let mut pools = PoolLedger::open_many_with_lanes(client, tenant, keys, Create::Pool)?;
+    if let ([Cost::Given(cost)], [pool], 1) = (priced, &mut pools[..], events) {
+        if let Some(lane) = pool.take_lane_paying(*cost) {
+            return Ok(vec![lane]);
+        }
+    }
+    for pool in pools.iter_mut() {
+        pool.collect_shares(client)?;
+    }
+    Ok(pools)
 }
 
 /// The (pool, meter) pairs whose events the meter's price charges: the only
@@ -561,6 +614,26 @@ fn priced_pairs(
     pairs
 }
 
+/// The outcome of events whose keys are all recorded: a replay of each.
+fn replay(client: &mut SpiClient<'_>, tenant: &str, events: &[Event]) -> Result<Vec<Outcome>> {
+    let (stored, _) = find_events(client, tenant, events)?;
+    events
+        .iter()
+        .map(|event| {
+            let (stored_hash, outcome) = stored.get(&event.key).ok_or_else(|| {
+                BillingError::Internal(format!("usage event {} vanished", event.key))
+            })?;
+            idempotency::same_request(
+                "usage event",
+                &event.key,
+                stored_hash,
+                &event.fingerprint(),
+            )?;
+            Ok(outcome.clone())
+        })
+        .collect()
+}
+
 fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcome {
     Outcome {
         key: event.key.clone(),
@@ -572,8 +645,8 @@ fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcom
         covered: 0,
         debt_created: 0,
         drains: Value::Array(vec![]),
-        available: ledger.available(),
-        entitled: ledger.entitled(),
+        available: ledger.pool_available(),
+        entitled: ledger.pool_entitled(),
     }
 }
 

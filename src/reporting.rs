@@ -11,7 +11,7 @@ use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
 use crate::time::instant;
 
-/// The pool as a check at `as_of` would have seen it, from ledger entries
+/// The pool (summed over its lanes) as a check at `as_of` would have seen it, from ledger entries
 /// recorded by then: a grant counts at `as_of` if it was spendable then
 /// (`grant_state`), with what remained of it after the entries recorded up to `as_of`.
 static BALANCE_AS_OF: Sql = Sql {
@@ -27,8 +27,10 @@ static BALANCE_AS_OF: Sql = Sql {
               (SELECT coalesce(sum((SELECT coalesce(sum(e.hold_amount), 0) FROM billing.ledger_entries e \
                                     WHERE e.hold_id = h.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
                FROM billing.holds h JOIN p ON h.pool_id = p.id WHERE t.at < h.expires_at), \
-              coalesce((SELECT e.debt_after FROM billing.ledger_entries e JOIN p ON e.pool_id = p.id \
-                        WHERE $4 IS NULL OR e.recorded_at <= $4 ORDER BY e.version DESC LIMIT 1), 0) \
+              (SELECT coalesce(sum(d.debt_after), 0)::bigint FROM p CROSS JOIN LATERAL \
+                 (SELECT e.debt_after FROM billing.ledger_entries e \
+                  WHERE e.pool_id = p.id AND ($4 IS NULL OR e.recorded_at <= $4) \
+                  ORDER BY e.version DESC LIMIT 1) d) \
            FROM t",
     args: &[TEXT, TEXT, TEXT, TSTZ],
 };
@@ -87,7 +89,7 @@ fn balance(
 }
 
 static POOLS_DUE: Sql = Sql {
-    text: "SELECT p.tenant_id, p.account, p.unit FROM billing.pools p \
+    text: "SELECT DISTINCT p.tenant_id, p.account, p.unit FROM billing.pools p \
            WHERE EXISTS (SELECT 1 FROM billing.grants g WHERE g.pool_id = p.id AND g.remaining > 0 \
                          AND g.expires_at <= now()) \
               OR EXISTS (SELECT 1 FROM billing.holds h WHERE h.pool_id = p.id AND h.status = 'open' \

@@ -43,10 +43,12 @@ pub enum EntryKind {
     Reinstate,
     /// Debt recorded against a grant cancelled (or, once repaid, credited back).
     DebtReversal,
+    /// Credit moved between a grant and its share in a lane of the pool.
+    Transfer,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 13] = [
+    pub const ALL: [EntryKind; 14] = [
         EntryKind::Grant,
         EntryKind::Debit,
         EntryKind::Debt,
@@ -60,6 +62,7 @@ impl EntryKind {
         EntryKind::HoldExpire,
         EntryKind::Reinstate,
         EntryKind::DebtReversal,
+        EntryKind::Transfer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +80,7 @@ impl EntryKind {
             EntryKind::HoldExpire => "hold_expire",
             EntryKind::Reinstate => "reinstate",
             EntryKind::DebtReversal => "debt_reversal",
+            EntryKind::Transfer => "transfer",
         }
     }
 
@@ -678,6 +682,48 @@ impl Pool {
         Ok(())
     }
 
+    /// Move `amount` of credit into (positive) or out of (negative) a grant
+    /// of this pool, from or to its share in another lane of the pool.
+    /// Returns false, moving nothing, if the grant is not in the pool (the
+    /// store loads it first).
+    pub fn transfer(&mut self, grant_id: i64, amount: i64) -> Result<bool, Overflow> {
+        let Some(i) = self.grants.iter().position(|g| g.id == grant_id) else {
+            return Ok(false);
+        };
+        fits("pool balance", self.remaining, amount)?;
+        self.take_from_grant(i, -amount);
+        self.push(
+            EntryKind::Transfer,
+            amount,
+            0,
+            0,
+            Some(grant_id),
+            None,
+            self.now,
+        );
+        Ok(true)
+    }
+
+    /// The first grant in drain order that is spendable now: (id, remaining).
+    pub fn head_grant(&self) -> Option<(i64, i64)> {
+        self.grants
+            .iter()
+            .find(|g| g.is_active(self.now))
+            .map(|g| (g.id, g.remaining))
+    }
+
+    /// Grants holding credit, in drain order: (id, remaining).
+    pub fn credited_grants(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        self.grants
+            .iter()
+            .filter(|g| g.remaining > 0)
+            .map(|g| (g.id, g.remaining))
+    }
+
+    pub fn grant(&self, grant_id: i64) -> Option<&GrantState> {
+        self.grants.iter().find(|g| g.id == grant_id)
+    }
+
     pub fn open_hold(&mut self, hold_id: i64, amount: i64, expires_at: Ts) -> Result<(), Overflow> {
         fits("held total", self.held, amount)?;
         self.active_held += amount;
@@ -726,7 +772,9 @@ pub fn grant_facts<'a>(
             | EntryKind::Hold
             | EntryKind::Settle
             | EntryKind::Release
-            | EntryKind::HoldExpire => {}
+            | EntryKind::HoldExpire
+            // a grant's facts include its lane shares', where transfers cancel out
+            | EntryKind::Transfer => {}
         }
     }
     f

@@ -11,14 +11,17 @@
 
 pub mod core;
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut, Range};
 
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
 use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
-use crate::db::{self, Row, Sql, BOOL_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY};
+use crate::db::{
+    self, Row, Sql, BOOL_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY,
+};
 use crate::error::{BillingError, Result};
 use crate::time::{self, instant, sql_instant, Ts};
 
@@ -41,13 +44,29 @@ pub fn drains_json(drains: &[Drain]) -> serde_json::Value {
     )
 }
 
-/// A locked pool: where it is, and the core's view of it.
+/// A locked pool: where it is, and the core's view of it. A split pool is
+/// locked with its lanes (`shares`), whose credit it has collected back;
+/// a lane taken alone by a debit (`lock_share`) knows the rest of the pool
+/// only as `others`, as of its statement.
 pub struct PoolLedger {
     pub id: i64,
     pub tenant: String,
     pub account: String,
     pub unit: String,
+    /// On lane 0: how many lanes take debits beside it.
+    pub lanes: i32,
     pool: Pool,
+    shares: Vec<PoolLedger>,
+    /// Each lane share grant of this pool → the grant it is a share of.
+    parents: HashMap<i64, i64>,
+    others: Option<Others>,
+}
+
+/// The rest of a split pool, seen by a debit that locked one lane.
+#[derive(Clone, Copy)]
+struct Others {
+    available: i64,
+    floor: i64,
 }
 
 impl Deref for PoolLedger {
@@ -71,33 +90,107 @@ impl DerefMut for PoolLedger {
 /// grants are read again after the lock (LOAD_GRANTS). A pool changes only
 /// with its version, so equal versions mean the grants are current.
 static LOCK_POOLS: Sql = Sql {
-    text: "SELECT p.id, p.account, p.unit, p.floor, p.version, p.remaining, p.debt, p.held, \
-                  p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
-                  s.seen_version, s.grant_ids, s.priorities, s.remainings, s.effective, s.expires \
+    text: "SELECT p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, \
+                  p.debt, p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
+                  s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, \
+                  s.expires \
            FROM billing.pools p \
-           JOIN unnest($2::text[], $3::text[]) AS k(account, unit) \
-             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit \
+           JOIN unnest($2::text[], $3::text[], $4::int[]) AS k(account, unit, lane) \
+             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit AND p.lane = k.lane \
            CROSS JOIN LATERAL ( \
              SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
-                    array_agg(g.id) AS grant_ids, array_agg(g.priority) AS priorities, \
-                    array_agg(g.remaining) AS remainings, array_agg(g.effective_at) AS effective, \
-                    array_agg(g.expires_at) AS expires \
+                    array_agg(g.id) AS grant_ids, array_agg(g.parent_id) AS parents, \
+                    array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
+                    array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
              FROM billing.grants g \
              WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s \
-           ORDER BY p.account, p.unit FOR UPDATE OF p",
-    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
+           ORDER BY p.account, p.unit, p.lane FOR UPDATE OF p",
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY],
+};
+
+/// A debit on a split pool: one lane whose spendable figures cover $4
+/// until now. They were computed when the lane was last written, which
+/// under concurrency is often after this transaction began: the core decides
+/// again at the transaction's time. With what the rest of the pool has
+/// available (its cached figures, as of this statement) and the pool's
+/// floor. Completed by the lock clause of LOCK_SHARE or WAIT_FOR_SHARE.
+macro_rules! select_share {
+    () => {
+        "SELECT p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, \
+                p.debt, p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
+                s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, \
+                s.expires, o.others_available, o.pool_floor \
+         FROM billing.pools p \
+         CROSS JOIN LATERAL ( \
+           SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
+                  array_agg(g.id) AS grant_ids, array_agg(g.parent_id) AS parents, \
+                  array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
+                  array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
+           FROM billing.grants g \
+           WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s \
+         CROSS JOIN LATERAL ( \
+           SELECT coalesce(sum(q.active_remaining - q.active_held - q.debt) \
+                           FILTER (WHERE q.id <> p.id), 0)::bigint AS others_available, \
+                  coalesce(max(q.floor) FILTER (WHERE q.lane = 0), 0) AS pool_floor \
+           FROM billing.pools q \
+           WHERE q.tenant_id = $1 AND q.account = $2 AND q.unit = $3) o \
+         WHERE p.tenant_id = $1 AND p.account = $2 AND p.unit = $3 AND p.lane > 0 \
+           AND now() < p.cache_until \
+           AND p.active_remaining - p.active_held - p.debt >= $4 "
+    };
+}
+
+/// A free lane that can pay, if any: lanes other debits hold are skipped.
+static LOCK_SHARE: Sql = Sql {
+    text: concat!(
+        select_share!(),
+        "ORDER BY p.lane LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
+    ),
+    args: &[TEXT, TEXT, TEXT, INT8],
+};
+
+/// Every lane that can pay is held by another debit: wait for one, a
+/// different one per backend. Only that row is locked (waiting while
+/// holding another lane could deadlock with a debit that locks the whole
+/// pool); it is checked again once locked, and if emptied meanwhile, the
+/// debit locks the whole pool.
+static WAIT_FOR_SHARE: Sql = Sql {
+    text: concat!(
+        select_share!(),
+        "AND p.lane = 1 + pg_backend_pid() % greatest((SELECT h.lanes FROM billing.pools h \
+             WHERE h.tenant_id = $1 AND h.account = $2 AND h.unit = $3 AND h.lane = 0), 1) \
+         LIMIT 1 FOR UPDATE OF p"
+    ),
+    args: &[TEXT, TEXT, TEXT, INT8],
+};
+
+/// The lane shares of grant $1 in the lane pools $2, created empty
+/// where missing: same kind, priority and window; credit arrives by transfer.
+static SHARES_OF_GRANT: Sql = Sql {
+    text: "WITH made AS ( \
+             INSERT INTO billing.grants (tenant_id, pool_id, account, unit, kind, priority, amount, \
+                remaining, effective_at, expires_at, request_hash, parent_id) \
+             SELECT g.tenant_id, s.pool_id, g.account, g.unit, g.kind, g.priority, g.amount, 0, \
+                    g.effective_at, g.expires_at, g.request_hash, g.id \
+             FROM billing.grants g CROSS JOIN unnest($2::bigint[]) AS s(pool_id) WHERE g.id = $1 \
+             ON CONFLICT (parent_id, pool_id) WHERE parent_id IS NOT NULL DO NOTHING \
+             RETURNING id, pool_id) \
+           SELECT id, pool_id FROM made \
+           UNION ALL \
+           SELECT id, pool_id FROM billing.grants WHERE parent_id = $1 AND pool_id = ANY($2)",
+    args: &[INT8, INT8_ARRAY],
 };
 
 /// Read after the lock when the locked pool changed since LOCK_POOLS's
 /// snapshot (a new statement sees what the previous holder committed).
 static LOAD_GRANTS: Sql = Sql {
-    text: "SELECT pool_id, id, priority, remaining, effective_at, expires_at FROM billing.grants \
-           WHERE pool_id = ANY($1) AND status = 'active' AND remaining > 0",
+    text: "SELECT pool_id, id, parent_id, priority, remaining, effective_at, expires_at \
+           FROM billing.grants WHERE pool_id = ANY($1) AND status = 'active' AND remaining > 0",
     args: &[INT8_ARRAY],
 };
 
 static LOAD_GRANT: Sql = Sql {
-    text: "SELECT pool_id, id, priority, remaining, effective_at, expires_at \
+    text: "SELECT pool_id, id, parent_id, priority, remaining, effective_at, expires_at \
            FROM billing.grants WHERE id = $1",
     args: &[INT8],
 };
@@ -121,12 +214,13 @@ pub static KNOWN_UNITS: Sql = Sql {
 };
 
 static CREATE_POOLS: Sql = Sql {
-    text: "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[]) AS k(account, unit)), \
+    text: "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS k(account, unit, lane)), \
                 a AS (INSERT INTO billing.accounts (tenant_id, account) \
                       SELECT DISTINCT $1, account FROM k ON CONFLICT DO NOTHING) \
-           INSERT INTO billing.pools (tenant_id, account, unit) SELECT $1, account, unit FROM k \
+           INSERT INTO billing.pools (tenant_id, account, unit, lane) \
+           SELECT $1, account, unit, lane FROM k \
            ON CONFLICT DO NOTHING",
-    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY],
 };
 
 static EXPIRE_HOLDS: Sql = Sql {
@@ -137,8 +231,15 @@ static EXPIRE_HOLDS: Sql = Sql {
 /// Everything a call changed, in one statement: the usage events it records
 /// ($2-$19), grant remainders ($20-$21), ledger entries ($22-$38) and pool
 /// rows ($39-$46). A part with nothing to write gets empty (or NULL) arrays.
-static WRITE: Sql = Sql {
-    text: "WITH events AS ( \
+/// The rest is written only if all $47 events were written; `complete`
+/// says whether they were. WRITE raises on a key recorded meanwhile, which
+/// cannot happen under the pool's lock; WRITE_SHARE, for a debit that
+/// locked one lane of a pool (two such debits of one key may run at
+/// once), writes nothing then, and the call answers with the recorded event.
+macro_rules! write_statement {
+    ($on_conflict:expr) => {
+        concat!(
+        "WITH events AS ( \
              INSERT INTO billing.usage_events \
                 (id, tenant_id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
                  debt_created, strict, drains, available_after, entitled_after, occurred_at, properties, \
@@ -153,10 +254,12 @@ static WRITE: Sql = Sql {
                          $17::timestamptz[], $18::text[], $19::text[]) \
                   AS e(id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
                        debt_created, strict, drains, available_after, entitled_after, occurred_at, \
-                       properties, request_hash)), \
+                       properties, request_hash) ", $on_conflict, " RETURNING 1), \
+           done AS (SELECT count(*) = $47 AS complete FROM events), \
            grants AS ( \
              UPDATE billing.grants g SET remaining = u.remaining \
-             FROM unnest($20::bigint[], $21::bigint[]) AS u(id, remaining) WHERE g.id = u.id), \
+             FROM unnest($20::bigint[], $21::bigint[]) AS u(id, remaining), done \
+             WHERE g.id = u.id AND done.complete), \
            entries AS ( \
              INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
                 amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
@@ -164,30 +267,42 @@ static WRITE: Sql = Sql {
              SELECT $1, e.* FROM unnest($22::bigint[], $23::text[], $24::text[], $25::bigint[], \
                 $26::text[]::billing.entry_kind[], $27::bigint[], $28::bigint[], $29::bigint[], \
                 $30::bigint[], $31::bigint[], $32::bigint[], $33::bigint[], $34::bigint[], \
-                $35::bigint[], $36::bigint[], $37::bigint[], $38::timestamptz[]) AS e) \
-           UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
-              held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
-              cache_from = now(), cache_until = u.cache_until, updated_at = now() \
-           FROM unnest($39::bigint[], $40::bigint[], $41::bigint[], $42::bigint[], $43::bigint[], \
-                       $44::bigint[], $45::bigint[], $46::timestamptz[]) \
-                AS u(id, version, remaining, debt, held, active_remaining, active_held, cache_until) \
-           WHERE p.id = u.id",
+                $35::bigint[], $36::bigint[], $37::bigint[], $38::timestamptz[]) AS e \
+             WHERE (SELECT complete FROM done)), \
+           pools AS ( \
+             UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
+                held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
+                cache_from = now(), cache_until = u.cache_until, updated_at = now() \
+             FROM unnest($39::bigint[], $40::bigint[], $41::bigint[], $42::bigint[], $43::bigint[], \
+                         $44::bigint[], $45::bigint[], $46::timestamptz[]) \
+                  AS u(id, version, remaining, debt, held, active_remaining, active_held, cache_until), \
+                  done \
+             WHERE p.id = u.id AND done.complete) \
+           SELECT complete FROM done"
+        )
+    };
+}
+
+static WRITE: Sql = Sql {
+    text: write_statement!(""),
     args: &[
-        TEXT,
-        // events
+        TEXT, // events
         INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY,
         TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, BOOL_ARRAY, TEXT_ARRAY, INT8_ARRAY,
-        BOOL_ARRAY, TSTZ_ARRAY, TEXT_ARRAY, TEXT_ARRAY,
-        // grants
-        INT8_ARRAY, INT8_ARRAY,
-        // entries
+        BOOL_ARRAY, TSTZ_ARRAY, TEXT_ARRAY, TEXT_ARRAY, // grants
+        INT8_ARRAY, INT8_ARRAY, // entries
         INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY,
         INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
-        INT8_ARRAY, INT8_ARRAY, TSTZ_ARRAY,
-        // pools
+        INT8_ARRAY, INT8_ARRAY, TSTZ_ARRAY, // pools
         INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
-        TSTZ_ARRAY,
+        TSTZ_ARRAY, // how many events
+        INT8,
     ],
+};
+
+static WRITE_SHARE: Sql = Sql {
+    text: write_statement!("ON CONFLICT (tenant_id, key) DO NOTHING"),
+    args: WRITE.args,
 };
 
 /// The columns of WRITE's events part ($2-$19) for rows `range` of some
@@ -220,6 +335,8 @@ struct CachedFigures {
 /// A pool row as read, before its grants are loaded.
 struct Locked {
     id: i64,
+    lane: i32,
+    lanes: i32,
     floor: i64,
     booked: Booked,
     /// The instant it was last brought up to date.
@@ -228,6 +345,8 @@ struct Locked {
     cached: Option<CachedFigures>,
     /// Its grants with credit, when read with the locked version.
     grants: Option<Vec<GrantState>>,
+    /// Which of them are lane shares, of which grant.
+    parents: HashMap<i64, i64>,
 }
 
 impl Locked {
@@ -246,6 +365,8 @@ impl Locked {
         };
         Ok(Locked {
             id: row.get("id")?,
+            lane: row.get::<i16>("lane")?.into(),
+            lanes: row.get::<i16>("lanes")?.into(),
             floor: row.get("floor")?,
             booked: Booked {
                 version: row.get("version")?,
@@ -256,6 +377,7 @@ impl Locked {
             since,
             cached,
             grants: None,
+            parents: HashMap::new(),
         })
     }
 
@@ -265,17 +387,19 @@ impl Locked {
             return Ok(self);
         }
         let ids: Vec<i64> = row.opt("grant_ids")?.unwrap_or_default();
+        let parents: Vec<Option<i64>> = row.opt("parents")?.unwrap_or_default();
         let priorities: Vec<i32> = row.opt("priorities")?.unwrap_or_default();
         let remainings: Vec<i64> = row.opt("remainings")?.unwrap_or_default();
         let effective: Vec<Tstz> = row.opt("effective")?.unwrap_or_default();
         let expires: Vec<Option<Tstz>> = row.opt("expires")?.unwrap_or_default();
         let n = ids.len();
         if [
+            parents.len(),
             priorities.len(),
             remainings.len(),
             effective.len(),
             expires.len(),
-        ] != [n; 4]
+        ] != [n; 5]
         {
             return Err(BillingError::Internal(
                 "grant arrays differ in length".into(),
@@ -294,9 +418,21 @@ impl Locked {
                 })
                 .collect(),
         );
+        self.parents = share_parents(&ids, &parents);
         Ok(self)
     }
 }
+
+/// Share grant → parent grant, for the grants that are lane shares.
+fn share_parents(ids: &[i64], parents: &[Option<i64>]) -> HashMap<i64, i64> {
+    ids.iter()
+        .zip(parents)
+        .filter_map(|(id, parent)| parent.map(|p| (*id, p)))
+        .collect()
+}
+
+/// A pool row to lock: (account, unit, lane).
+type PoolKey = (String, String, i32);
 
 impl PoolLedger {
     /// Lock the pool of (tenant, account, unit), creating it as allowed, and
@@ -332,29 +468,83 @@ impl PoolLedger {
     }
 
     /// Lock the pools of `keys` (account, unit), creating the missing ones as
-    /// allowed, load them, and bring each up to date at `now()`. Returned in
-    /// the order of `keys`.
+    /// allowed, load them, and bring each up to date at `now()`. A split
+    /// pool is locked with its lanes and takes their credit back, so every
+    /// operation sees the whole pool. Returned in the order of `keys`.
     pub fn open_many(
         client: &mut SpiClient<'_>,
         tenant: &str,
         keys: &[(String, String)],
         create: Create,
     ) -> Result<Vec<PoolLedger>> {
-        let now = time::now();
+        let mut pools = Self::open_many_with_lanes(client, tenant, keys, create)?;
+        for pool in pools.iter_mut() {
+            pool.collect_shares(client)?;
+        }
+        Ok(pools)
+    }
+
+    /// As `open_many`, but a split pool keeps its lanes' credit where it is:
+    /// for a debit that one of them may pay (`take_lane_paying`); anything
+    /// else must `collect_shares` first.
+    pub fn open_many_with_lanes(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[(String, String)],
+        create: Create,
+    ) -> Result<Vec<PoolLedger>> {
         let what = match keys {
             [(account, unit)] => format!("the {unit} pool of account \"{account}\""),
             _ => format!("one of the {} pools of this batch", keys.len()),
         };
-        let mut found = Self::lock(client, tenant, keys, now, &what)?;
+        let keys: Vec<PoolKey> = keys
+            .iter()
+            .map(|(a, u)| (a.clone(), u.clone(), 0))
+            .collect();
+        let mut pools = Self::open_rows(client, tenant, &keys, create, &what)?;
+        for pool in pools.iter_mut().filter(|p| p.lanes > 0) {
+            let lanes: Vec<PoolKey> = (1..=pool.lanes)
+                .map(|s| (pool.account.clone(), pool.unit.clone(), s))
+                .collect();
+            pool.shares = Self::open_rows(client, tenant, &lanes, Create::Pool, &what)?;
+        }
+        remember_split(tenant, &pools);
+        Ok(pools)
+    }
+
+    /// A lane of this (locked, split) pool that can pay `cost` alone, taken
+    /// out to be debited like one locked by `lock_share`: the pool and its
+    /// other lanes stay as they are (whatever they computed is not written).
+    pub fn take_lane_paying(&mut self, cost: i64) -> Option<PoolLedger> {
+        let i = self.shares.iter().position(|l| l.allows(cost))?;
+        let rest = self.pool_available() as i128 - self.shares[i].available() as i128;
+        let mut lane = self.shares.swap_remove(i);
+        lane.others = Some(Others {
+            available: rest.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            floor: self.floor,
+        });
+        Some(lane)
+    }
+
+    /// Lock and load pool rows (pools or lanes), creating missing ones.
+    fn open_rows(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        keys: &[PoolKey],
+        create: Create,
+        what: &str,
+    ) -> Result<Vec<PoolLedger>> {
+        let now = time::now();
+        let mut found = Self::lock(client, tenant, keys, now, what)?;
         if found.len() < keys.len() {
-            let missing: Vec<(String, String)> = keys
+            let missing: Vec<PoolKey> = keys
                 .iter()
                 .filter(|k| !found.contains_key(*k))
                 .cloned()
                 .collect();
             // creating a pool waits for another transaction creating the same one
-            Self::create(client, tenant, &missing, create, &what)?;
-            found.extend(Self::lock(client, tenant, &missing, now, &what)?);
+            Self::create(client, tenant, &missing, create, what)?;
+            found.extend(Self::lock(client, tenant, &missing, now, what)?);
         }
         let mut locked = Vec::with_capacity(keys.len());
         for k in keys {
@@ -381,48 +571,66 @@ impl PoolLedger {
         let mut holds = load_open_holds(client, &stale)?;
         Ok(locked
             .into_iter()
-            .map(|((account, unit), l)| {
-                let holds = match l.cached {
+            .map(|((account, unit, _), mut l)| {
+                let holds = match l.cached.take() {
                     Some(c) => Holds::Cached {
                         active_held: c.active_held,
                         until: c.until,
                     },
                     None => Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
                 };
-                let grants = match l.grants {
-                    Some(g) => g,
+                let grants = match l.grants.take() {
+                    Some(g) => PoolGrants {
+                        grants: g,
+                        parents: std::mem::take(&mut l.parents),
+                    },
                     None => reloaded.remove(&l.id).unwrap_or_default(),
                 };
-                PoolLedger {
-                    id: l.id,
-                    tenant: tenant.to_string(),
-                    account: account.clone(),
-                    unit: unit.clone(),
-                    pool: Pool::open(l.booked, l.floor, l.since, now, grants, holds),
-                }
+                PoolLedger::from_locked(tenant, account, unit, l, now, grants, holds)
             })
             .collect())
+    }
+
+    fn from_locked(
+        tenant: &str,
+        account: &str,
+        unit: &str,
+        l: Locked,
+        now: Ts,
+        grants: PoolGrants,
+        holds: Holds,
+    ) -> PoolLedger {
+        PoolLedger {
+            id: l.id,
+            tenant: tenant.to_string(),
+            account: account.to_string(),
+            unit: unit.to_string(),
+            lanes: l.lanes,
+            pool: Pool::open(l.booked, l.floor, l.since, now, grants.grants, holds),
+            shares: Vec::new(),
+            parents: grants.parents,
+            others: None,
+        }
     }
 
     fn lock(
         client: &mut SpiClient<'_>,
         tenant: &str,
-        keys: &[(String, String)],
+        keys: &[PoolKey],
         now: Ts,
         what: &str,
-    ) -> Result<HashMap<(String, String), Locked>> {
-        let (accounts, units): (Vec<&str>, Vec<&str>) =
-            keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
+    ) -> Result<HashMap<PoolKey, Locked>> {
+        let (accounts, units, lanes) = key_columns(keys);
         let mut found = HashMap::new();
         for row in db::write_waiting_for(
             client,
             &LOCK_POOLS,
-            &[tenant.into(), accounts.into(), units.into()],
+            &[tenant.into(), accounts.into(), units.into(), lanes.into()],
             what,
         )? {
             let row = Row(&row);
             let locked = Locked::from_row(&row, now)?.with_locked_grants(&row)?;
-            found.insert((row.get("account")?, row.get("unit")?), locked);
+            found.insert((row.get("account")?, row.get("unit")?, locked.lane), locked);
         }
         Ok(found)
     }
@@ -430,12 +638,11 @@ impl PoolLedger {
     fn create(
         client: &mut SpiClient<'_>,
         tenant: &str,
-        keys: &[(String, String)],
+        keys: &[PoolKey],
         create: Create,
         what: &str,
     ) -> Result<()> {
-        let (accounts, units): (Vec<&str>, Vec<&str>) =
-            keys.iter().map(|(a, u)| (a.as_str(), u.as_str())).unzip();
+        let (accounts, units, lanes) = key_columns(keys);
         match create {
             Create::UnitAndPool => {
                 db::write(
@@ -455,10 +662,75 @@ impl PoolLedger {
         db::write_waiting_for(
             client,
             &CREATE_POOLS,
-            &[tenant.into(), accounts.into(), units.into()],
+            &[tenant.into(), accounts.into(), units.into(), lanes.into()],
             what,
         )?;
         Ok(())
+    }
+
+    /// For a debit of `cost` on a split pool: one lane that can pay it
+    /// alone, locked while the pool's other lanes stay free for other
+    /// debits. None when the pool is not split (as far as this backend
+    /// knows) or no lane can pay it: then open the whole pool. Each try runs
+    /// in a subtransaction, so a try that fails holds no lane afterwards (a
+    /// lane found emptied once locked stays locked otherwise).
+    pub fn lock_share(
+        client: &mut SpiClient<'_>,
+        tenant: &str,
+        account: &str,
+        unit: &str,
+        cost: i64,
+    ) -> Result<Option<PoolLedger>> {
+        if !known_split(tenant, account, unit) {
+            return Ok(None);
+        }
+        for sql in [&LOCK_SHARE, &WAIT_FOR_SHARE] {
+            let share = db::attempt(|| Self::try_share(client, sql, tenant, account, unit, cost))?;
+            if share.is_some() {
+                return Ok(share);
+            }
+        }
+        Ok(None)
+    }
+
+    fn try_share(
+        client: &mut SpiClient<'_>,
+        sql: &'static Sql,
+        tenant: &str,
+        account: &str,
+        unit: &str,
+        cost: i64,
+    ) -> Result<Option<PoolLedger>> {
+        let what = format!("a lane of the {unit} pool of account \"{account}\"");
+        let now = time::now();
+        let args = [tenant.into(), account.into(), unit.into(), cost.into()];
+        let mut rows = db::write_waiting_for(client, sql, &args, &what)?;
+        let Some(row) = rows.next() else {
+            return Ok(None);
+        };
+        let row = Row(&row);
+        let mut locked = Locked::from_row(&row, now)?.with_locked_grants(&row)?;
+        let others = Others {
+            available: row.get("others_available")?,
+            floor: row.get("pool_floor")?,
+        };
+        // a lane holds no holds; its cached total is exact until cache_until
+        let holds = Holds::Cached {
+            active_held: row.get("active_held")?,
+            until: instant(row.get("cache_until")?),
+        };
+        let grants = match locked.grants.take() {
+            Some(g) => PoolGrants {
+                grants: g,
+                parents: std::mem::take(&mut locked.parents),
+            },
+            None => load_grants(client, &[locked.id])?
+                .remove(&locked.id)
+                .unwrap_or_default(),
+        };
+        let mut share = PoolLedger::from_locked(tenant, account, unit, locked, now, grants, holds);
+        share.others = Some(others);
+        Ok(Some(share))
     }
 
     /// Bring one grant of this pool into memory even when nothing is left of
@@ -470,15 +742,137 @@ impl PoolLedger {
         let row = db::write(client, &LOAD_GRANT, &[grant_id.into()])?
             .next()
             .ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
-        let (_, grant) = grant_from_row(&Row(&row))?;
+        let (_, parent, grant) = grant_from_row(&Row(&row))?;
+        if let Some(parent) = parent {
+            self.parents.insert(grant_id, parent);
+        }
         self.pool.insert_in_drain_order(grant);
         Ok(())
+    }
+
+    /// Move `amount` into (or, negative, out of) one of this pool's grants.
+    fn transfer(&mut self, grant_id: i64, amount: i64) -> Result<()> {
+        if self.pool.transfer(grant_id, amount)? {
+            Ok(())
+        } else {
+            Err(BillingError::Internal(format!(
+                "grant {grant_id} is not loaded in pool {}",
+                self.id
+            )))
+        }
+    }
+
+    /// Take every lane's credit back to the grants it is a share of, so
+    /// the pool's own drain order, holds, debt and floor apply to all of it.
+    pub fn collect_shares(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
+        if self.shares.is_empty() {
+            return Ok(());
+        }
+        let mut shares = std::mem::take(&mut self.shares);
+        for share in shares.iter_mut() {
+            let credited: Vec<(i64, i64)> = share.credited_grants().collect();
+            for (grant, amount) in credited {
+                let parent = *share.parents.get(&grant).ok_or_else(|| {
+                    BillingError::Internal(format!("lane grant {grant} has no parent"))
+                })?;
+                self.load_grant(client, parent)?;
+                share.transfer(grant, -amount)?;
+                self.transfer(parent, amount)?;
+            }
+        }
+        self.shares = shares;
+        self.pool.catch_up();
+        Ok(())
+    }
+
+    /// Deal part of the first grant in drain order to each lane, so that
+    /// the next debits can take it in parallel. Only spendable credit above
+    /// the floor is dealt, and only of that one grant: a lane then drains
+    /// exactly what the pool would drain next, and what all lanes and the
+    /// pool hold stays at or above the floor whatever they accept.
+    pub fn deal_shares(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
+        if self.shares.is_empty() {
+            return Ok(());
+        }
+        let Some((head, remaining)) = self.pool.head_grant() else {
+            return Ok(());
+        };
+        let above_floor = (self.available() as i128 - self.floor as i128).max(0);
+        let dealt = (remaining as i128).min(above_floor);
+        let share = (dealt / (self.shares.len() as i128 + 1)) as i64;
+        if share == 0 {
+            return Ok(());
+        }
+        let pools: Vec<i64> = self.shares.iter().map(|s| s.id).collect();
+        let mut share_ids: HashMap<i64, i64> = HashMap::new();
+        for row in db::write(client, &SHARES_OF_GRANT, &[head.into(), pools.into()])? {
+            let row = Row(&row);
+            share_ids.insert(row.get("pool_id")?, row.get("id")?);
+        }
+        let head_state = self
+            .pool
+            .grant(head)
+            .cloned()
+            .ok_or_else(|| BillingError::Internal("head grant vanished".into()))?;
+        let mut shares = std::mem::take(&mut self.shares);
+        for lane in shares.iter_mut() {
+            let id = *share_ids.get(&lane.id).ok_or_else(|| {
+                BillingError::Internal(format!("no share of grant {head} in pool {}", lane.id))
+            })?;
+            if !lane.pool.has_grant(id) {
+                let mut g = head_state.clone();
+                g.id = id;
+                g.remaining = 0;
+                lane.pool.insert_in_drain_order(g);
+                lane.parents.insert(id, head);
+            }
+            self.transfer(head, -share)?;
+            lane.transfer(id, share)?;
+        }
+        self.shares = shares;
+        Ok(())
+    }
+
+    /// A lane of a split pool, locked alone for a debit.
+    pub fn is_lane(&self) -> bool {
+        self.others.is_some()
+    }
+
+    /// The drains of a debit as the grants the caller knows: a lane's
+    /// share is reported as the grant it is a share of.
+    pub fn grant_drains(&self, drains: &[Drain]) -> Vec<Drain> {
+        drains
+            .iter()
+            .map(|d| Drain {
+                grant_id: self.parents.get(&d.grant_id).copied().unwrap_or(d.grant_id),
+                amount: d.amount,
+            })
+            .collect()
+    }
+
+    /// What the whole pool has available: this row, the lanes it holds,
+    /// and (for a lane locked alone) the rest of the pool as last written.
+    pub fn pool_available(&self) -> i64 {
+        let wide = self.available() as i128
+            + self
+                .shares
+                .iter()
+                .map(|s| s.available() as i128)
+                .sum::<i128>()
+            + self.others.map_or(0, |o| o.available as i128);
+        wide.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+
+    /// Whether the whole pool is at or above its floor.
+    pub fn pool_entitled(&self) -> bool {
+        let floor = self.others.map_or(self.floor, |o| o.floor);
+        self.pool_available() >= floor
     }
 
     pub fn insufficient(&self, requested: i64) -> BillingError {
         BillingError::InsufficientCredits {
             unit: self.unit.clone(),
-            available: self.available(),
+            available: self.pool_available(),
             requested,
             floor: self.floor,
         }
@@ -488,6 +882,48 @@ impl PoolLedger {
     pub fn flush(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
         flush_all(client, std::slice::from_mut(self), None)
     }
+}
+
+/// The (account, unit, lane) columns of pool keys.
+fn key_columns(keys: &[PoolKey]) -> (Vec<&str>, Vec<&str>, Vec<i32>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for (account, unit, lane) in keys {
+        columns.0.push(account.as_str());
+        columns.1.push(unit.as_str());
+        columns.2.push(*lane);
+    }
+    columns
+}
+
+thread_local! {
+    /// The pools this backend last saw split: a debit tries a lane of
+    /// these first. Only a hint: a stale entry costs one statement, and a
+    /// pool split since is found split when it is next locked.
+    static SPLIT: RefCell<HashSet<(String, String, String)>> = RefCell::new(HashSet::new());
+}
+
+fn known_split(tenant: &str, account: &str, unit: &str) -> bool {
+    SPLIT.with(|s| {
+        let s = s.borrow();
+        !s.is_empty() && s.contains(&(tenant.to_string(), account.to_string(), unit.to_string()))
+    })
+}
+
+fn remember_split(tenant: &str, pools: &[PoolLedger]) {
+    SPLIT.with(|s| {
+        let mut s = s.borrow_mut();
+        for p in pools {
+            if p.lanes == 0 && s.is_empty() {
+                continue;
+            }
+            let key = (tenant.to_string(), p.account.clone(), p.unit.clone());
+            if p.lanes > 0 {
+                s.insert(key);
+            } else {
+                s.remove(&key);
+            }
+        }
+    });
 }
 
 /// The first of `units` that KNOWN_UNITS did not return, if any. The caller
@@ -505,11 +941,12 @@ pub fn first_unknown_unit<'u>(
         .find(|u| !known.iter().any(|k| k == u)))
 }
 
-fn grant_from_row(row: &Row<'_, '_>) -> Result<(i64, GrantState)> {
+fn grant_from_row(row: &Row<'_, '_>) -> Result<(i64, Option<i64>, GrantState)> {
     let effective_at: Tstz = row.get("effective_at")?;
     let expires_at: Option<Tstz> = row.opt("expires_at")?;
     Ok((
         row.get("pool_id")?,
+        row.opt("parent_id")?,
         GrantState::new(
             row.get("id")?,
             row.get("priority")?,
@@ -520,17 +957,28 @@ fn grant_from_row(row: &Row<'_, '_>) -> Result<(i64, GrantState)> {
     ))
 }
 
+/// A pool's grants with credit, and which of them are lane shares of which grant.
+#[derive(Default)]
+struct PoolGrants {
+    grants: Vec<GrantState>,
+    parents: HashMap<i64, i64>,
+}
+
 /// After a lock, loads run as writes: a new snapshot sees what the previous
 /// holder of the lock committed.
-fn load_grants(client: &mut SpiClient<'_>, pools: &[i64]) -> Result<HashMap<i64, Vec<GrantState>>> {
+fn load_grants(client: &mut SpiClient<'_>, pools: &[i64]) -> Result<HashMap<i64, PoolGrants>> {
     grants_by_pool(db::write(client, &LOAD_GRANTS, &[pools.to_vec().into()])?)
 }
 
-fn grants_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<GrantState>>> {
-    let mut by_pool: HashMap<i64, Vec<GrantState>> = HashMap::new();
+fn grants_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, PoolGrants>> {
+    let mut by_pool: HashMap<i64, PoolGrants> = HashMap::new();
     for row in rows {
-        let (pool, grant) = grant_from_row(&Row(&row))?;
-        by_pool.entry(pool).or_default().push(grant);
+        let (pool, parent, grant) = grant_from_row(&Row(&row))?;
+        let entry = by_pool.entry(pool).or_default();
+        if let Some(parent) = parent {
+            entry.parents.insert(grant.id, parent);
+        }
+        entry.grants.push(grant);
     }
     Ok(by_pool)
 }
@@ -566,18 +1014,37 @@ fn holds_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<OpenHold>>>
     Ok(by_pool)
 }
 
-/// The pool row the gate reads: the columns of LOCK_POOLS, without a lock.
+/// The rows of a pool the gate reads (the pool and its lanes): the
+/// columns of LOCK_POOLS, without a lock.
 pub static READ_POOL: Sql = Sql {
-    text: "SELECT id, floor, version, remaining, debt, held, active_remaining, active_held, \
-                  cache_from, cache_until \
+    text: "SELECT id, lane, lanes, floor, version, remaining, debt, held, active_remaining, \
+                  active_held, cache_from, cache_until \
            FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3",
     args: &[TEXT, TEXT, TEXT],
 };
 
-/// The figures of a pool row at `now`, for the gate: inside its cached window
-/// from the row alone; outside it, its grants and open holds are read and the
-/// pool is brought up to date in memory, exactly as a write would, and nothing is written.
-pub fn figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures> {
+/// The figures of a pool at `now`, for the gate, summed over its rows (a
+/// split pool has one per lane; the floor is the pool's): None if it has
+/// no row. Each row answers inside its cached window from the row alone;
+/// outside it, its grants and open holds are read and it is brought up to
+/// date in memory, exactly as a write would, and nothing is written.
+pub fn figures_now(client: &SpiClient<'_>, rows: SpiTupleTable<'_>) -> Result<Option<Figures>> {
+    let mut total: Option<Figures> = None;
+    for row in rows {
+        let row = Row(&row);
+        let f = row_figures_now(client, &row)?;
+        let sum = total.get_or_insert(Figures::default());
+        sum.balance = sum.balance.saturating_add(f.balance);
+        sum.held = sum.held.saturating_add(f.held);
+        sum.debt = sum.debt.saturating_add(f.debt);
+        if row.get::<i16>("lane")? == 0 {
+            sum.floor = f.floor;
+        }
+    }
+    Ok(total)
+}
+
+fn row_figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures> {
     let now = time::now();
     let l = Locked::from_row(row, now)?;
     if let Some(c) = l.cached {
@@ -596,7 +1063,7 @@ pub fn figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures>
         l.floor,
         l.since,
         now,
-        grants.remove(&l.id).unwrap_or_default(),
+        grants.remove(&l.id).unwrap_or_default().grants,
         Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
     );
     Ok(pool.figures())
@@ -649,18 +1116,52 @@ fn chunk(i: usize, len: usize) -> Range<usize> {
     (i * db::WRITE_CHUNK).min(len)..((i + 1) * db::WRITE_CHUNK).min(len)
 }
 
-/// Write what the given pools computed, and the usage events that caused it:
-/// one statement (per chunk of rows, for a large batch); expired holds, which
-/// are rare, by a second.
+/// Whether a flush wrote everything, or nothing because one of its usage
+/// events was recorded meanwhile by another transaction (see WRITE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    All,
+    KeyTaken,
+}
+
+/// Write what the given pools (and the lanes they hold) computed, and the
+/// usage events that caused it: one statement (per chunk of rows, for a large
+/// batch); expired holds, which are rare, by a second. A key taken meanwhile
+/// raises unless the caller can answer with the recorded event
+/// (`key_race_possible`: a debit that locked a lane alone).
 pub fn flush_all(
     client: &mut SpiClient<'_>,
     ledgers: &mut [PoolLedger],
     events: Option<&dyn EventRows>,
 ) -> Result<()> {
-    let changed: Vec<&PoolLedger> = ledgers.iter().filter(|l| l.is_changed()).collect();
+    match flush_checked(client, ledgers, events, false)? {
+        Flushed::All => Ok(()),
+        Flushed::KeyTaken => Err(BillingError::Internal(
+            "a usage event key was recorded by another transaction while its pool was locked"
+                .into(),
+        )),
+    }
+}
+
+pub fn flush_checked(
+    client: &mut SpiClient<'_>,
+    ledgers: &mut [PoolLedger],
+    events: Option<&dyn EventRows>,
+    key_race_possible: bool,
+) -> Result<Flushed> {
+    let write = if key_race_possible {
+        &WRITE_SHARE
+    } else {
+        &WRITE
+    };
+    let all: Vec<&PoolLedger> = ledgers
+        .iter()
+        .flat_map(|l| std::iter::once(l).chain(l.shares.iter()))
+        .collect();
+    let changed: Vec<&PoolLedger> = all.iter().copied().filter(|l| l.is_changed()).collect();
     let event_count = events.map_or(0, |e| e.count());
     if changed.is_empty() && event_count == 0 {
-        return Ok(());
+        return Ok(Flushed::All);
     }
     let tenant = ledgers
         .first()
@@ -698,12 +1199,24 @@ pub fn flush_all(
         args.push(remaining.into());
         args.extend(entry_columns(&entries[chunk(i, entries.len())]));
         args.extend(pool_columns(&changed[chunk(i, changed.len())]));
-        db::write(client, &WRITE, &args)?;
+        args.push((chunk(i, event_count).len() as i64).into());
+        let complete: bool = db::write(client, write, &args)?
+            .first()
+            .get_one()?
+            .unwrap_or(false);
+        if !complete {
+            // only a batch of one event can get here without an error: the
+            // first chunk wrote nothing else, and there is no other chunk
+            return Ok(Flushed::KeyTaken);
+        }
     }
     for l in ledgers.iter_mut() {
         l.pool.written();
+        for s in l.shares.iter_mut() {
+            s.pool.written();
+        }
     }
-    Ok(())
+    Ok(Flushed::All)
 }
 
 /// The columns of WRITE's pools part for some pools.

@@ -1,0 +1,180 @@
+// docs/architecture.md, "Split pools": a hot pool split across lanes keeps the
+// drain order, the floor, expiry and every ledger invariant exact; readers
+// see one pool. (Concurrency: the client test zero_overspend, split pool.)
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::pgrx_tests::support::*;
+
+    fn lane_credit(account: &str) -> i64 {
+        one(&format!(
+            "SELECT coalesce(sum(remaining), 0)::bigint FROM billing.pools \
+             WHERE account = '{account}' AND lane > 0"
+        ))
+    }
+
+    /// A grant's remaining as readers see it, its lanes' shares included.
+    fn grant_remaining(grant_id: i64) -> i64 {
+        one(&format!(
+            "SELECT remaining FROM billing.grant_balances WHERE grant_id = {grant_id}"
+        ))
+    }
+
+    #[pg_test]
+    fn lanes_take_the_first_grant_in_drain_order_and_readers_see_one_pool() {
+        let promo = grant("a", "mills", 1000, ", kind => 'promo'");
+        let topup = grant("a", "mills", 500, ", kind => 'topup'");
+        assert_eq!(one::<i32>("SELECT billing.set_lanes('a', 'mills', 4)"), 4);
+
+        // the first debit locks the pool, then deals the promo's credit to the lanes
+        assert_eq!(
+            ingest("a", "mills", 10, "e1"),
+            format!(r#"[{{"amount": 10, "grant_id": {promo}}}]"#)
+        );
+        assert_eq!(
+            lane_credit("a"),
+            4 * (990 / 5),
+            "each lane holds a fifth of the promo"
+        );
+        assert_eq!(
+            remaining(promo),
+            990 - 4 * 198,
+            "the rest stays in the pool"
+        );
+        // a lane pays the next one; the drain names the grant, not the lane's share
+        assert_eq!(
+            ingest("a", "mills", 10, "e2"),
+            format!(r#"[{{"amount": 10, "grant_id": {promo}}}]"#)
+        );
+        assert_eq!(lane_credit("a"), 4 * 198 - 10);
+        assert_eq!(available("a", "mills"), 1480);
+        assert_eq!(
+            one::<i64>("SELECT available FROM billing.balance('a', 'mills')"),
+            1480
+        );
+        assert_eq!(grant_remaining(promo), 980);
+        assert_eq!(grant_remaining(topup), 500);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.grant_balances"),
+            2,
+            "the lanes' shares are not grants of their own"
+        );
+
+        // a plan grant comes first in drain order: the lanes give the promo back
+        let plan = grant("a", "mills", 100, ", kind => 'plan'");
+        assert_eq!(lane_credit("a"), 0);
+        assert_eq!(
+            ingest("a", "mills", 30, "e3"),
+            format!(r#"[{{"amount": 30, "grant_id": {plan}}}]"#)
+        );
+        assert_eq!(grant_remaining(promo), 980);
+        assert_eq!(available("a", "mills"), 1550);
+        // a replay answers from the event, whichever row paid it
+        assert_eq!(
+            ingest("a", "mills", 10, "e2"),
+            format!(r#"[{{"amount": 10, "grant_id": {promo}}}]"#)
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn lanes_hold_only_credit_above_the_floor() {
+        grant("a", "mills", 1000, ", kind => 'topup'");
+        run("SELECT billing.set_floor('a', 'mills', 900)");
+        run("SELECT billing.set_lanes('a', 'mills', 4)");
+        ingest("a", "mills", 50, "e1");
+        assert_eq!(
+            lane_credit("a"),
+            4 * (50 / 5),
+            "only what is above the floor is dealt"
+        );
+        assert_eq!(available("a", "mills"), 950);
+        // strict debits stop exactly at the floor, lanes or not
+        for i in 0..5 {
+            run(&format!(
+                "SELECT billing.ingest('a', 'mills', 1, key => 's{i}', cost => 10, strict => true)"
+            ));
+        }
+        assert_eq!(available("a", "mills"), 900);
+        assert_rejected(
+            "SELECT billing.ingest('a', 'mills', 1, key => 'over', cost => 1, strict => true)",
+            "23514",
+        );
+        // credit dealt above a floor that is then raised comes back to the pool
+        run("SELECT billing.set_floor('a', 'mills', 0)");
+        ingest("a", "mills", 1, "e2");
+        assert!(lane_credit("a") > 0);
+        run("SELECT billing.set_floor('a', 'mills', 899)");
+        assert_eq!(lane_credit("a"), 0);
+        assert_rejected(
+            "SELECT billing.ingest('a', 'mills', 1, key => 'over2', cost => 1, strict => true)",
+            "23514",
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_lanes_share_expires_with_its_grant() {
+        let promo = grant(
+            "a",
+            "mills",
+            1000,
+            ", kind => 'promo', expires_at => now() + interval '10 days'",
+        );
+        run("SELECT billing.set_lanes('a', 'mills', 2)");
+        ingest("a", "mills", 10, "e1");
+        assert!(lane_credit("a") > 0);
+        travel("a", "11 days");
+        assert_eq!(available("a", "mills"), 0, "the lanes' shares expired too");
+        // a debit now finds nothing to drain: all of it is debt
+        assert_eq!(ingest("a", "mills", 5, "e2"), "[]");
+        assert_eq!(
+            one::<i64>("SELECT debt FROM billing.check('a', 'mills')"),
+            5
+        );
+        assert_eq!(lane_credit("a"), 0);
+        assert_eq!(grant_remaining(promo), 0);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn voiding_or_unsplitting_takes_the_lanes_credit_back() {
+        let g = grant("a", "mills", 1000, ", kind => 'topup'");
+        let h = grant("b", "mills", 1000, ", kind => 'topup'");
+        run("SELECT billing.set_lanes('a', 'mills', 3)");
+        run("SELECT billing.set_lanes('b', 'mills', 3)");
+        ingest("a", "mills", 100, "a1");
+        ingest("b", "mills", 100, "b1");
+        assert!(lane_credit("a") > 0 && lane_credit("b") > 0);
+
+        run(&format!("SELECT billing.void_grant({g})"));
+        assert_eq!(lane_credit("a"), 0);
+        assert_eq!(grant_remaining(g), 0);
+        assert_eq!(
+            one::<i64>("SELECT balance FROM billing.check('a', 'mills')"),
+            0
+        );
+
+        assert_eq!(one::<i32>("SELECT billing.set_lanes('b', 'mills', 0)"), 0);
+        assert_eq!(lane_credit("b"), 0);
+        assert_eq!(remaining(h), 900, "all of it is back in the pool's own row");
+        assert_eq!(available("b", "mills"), 900);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn set_lanes_validates_its_input() {
+        grant("a", "mills", 10, "");
+        assert_rejected("SELECT billing.set_lanes('a', 'mills', 65)", "22023");
+        assert_rejected("SELECT billing.set_lanes('a', 'mills', -1)", "22023");
+        assert_rejected("SELECT billing.set_lanes('a', 'nope', 2)", "42704");
+        assert_rejected("SELECT billing.set_lanes('a', 'mills', NULL)", "22004");
+        // a lane's share is not a grant: it cannot be voided
+        run("SELECT billing.set_lanes('a', 'mills', 1)");
+        ingest("a", "mills", 1, "e1");
+        let share: i64 = one("SELECT id FROM billing.grants WHERE parent_id IS NOT NULL");
+        assert_rejected(&format!("SELECT billing.void_grant({share})"), "42704");
+    }
+}
