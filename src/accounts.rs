@@ -1,6 +1,6 @@
 //! Accounts and pool settings.
 
-use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
@@ -83,29 +83,6 @@ static SET_FLOOR: Sql = Sql {
     args: &[INT8, INT8],
 };
 
-/// Set the floor of a pool: spending must leave `available ≥ floor`. A
-/// negative floor is a credit line; the default is 0.
-#[pg_extern(security_definer)]
-#[search_path(pg_catalog, billing, pg_temp)]
-fn set_floor(account: Option<&str>, unit: Option<&str>, floor: Option<i64>) -> i64 {
-    (|| -> Result<i64> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
-        let floor = input::required("floor", floor)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
-        let tenant = current_tenant()?;
-        Spi::connect_mut(|client| {
-            // a split pool's lanes give back what was dealt above the old floor
-            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
-            ledger.flush(client)?;
-            db::write(client, &SET_FLOOR, &[ledger.id.into(), floor.into()])?;
-            Ok(floor)
-        })
-    })()
-    .or_raise()
-}
-
 static SET_LANES: Sql = Sql {
     text: "UPDATE billing.pools SET lanes = $2, updated_at = now() WHERE id = $1",
     args: &[INT8, INT4],
@@ -114,33 +91,58 @@ static SET_LANES: Sql = Sql {
 /// The most lanes a pool may have.
 const MAX_LANES: i32 = 64;
 
+/// Set the floor of a pool: spending must leave `available ≥ floor`. A
+/// negative floor is a credit line; the default is 0.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn set_floor(account: Option<&str>, unit: Option<&str>, floor: Option<i64>) -> i64 {
+    (|| -> Result<i64> {
+        let floor = input::required("floor", floor)?;
+        set_pool(account, unit, &SET_FLOOR, floor.into())?;
+        Ok(floor)
+    })()
+    .or_raise()
+}
+
 /// Split a hot pool's balance across `lanes` rows beside the pool, which
 /// concurrent debits of a given cost take in parallel (0: not split). The
 /// floor, drain order and zero overspend stay exact; each lane holds a
-/// share of the first grant in drain order only. Takes every lane's credit
-/// back first. Returns the new number of lanes.
+/// share of the first grant in drain order only. Returns the new number of lanes.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn set_lanes(account: Option<&str>, unit: Option<&str>, lanes: Option<i32>) -> i32 {
     (|| -> Result<i32> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
         let lanes = input::required("lanes", lanes)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
         if !(0..=MAX_LANES).contains(&lanes) {
             return Err(BillingError::invalid(
                 "lanes",
                 format!("{lanes} is not between 0 and {MAX_LANES}"),
             ));
         }
-        let tenant = current_tenant()?;
-        Spi::connect_mut(|client| {
-            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
-            ledger.flush(client)?;
-            db::write(client, &SET_LANES, &[ledger.id.into(), lanes.into()])?;
-            Ok(lanes)
-        })
+        set_pool(account, unit, &SET_LANES, lanes.into())?;
+        Ok(lanes)
     })()
     .or_raise()
+}
+
+/// Change a setting of a pool (`update` takes its id and the value). A split
+/// pool's lanes give their credit back first: it was dealt under the old
+/// settings (above the old floor, across the old lanes).
+fn set_pool(
+    account: Option<&str>,
+    unit: Option<&str>,
+    update: &'static Sql,
+    value: DatumWithOid<'static>,
+) -> Result<()> {
+    let account = input::required("account", account)?;
+    let unit = input::required("unit", unit)?;
+    input::account(account)?;
+    input::name("unit", unit)?;
+    let tenant = current_tenant()?;
+    Spi::connect_mut(|client| {
+        let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+        ledger.flush(client)?;
+        db::write(client, update, &[ledger.id.into(), value])?;
+        Ok(())
+    })
 }

@@ -82,6 +82,29 @@ impl DerefMut for PoolLedger {
     }
 }
 
+/// The columns `Locked` reads from a pool row `p` and its grants `s`.
+macro_rules! locked_pool_columns {
+    () => {
+        "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
+         p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
+         s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
+    };
+}
+
+/// Pool `p`'s grants that hold credit, as arrays, and the version of `p`
+/// in the statement's snapshot (see LOCK_POOLS).
+macro_rules! grants_of_p {
+    () => {
+        "CROSS JOIN LATERAL ( \
+           SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
+                  array_agg(g.id) AS grant_ids, array_agg(g.parent_id) AS parents, \
+                  array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
+                  array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
+           FROM billing.grants g \
+           WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s"
+    };
+}
+
 /// Pools of one tenant, locked in one order for every caller (account, unit)
 /// so two batches never deadlock, with their grants that hold credit. The
 /// grants are read in the statement's snapshot, the locked row is the latest
@@ -90,21 +113,15 @@ impl DerefMut for PoolLedger {
 /// grants are read again after the lock (LOAD_GRANTS). A pool changes only
 /// with its version, so equal versions mean the grants are current.
 static LOCK_POOLS: Sql = Sql {
-    text: "SELECT p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, \
-                  p.debt, p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
-                  s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, \
-                  s.expires \
-           FROM billing.pools p \
+    text: concat!(
+        "SELECT ",
+        locked_pool_columns!(),
+        " FROM billing.pools p \
            JOIN unnest($2::text[], $3::text[], $4::int[]) AS k(account, unit, lane) \
-             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit AND p.lane = k.lane \
-           CROSS JOIN LATERAL ( \
-             SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
-                    array_agg(g.id) AS grant_ids, array_agg(g.parent_id) AS parents, \
-                    array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
-                    array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
-             FROM billing.grants g \
-             WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s \
-           ORDER BY p.account, p.unit, p.lane FOR UPDATE OF p",
+             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit AND p.lane = k.lane ",
+        grants_of_p!(),
+        " ORDER BY p.account, p.unit, p.lane FOR UPDATE OF p"
+    ),
     args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY],
 };
 
@@ -116,27 +133,21 @@ static LOCK_POOLS: Sql = Sql {
 /// floor. Completed by the lock clause of LOCK_SHARE or WAIT_FOR_SHARE.
 macro_rules! select_share {
     () => {
-        "SELECT p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, \
-                p.debt, p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
-                s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, \
-                s.expires, o.others_available, o.pool_floor \
-         FROM billing.pools p \
-         CROSS JOIN LATERAL ( \
-           SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
-                  array_agg(g.id) AS grant_ids, array_agg(g.parent_id) AS parents, \
-                  array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
-                  array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
-           FROM billing.grants g \
-           WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s \
-         CROSS JOIN LATERAL ( \
-           SELECT coalesce(sum(q.active_remaining - q.active_held - q.debt) \
-                           FILTER (WHERE q.id <> p.id), 0)::bigint AS others_available, \
-                  coalesce(max(q.floor) FILTER (WHERE q.lane = 0), 0) AS pool_floor \
-           FROM billing.pools q \
-           WHERE q.tenant_id = $1 AND q.account = $2 AND q.unit = $3) o \
-         WHERE p.tenant_id = $1 AND p.account = $2 AND p.unit = $3 AND p.lane > 0 \
-           AND now() < p.cache_until \
-           AND p.active_remaining - p.active_held - p.debt >= $4 "
+        concat!(
+            "SELECT ",
+            locked_pool_columns!(),
+            ", o.others_available, o.pool_floor FROM billing.pools p ",
+            grants_of_p!(),
+            " CROSS JOIN LATERAL ( \
+               SELECT coalesce(sum(q.active_remaining - q.active_held - q.debt) \
+                               FILTER (WHERE q.id <> p.id), 0)::bigint AS others_available, \
+                      coalesce(max(q.floor) FILTER (WHERE q.lane = 0), 0) AS pool_floor \
+               FROM billing.pools q \
+               WHERE q.tenant_id = $1 AND q.account = $2 AND q.unit = $3) o \
+             WHERE p.tenant_id = $1 AND p.account = $2 AND p.unit = $3 AND p.lane > 0 \
+               AND now() < p.cache_until \
+               AND p.active_remaining - p.active_held - p.debt >= $4 "
+        )
     };
 }
 
