@@ -197,29 +197,39 @@ pub fn write_waiting_for<'conn>(
 
 /// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.
 /// Run `attempt` in a subtransaction, kept if it returns Some and rolled
-/// back otherwise (an error included): row locks it took and had no use for
+/// back otherwise, an error included: row locks it took and had no use for
 /// are released, so a caller that gives up waits for nothing while holding
-/// them. What it returns must not borrow from SPI results of the attempt.
+/// them. An error raised inside is re-raised after the rollback, so a caller's
+/// own subtransaction (a PL/pgSQL exception block around the billing call)
+/// finds itself current when it catches it. What `attempt` returns must not
+/// borrow from SPI results of the attempt.
 pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
     // SAFETY: the sequence PL/pgSQL uses around an exception block: the
     // caller's memory context and resource owner are restored after the
-    // subtransaction ends either way. An ERROR raised inside unwinds past
-    // this; aborting the transaction then ends the subtransaction too.
-    unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
+    // subtransaction ends, whichever way it ends.
+    let (context, owner) = unsafe {
+        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(context);
-        let result = attempt();
-        if matches!(result, Ok(Some(_))) {
+        pg_sys::MemoryContextSwitchTo(saved.0);
+        saved
+    };
+    let end = |keep: bool| unsafe {
+        if keep {
             pg_sys::ReleaseCurrentSubTransaction();
         } else {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
         }
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
-        result
-    }
+    };
+    let result = PgTryBuilder::new(AssertUnwindSafe(attempt))
+        .catch_others(|error| {
+            end(false);
+            error.rethrow()
+        })
+        .execute();
+    end(matches!(result, Ok(Some(_))));
+    result
 }
 
 pub fn read<'conn>(

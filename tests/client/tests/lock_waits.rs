@@ -155,3 +155,56 @@ fn reserving_outside_the_slow_work_blocks_nobody() {
     assert_eq!(available, 1000 - 20 - 42);
     assert!(ledger_problems(&mut setup).is_empty());
 }
+
+/// A debit that waits for a lane of a split pool runs in a subtransaction of
+/// its own; when the wait times out inside the application's PL/pgSQL
+/// exception block, the block catches it with its own subtransaction current,
+/// and the transaction goes on and commits what the handler did.
+#[test]
+fn a_lane_wait_that_times_out_inside_an_exception_block_leaves_the_transaction_whole() {
+    const DB: &str = "pgb_lane_waits";
+    let mut setup = fresh_db(DB);
+    setup
+        .batch_execute(
+            "SELECT billing.grant('hot', 'usd_cents', 100000, kind => 'topup'); \
+             SELECT billing.grant('other', 'usd_cents', 10, kind => 'topup'); \
+             SELECT billing.set_lanes('hot', 'usd_cents', 2);",
+        )
+        .unwrap();
+    let mut app = connect(DB);
+    // this session's first debit locks the whole pool, deals, and learns it is split
+    app.query_one(
+        "SELECT status FROM billing.ingest('hot', 'usd_cents', 1, key => 'first', cost => 1)",
+        &[],
+    )
+    .unwrap();
+    let mut holder = connect(DB);
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM billing.pools WHERE account = 'hot' FOR UPDATE")
+        .unwrap();
+    app.batch_execute(
+        "DO $$ BEGIN \
+           SET LOCAL lock_timeout = '200ms'; \
+           BEGIN \
+             PERFORM billing.ingest('hot', 'usd_cents', 1, key => 'blocked', cost => 1); \
+           EXCEPTION WHEN lock_not_available THEN \
+             PERFORM billing.ingest('other', 'usd_cents', 1, key => 'instead', cost => 1); \
+           END; \
+         END $$",
+    )
+    .expect("the exception block catches the lane wait and the transaction commits");
+    holder.batch_execute("COMMIT").unwrap();
+    let keys: Vec<String> = setup
+        .query("SELECT key FROM billing.usage_events ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, ["first", "instead"]);
+    app.query_one(
+        "SELECT status FROM billing.ingest('hot', 'usd_cents', 1, key => 'later', cost => 1)",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
+}
