@@ -455,17 +455,7 @@ fn ingest_events(
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut in_batch: HashMap<&str, (Vec<u8>, usize)> = HashMap::new();
     let pool_keys: Vec<(String, String)> = by_pool.keys().cloned().collect();
-    // One event of a given cost on a split pool takes one lane, if one can pay it.
-    let share = match (&pool_keys[..], &priced[..]) {
-        ([(account, unit)], [Cost::Given(cost)]) if events.len() == 1 => {
-            PoolLedger::lock_share(client, &tenant, account, unit, *cost)?
-        }
-        _ => None,
-    };
-    let mut ledgers = match share {
-        Some(share) => vec![share],
-        None => open_pools(client, &tenant, &pool_keys, &priced, events.len())?,
-    };
+    let mut ledgers = lock_pools(client, &tenant, &pool_keys, &priced)?;
     let on_share = ledgers.iter().any(|l| l.is_lane());
     // After the locks: any concurrent ingest of these keys has committed.
     let (stored, new_ids) = find_events(client, &tenant, &events)?;
@@ -568,20 +558,29 @@ fn ingest_events(
         .collect()
 }
 
-/// Lock the pools of a call. A split pool's lanes keep their credit when
-/// the call is one event of a given cost that one of them can pay (all its
-/// lanes were busy a moment ago): it is debited there, as if the lane had
-/// been free; otherwise the pool takes its lanes' credit back.
-fn open_pools(
+/// Lock the pools of a call (`priced`: one cost per event). A call of one
+/// event of a given cost on a split pool is paid by one lane if one can:
+/// first a lane locked alone, leaving the others to concurrent debits; else,
+/// with the whole pool locked, any lane that can (all were busy a moment
+/// ago). Otherwise the pool takes its lanes' credit back.
+fn lock_pools(
     client: &mut SpiClient<'_>,
     tenant: &str,
     keys: &[(String, String)],
     priced: &[Cost],
-    events: usize,
 ) -> Result<Vec<PoolLedger>> {
+    let lane_cost = match (keys, priced) {
+        ([(account, unit)], [Cost::Given(cost)]) => {
+            if let Some(lane) = PoolLedger::lock_share(client, tenant, account, unit, *cost)? {
+                return Ok(vec![lane]);
+            }
+            Some(*cost)
+        }
+        _ => None,
+    };
     let mut pools = PoolLedger::open_many_with_lanes(client, tenant, keys, Create::Pool)?;
-    if let ([Cost::Given(cost)], [pool], 1) = (priced, &mut pools[..], events) {
-        if let Some(lane) = pool.take_lane_paying(*cost) {
+    if let (Some(cost), [pool]) = (lane_cost, &mut pools[..]) {
+        if let Some(lane) = pool.take_lane_paying(cost) {
             return Ok(vec![lane]);
         }
     }

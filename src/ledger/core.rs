@@ -254,6 +254,17 @@ impl Figures {
         let wide = self.balance as i128 - self.held as i128 - self.debt as i128;
         wide - amount as i128 >= self.floor as i128
     }
+
+    /// The figures of a pool kept in several rows (a split pool's lanes):
+    /// the totals summed, the floor this one's (the pool's own row).
+    pub fn plus(self, other: Figures) -> Figures {
+        Figures {
+            balance: self.balance.saturating_add(other.balance),
+            held: self.held.saturating_add(other.held),
+            debt: self.debt.saturating_add(other.debt),
+            floor: self.floor,
+        }
+    }
 }
 
 /// A pool in memory: every change is computed here as entries; nothing is

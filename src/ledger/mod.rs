@@ -46,8 +46,8 @@ pub fn drains_json(drains: &[Drain]) -> serde_json::Value {
 
 /// A locked pool: where it is, and the core's view of it. A split pool is
 /// locked with its lanes (`shares`), whose credit it has collected back;
-/// a lane taken alone by a debit (`lock_share`) knows the rest of the pool
-/// only as `others`, as of its statement.
+/// a lane taken alone by a debit knows the rest of the pool only as the
+/// figures in `others` (the pool's floor among them), as last written.
 pub struct PoolLedger {
     pub id: i64,
     pub tenant: String,
@@ -59,14 +59,7 @@ pub struct PoolLedger {
     shares: Vec<PoolLedger>,
     /// Each lane share grant of this pool → the grant it is a share of.
     parents: HashMap<i64, i64>,
-    others: Option<Others>,
-}
-
-/// The rest of a split pool, seen by a debit that locked one lane.
-#[derive(Clone, Copy)]
-struct Others {
-    available: i64,
-    floor: i64,
+    others: Option<Figures>,
 }
 
 impl Deref for PoolLedger {
@@ -136,11 +129,14 @@ macro_rules! select_share {
         concat!(
             "SELECT ",
             locked_pool_columns!(),
-            ", o.others_available, o.pool_floor FROM billing.pools p ",
+            ", o.others_balance, o.others_held, o.others_debt, o.pool_floor FROM billing.pools p ",
             grants_of_p!(),
             " CROSS JOIN LATERAL ( \
-               SELECT coalesce(sum(q.active_remaining - q.active_held - q.debt) \
-                               FILTER (WHERE q.id <> p.id), 0)::bigint AS others_available, \
+               SELECT coalesce(sum(q.active_remaining) FILTER (WHERE q.id <> p.id), 0)::bigint \
+                        AS others_balance, \
+                      coalesce(sum(q.active_held) FILTER (WHERE q.id <> p.id), 0)::bigint \
+                        AS others_held, \
+                      coalesce(sum(q.debt) FILTER (WHERE q.id <> p.id), 0)::bigint AS others_debt, \
                       coalesce(max(q.floor) FILTER (WHERE q.lane = 0), 0) AS pool_floor \
                FROM billing.pools q \
                WHERE q.tenant_id = $1 AND q.account = $2 AND q.unit = $3) o \
@@ -355,9 +351,7 @@ struct Locked {
     /// Its cached spendable figures, when valid now.
     cached: Option<CachedFigures>,
     /// Its grants with credit, when read with the locked version.
-    grants: Option<Vec<GrantState>>,
-    /// Which of them are lane shares, of which grant.
-    parents: HashMap<i64, i64>,
+    grants: Option<PoolGrants>,
 }
 
 impl Locked {
@@ -388,7 +382,6 @@ impl Locked {
             since,
             cached,
             grants: None,
-            parents: HashMap::new(),
         })
     }
 
@@ -416,8 +409,8 @@ impl Locked {
                 "grant arrays differ in length".into(),
             ));
         }
-        self.grants = Some(
-            (0..n)
+        self.grants = Some(PoolGrants {
+            grants: (0..n)
                 .map(|i| {
                     GrantState::new(
                         ids[i],
@@ -428,8 +421,8 @@ impl Locked {
                     )
                 })
                 .collect(),
-        );
-        self.parents = share_parents(&ids, &parents);
+            parents: share_parents(&ids, &parents),
+        });
         Ok(self)
     }
 }
@@ -528,12 +521,8 @@ impl PoolLedger {
     /// other lanes stay as they are (whatever they computed is not written).
     pub fn take_lane_paying(&mut self, cost: i64) -> Option<PoolLedger> {
         let i = self.shares.iter().position(|l| l.allows(cost))?;
-        let rest = self.pool_available() as i128 - self.shares[i].available() as i128;
         let mut lane = self.shares.swap_remove(i);
-        lane.others = Some(Others {
-            available: rest.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
-            floor: self.floor,
-        });
+        lane.others = Some(self.pool_figures());
         Some(lane)
     }
 
@@ -591,10 +580,7 @@ impl PoolLedger {
                     None => Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
                 };
                 let grants = match l.grants.take() {
-                    Some(g) => PoolGrants {
-                        grants: g,
-                        parents: std::mem::take(&mut l.parents),
-                    },
+                    Some(g) => g,
                     None => reloaded.remove(&l.id).unwrap_or_default(),
                 };
                 PoolLedger::from_locked(tenant, account, unit, l, now, grants, holds)
@@ -721,8 +707,10 @@ impl PoolLedger {
         };
         let row = Row(&row);
         let mut locked = Locked::from_row(&row, now)?.with_locked_grants(&row)?;
-        let others = Others {
-            available: row.get("others_available")?,
+        let others = Figures {
+            balance: row.get("others_balance")?,
+            held: row.get("others_held")?,
+            debt: row.get("others_debt")?,
             floor: row.get("pool_floor")?,
         };
         // a lane holds no holds; its cached total is exact until cache_until
@@ -731,10 +719,7 @@ impl PoolLedger {
             until: instant(row.get("cache_until")?),
         };
         let grants = match locked.grants.take() {
-            Some(g) => PoolGrants {
-                grants: g,
-                parents: std::mem::take(&mut locked.parents),
-            },
+            Some(g) => g,
             None => load_grants(client, &[locked.id])?
                 .remove(&locked.id)
                 .unwrap_or_default(),
@@ -861,23 +846,23 @@ impl PoolLedger {
             .collect()
     }
 
-    /// What the whole pool has available: this row, the lanes it holds,
-    /// and (for a lane locked alone) the rest of the pool as last written.
+    /// The whole pool's figures: this row, the lanes it holds, and (for a
+    /// lane locked alone) the rest of the pool as last written.
+    fn pool_figures(&self) -> Figures {
+        let own = self.figures();
+        let pool = self.others.map_or(own, |rest| rest.plus(own));
+        self.shares
+            .iter()
+            .fold(pool, |f, lane| f.plus(lane.figures()))
+    }
+
     pub fn pool_available(&self) -> i64 {
-        let wide = self.available() as i128
-            + self
-                .shares
-                .iter()
-                .map(|s| s.available() as i128)
-                .sum::<i128>()
-            + self.others.map_or(0, |o| o.available as i128);
-        wide.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+        self.pool_figures().available()
     }
 
     /// Whether the whole pool is at or above its floor.
     pub fn pool_entitled(&self) -> bool {
-        let floor = self.others.map_or(self.floor, |o| o.floor);
-        self.pool_available() >= floor
+        self.pool_figures().allows(0)
     }
 
     pub fn insufficient(&self, requested: i64) -> BillingError {
@@ -1030,7 +1015,7 @@ fn holds_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<OpenHold>>>
 pub static READ_POOL: Sql = Sql {
     text: "SELECT id, lane, lanes, floor, version, remaining, debt, held, active_remaining, \
                   active_held, cache_from, cache_until \
-           FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3",
+           FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3 ORDER BY lane",
     args: &[TEXT, TEXT, TEXT],
 };
 
@@ -1042,15 +1027,9 @@ pub static READ_POOL: Sql = Sql {
 pub fn figures_now(client: &SpiClient<'_>, rows: SpiTupleTable<'_>) -> Result<Option<Figures>> {
     let mut total: Option<Figures> = None;
     for row in rows {
-        let row = Row(&row);
-        let f = row_figures_now(client, &row)?;
-        let sum = total.get_or_insert(Figures::default());
-        sum.balance = sum.balance.saturating_add(f.balance);
-        sum.held = sum.held.saturating_add(f.held);
-        sum.debt = sum.debt.saturating_add(f.debt);
-        if row.get::<i16>("lane")? == 0 {
-            sum.floor = f.floor;
-        }
+        // the pool's own row comes first (READ_POOL's order): its floor is the pool's
+        let f = row_figures_now(client, &Row(&row))?;
+        total = Some(total.map_or(f, |t| t.plus(f)));
     }
     Ok(total)
 }
