@@ -140,6 +140,46 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_grant_that_becomes_spendable_ahead_of_the_lanes_share_is_drained_first() {
+        let topup = grant("a", "mills", 1000, ", kind => 'topup'");
+        let promo = grant(
+            "a",
+            "mills",
+            500,
+            ", kind => 'promo', effective_at => now() + interval '1 day'",
+        );
+        run("SELECT billing.set_lanes('a', 'mills', 4)");
+        // the promo is not spendable yet: the lanes are dealt the top-up
+        assert_eq!(
+            ingest("a", "mills", 10, "e1"),
+            format!(r#"[{{"amount": 10, "grant_id": {topup}}}]"#)
+        );
+        let dealt = lane_credit("a");
+        assert!(dealt > 0);
+        assert_eq!(
+            ingest("a", "mills", 10, "e2"),
+            format!(r#"[{{"amount": 10, "grant_id": {topup}}}]"#)
+        );
+        assert_eq!(lane_credit("a"), dealt - 10, "a lane paid it");
+
+        // once the promo is spendable it comes first, whatever the lanes hold
+        travel("a", "2 days");
+        assert_eq!(
+            ingest("a", "mills", 10, "e3"),
+            format!(r#"[{{"amount": 10, "grant_id": {promo}}}]"#)
+        );
+        assert_eq!(
+            ingest("a", "mills", 10, "e4"),
+            format!(r#"[{{"amount": 10, "grant_id": {promo}}}]"#),
+            "the lanes now hold the promo"
+        );
+        assert_eq!(grant_remaining(promo), 480);
+        assert_eq!(grant_remaining(topup), 980);
+        assert_eq!(available("a", "mills"), 1460);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
     fn voiding_or_unsplitting_takes_the_lanes_credit_back() {
         let g = grant("a", "mills", 1000, ", kind => 'topup'");
         let h = grant("b", "mills", 1000, ", kind => 'topup'");

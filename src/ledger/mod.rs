@@ -60,6 +60,12 @@ pub struct PoolLedger {
     /// Each lane share grant of this pool → the grant it is a share of.
     parents: HashMap<i64, i64>,
     others: Option<Figures>,
+    /// On a lane: the instant its credit stops being what the pool drains
+    /// next (the pool row's next change of state by the clock when it was
+    /// dealt, e.g. a grant that comes first becoming spendable). The lane's
+    /// row is cached no longer than that, so no debit takes it afterwards
+    /// until the pool deals again. `Ts::MAX` on a pool's own row.
+    next_in_order_until: Ts,
 }
 
 impl Deref for PoolLedger {
@@ -348,6 +354,8 @@ struct Locked {
     booked: Booked,
     /// The instant it was last brought up to date.
     since: Ts,
+    /// The end of its cached window, as written.
+    until: Ts,
     /// Its cached spendable figures, when valid now.
     cached: Option<CachedFigures>,
     /// Its grants with credit, when read with the locked version.
@@ -380,6 +388,7 @@ impl Locked {
                 held: row.get("held")?,
             },
             since,
+            until,
             cached,
             grants: None,
         })
@@ -520,7 +529,10 @@ impl PoolLedger {
     /// out to be debited like one locked by `lock_share`: the pool and its
     /// other lanes stay as they are (whatever they computed is not written).
     pub fn take_lane_paying(&mut self, cost: i64) -> Option<PoolLedger> {
-        let i = self.shares.iter().position(|l| l.allows(cost))?;
+        let i = self
+            .shares
+            .iter()
+            .position(|l| l.now < l.next_in_order_until && l.allows(cost))?;
         let mut lane = self.shares.swap_remove(i);
         lane.others = Some(self.pool_figures());
         Some(lane)
@@ -599,6 +611,7 @@ impl PoolLedger {
     ) -> PoolLedger {
         PoolLedger {
             id: l.id,
+            next_in_order_until: if l.lane > 0 { l.until } else { Ts::MAX },
             tenant: tenant.to_string(),
             account: account.to_string(),
             unit: unit.to_string(),
@@ -824,6 +837,10 @@ impl PoolLedger {
             }
             self.transfer(head, -share)?;
             lane.transfer(id, share)?;
+        }
+        let in_order_until = self.pool.cache_until();
+        for lane in shares.iter_mut() {
+            lane.next_in_order_until = in_order_until;
         }
         self.shares = shares;
         Ok(())
@@ -1222,7 +1239,7 @@ fn pool_columns<'a>(pools: &[&'a PoolLedger]) -> Vec<DatumWithOid<'a>> {
         ints(|l| l.active_held()).into(),
         pools
             .iter()
-            .map(|l| sql_instant(l.cache_until()))
+            .map(|l| sql_instant(l.cache_until().min(l.next_in_order_until)))
             .collect::<Vec<_>>()
             .into(),
     ]
