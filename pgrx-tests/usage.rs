@@ -15,6 +15,34 @@ mod tests {
     }
 
     #[pg_test]
+    fn instants_are_stored_exactly_whatever_the_sessions_date_style_and_time_zone() {
+        run("SET LOCAL DateStyle = 'SQL, DMY'");
+        run("SET LOCAL TimeZone = 'Asia/Kolkata'");
+        grant(
+            "a",
+            "mills",
+            100,
+            ", effective_at => now() - interval '1 day', expires_at => '2031-02-03 04:05:06.789012+00'",
+        );
+        run(
+            "SELECT billing.ingest('a', 'mills', 1, key => 'e1', cost => 1, \
+                occurred_at => now() - interval '7 hours 8.000009 seconds')",
+        );
+        assert!(one::<bool>(
+            "SELECT occurred_at = now() - interval '7 hours 8.000009 seconds' \
+             FROM billing.usage_events WHERE key = 'e1'"
+        ));
+        assert!(one::<bool>(
+            "SELECT bool_and(effective_at = now()) FROM billing.ledger_entries WHERE kind = 'debit'"
+        ));
+        assert!(one::<bool>(
+            "SELECT cache_until = '2031-02-03 04:05:06.789012+00'::timestamptz \
+             FROM billing.pools WHERE account = 'a'"
+        ));
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
     fn a_thousand_one_token_events_cost_what_one_thousand_token_event_costs() {
         run("SELECT billing.define_meter('tokens', 'mills', unit_price => 0.4)");
         grant("split", "mills", 10_000, "");

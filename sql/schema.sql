@@ -91,16 +91,18 @@ CREATE TABLE billing.pools (
     -- on lane 0: how many lanes take debits beside it (0: not split)
     lanes          smallint    NOT NULL DEFAULT 0,
     floor            bigint      NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- what a debit changes, side by side: the log of an update on the same
+    -- page keeps only the bytes between the unchanged prefix and suffix
     version          bigint      NOT NULL DEFAULT 0,
     remaining        bigint      NOT NULL DEFAULT 0,
+    active_remaining bigint      NOT NULL DEFAULT 0,
+    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
+    updated_at       timestamptz NOT NULL DEFAULT now(),
     debt             bigint      NOT NULL DEFAULT 0,
     held             bigint      NOT NULL DEFAULT 0,
-    active_remaining bigint      NOT NULL DEFAULT 0,
     active_held      bigint      NOT NULL DEFAULT 0,
-    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
     cache_until      timestamptz NOT NULL DEFAULT 'infinity',
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
@@ -140,8 +142,11 @@ CREATE INDEX grants_drain_order ON billing.grants
 CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
 CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
 
+-- Keyed by (tenant_id, key); the id is unique (taken from its sequence by
+-- the one writer) but not indexed: nothing looks an event up by id on a path
+-- that needs an index, and every event would pay for its entry.
 CREATE TABLE billing.usage_events (
-    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id              bigint      GENERATED ALWAYS AS IDENTITY,
     tenant_id       text        NOT NULL,
     key             text        NOT NULL,
     account         text        NOT NULL,

@@ -27,13 +27,12 @@ pub const OID: Oid = pg_sys::OIDOID;
 pub const INT8: Oid = pg_sys::INT8OID;
 pub const INT4: Oid = pg_sys::INT4OID;
 pub const JSONB: Oid = pg_sys::JSONBOID;
+pub const JSON: Oid = pg_sys::JSONOID;
 pub const BYTEA: Oid = pg_sys::BYTEAOID;
 pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
 pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
 pub const INT4_ARRAY: Oid = pg_sys::INT4ARRAYOID;
 pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
-pub const TSTZ_ARRAY: Oid = pg_sys::TIMESTAMPTZARRAYOID;
-pub const BOOL_ARRAY: Oid = pg_sys::BOOLARRAYOID;
 
 /// A cached plan is prepared again after this many executions. A generic plan
 /// made while a table was nearly empty (a fresh install) can be a sequential

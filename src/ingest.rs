@@ -11,9 +11,7 @@ use pgrx::{AnyNumeric, JsonB};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
-
-use pgrx::datum::DatumWithOid;
+use serde_json::{json, Value};
 
 use crate::db::{self, Row, Sql, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, OrRaise, Result};
@@ -697,42 +695,31 @@ impl EventRows for NewEvents<'_, '_> {
         self.0.len()
     }
 
-    fn columns(&self, range: std::ops::Range<usize>) -> Vec<DatumWithOid<'_>> {
-        let rows: &[NewEvent<'_>] = &self.0[range];
-        let col_t = |f: for<'r> fn(&'r NewEvent<'r>) -> &'r str| -> Vec<&str> {
-            rows.iter().map(|n| f(n)).collect()
-        };
-        let col_s =
-            |f: &dyn Fn(&NewEvent) -> String| -> Vec<String> { rows.iter().map(f).collect() };
-        let col_i = |f: &dyn Fn(&NewEvent) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
-        let col_b = |f: &dyn Fn(&NewEvent) -> bool| -> Vec<bool> { rows.iter().map(f).collect() };
-        let unit_prices: Vec<Option<String>> = rows
+    fn rows(&self, range: std::ops::Range<usize>) -> Vec<Value> {
+        self.0[range]
             .iter()
-            .map(|n| n.unit_price.map(|p| p.to_string()))
-            .collect();
-        let occurred: Vec<Option<Tstz>> = rows
-            .iter()
-            .map(|n| n.event.occurred_at.map(time::to_sql))
-            .collect();
-        vec![
-            col_i(&|n| n.id).into(),
-            col_t(|n| &n.event.key).into(),
-            col_t(|n| &n.event.account).into(),
-            col_t(|n| &n.event.meter).into(),
-            col_t(|n| &n.unit).into(),
-            col_i(&|n| n.pool_id).into(),
-            col_s(&|n| n.event.quantity.to_string()).into(),
-            unit_prices.into(),
-            col_i(&|n| n.outcome.cost).into(),
-            col_i(&|n| n.outcome.covered).into(),
-            col_i(&|n| n.outcome.debt_created).into(),
-            col_b(&|n| n.event.strict).into(),
-            col_s(&|n| n.outcome.drains.to_string()).into(),
-            col_i(&|n| n.outcome.available).into(),
-            col_b(&|n| n.outcome.entitled).into(),
-            occurred.into(),
-            col_t(|n| &n.event.properties_text).into(),
-            col_s(&|n| hex::encode(&n.hash)).into(),
-        ]
+            .map(|n| {
+                json!({
+                    "id": n.id,
+                    "key": n.event.key,
+                    "account": n.event.account,
+                    "meter": n.event.meter,
+                    "unit": n.unit,
+                    "pool_id": n.pool_id,
+                    "quantity": n.event.quantity.to_string(),
+                    "unit_price": n.unit_price.map(|p| p.to_string()),
+                    "cost": n.outcome.cost,
+                    "covered": n.outcome.covered,
+                    "debt_created": n.outcome.debt_created,
+                    "strict": n.event.strict,
+                    "drains": n.outcome.drains,
+                    "available_after": n.outcome.available,
+                    "entitled_after": n.outcome.entitled,
+                    "occurred_at": n.event.occurred_at.map(time::iso_utc),
+                    "properties": n.event.properties_text,
+                    "request_hash": hex::encode(&n.hash),
+                })
+            })
+            .collect()
     }
 }

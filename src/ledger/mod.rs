@@ -15,15 +15,13 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut, Range};
 
-use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
+use pgrx::datum::{DatumWithOid, JsonString, TimestampWithTimeZone as Tstz};
 use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
-use crate::db::{
-    self, Row, Sql, BOOL_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TSTZ_ARRAY,
-};
+use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, JSON, TEXT, TEXT_ARRAY};
 use crate::error::{BillingError, Result};
-use crate::time::{self, instant, sql_instant, Ts};
+use crate::time::{self, instant, Ts};
 
 pub use self::core::{cache_valid, Figures};
 use self::core::{Booked, Entry, Holds, OpenHold, Pool};
@@ -242,13 +240,15 @@ static EXPIRE_HOLDS: Sql = Sql {
 };
 
 /// Everything a call changed, in one statement: the usage events it records
-/// ($2-$19), grant remainders ($20-$21), ledger entries ($22-$38) and pool
-/// rows ($39-$46). A part with nothing to write gets empty (or NULL) arrays.
-/// The rest is written only if all $47 events were written; `complete`
-/// says whether they were. WRITE raises on a key recorded meanwhile, which
-/// cannot happen under the pool's lock; WRITE_SHARE, for a debit that
-/// locked one lane of a pool (two such debits of one key may run at
-/// once), writes nothing then, and the call answers with the recorded event.
+/// ($2), grant remainders ($3), ledger entries ($4) and pool rows ($5), each
+/// part a JSON array of rows (one table function per part: a row passed as
+/// one array per column cost a table function per column, most of the
+/// statement's time). The rest is written only if all $6 events were
+/// written; `complete` says whether they were. WRITE raises on a key
+/// recorded meanwhile, which cannot happen under the pool's lock;
+/// WRITE_SHARE, for a debit that locked one lane of a pool (two such debits
+/// of one key may run at once), writes nothing then, and the call answers
+/// with the recorded event. Instants are ISO text in UTC (`time::iso_utc`).
 macro_rules! write_statement {
     ($on_conflict:expr) => {
         concat!(
@@ -257,39 +257,37 @@ macro_rules! write_statement {
                 (id, tenant_id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
                  debt_created, strict, drains, available_after, entitled_after, occurred_at, properties, \
                  request_hash) OVERRIDING SYSTEM VALUE \
-             SELECT e.id, $1, e.key, e.account, e.meter, e.unit, e.pool_id, e.quantity::numeric, \
-                    e.unit_price::numeric, e.cost, e.covered, e.debt_created, e.strict, e.drains::jsonb, \
-                    e.available_after, e.entitled_after, coalesce(e.occurred_at, now()), \
-                    e.properties::jsonb, decode(e.request_hash, 'hex') \
-             FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], \
-                         $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], \
-                         $13::boolean[], $14::text[], $15::bigint[], $16::boolean[], \
-                         $17::timestamptz[], $18::text[], $19::text[]) \
-                  AS e(id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
-                       debt_created, strict, drains, available_after, entitled_after, occurred_at, \
-                       properties, request_hash) ", $on_conflict, " RETURNING 1), \
-           done AS (SELECT count(*) = $47 AS complete FROM events), \
+             SELECT e.id, $1, e.key, e.account, e.meter, e.unit, e.pool_id, e.quantity, e.unit_price, \
+                    e.cost, e.covered, e.debt_created, e.strict, e.drains, e.available_after, \
+                    e.entitled_after, coalesce(e.occurred_at, now()), e.properties::jsonb, \
+                    decode(e.request_hash, 'hex') \
+             FROM json_to_recordset($2) AS e(id bigint, key text, account text, meter text, \
+                  unit text, pool_id bigint, quantity numeric, unit_price numeric, cost bigint, \
+                  covered bigint, debt_created bigint, strict boolean, drains jsonb, \
+                  available_after bigint, entitled_after boolean, occurred_at timestamptz, \
+                  properties text, request_hash text) ", $on_conflict, " RETURNING 1), \
+           done AS (SELECT count(*) = $6 AS complete FROM events), \
            grants AS ( \
              UPDATE billing.grants g SET remaining = u.remaining \
-             FROM unnest($20::bigint[], $21::bigint[]) AS u(id, remaining), done \
+             FROM json_to_recordset($3) AS u(id bigint, remaining bigint), done \
              WHERE g.id = u.id AND done.complete), \
            entries AS ( \
              INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
                 amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
                 debt_after, held_after, grant_id, hold_id, event_id, effective_at) \
-             SELECT $1, e.* FROM unnest($22::bigint[], $23::text[], $24::text[], $25::bigint[], \
-                $26::text[]::billing.entry_kind[], $27::bigint[], $28::bigint[], $29::bigint[], \
-                $30::bigint[], $31::bigint[], $32::bigint[], $33::bigint[], $34::bigint[], \
-                $35::bigint[], $36::bigint[], $37::bigint[], $38::timestamptz[]) AS e \
+             SELECT $1, e.* FROM json_to_recordset($4) AS e(pool_id bigint, account text, \
+                unit text, version bigint, kind billing.entry_kind, amount bigint, \
+                grant_amount bigint, debt_amount bigint, hold_amount bigint, balance_before bigint, \
+                balance_after bigint, debt_after bigint, held_after bigint, grant_id bigint, \
+                hold_id bigint, event_id bigint, effective_at timestamptz) \
              WHERE (SELECT complete FROM done)), \
            pools AS ( \
              UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
                 held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
                 cache_from = now(), cache_until = u.cache_until, updated_at = now() \
-             FROM unnest($39::bigint[], $40::bigint[], $41::bigint[], $42::bigint[], $43::bigint[], \
-                         $44::bigint[], $45::bigint[], $46::timestamptz[]) \
-                  AS u(id, version, remaining, debt, held, active_remaining, active_held, cache_until), \
-                  done \
+             FROM json_to_recordset($5) AS u(id bigint, version bigint, remaining bigint, \
+                  debt bigint, held bigint, active_remaining bigint, active_held bigint, \
+                  cache_until timestamptz), done \
              WHERE p.id = u.id AND done.complete) \
            SELECT complete FROM done"
         )
@@ -298,19 +296,8 @@ macro_rules! write_statement {
 
 static WRITE: Sql = Sql {
     text: write_statement!(""),
-    args: &[
-        TEXT, // events
-        INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY,
-        TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, BOOL_ARRAY, TEXT_ARRAY, INT8_ARRAY,
-        BOOL_ARRAY, TSTZ_ARRAY, TEXT_ARRAY, TEXT_ARRAY, // grants
-        INT8_ARRAY, INT8_ARRAY, // entries
-        INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY,
-        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
-        INT8_ARRAY, INT8_ARRAY, TSTZ_ARRAY, // pools
-        INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY,
-        TSTZ_ARRAY, // how many events
-        INT8,
-    ],
+    // tenant, events, grants, entries, pools, how many events
+    args: &[TEXT, JSON, JSON, JSON, JSON, INT8],
 };
 
 static WRITE_SHARE: Sql = Sql {
@@ -318,16 +305,13 @@ static WRITE_SHARE: Sql = Sql {
     args: WRITE.args,
 };
 
-/// The columns of WRITE's events part ($2-$19) for rows `range` of some
-/// usage events, which the caller (ingest, settle) owns.
+/// Rows of WRITE's events part ($2) for rows `range` of some usage events,
+/// which the caller (ingest, settle) owns: objects with the columns its
+/// column definition names.
 pub trait EventRows {
     fn count(&self) -> usize;
-    fn columns(&self, range: Range<usize>) -> Vec<DatumWithOid<'_>>;
+    fn rows(&self, range: Range<usize>) -> Vec<serde_json::Value>;
 }
-
-/// How many parameters WRITE's events part takes ($2-$19); a call that
-/// records no usage passes NULL for each (unnest of NULL is no rows).
-const EVENT_COLUMNS: usize = 18;
 
 /// Whether a pool that does not exist yet may be created by this call.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1076,46 +1060,38 @@ fn row_figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures>
     Ok(pool.figures())
 }
 
-/// The columns of WRITE's entries part for some entries, each with its pool.
-fn entry_columns<'a>(entries: &[(&'a PoolLedger, &'a Entry)]) -> Vec<DatumWithOid<'a>> {
-    let text = |f: fn(&PoolLedger) -> &str| -> Vec<&'a str> {
-        entries.iter().map(|(l, _)| f(l)).collect()
-    };
-    let ints = |f: fn(&Entry) -> i64| -> Vec<i64> { entries.iter().map(|(_, e)| f(e)).collect() };
-    let opts = |f: fn(&Entry) -> Option<i64>| -> Vec<Option<i64>> {
-        entries.iter().map(|(_, e)| f(e)).collect()
-    };
-    vec![
-        entries
-            .iter()
-            .map(|(l, _)| l.id)
-            .collect::<Vec<i64>>()
-            .into(),
-        text(|l| &l.account).into(),
-        text(|l| &l.unit).into(),
-        ints(|x| x.version).into(),
-        entries
-            .iter()
-            .map(|(_, e)| e.kind.as_str())
-            .collect::<Vec<&str>>()
-            .into(),
-        ints(|x| x.amount).into(),
-        ints(|x| x.grant_amount).into(),
-        ints(|x| x.debt_amount).into(),
-        ints(|x| x.hold_amount).into(),
-        ints(|x| x.balance_before).into(),
-        ints(|x| x.balance_after).into(),
-        ints(|x| x.debt_after).into(),
-        ints(|x| x.held_after).into(),
-        opts(|x| x.grant_id).into(),
-        opts(|x| x.hold_id).into(),
-        opts(|x| x.event_id).into(),
-        entries
-            .iter()
-            .map(|(_, e)| time::to_sql(e.effective_at))
-            .collect::<Vec<_>>()
-            .into(),
-    ]
+/// Rows as a `json` parameter: text the table function parses once.
+fn json_rows<'a>(rows: Vec<serde_json::Value>) -> DatumWithOid<'a> {
+    JsonString(serde_json::Value::Array(rows).to_string()).into()
+}
+
+/// WRITE's entries part for some entries, each with its pool.
+fn entry_rows<'a>(entries: &[(&PoolLedger, &Entry)]) -> DatumWithOid<'a> {
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(l, e)| {
+            json!({
+                "pool_id": l.id,
+                "account": l.account,
+                "unit": l.unit,
+                "version": e.version,
+                "kind": e.kind.as_str(),
+                "amount": e.amount,
+                "grant_amount": e.grant_amount,
+                "debt_amount": e.debt_amount,
+                "hold_amount": e.hold_amount,
+                "balance_before": e.balance_before,
+                "balance_after": e.balance_after,
+                "debt_after": e.debt_after,
+                "held_after": e.held_after,
+                "grant_id": e.grant_id,
+                "hold_id": e.hold_id,
+                "event_id": e.event_id,
+                "effective_at": time::iso_utc(e.effective_at),
+            })
+        })
+        .collect();
+    json_rows(rows)
 }
 
 /// The part of `len` rows that chunk `i` writes.
@@ -1191,22 +1167,19 @@ pub fn flush_checked(
         .max(entries.len())
         .max(changed.len());
     for i in 0..longest.div_ceil(db::WRITE_CHUNK) {
-        let mut args: Vec<DatumWithOid<'_>> = vec![tenant.as_str().into()];
-        match events {
-            Some(e) => args.extend(e.columns(chunk(i, event_count))),
-            None => args.extend(
-                WRITE.args[1..=EVENT_COLUMNS]
-                    .iter()
-                    .map(|o| DatumWithOid::null_oid(*o)),
-            ),
-        }
-        let (ids, remaining): (Vec<i64>, Vec<i64>) =
-            grants[chunk(i, grants.len())].iter().copied().unzip();
-        args.push(ids.into());
-        args.push(remaining.into());
-        args.extend(entry_columns(&entries[chunk(i, entries.len())]));
-        args.extend(pool_columns(&changed[chunk(i, changed.len())]));
-        args.push((chunk(i, event_count).len() as i64).into());
+        let event_rows = events.map_or_else(Vec::new, |e| e.rows(chunk(i, event_count)));
+        let grant_rows: Vec<serde_json::Value> = grants[chunk(i, grants.len())]
+            .iter()
+            .map(|(id, remaining)| json!({"id": id, "remaining": remaining}))
+            .collect();
+        let args: Vec<DatumWithOid<'_>> = vec![
+            tenant.as_str().into(),
+            json_rows(event_rows),
+            json_rows(grant_rows),
+            entry_rows(&entries[chunk(i, entries.len())]),
+            pool_rows(&changed[chunk(i, changed.len())]),
+            (chunk(i, event_count).len() as i64).into(),
+        ];
         let complete: bool = db::write(client, write, &args)?
             .first()
             .get_one()?
@@ -1226,21 +1199,23 @@ pub fn flush_checked(
     Ok(Flushed::All)
 }
 
-/// The columns of WRITE's pools part for some pools.
-fn pool_columns<'a>(pools: &[&'a PoolLedger]) -> Vec<DatumWithOid<'a>> {
-    let ints = |f: fn(&PoolLedger) -> i64| -> Vec<i64> { pools.iter().map(|l| f(l)).collect() };
-    vec![
-        ints(|l| l.id).into(),
-        ints(|l| l.booked().version).into(),
-        ints(|l| l.booked().remaining).into(),
-        ints(|l| l.booked().debt).into(),
-        ints(|l| l.booked().held).into(),
-        ints(|l| l.active_remaining()).into(),
-        ints(|l| l.active_held()).into(),
-        pools
-            .iter()
-            .map(|l| sql_instant(l.cache_until().min(l.next_in_order_until)))
-            .collect::<Vec<_>>()
-            .into(),
-    ]
+/// WRITE's pools part for some pools.
+fn pool_rows<'a>(pools: &[&PoolLedger]) -> DatumWithOid<'a> {
+    let rows: Vec<serde_json::Value> = pools
+        .iter()
+        .map(|l| {
+            let booked = l.booked();
+            json!({
+                "id": l.id,
+                "version": booked.version,
+                "remaining": booked.remaining,
+                "debt": booked.debt,
+                "held": booked.held,
+                "active_remaining": l.active_remaining(),
+                "active_held": l.active_held(),
+                "cache_until": time::iso_utc(l.cache_until().min(l.next_in_order_until)),
+            })
+        })
+        .collect();
+    json_rows(rows)
 }
