@@ -27,6 +27,25 @@ mod tests {
     }
 
     #[pg_test]
+    fn check_finds_each_pool_whatever_the_collation_of_its_key() {
+        // the gate scans the pools' unique index itself: its keys must
+        // compare as the index orders them. Under ICU "und" case and accents
+        // sort apart from C's byte order ('a' < 'A' < 'b' < 'B' < 'é').
+        run("ALTER TABLE billing.pools ALTER COLUMN account TYPE text COLLATE \"und-x-icu\"");
+        run("ALTER TABLE billing.pools ALTER COLUMN unit TYPE text COLLATE \"und-x-icu\"");
+        let accounts = ["a", "A", "b", "B", "é", "E", "a b", "a-b", "ab", "AB"];
+        for (i, account) in accounts.iter().enumerate() {
+            grant(account, "mills", 100 + i as i64, "");
+            grant(account, "mills_b", 1000 + i as i64, "");
+        }
+        for (i, account) in accounts.iter().enumerate() {
+            assert_eq!(available(account, "mills"), 100 + i as i64, "{account}");
+            assert_eq!(available(account, "mills_b"), 1000 + i as i64, "{account}");
+        }
+        assert_eq!(available("c", "mills"), 0);
+    }
+
+    #[pg_test]
     fn a_negative_floor_is_a_credit_line() {
         grant("a", "mills", 100, "");
         run("SELECT billing.set_floor('a', 'mills', -50)");

@@ -6,7 +6,7 @@ use pgrx::spi::SpiClient;
 use crate::db;
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
-use crate::ledger::{self, Figures, KNOWN_UNITS, READ_POOL};
+use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
 
 type CheckRow = (
@@ -47,34 +47,30 @@ fn check(
         input::name("unit", unit)?;
         input::non_negative("amount", amount)?;
         let tenant = current_tenant()?;
-        Spi::connect(|client| gate(client, &tenant, account, unit, amount))
+        gate(&tenant, account, unit, amount)
     })();
     TableIterator::once(result.or_raise())
 }
 
-fn gate(
-    client: &SpiClient<'_>,
-    tenant: &str,
-    account: &str,
-    unit: &str,
-    amount: i64,
-) -> Result<CheckRow> {
-    let rows = db::read(
-        client,
-        &READ_POOL,
-        &[tenant.into(), account.into(), unit.into()],
-    )?;
-    let figures = match ledger::figures_now(client, rows)? {
+/// A pool that exists answers from its rows alone (inside their cached
+/// windows, no statement runs); one that does not is empty if its unit is known.
+fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow> {
+    let figures = match ledger::figures_now(&pool_rows::read(tenant, account, unit)?)? {
         Some(figures) => figures,
         None => {
-            let known = db::read(client, &KNOWN_UNITS, &[tenant.into(), vec![unit].into()])?;
-            if ledger::first_unknown_unit(known, &[unit])?.is_some() {
-                return Err(BillingError::unknown("unit", unit));
-            }
+            Spi::connect(|client| unit_is_known(client, tenant, unit))?;
             Figures::default()
         }
     };
     Ok(decide(amount, &figures))
+}
+
+fn unit_is_known(client: &SpiClient<'_>, tenant: &str, unit: &str) -> Result<()> {
+    let known = db::read(client, &KNOWN_UNITS, &[tenant.into(), vec![unit].into()])?;
+    match ledger::first_unknown_unit(known, &[unit])? {
+        Some(_) => Err(BillingError::unknown("unit", unit)),
+        None => Ok(()),
+    }
 }
 
 fn decide(amount: i64, f: &Figures) -> CheckRow {

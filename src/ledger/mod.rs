@@ -10,6 +10,7 @@
 //! read by column name.
 
 pub mod core;
+pub mod pool_rows;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -346,36 +347,70 @@ struct Locked {
     grants: Option<PoolGrants>,
 }
 
-impl Locked {
-    /// A pool row with the columns of LOCK_POOLS.
-    fn from_row(row: &Row<'_, '_>, now: Ts) -> Result<Locked> {
-        let since = instant(row.get("cache_from")?);
-        let until = instant(row.get("cache_until")?);
-        let cached = if cache_valid(since, until, now) {
-            Some(CachedFigures {
-                active_remaining: row.get("active_remaining")?,
-                active_held: row.get("active_held")?,
-                until,
-            })
-        } else {
-            None
-        };
-        Ok(Locked {
+/// The columns of a pool row that say where it stands, as stored.
+pub struct PoolRow {
+    pub id: i64,
+    pub lane: i32,
+    pub lanes: i32,
+    pub floor: i64,
+    pub version: i64,
+    pub remaining: i64,
+    pub debt: i64,
+    pub held: i64,
+    pub active_remaining: i64,
+    pub active_held: i64,
+    pub cache_from: Ts,
+    pub cache_until: Ts,
+}
+
+impl PoolRow {
+    /// From a result with the columns of LOCK_POOLS.
+    fn from_row(row: &Row<'_, '_>) -> Result<PoolRow> {
+        Ok(PoolRow {
             id: row.get("id")?,
             lane: row.get::<i16>("lane")?.into(),
             lanes: row.get::<i16>("lanes")?.into(),
             floor: row.get("floor")?,
+            version: row.get("version")?,
+            remaining: row.get("remaining")?,
+            debt: row.get("debt")?,
+            held: row.get("held")?,
+            active_remaining: row.get("active_remaining")?,
+            active_held: row.get("active_held")?,
+            cache_from: instant(row.get("cache_from")?),
+            cache_until: instant(row.get("cache_until")?),
+        })
+    }
+}
+
+impl Locked {
+    /// A pool row with the columns of LOCK_POOLS.
+    fn from_row(row: &Row<'_, '_>, now: Ts) -> Result<Locked> {
+        Ok(Locked::from_pool_row(&PoolRow::from_row(row)?, now))
+    }
+
+    fn from_pool_row(r: &PoolRow, now: Ts) -> Locked {
+        let cached = cache_valid(r.cache_from, r.cache_until, now).then_some(CachedFigures {
+            active_remaining: r.active_remaining,
+            active_held: r.active_held,
+            until: r.cache_until,
+        });
+        Locked {
+            id: r.id,
+            lane: r.lane,
+            lanes: r.lanes,
+            floor: r.floor,
             booked: Booked {
-                version: row.get("version")?,
-                remaining: row.get("remaining")?,
-                debt: row.get("debt")?,
-                held: row.get("held")?,
+                version: r.version,
+                remaining: r.remaining,
+                debt: r.debt,
+                held: r.held,
             },
-            since,
-            until,
+            since: r.cache_from,
+            until: r.cache_until,
             cached,
             grants: None,
-        })
+        }
     }
 
     /// The grants LOCK_POOLS read with the row, if they are those of the locked version.
@@ -1011,33 +1046,24 @@ fn holds_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<OpenHold>>>
     Ok(by_pool)
 }
 
-/// The rows of a pool the gate reads (the pool and its lanes): the
-/// columns of LOCK_POOLS, without a lock.
-pub static READ_POOL: Sql = Sql {
-    text: "SELECT id, lane, lanes, floor, version, remaining, debt, held, active_remaining, \
-                  active_held, cache_from, cache_until \
-           FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3 ORDER BY lane",
-    args: &[TEXT, TEXT, TEXT],
-};
-
-/// The figures of a pool at `now`, for the gate, summed over its rows (a
-/// split pool has one per lane; the floor is the pool's): None if it has
-/// no row. Each row answers inside its cached window from the row alone;
-/// outside it, its grants and open holds are read and it is brought up to
-/// date in memory, exactly as a write would, and nothing is written.
-pub fn figures_now(client: &SpiClient<'_>, rows: SpiTupleTable<'_>) -> Result<Option<Figures>> {
+/// The figures of a pool at `now`, for the gate, summed over its rows
+/// (`pool_rows::read`; a split pool has one per lane, and the floor is the
+/// pool's): None if it has no row. Each row answers inside its cached window
+/// from the row alone, with no statement run; outside it, its grants and open
+/// holds are read and it is brought up to date in memory, exactly as a write
+/// would, and nothing is written.
+pub fn figures_now(rows: &[PoolRow]) -> Result<Option<Figures>> {
+    let now = time::now();
     let mut total: Option<Figures> = None;
     for row in rows {
-        // the pool's own row comes first (READ_POOL's order): its floor is the pool's
-        let f = row_figures_now(client, &Row(&row))?;
+        // the pool's own row comes first (index order): its floor is the pool's
+        let f = row_figures_now(Locked::from_pool_row(row, now), now)?;
         total = Some(total.map_or(f, |t| t.plus(f)));
     }
     Ok(total)
 }
 
-fn row_figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures> {
-    let now = time::now();
-    let l = Locked::from_row(row, now)?;
+fn row_figures_now(l: Locked, now: Ts) -> Result<Figures> {
     if let Some(c) = l.cached {
         return Ok(Figures {
             balance: c.active_remaining,
@@ -1046,16 +1072,22 @@ fn row_figures_now(client: &SpiClient<'_>, row: &Row<'_, '_>) -> Result<Figures>
             floor: l.floor,
         });
     }
-    let args = [vec![l.id].into()];
-    let mut grants = grants_by_pool(db::read(client, &LOAD_GRANTS, &args)?)?;
-    let mut holds = holds_by_pool(db::read(client, &LOAD_OPEN_HOLDS, &args)?)?;
+    let (grants, holds) = pgrx::spi::Spi::connect(|client| -> Result<_> {
+        let args = [vec![l.id].into()];
+        let mut grants = grants_by_pool(db::read(client, &LOAD_GRANTS, &args)?)?;
+        let mut holds = holds_by_pool(db::read(client, &LOAD_OPEN_HOLDS, &args)?)?;
+        Ok((
+            grants.remove(&l.id).unwrap_or_default().grants,
+            holds.remove(&l.id).unwrap_or_default(),
+        ))
+    })?;
     let pool = Pool::open(
         l.booked,
         l.floor,
         l.since,
         now,
-        grants.remove(&l.id).unwrap_or_default().grants,
-        Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
+        grants,
+        Holds::Loaded(holds),
     );
     Ok(pool.figures())
 }
