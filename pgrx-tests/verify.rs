@@ -113,6 +113,72 @@ mod tests {
         );
     }
 
+    /// Tamper with `change`, expect `problem` reported, then `undo` and expect none.
+    fn reported(change: &str, problem: &str, undo: &str) {
+        tamper(change);
+        assert!(problems().contains(problem), "{problem}: {}", problems());
+        tamper(undo);
+        assert_eq!(problems(), "", "after undoing: {change}");
+    }
+
+    #[pg_test]
+    fn verify_ledger_checks_the_lanes_of_a_split_pool() {
+        let g = grant("a", "mills", 1000, "");
+        run("SELECT billing.set_lanes('a', 'mills', 2)");
+        ingest("a", "mills", 10, "e1");
+        ingest("a", "mills", 10, "e2");
+        assert_eq!(problems(), "");
+        assert!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM billing.grants WHERE parent_id = {g}"
+            )) == 2
+        );
+        let share = format!("(SELECT min(id) FROM billing.grants WHERE parent_id = {g})");
+        reported(
+            "UPDATE billing.pools SET debt = 1 WHERE lane = 1",
+            "lane 1: owes debt",
+            "UPDATE billing.pools SET debt = 0 WHERE lane = 1",
+        );
+        reported(
+            "UPDATE billing.pools SET held = 1 WHERE lane = 2",
+            "lane 2: holds credit on hold",
+            "UPDATE billing.pools SET held = 0 WHERE lane = 2",
+        );
+        reported(
+            &format!("UPDATE billing.grants SET priority = 1 WHERE id = {share}"),
+            "differs from the grant in kind, priority or window",
+            &format!("UPDATE billing.grants SET priority = (SELECT priority FROM billing.grants WHERE id = {g}) WHERE id = {share}"),
+        );
+        let lane_pool: i64 = one(&format!(
+            "SELECT pool_id FROM billing.grants WHERE id = {share}"
+        ));
+        reported(
+            &format!("UPDATE billing.grants SET pool_id = (SELECT pool_id FROM billing.grants WHERE id = {g}) WHERE id = {share}"),
+            "not on a lane of the grant's pool",
+            &format!("UPDATE billing.grants SET pool_id = {lane_pool} WHERE id = {share}"),
+        );
+        reported(
+            &format!("UPDATE billing.grants SET amount = 20 WHERE id = {g}"),
+            "its lanes' shares hold more than its amount",
+            &format!("UPDATE billing.grants SET amount = 1000 WHERE id = {g}"),
+        );
+        reported(
+            &format!("UPDATE billing.ledger_entries SET grant_amount = grant_amount + 1, amount = amount + 1 \
+                      WHERE kind = 'transfer' AND grant_id = {g}"),
+            "transfers to and from its lanes' shares do not net to zero",
+            &format!("UPDATE billing.ledger_entries SET grant_amount = grant_amount - 1, amount = amount - 1 \
+                      WHERE kind = 'transfer' AND grant_id = {g}"),
+        );
+        tamper(&format!(
+            "UPDATE billing.grants SET status = 'voided' WHERE id = {g}"
+        ));
+        assert!(
+            problems().contains("keeps credit of a closed grant"),
+            "{}",
+            problems()
+        );
+    }
+
     // One list of entry kinds: the database's type and the core's enum agree.
     #[pg_test]
     fn entry_kinds_have_one_list() {

@@ -33,6 +33,11 @@ FROM billing.ledger_entries e;
 --   * every row rule of the tables written per event (which carry no CHECK
 --     constraints nor foreign keys, see schema.sql): amounts in range, entries
 --     balanced, every event and entry in an existing pool
+--   * split pools (docs/architecture.md, "Split pools"): a share of a grant
+--     sits on a lane of the grant's own pool with the grant's kind, priority
+--     and window; transfers between a grant and its shares net to zero; a
+--     grant and its shares hold no more than its amount, and nothing once it
+--     is closed; a lane holds no holds and owes no debt
 CREATE FUNCTION billing.verify_ledger()
 RETURNS TABLE (pool_id bigint, account text, unit text, problem text)
 LANGUAGE sql STABLE
@@ -133,6 +138,40 @@ WHERE r.broken
 UNION ALL
 SELECT p.id, p.account, p.unit, 'pool: a negative booked total'
 FROM tenant_pools p WHERE p.remaining < 0 OR p.debt < 0 OR p.held < 0
+UNION ALL
+SELECT p.id, p.account, p.unit, format('lane %s: %s', p.lane, r.rule)
+FROM tenant_pools p
+CROSS JOIN LATERAL (VALUES
+    (p.held <> 0, 'holds credit on hold'),
+    (p.debt <> 0, 'owes debt')) r(broken, rule)
+WHERE p.lane > 0 AND r.broken
+UNION ALL
+SELECT c.pool_id, c.account, c.unit, format('share %s of grant %s: %s', c.id, c.parent_id, r.rule)
+FROM billing.grants c JOIN tenant_pools p ON p.id = c.pool_id
+LEFT JOIN billing.grants g ON g.id = c.parent_id
+LEFT JOIN billing.pools gp ON gp.id = g.pool_id
+CROSS JOIN LATERAL (VALUES
+    (g.id IS NULL, 'the grant is missing'),
+    (p.lane = 0 OR gp.lane <> 0 OR gp.account <> p.account OR gp.unit <> p.unit,
+     'not on a lane of the grant''s pool'),
+    (g.kind <> c.kind OR g.priority <> c.priority OR g.effective_at <> c.effective_at
+        OR g.expires_at IS DISTINCT FROM c.expires_at, 'differs from the grant in kind, priority or window'),
+    (g.status <> 'active' AND c.remaining <> 0, 'keeps credit of a closed grant')) r(broken, rule)
+WHERE c.parent_id IS NOT NULL AND r.broken IS NOT FALSE
+UNION ALL
+SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
+FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+CROSS JOIN LATERAL (SELECT coalesce(sum(c.remaining), 0) AS remaining, count(*) AS n
+                    FROM billing.grants c WHERE c.parent_id = g.id) shares
+CROSS JOIN LATERAL (SELECT coalesce(sum(e.grant_amount), 0) AS net
+                    FROM billing.ledger_entries e
+                    WHERE e.kind = 'transfer'
+                      AND (e.grant_id = g.id OR e.grant_id IN (SELECT c.id FROM billing.grants c
+                                                               WHERE c.parent_id = g.id))) t
+CROSS JOIN LATERAL (VALUES
+    (g.remaining + shares.remaining > g.amount, 'it and its lanes'' shares hold more than its amount'),
+    (t.net <> 0, 'transfers to and from its lanes'' shares do not net to zero')) r(broken, rule)
+WHERE g.parent_id IS NULL AND shares.n > 0 AND r.broken
 UNION ALL
 SELECT x.pool_id, x.account, x.unit, x.what || ' names a missing pool'
 FROM (SELECT u.pool_id, u.account, u.unit, 'usage event ' || u.id AS what
