@@ -352,7 +352,7 @@ fn settle(
             if hold.status == "open" {
                 ledger.close_hold(hold_id, hold.amount, EntryKind::Settle, true);
             }
-            let event_id = ingest::allocate_event_id(client)?;
+            let event_id = ingest::allocate_event_id()?;
             ledger.current_hold = Some(hold_id);
             ledger.current_event = Some(event_id);
             let debit = ledger.debit(actual)?;

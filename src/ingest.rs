@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::db::{self, Row, Sql, TEXT, TEXT_ARRAY};
+use crate::db::{self, Sql, TEXT};
+use crate::direct::{self, Lookup, Snapshot, Tuple};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
@@ -355,24 +356,6 @@ fn parse_timestamp(s: &str) -> Result<Ts> {
 
 // ----- the shared path -------------------------------------------------------
 
-/// Every key of a call with its stored event, if any, and a fresh id for
-/// the event it becomes if new (ids of keys that turn out stored are never
-/// used). Joined to the keys (not `key = ANY`), so the plan is an index
-/// lookup per key whatever the batch's size.
-static FIND_EVENTS: Sql = Sql {
-    text: "SELECT k.key, nextval('billing.usage_events_id_seq') AS new_id, e.id, e.request_hash, \
-                  e.meter, e.unit, e.cost, e.covered, e.debt_created, e.drains, e.available_after, \
-                  e.entitled_after \
-           FROM unnest($2::text[]) AS k(key) \
-           LEFT JOIN billing.usage_events e ON e.tenant_id = $1 AND e.key = k.key",
-    args: &[TEXT, TEXT_ARRAY],
-};
-
-static ALLOCATE_EVENT_ID: Sql = Sql {
-    text: "SELECT nextval('billing.usage_events_id_seq') AS id",
-    args: &[],
-};
-
 /// A new event, ready to be written once its pool's entries are computed.
 struct NewEvent<'e> {
     id: i64,
@@ -384,13 +367,11 @@ struct NewEvent<'e> {
     outcome: Outcome,
 }
 
-/// A fresh usage event id, for usage recorded outside `ingest` (a settled
-/// hold) whose ledger entries must name it before it is written.
-pub fn allocate_event_id(client: &mut SpiClient<'_>) -> Result<i64> {
-    let row = db::write(client, &ALLOCATE_EVENT_ID, &[])?
-        .next()
-        .ok_or_else(|| BillingError::Internal("no event id allocated".into()))?;
-    Row(&row).get("id")
+/// A fresh usage event id: for a new event of `ingest`, and for usage
+/// recorded outside it (a settled hold) whose ledger entries must name it
+/// before it is written.
+pub fn allocate_event_id() -> Result<i64> {
+    direct::next_value(c"usage_events_id_seq")
 }
 
 /// Write a pool's changes together with usage charged outside `ingest` (a
@@ -456,7 +437,7 @@ fn ingest_events(
     let mut ledgers = lock_pools(client, &tenant, &pool_keys, &priced)?;
     let on_share = ledgers.iter().any(|l| l.is_lane());
     // After the locks: any concurrent ingest of these keys has committed.
-    let (stored, new_ids) = find_events(client, &tenant, &events)?;
+    let (stored, new_ids) = find_events(&tenant, &events)?;
     let mut carries = Carries::load(client, priced_pairs(&ledgers, &by_pool, &events, &priced))?;
     for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
         let unit = ledger.unit.clone();
@@ -534,7 +515,7 @@ fn ingest_events(
     )?;
     if flushed == Flushed::KeyTaken {
         // a debit on another lane recorded this key first: answer as a replay
-        return replay(client, &tenant, &events);
+        return replay(&tenant, &events);
     }
     slots
         .into_iter()
@@ -612,8 +593,8 @@ fn priced_pairs(
 }
 
 /// The outcome of events whose keys are all recorded: a replay of each.
-fn replay(client: &mut SpiClient<'_>, tenant: &str, events: &[Event]) -> Result<Vec<Outcome>> {
-    let (stored, _) = find_events(client, tenant, events)?;
+fn replay(tenant: &str, events: &[Event]) -> Result<Vec<Outcome>> {
+    let (stored, _) = find_events(tenant, events)?;
     events
         .iter()
         .map(|event| {
@@ -650,41 +631,54 @@ fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcom
 /// Each stored key's fingerprint and outcome.
 type Stored = HashMap<String, (Vec<u8>, Outcome)>;
 
-/// The stored outcome and fingerprint of each key already used, and a fresh
-/// id for each key of the call.
-fn find_events(
-    client: &mut SpiClient<'_>,
-    tenant: &str,
-    events: &[Event],
-) -> Result<(Stored, HashMap<String, i64>)> {
-    let keys: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
-    let mut found = HashMap::new();
+/// Every distinct key of a call with its stored event, if any, and a fresh
+/// id for each key not stored (the id of the event it becomes). Looked up
+/// straight in the (tenant, key) index with a new snapshot, so an event a
+/// concurrent call committed while this one waited for its pool is found.
+fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String, i64>)> {
+    let mut found: Stored = HashMap::new();
     let mut new_ids: HashMap<String, i64> = HashMap::new();
-    // Rows come in the plan's order, not the keys': each is matched by its key.
-    for row in db::write(client, &FIND_EVENTS, &[tenant.into(), keys.into()])? {
-        let row = Row(&row);
-        let key: String = row.get("key")?;
-        new_ids.entry(key.clone()).or_insert(row.get("new_id")?);
-        let Some(id) = row.opt::<i64>("id")? else {
+    let mut lookup = Lookup::open(
+        c"usage_events",
+        c"usage_events_tenant_id_key_key",
+        2,
+        Snapshot::New,
+    )?;
+    for event in events {
+        let key = event.key.as_str();
+        if found.contains_key(key) || new_ids.contains_key(key) {
             continue;
-        };
-        let drains: JsonB = row.get("drains")?;
-        let outcome = Outcome {
-            key: key.clone(),
-            event_id: Some(id),
-            status: "duplicate",
-            meter: row.get("meter")?,
-            unit: row.get("unit")?,
-            cost: row.get("cost")?,
-            covered: row.get("covered")?,
-            debt_created: row.get("debt_created")?,
-            drains: drains.0,
-            available: row.get("available_after")?,
-            entitled: row.get("entitled_after")?,
-        };
-        found.insert(key, (row.get("request_hash")?, outcome));
+        }
+        match lookup.find(&[tenant, key], stored_event)?.pop() {
+            Some(stored) => {
+                found.insert(key.to_string(), stored);
+            }
+            None => {
+                new_ids.insert(key.to_string(), allocate_event_id()?);
+            }
+        }
     }
+    lookup.close();
     Ok((found, new_ids))
+}
+
+/// A stored event: its request fingerprint and the outcome a replay returns.
+fn stored_event(t: &Tuple) -> Result<(Vec<u8>, Outcome)> {
+    let drains: JsonB = t.get(c"drains")?;
+    let outcome = Outcome {
+        key: t.get(c"key")?,
+        event_id: Some(t.get(c"id")?),
+        status: "duplicate",
+        meter: t.get(c"meter")?,
+        unit: t.get(c"unit")?,
+        cost: t.get(c"cost")?,
+        covered: t.get(c"covered")?,
+        debt_created: t.get(c"debt_created")?,
+        drains: drains.0,
+        available: t.get(c"available_after")?,
+        entitled: t.get(c"entitled_after")?,
+    };
+    Ok((t.get(c"request_hash")?, outcome))
 }
 
 /// New events as WRITE's events part (see ledger::EventRows).

@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 
 mod accounts;
 mod db;
+mod direct;
 mod error;
 mod gate;
 mod grants;

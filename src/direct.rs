@@ -1,0 +1,189 @@
+//! Rows read straight from a table's unique index, without a statement.
+//!
+//! Running one prepared statement through SPI costs a fixed amount (plan
+//! revalidation, executor start and end, snapshot handling) that was most of
+//! a lookup by key: the gate's pool read and ingest's key lookup use this
+//! instead. A lookup scans with either the calling query's snapshot (a pure
+//! read such as the gate) or a new one (a read after waiting for a lock,
+//! which must see what the previous holder committed), exactly as a read-only
+//! or a writing statement would. Row-level security is not applied: callers
+//! pass the tenant `tenancy::current_tenant` authorised as the first key,
+//! which is all the policies would admit. Columns are found by name.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::{FromDatum, IntoDatum};
+
+use crate::error::{BillingError, Result};
+
+const SCHEMA: &CStr = c"billing";
+
+/// Which snapshot a lookup reads with.
+pub enum Snapshot {
+    /// The calling query's: what a read-only statement sees.
+    Query,
+    /// A new one: what a statement run now sees (under READ COMMITTED, every
+    /// commit so far; under REPEATABLE READ, the transaction's snapshot).
+    New,
+}
+
+/// An open index scan over `billing.<table>` by the leading text columns of
+/// one of its unique indexes. `close` it when done; if an error is raised
+/// first, the transaction's abort releases what it holds.
+pub struct Lookup {
+    rel: pg_sys::Relation,
+    idx: pg_sys::Relation,
+    scan: pg_sys::IndexScanDesc,
+    slot: *mut pg_sys::TupleTableSlot,
+    snapshot: pg_sys::Snapshot,
+    registered: bool,
+    keys: Vec<pg_sys::ScanKeyData>,
+}
+
+impl Lookup {
+    pub fn open(table: &CStr, index: &CStr, nkeys: usize, snapshot: Snapshot) -> Result<Lookup> {
+        // SAFETY: called inside a SQL function, so a transaction, an active
+        // snapshot and a memory context exist. Relations are opened with
+        // AccessShareLock, kept to the transaction's end as a statement would.
+        unsafe {
+            let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
+            let rel = pg_sys::table_open(relation(table, schema)?, pg_sys::AccessShareLock as _);
+            let idx = pg_sys::index_open(relation(index, schema)?, pg_sys::AccessShareLock as _);
+            let (snapshot, registered) = match snapshot {
+                Snapshot::Query => (pg_sys::GetActiveSnapshot(), false),
+                Snapshot::New => (
+                    pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot()),
+                    true,
+                ),
+            };
+            let scan = pg_sys::index_beginscan(rel, idx, snapshot, nkeys as i32, 0);
+            let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+            Ok(Lookup {
+                rel,
+                idx,
+                scan,
+                slot,
+                snapshot,
+                registered,
+                keys: vec![std::mem::zeroed(); nkeys],
+            })
+        }
+    }
+
+    /// The rows whose leading index columns equal `keys`, in index order,
+    /// each read by `read`.
+    pub fn find<T>(
+        &mut self,
+        keys: &[&str],
+        mut read: impl FnMut(&Tuple) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        assert_eq!(keys.len(), self.keys.len(), "one value per scan key");
+        let mut rows = Vec::new();
+        // SAFETY: the scan, slot and relations are open (see `open`); each
+        // key's datum is allocated in the current memory context, which
+        // outlives the scan.
+        unsafe {
+            for (i, value) in keys.iter().enumerate() {
+                pg_sys::ScanKeyEntryInitialize(
+                    &mut self.keys[i],
+                    0,
+                    (i + 1) as pg_sys::AttrNumber,
+                    pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                    pg_sys::InvalidOid,
+                    // the index's own collation, so the descent orders as the index does
+                    *(*self.idx).rd_indcollation.add(i),
+                    pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+                    value.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+                );
+            }
+            let n = self.keys.len() as i32;
+            pg_sys::index_rescan(
+                self.scan,
+                self.keys.as_mut_ptr(),
+                n,
+                std::ptr::null_mut(),
+                0,
+            );
+            let dir = pg_sys::ScanDirection::ForwardScanDirection;
+            while pg_sys::index_getnext_slot(self.scan, dir, self.slot) {
+                let natts = (*(*self.rel).rd_att).natts;
+                pg_sys::slot_getsomeattrs_int(self.slot, natts);
+                let tuple = Tuple {
+                    rel: self.rel,
+                    values: std::slice::from_raw_parts((*self.slot).tts_values, natts as usize),
+                    nulls: std::slice::from_raw_parts((*self.slot).tts_isnull, natts as usize),
+                };
+                rows.push(read(&tuple)?);
+            }
+        }
+        Ok(rows)
+    }
+
+    pub fn close(self) {
+        // SAFETY: everything was opened by `open` and is closed once.
+        unsafe {
+            pg_sys::index_endscan(self.scan);
+            pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            if self.registered {
+                pg_sys::UnregisterSnapshot(self.snapshot);
+            }
+            pg_sys::index_close(self.idx, pg_sys::NoLock as _);
+            pg_sys::table_close(self.rel, pg_sys::NoLock as _);
+        }
+    }
+}
+
+unsafe fn relation(name: &CStr, schema: pg_sys::Oid) -> Result<pg_sys::Oid> {
+    let oid = pg_sys::get_relname_relid(name.as_ptr(), schema);
+    if oid == pg_sys::InvalidOid {
+        return Err(BillingError::Internal(format!(
+            "billing.{} is missing",
+            name.to_string_lossy()
+        )));
+    }
+    Ok(oid)
+}
+
+/// A row found by a lookup, valid while its `read` runs.
+pub struct Tuple<'a> {
+    rel: pg_sys::Relation,
+    values: &'a [pg_sys::Datum],
+    nulls: &'a [bool],
+}
+
+impl Tuple<'_> {
+    /// A column that may be NULL.
+    pub fn opt<T: FromDatum>(&self, name: &CStr) -> Result<Option<T>> {
+        // SAFETY: the relation is open; attnameAttNum raises for an unknown
+        // column. The datum belongs to the slot's current tuple, of the
+        // column's own type, which the caller names.
+        unsafe {
+            let attno = pg_sys::attnameAttNum(self.rel, name.as_ptr(), false);
+            let i = (attno - 1) as usize;
+            Ok(T::from_datum(self.values[i], self.nulls[i]))
+        }
+    }
+
+    /// A column that is never NULL.
+    pub fn get<T: FromDatum>(&self, name: &CStr) -> Result<T> {
+        self.opt(name)?.ok_or_else(|| {
+            BillingError::Internal(format!(
+                "unexpected NULL in column {}",
+                name.to_string_lossy()
+            ))
+        })
+    }
+}
+
+/// The next value of the sequence `billing.<sequence>`, as `nextval` would
+/// give it (and with its privilege check).
+pub fn next_value(sequence: &CStr) -> Result<i64> {
+    // SAFETY: inside a transaction; nextval_oid takes the sequence's oid.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
+        let seq = relation(sequence, schema)?;
+        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()])
+            .ok_or_else(|| BillingError::Internal("nextval returned NULL".into()))
+    }
+}
