@@ -181,9 +181,15 @@ pub fn write_waiting_for<'conn>(
 ) -> Result<SpiTupleTable<'conn>> {
     let p = plan(client, sql, true)?;
     let _generic = generic_plans();
+    Ok(waiting_for(what, || client.update(&*p, None, args))?)
+}
+
+/// Run `work`, which may wait for locks, with every wait bounded (see
+/// `bounded_waits`); a wait that outlasts the bound raises 55P03 naming
+/// `what` and saying what to do.
+pub fn waiting_for<T>(what: &str, work: impl FnOnce() -> T) -> T {
     let (_waits, waited_ms) = bounded_waits();
-    let run = AssertUnwindSafe(|| client.update(&*p, None, args));
-    Ok(PgTryBuilder::new(run)
+    PgTryBuilder::new(AssertUnwindSafe(work))
         .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| {
             BillingError::LockWait {
                 what: what.to_string(),
@@ -191,7 +197,7 @@ pub fn write_waiting_for<'conn>(
             }
             .raise()
         })
-        .execute()?)
+        .execute()
 }
 
 /// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.

@@ -28,8 +28,16 @@ pub enum Snapshot {
     New,
 }
 
-/// An open index scan over `billing.<table>` by the leading text columns of
-/// one of its unique indexes. `close` it when done; if an error is raised
+/// The value of one leading index column a lookup compares with.
+#[derive(Clone, Copy)]
+pub enum Key<'a> {
+    Text(&'a str),
+    Int8(i64),
+    Int2(i16),
+}
+
+/// An open index scan over `billing.<table>` by the leading columns of one
+/// of its indexes. `close` it when done; if an error is raised
 /// first, the transaction's abort releases what it holds.
 pub struct Lookup {
     rel: pg_sys::Relation,
@@ -43,12 +51,28 @@ pub struct Lookup {
 
 impl Lookup {
     pub fn open(table: &CStr, index: &CStr, nkeys: usize, snapshot: Snapshot) -> Result<Lookup> {
+        Lookup::open_with(table, index, nkeys, snapshot, pg_sys::AccessShareLock)
+    }
+
+    /// A lookup whose rows `find_locked` locks, as `SELECT … FOR UPDATE`
+    /// would (the table opened in RowShareLock, a new snapshot).
+    pub fn open_for_update(table: &CStr, index: &CStr, nkeys: usize) -> Result<Lookup> {
+        Lookup::open_with(table, index, nkeys, Snapshot::New, pg_sys::RowShareLock)
+    }
+
+    fn open_with(
+        table: &CStr,
+        index: &CStr,
+        nkeys: usize,
+        snapshot: Snapshot,
+        table_lock: u32,
+    ) -> Result<Lookup> {
         // SAFETY: called inside a SQL function, so a transaction, an active
-        // snapshot and a memory context exist. Relations are opened with
-        // AccessShareLock, kept to the transaction's end as a statement would.
+        // snapshot and a memory context exist. Relation locks are kept to the
+        // transaction's end, as a statement's are.
         unsafe {
             let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
-            let rel = pg_sys::table_open(relation(table, schema)?, pg_sys::AccessShareLock as _);
+            let rel = pg_sys::table_open(relation(table, schema)?, table_lock as _);
             let idx = pg_sys::index_open(relation(index, schema)?, pg_sys::AccessShareLock as _);
             let (snapshot, registered) = match snapshot {
                 Snapshot::Query => (pg_sys::GetActiveSnapshot(), false),
@@ -75,49 +99,115 @@ impl Lookup {
     /// each read by `read`.
     pub fn find<T>(
         &mut self,
-        keys: &[&str],
+        keys: &[Key],
         mut read: impl FnMut(&Tuple) -> Result<T>,
     ) -> Result<Vec<T>> {
-        assert_eq!(keys.len(), self.keys.len(), "one value per scan key");
         let mut rows = Vec::new();
-        // SAFETY: the scan, slot and relations are open (see `open`); each
-        // key's datum is allocated in the current memory context, which
-        // outlives the scan.
+        // SAFETY: the scan, slot and relations are open (see `open`).
         unsafe {
-            for (i, value) in keys.iter().enumerate() {
-                pg_sys::ScanKeyEntryInitialize(
-                    &mut self.keys[i],
-                    0,
-                    (i + 1) as pg_sys::AttrNumber,
-                    pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-                    pg_sys::InvalidOid,
-                    // the index's own collation, so the descent orders as the index does
-                    *(*self.idx).rd_indcollation.add(i),
-                    pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-                    value.into_datum().unwrap_or(pg_sys::Datum::from(0)),
-                );
-            }
-            let n = self.keys.len() as i32;
-            pg_sys::index_rescan(
-                self.scan,
-                self.keys.as_mut_ptr(),
-                n,
-                std::ptr::null_mut(),
-                0,
-            );
+            self.rescan(keys);
             let dir = pg_sys::ScanDirection::ForwardScanDirection;
             while pg_sys::index_getnext_slot(self.scan, dir, self.slot) {
-                let natts = (*(*self.rel).rd_att).natts;
-                pg_sys::slot_getsomeattrs_int(self.slot, natts);
-                let tuple = Tuple {
-                    rel: self.rel,
-                    values: std::slice::from_raw_parts((*self.slot).tts_values, natts as usize),
-                    nulls: std::slice::from_raw_parts((*self.slot).tts_isnull, natts as usize),
-                };
-                rows.push(read(&tuple)?);
+                rows.push(read(&self.tuple())?);
             }
         }
         Ok(rows)
+    }
+
+    /// As `find`, each row locked as `SELECT … FOR UPDATE` locks it: after
+    /// waiting for a transaction that holds it, the row's latest version is
+    /// locked and read (under REPEATABLE READ, a row changed since the
+    /// snapshot raises 40001 instead, as the executor does).
+    pub fn find_locked<T>(
+        &mut self,
+        keys: &[Key],
+        mut read: impl FnMut(&Tuple) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut rows = Vec::new();
+        // SAFETY: as `find`; the tids are this scan's visible rows'.
+        unsafe {
+            self.rescan(keys);
+            let dir = pg_sys::ScanDirection::ForwardScanDirection;
+            let mut tids = Vec::new();
+            while pg_sys::index_getnext_slot(self.scan, dir, self.slot) {
+                tids.push((*self.slot).tts_tid);
+            }
+            for mut tid in tids {
+                let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
+                let result = pg_sys::table_tuple_lock(
+                    self.rel,
+                    &mut tid,
+                    self.snapshot,
+                    self.slot,
+                    pg_sys::GetCurrentCommandId(true),
+                    pg_sys::LockTupleMode::LockTupleExclusive,
+                    pg_sys::LockWaitPolicy::LockWaitBlock,
+                    pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8,
+                    &mut failure,
+                );
+                match result {
+                    pg_sys::TM_Result::TM_Ok => rows.push(read(&self.tuple())?),
+                    // deleted meanwhile: not there (billing never deletes these rows)
+                    pg_sys::TM_Result::TM_Deleted => {}
+                    other => {
+                        return Err(BillingError::Internal(format!(
+                            "locking a row of billing.{} failed ({other})",
+                            self.table_name()
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    unsafe fn rescan(&mut self, keys: &[Key]) {
+        assert_eq!(keys.len(), self.keys.len(), "one value per scan key");
+        for (i, key) in keys.iter().enumerate() {
+            // a text datum is allocated in the current memory context, which outlives the scan
+            let (proc, datum) = match *key {
+                Key::Text(v) => (pg_sys::F_TEXTEQ, v.into_datum()),
+                Key::Int8(v) => (pg_sys::F_INT8EQ, v.into_datum()),
+                Key::Int2(v) => (pg_sys::F_INT2EQ, v.into_datum()),
+            };
+            pg_sys::ScanKeyEntryInitialize(
+                &mut self.keys[i],
+                0,
+                (i + 1) as pg_sys::AttrNumber,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::InvalidOid,
+                // the index's own collation, so the descent orders as the index does
+                *(*self.idx).rd_indcollation.add(i),
+                pg_sys::Oid::from(proc),
+                datum.unwrap_or(pg_sys::Datum::from(0)),
+            );
+        }
+        let n = self.keys.len() as i32;
+        pg_sys::index_rescan(
+            self.scan,
+            self.keys.as_mut_ptr(),
+            n,
+            std::ptr::null_mut(),
+            0,
+        );
+    }
+
+    /// The slot's current row, all its columns decoded.
+    unsafe fn tuple(&self) -> Tuple<'_> {
+        let natts = (*(*self.rel).rd_att).natts;
+        pg_sys::slot_getsomeattrs_int(self.slot, natts);
+        Tuple {
+            rel: self.rel,
+            values: std::slice::from_raw_parts((*self.slot).tts_values, natts as usize),
+            nulls: std::slice::from_raw_parts((*self.slot).tts_isnull, natts as usize),
+        }
+    }
+
+    fn table_name(&self) -> String {
+        // SAFETY: the relation is open.
+        unsafe { CStr::from_ptr((*(*self.rel).rd_rel).relname.data.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     pub fn close(self) {

@@ -374,14 +374,9 @@ fn lock_grant(client: &mut SpiClient<'_>, grant_id: i64) -> Result<LockedGrant> 
 
 impl LockedGrant {
     /// Book an adjustment on the grant; `take_kind` names the removal entry.
-    fn apply(
-        &mut self,
-        client: &mut SpiClient<'_>,
-        a: &Adjustment,
-        take_kind: EntryKind,
-    ) -> Result<()> {
+    fn apply(&mut self, a: &Adjustment, take_kind: EntryKind) -> Result<()> {
         if a.return_unspent > 0 || a.return_debt > 0 {
-            self.ledger.load_grant(client, self.id)?;
+            self.ledger.load_grant(self.id)?;
         }
         self.ledger.adjust_grant(self.id, a, take_kind)?;
         Ok(())
@@ -496,7 +491,7 @@ fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<
         )));
     }
     let a = how.adjustment(&g.facts);
-    g.apply(client, &a, how.entry_kind())?;
+    g.apply(&a, how.entry_kind())?;
     g.close(client, how.status())?;
     Ok((
         grant_id,
@@ -538,7 +533,7 @@ fn reverse_grant(
             let mut g = lock_grant(client, grant_id)?;
             let a = reversal::adjust(&g.facts, total);
             let status = if a.is_none() { "unchanged" } else { "applied" };
-            g.apply(client, &a, EntryKind::Revoke)?;
+            g.apply(&a, EntryKind::Revoke)?;
             g.ledger.flush(client)?;
             Ok((
                 grant_id,

@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::db::{self, Sql, TEXT};
-use crate::direct::{self, Lookup, Snapshot, Tuple};
+use crate::direct::{self, Key, Lookup, Snapshot, Tuple};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
@@ -564,7 +564,7 @@ fn lock_pools(
         }
     }
     for pool in pools.iter_mut() {
-        pool.collect_shares(client)?;
+        pool.collect_shares()?;
     }
     Ok(pools)
 }
@@ -649,7 +649,10 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
         if found.contains_key(key) || new_ids.contains_key(key) {
             continue;
         }
-        match lookup.find(&[tenant, key], stored_event)?.pop() {
+        match lookup
+            .find(&[Key::Text(tenant), Key::Text(key)], stored_event)?
+            .pop()
+        {
             Some(stored) => {
                 found.insert(key.to_string(), stored);
             }

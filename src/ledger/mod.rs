@@ -12,6 +12,9 @@
 pub mod core;
 pub mod pool_rows;
 
+/// UNIQUE (tenant_id, account, unit, lane) of billing.pools.
+const POOLS_KEY: &std::ffi::CStr = c"pools_tenant_id_account_unit_lane_key";
+
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut, Range};
@@ -21,6 +24,7 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
 use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, JSON, TEXT, TEXT_ARRAY};
+use crate::direct::{Key, Lookup, Snapshot, Tuple};
 use crate::error::{BillingError, Result};
 use crate::time::{self, instant, Ts};
 
@@ -90,7 +94,9 @@ macro_rules! locked_pool_columns {
 }
 
 /// Pool `p`'s grants that hold credit, as arrays, and the version of `p`
-/// in the statement's snapshot (see LOCK_POOLS).
+/// in the statement's snapshot: a lane locked by LOCK_SHARE or
+/// WAIT_FOR_SHARE whose version differs (another transaction changed it and
+/// committed while this one waited) has its grants read again after the lock.
 macro_rules! grants_of_p {
     () => {
         "CROSS JOIN LATERAL ( \
@@ -102,26 +108,6 @@ macro_rules! grants_of_p {
            WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s"
     };
 }
-
-/// Pools of one tenant, locked in one order for every caller (account, unit)
-/// so two batches never deadlock, with their grants that hold credit. The
-/// grants are read in the statement's snapshot, the locked row is the latest
-/// version: when the pool's version differs between the two (another
-/// transaction changed the pool and committed while this one waited), the
-/// grants are read again after the lock (LOAD_GRANTS). A pool changes only
-/// with its version, so equal versions mean the grants are current.
-static LOCK_POOLS: Sql = Sql {
-    text: concat!(
-        "SELECT ",
-        locked_pool_columns!(),
-        " FROM billing.pools p \
-           JOIN unnest($2::text[], $3::text[], $4::int[]) AS k(account, unit, lane) \
-             ON p.tenant_id = $1 AND p.account = k.account AND p.unit = k.unit AND p.lane = k.lane ",
-        grants_of_p!(),
-        " ORDER BY p.account, p.unit, p.lane FOR UPDATE OF p"
-    ),
-    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY],
-};
 
 /// A debit on a split pool: one lane whose spendable figures cover $4
 /// until now. They were computed when the lane was last written, which
@@ -191,20 +177,6 @@ static SHARES_OF_GRANT: Sql = Sql {
            UNION ALL \
            SELECT id, pool_id FROM billing.grants WHERE parent_id = $1 AND pool_id = ANY($2)",
     args: &[INT8, INT8_ARRAY],
-};
-
-/// Read after the lock when the locked pool changed since LOCK_POOLS's
-/// snapshot (a new statement sees what the previous holder committed).
-static LOAD_GRANTS: Sql = Sql {
-    text: "SELECT pool_id, id, parent_id, priority, remaining, effective_at, expires_at \
-           FROM billing.grants WHERE pool_id = ANY($1) AND status = 'active' AND remaining > 0",
-    args: &[INT8_ARRAY],
-};
-
-static LOAD_GRANT: Sql = Sql {
-    text: "SELECT pool_id, id, parent_id, priority, remaining, effective_at, expires_at \
-           FROM billing.grants WHERE id = $1",
-    args: &[INT8],
 };
 
 static LOAD_OPEN_HOLDS: Sql = Sql {
@@ -364,7 +336,7 @@ pub struct PoolRow {
 }
 
 impl PoolRow {
-    /// From a result with the columns of LOCK_POOLS.
+    /// From a result with the columns of `locked_pool_columns!`.
     fn from_row(row: &Row<'_, '_>) -> Result<PoolRow> {
         Ok(PoolRow {
             id: row.get("id")?,
@@ -384,7 +356,7 @@ impl PoolRow {
 }
 
 impl Locked {
-    /// A pool row with the columns of LOCK_POOLS.
+    /// A pool row with the columns of `locked_pool_columns!`.
     fn from_row(row: &Row<'_, '_>, now: Ts) -> Result<Locked> {
         Ok(Locked::from_pool_row(&PoolRow::from_row(row)?, now))
     }
@@ -413,7 +385,7 @@ impl Locked {
         }
     }
 
-    /// The grants LOCK_POOLS read with the row, if they are those of the locked version.
+    /// The grants a lane statement read with the row, if they are those of the locked version.
     fn with_locked_grants(mut self, row: &Row<'_, '_>) -> Result<Locked> {
         if row.get::<i64>("seen_version")? != self.booked.version {
             return Ok(self);
@@ -511,7 +483,7 @@ impl PoolLedger {
     ) -> Result<Vec<PoolLedger>> {
         let mut pools = Self::open_many_with_lanes(client, tenant, keys, create)?;
         for pool in pools.iter_mut() {
-            pool.collect_shares(client)?;
+            pool.collect_shares()?;
         }
         Ok(pools)
     }
@@ -566,7 +538,7 @@ impl PoolLedger {
         what: &str,
     ) -> Result<Vec<PoolLedger>> {
         let now = time::now();
-        let mut found = Self::lock(client, tenant, keys, now, what)?;
+        let mut found = Self::lock(tenant, keys, now, what)?;
         if found.len() < keys.len() {
             let missing: Vec<PoolKey> = keys
                 .iter()
@@ -575,7 +547,7 @@ impl PoolLedger {
                 .collect();
             // creating a pool waits for another transaction creating the same one
             Self::create(client, tenant, &missing, create, what)?;
-            found.extend(Self::lock(client, tenant, &missing, now, what)?);
+            found.extend(Self::lock(tenant, &missing, now, what)?);
         }
         let mut locked = Vec::with_capacity(keys.len());
         for k in keys {
@@ -584,16 +556,6 @@ impl PoolLedger {
                 .ok_or_else(|| BillingError::Internal("pool vanished after creation".into()))?;
             locked.push((k, l));
         }
-        let changed: Vec<i64> = locked
-            .iter()
-            .filter(|(_, l)| l.grants.is_none())
-            .map(|(_, l)| l.id)
-            .collect();
-        let mut reloaded = if changed.is_empty() {
-            HashMap::new()
-        } else {
-            load_grants(client, &changed)?
-        };
         let stale: Vec<i64> = locked
             .iter()
             .filter(|(_, l)| l.cached.is_none())
@@ -610,10 +572,7 @@ impl PoolLedger {
                     },
                     None => Holds::Loaded(holds.remove(&l.id).unwrap_or_default()),
                 };
-                let grants = match l.grants.take() {
-                    Some(g) => g,
-                    None => reloaded.remove(&l.id).unwrap_or_default(),
-                };
+                let grants = l.grants.take().unwrap_or_default();
                 PoolLedger::from_locked(tenant, account, unit, l, now, grants, holds)
             })
             .collect())
@@ -642,24 +601,44 @@ impl PoolLedger {
         }
     }
 
+    /// Lock the pool rows of `keys` (`SELECT … FOR UPDATE`, straight on the
+    /// pools' unique index), in one order for every caller, (account, unit,
+    /// lane) in byte order, so two calls never deadlock; then read their
+    /// grants with credit with a new snapshot, which sees what each lock's
+    /// previous holder committed. Rows that do not exist are not returned.
     fn lock(
-        client: &mut SpiClient<'_>,
         tenant: &str,
         keys: &[PoolKey],
         now: Ts,
         what: &str,
     ) -> Result<HashMap<PoolKey, Locked>> {
-        let (accounts, units, lanes) = key_columns(keys);
-        let mut found = HashMap::new();
-        for row in db::write_waiting_for(
-            client,
-            &LOCK_POOLS,
-            &[tenant.into(), accounts.into(), units.into(), lanes.into()],
-            what,
-        )? {
-            let row = Row(&row);
-            let locked = Locked::from_row(&row, now)?.with_locked_grants(&row)?;
-            found.insert((row.get("account")?, row.get("unit")?, locked.lane), locked);
+        let mut order: Vec<&PoolKey> = keys.iter().collect();
+        order.sort();
+        order.dedup();
+        let mut found: HashMap<PoolKey, Locked> = HashMap::new();
+        db::waiting_for(what, || -> Result<()> {
+            let mut pools = Lookup::open_for_update(c"pools", POOLS_KEY, 4)?;
+            for k in order {
+                let (account, unit, lane) = k;
+                let lane = i16::try_from(*lane)
+                    .map_err(|_| BillingError::Internal(format!("lane {lane} out of range")))?;
+                let key = [
+                    Key::Text(tenant),
+                    Key::Text(account),
+                    Key::Text(unit),
+                    Key::Int2(lane),
+                ];
+                for row in pools.find_locked(&key, pool_rows::pool_row)? {
+                    found.insert(k.clone(), Locked::from_pool_row(&row, now));
+                }
+            }
+            pools.close();
+            Ok(())
+        })?;
+        let ids: Vec<i64> = found.values().map(|l| l.id).collect();
+        let mut grants = load_grants(&ids)?;
+        for l in found.values_mut() {
+            l.grants = Some(grants.remove(&l.id).unwrap_or_default());
         }
         Ok(found)
     }
@@ -752,7 +731,7 @@ impl PoolLedger {
         };
         let grants = match locked.grants.take() {
             Some(g) => g,
-            None => load_grants(client, &[locked.id])?
+            None => load_grants(&[locked.id])?
                 .remove(&locked.id)
                 .unwrap_or_default(),
         };
@@ -763,14 +742,15 @@ impl PoolLedger {
 
     /// Bring one grant of this pool into memory even when nothing is left of
     /// it (the drain loads only grants with credit), so credit can return to it.
-    pub fn load_grant(&mut self, client: &mut SpiClient<'_>, grant_id: i64) -> Result<()> {
+    pub fn load_grant(&mut self, grant_id: i64) -> Result<()> {
         if self.pool.has_grant(grant_id) {
             return Ok(());
         }
-        let row = db::write(client, &LOAD_GRANT, &[grant_id.into()])?
-            .next()
-            .ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
-        let (_, parent, grant) = grant_from_row(&Row(&row))?;
+        let mut lookup = Lookup::open(c"grants", c"grants_pkey", 1, Snapshot::New)?;
+        let row = lookup.find(&[Key::Int8(grant_id)], grant_row)?.pop();
+        lookup.close();
+        let (_, parent, grant) =
+            row.ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
         if let Some(parent) = parent {
             self.parents.insert(grant_id, parent);
         }
@@ -792,7 +772,7 @@ impl PoolLedger {
 
     /// Take every lane's credit back to the grants it is a share of, so
     /// the pool's own drain order, holds, debt and floor apply to all of it.
-    pub fn collect_shares(&mut self, client: &mut SpiClient<'_>) -> Result<()> {
+    pub fn collect_shares(&mut self) -> Result<()> {
         if self.shares.is_empty() {
             return Ok(());
         }
@@ -803,7 +783,7 @@ impl PoolLedger {
                 let parent = *share.parents.get(&grant).ok_or_else(|| {
                     BillingError::Internal(format!("lane grant {grant} has no parent"))
                 })?;
-                self.load_grant(client, parent)?;
+                self.load_grant(parent)?;
                 share.transfer(grant, -amount)?;
                 self.transfer(parent, amount)?;
             }
@@ -973,18 +953,18 @@ pub fn first_unknown_unit<'u>(
         .find(|u| !known.iter().any(|k| k == u)))
 }
 
-fn grant_from_row(row: &Row<'_, '_>) -> Result<(i64, Option<i64>, GrantState)> {
-    let effective_at: Tstz = row.get("effective_at")?;
-    let expires_at: Option<Tstz> = row.opt("expires_at")?;
+/// A grant row: (its pool, the grant it is a lane share of, its state).
+fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState)> {
     Ok((
-        row.get("pool_id")?,
-        row.opt("parent_id")?,
+        t.get(c"pool_id")?,
+        t.opt(c"parent_id")?,
         GrantState::new(
-            row.get("id")?,
-            row.get("priority")?,
-            row.get("remaining")?,
-            effective_at.into(),
-            expires_at.map(Into::into),
+            t.get(c"id")?,
+            t.get(c"priority")?,
+            t.get(c"remaining")?,
+            // a timestamptz is its microseconds, as `Ts`
+            t.get::<i64>(c"effective_at")?,
+            t.opt::<i64>(c"expires_at")?,
         ),
     ))
 }
@@ -996,22 +976,28 @@ struct PoolGrants {
     parents: HashMap<i64, i64>,
 }
 
-/// After a lock, loads run as writes: a new snapshot sees what the previous
-/// holder of the lock committed.
-fn load_grants(client: &mut SpiClient<'_>, pools: &[i64]) -> Result<HashMap<i64, PoolGrants>> {
-    grants_by_pool(db::write(client, &LOAD_GRANTS, &[pools.to_vec().into()])?)
-}
-
-fn grants_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, PoolGrants>> {
+/// The grants with credit of `pools`, read with a new snapshot (after a
+/// lock: it sees what the lock's previous holder committed) from the index
+/// of open grants in drain order.
+fn load_grants(pools: &[i64]) -> Result<HashMap<i64, PoolGrants>> {
     let mut by_pool: HashMap<i64, PoolGrants> = HashMap::new();
-    for row in rows {
-        let (pool, parent, grant) = grant_from_row(&Row(&row))?;
-        let entry = by_pool.entry(pool).or_default();
-        if let Some(parent) = parent {
-            entry.parents.insert(grant.id, parent);
-        }
-        entry.grants.push(grant);
+    if pools.is_empty() {
+        return Ok(by_pool);
     }
+    let mut lookup = Lookup::open(c"grants", c"grants_drain_order", 1, Snapshot::New)?;
+    for pool in pools {
+        for (pool, parent, grant) in lookup.find(&[Key::Int8(*pool)], grant_row)? {
+            if grant.remaining <= 0 {
+                continue;
+            }
+            let entry = by_pool.entry(pool).or_default();
+            if let Some(parent) = parent {
+                entry.parents.insert(grant.id, parent);
+            }
+            entry.grants.push(grant);
+        }
+    }
+    lookup.close();
     Ok(by_pool)
 }
 
@@ -1072,14 +1058,14 @@ fn row_figures_now(l: Locked, now: Ts) -> Result<Figures> {
             floor: l.floor,
         });
     }
-    let (grants, holds) = pgrx::spi::Spi::connect(|client| -> Result<_> {
+    let grants = load_grants(&[l.id])?
+        .remove(&l.id)
+        .unwrap_or_default()
+        .grants;
+    let holds = pgrx::spi::Spi::connect(|client| -> Result<_> {
         let args = [vec![l.id].into()];
-        let mut grants = grants_by_pool(db::read(client, &LOAD_GRANTS, &args)?)?;
         let mut holds = holds_by_pool(db::read(client, &LOAD_OPEN_HOLDS, &args)?)?;
-        Ok((
-            grants.remove(&l.id).unwrap_or_default().grants,
-            holds.remove(&l.id).unwrap_or_default(),
-        ))
+        Ok(holds.remove(&l.id).unwrap_or_default())
     })?;
     let pool = Pool::open(
         l.booked,

@@ -2,25 +2,21 @@
 //! `crate::direct`): the gate's one read.
 
 use super::PoolRow;
-use crate::direct::{Lookup, Snapshot, Tuple};
+use crate::direct::{Key, Lookup, Snapshot, Tuple};
 use crate::error::Result;
 
 /// The rows of the (tenant, account, unit) pool, in lane order (the pool's
 /// own row first), with the calling query's snapshot; empty if the pool does
 /// not exist.
 pub fn read(tenant: &str, account: &str, unit: &str) -> Result<Vec<PoolRow>> {
-    let mut lookup = Lookup::open(
-        c"pools",
-        c"pools_tenant_id_account_unit_lane_key",
-        3,
-        Snapshot::Query,
-    )?;
-    let rows = lookup.find(&[tenant, account, unit], pool_row);
+    let mut lookup = Lookup::open(c"pools", super::POOLS_KEY, 3, Snapshot::Query)?;
+    let keys = [Key::Text(tenant), Key::Text(account), Key::Text(unit)];
+    let rows = lookup.find(&keys, pool_row);
     lookup.close();
     rows
 }
 
-fn pool_row(t: &Tuple) -> Result<PoolRow> {
+pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
     Ok(PoolRow {
         id: t.get(c"id")?,
         lane: t.get::<i16>(c"lane")?.into(),

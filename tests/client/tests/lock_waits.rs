@@ -208,3 +208,76 @@ fn a_lane_wait_that_times_out_inside_an_exception_block_leaves_the_transaction_w
     .unwrap();
     assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
 }
+
+/// A debit that waited for the pool decides on what the holder committed:
+/// the holder's strict debit of 600 commits while the waiter's strict debit
+/// of 500 of the same 1,000 waits, so the waiter is refused (23514).
+#[test]
+fn a_debit_that_waited_for_the_pool_sees_what_the_holder_committed() {
+    let db = "pgb_lock_waits_commit";
+    let mut setup = fresh_db(db);
+    setup
+        .batch_execute("SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup')")
+        .unwrap();
+    let strict = "SELECT status FROM billing.ingest('a', 'usd_cents', 1, key => $1, cost => $2, strict => true)";
+    let mut holder = connect(db);
+    holder.batch_execute("BEGIN").unwrap();
+    holder.query_one(strict, &[&"first", &600i64]).unwrap();
+    let waiter = thread::spawn(move || {
+        let mut c = connect(db);
+        c.batch_execute("SET lock_timeout = '10s'").unwrap();
+        c.query_one(strict, &[&"second", &500i64])
+            .map(|r| r.get::<_, String>(0))
+            .map_err(|e| pg_billing_client_tests::sqlstate(&e))
+    });
+    thread::sleep(Duration::from_millis(500)); // the waiter is waiting for the pool
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        waiter.join().unwrap(),
+        Err(Some("23514".to_string())),
+        "400 were left when the waiter got the pool"
+    );
+    let available: i64 = setup
+        .query_one("SELECT available FROM billing.check('a', 'usd_cents')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(available, 400);
+    assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
+}
+
+/// Under REPEATABLE READ, a debit of a pool another transaction changed
+/// after this one's snapshot fails with 40001, as `SELECT … FOR UPDATE`
+/// does, and writes nothing; without such a change it applies.
+#[test]
+fn under_repeatable_read_a_pool_changed_since_the_snapshot_is_a_serialization_failure() {
+    let db = "pgb_lock_waits_rr";
+    let mut setup = fresh_db(db);
+    setup
+        .batch_execute("SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup')")
+        .unwrap();
+    let mut rr = connect(db);
+    rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
+    setup.query_one(INGEST, &[&"other"]).unwrap();
+    let err = rr
+        .query_one(INGEST, &[&"mine"])
+        .expect_err("changed since the snapshot");
+    assert_eq!(
+        pg_billing_client_tests::sqlstate(&err).as_deref(),
+        Some("40001")
+    );
+    rr.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(events(&mut setup), 1, "only the other transaction's event");
+
+    rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
+    assert_eq!(
+        rr.query_one(INGEST, &[&"mine"])
+            .unwrap()
+            .get::<_, String>(0),
+        "applied"
+    );
+    rr.batch_execute("COMMIT").unwrap();
+    assert_eq!(events(&mut setup), 2);
+    assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
+}
