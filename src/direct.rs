@@ -123,15 +123,11 @@ impl Lookup {
         keys: &[Key],
         mut read: impl FnMut(&Tuple) -> Result<T>,
     ) -> Result<Vec<T>> {
+        let tids = self.find(keys, |t| Ok(t.tid))?;
         let mut rows = Vec::new();
-        // SAFETY: as `find`; the tids are this scan's visible rows'.
+        // SAFETY: the relation and slot are open; the tids are rows this
+        // scan saw, which table_tuple_lock follows to their latest version.
         unsafe {
-            self.rescan(keys);
-            let dir = pg_sys::ScanDirection::ForwardScanDirection;
-            let mut tids = Vec::new();
-            while pg_sys::index_getnext_slot(self.scan, dir, self.slot) {
-                tids.push((*self.slot).tts_tid);
-            }
             for mut tid in tids {
                 let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
                 let result = pg_sys::table_tuple_lock(
@@ -198,6 +194,7 @@ impl Lookup {
         pg_sys::slot_getsomeattrs_int(self.slot, natts);
         Tuple {
             rel: self.rel,
+            tid: (*self.slot).tts_tid,
             values: std::slice::from_raw_parts((*self.slot).tts_values, natts as usize),
             nulls: std::slice::from_raw_parts((*self.slot).tts_isnull, natts as usize),
         }
@@ -238,6 +235,7 @@ unsafe fn relation(name: &CStr, schema: pg_sys::Oid) -> Result<pg_sys::Oid> {
 /// A row found by a lookup, valid while its `read` runs.
 pub struct Tuple<'a> {
     rel: pg_sys::Relation,
+    tid: pg_sys::ItemPointerData,
     values: &'a [pg_sys::Datum],
     nulls: &'a [bool],
 }

@@ -1,8 +1,9 @@
 //! The pool store: pools locked, their grants and holds loaded, handed to the
 //! pure [`core`], and what the core computed written back. One set-based path
-//! for one pool or many (a single call is a batch of one): one statement locks
-//! the pools and reads their grants, and one writes usage events, grant
-//! remainders, ledger entries and pool rows (expired holds, rare, by another).
+//! for one pool or many (a single call is a batch of one): the pools are locked
+//! and their grants read straight on their indexes (`crate::direct`), and one
+//! statement writes usage events, grant remainders, ledger entries and pool
+//! rows (expired holds, rare, by another).
 //!
 //! Every write to a pool goes through [`PoolLedger`], under the pool's row lock
 //! (`SELECT … FOR UPDATE`), so concurrent debits serialise on the pool and the
