@@ -230,7 +230,17 @@ fn a_debit_that_waited_for_the_pool_sees_what_the_holder_committed() {
             .map(|r| r.get::<_, String>(0))
             .map_err(|e| pg_billing_client_tests::sqlstate(&e))
     });
-    thread::sleep(Duration::from_millis(500)); // the waiter is waiting for the pool
+    // commit only once the waiter is waiting for the pool
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while setup.query_one(waiting, &[]).unwrap().get::<_, i64>(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the waiter never waited for the pool"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     holder.batch_execute("COMMIT").unwrap();
     assert_eq!(
         waiter.join().unwrap(),
