@@ -27,7 +27,6 @@ pub const OID: Oid = pg_sys::OIDOID;
 pub const INT8: Oid = pg_sys::INT8OID;
 pub const INT4: Oid = pg_sys::INT4OID;
 pub const JSONB: Oid = pg_sys::JSONBOID;
-pub const JSON: Oid = pg_sys::JSONOID;
 pub const BYTEA: Oid = pg_sys::BYTEAOID;
 pub const TSTZ: Oid = pg_sys::TIMESTAMPTZOID;
 pub const INT8_ARRAY: Oid = pg_sys::INT8ARRAYOID;
@@ -40,11 +39,6 @@ pub const TEXT_ARRAY: Oid = pg_sys::TEXTARRAYOID;
 /// again lets the planner see the table's current size. One prepare per 1,024
 /// executions costs nothing measurable.
 const REPLAN_EVERY: u32 = 1024;
-
-/// Rows written per set-based statement: a batch is written in chunks of
-/// this many, so the arrays built for one statement stay small whatever the
-/// batch's size.
-pub const WRITE_CHUNK: usize = 2048;
 
 struct Cached {
     plan: Rc<OwnedPreparedStatement>,
@@ -235,6 +229,19 @@ pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<
         .execute();
     end(matches!(result, Ok(Some(_))));
     result
+}
+
+/// Run `write` in a subtransaction and keep it, unless it raises a unique
+/// violation (23505: a key another transaction recorded meanwhile): then the
+/// subtransaction is rolled back, nothing it wrote remains, and the answer is
+/// false. Any other error is raised.
+pub fn attempt_unless_key_taken(write: impl FnOnce() -> Result<()>) -> Result<bool> {
+    let kept = attempt(|| {
+        PgTryBuilder::new(AssertUnwindSafe(|| write().map(Some)))
+            .catch_when(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION, |_| Ok(None))
+            .execute()
+    })?;
+    Ok(kept.is_some())
 }
 
 pub fn read<'conn>(

@@ -116,8 +116,9 @@ impl Lookup {
 
     /// As `find`, each row locked as `SELECT … FOR UPDATE` locks it: after
     /// waiting for a transaction that holds it, the row's latest version is
-    /// locked and read (under REPEATABLE READ, a row changed since the
-    /// snapshot raises 40001 instead, as the executor does).
+    /// locked and read (under REPEATABLE READ or SERIALIZABLE, a row changed
+    /// since the snapshot is a serialization failure, 40001, as the executor
+    /// makes it).
     pub fn find_locked<T>(
         &mut self,
         keys: &[Key],
@@ -128,6 +129,15 @@ impl Lookup {
         // SAFETY: the relation and slot are open; the tids are rows this
         // scan saw, which table_tuple_lock follows to their latest version.
         unsafe {
+            // as the executor locks rows: under READ COMMITTED a row changed
+            // meanwhile is locked in its latest version; under REPEATABLE READ
+            // and SERIALIZABLE the change is a serialization failure
+            let snapshot_isolation = pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32;
+            let flags = if snapshot_isolation {
+                0
+            } else {
+                pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8
+            };
             for mut tid in tids {
                 let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
                 let result = pg_sys::table_tuple_lock(
@@ -138,11 +148,17 @@ impl Lookup {
                     pg_sys::GetCurrentCommandId(true),
                     pg_sys::LockTupleMode::LockTupleExclusive,
                     pg_sys::LockWaitPolicy::LockWaitBlock,
-                    pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8,
+                    flags,
                     &mut failure,
                 );
                 match result {
                     pg_sys::TM_Result::TM_Ok => rows.push(read(&self.tuple())?),
+                    pg_sys::TM_Result::TM_Updated if snapshot_isolation => {
+                        return Err(BillingError::Retry(format!(
+                            "could not serialize access due to concurrent update of a row of billing.{}",
+                            self.table_name()
+                        )))
+                    }
                     // deleted meanwhile: not there (billing never deletes these rows)
                     pg_sys::TM_Result::TM_Deleted => {}
                     other => {
@@ -201,10 +217,7 @@ impl Lookup {
     }
 
     fn table_name(&self) -> String {
-        // SAFETY: the relation is open.
-        unsafe { CStr::from_ptr((*(*self.rel).rd_rel).relname.data.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
+        relation_name(self.rel)
     }
 
     pub fn close(self) {
@@ -219,6 +232,13 @@ impl Lookup {
             pg_sys::table_close(self.rel, pg_sys::NoLock as _);
         }
     }
+}
+
+fn relation_name(rel: pg_sys::Relation) -> String {
+    // SAFETY: callers pass a relation they hold open.
+    unsafe { CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 unsafe fn relation(name: &CStr, schema: pg_sys::Oid) -> Result<pg_sys::Oid> {
@@ -274,4 +294,255 @@ pub fn next_value(sequence: &CStr) -> Result<i64> {
         pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()])
             .ok_or_else(|| BillingError::Internal("nextval returned NULL".into()))
     }
+}
+
+/// Rows written straight into `billing.<table>`, without a statement: the
+/// heap and every index, as the executor writes them for INSERT and UPDATE
+/// (the path PostgreSQL's logical replication apply takes): NOT NULL
+/// constraints checked, AFTER triggers queued and fired at `close`, unique
+/// indexes raising 23505. Column defaults are not applied: a writer sets every
+/// column it needs, and a column left unset is NULL (a NOT NULL column then
+/// raises). `close` makes the rows visible to the rest of the call.
+pub struct Writer {
+    rel: pg_sys::Relation,
+    estate: *mut pg_sys::EState,
+    rri: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+    set: Vec<bool>,
+    /// The table's primary key, for `update`.
+    by_id: Option<Lookup>,
+    /// Where one row's values and its index entries are made; emptied
+    /// after each row, so a large batch takes no more memory than one row.
+    row_memory: pgrx::PgMemoryContexts,
+}
+
+impl Writer {
+    pub fn open(table: &CStr) -> Result<Writer> {
+        // SAFETY: inside a SQL function's transaction. The executor state is
+        // built as PostgreSQL's apply worker builds it for one relation.
+        unsafe {
+            let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
+            let oid = relation(table, schema)?;
+            let rel = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as _);
+            let estate = pg_sys::CreateExecutorState();
+            let mut rte =
+                pgrx::PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
+            rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
+            rte.relid = oid;
+            rte.relkind = (*(*rel).rd_rel).relkind;
+            rte.rellockmode = pg_sys::RowExclusiveLock as _;
+            let range = pg_sys::lappend(std::ptr::null_mut(), rte.into_pg().cast());
+            pg_sys::ExecInitRangeTable(estate, range);
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+            let rri =
+                pgrx::PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo)
+                    .into_pg();
+            pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+            (*estate).es_opened_result_relations =
+                pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+            pg_sys::ExecOpenIndices(rri, false);
+            pg_sys::AfterTriggerBeginQuery();
+            let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+            let natts = (*(*rel).rd_att).natts as usize;
+            Ok(Writer {
+                rel,
+                estate,
+                rri,
+                slot,
+                values: vec![pg_sys::Datum::from(0); natts],
+                nulls: vec![true; natts],
+                set: vec![false; natts],
+                by_id: None,
+                row_memory: pgrx::PgMemoryContexts::new("billing row"),
+            })
+        }
+    }
+
+    /// Set a column of the next row (`None` for NULL).
+    pub fn set<T: IntoDatum>(&mut self, column: &CStr, value: T) -> Result<&mut Self> {
+        // SAFETY: the relation is open; attnameAttNum raises for an unknown
+        // column. The datum lives in the row's memory until the row is written.
+        let i = unsafe { pg_sys::attnameAttNum(self.rel, column.as_ptr(), false) - 1 } as usize;
+        let datum = unsafe { self.row_memory.switch_to(|_| value.into_datum()) };
+        match datum {
+            Some(d) => {
+                self.values[i] = d;
+                self.nulls[i] = false;
+            }
+            None => self.nulls[i] = true,
+        }
+        self.set[i] = true;
+        Ok(self)
+    }
+
+    /// Set a column of the next row to a datum of the column's own type,
+    /// made by `make` in the row's memory.
+    pub fn set_made(
+        &mut self,
+        column: &CStr,
+        make: impl FnOnce() -> Result<pg_sys::Datum>,
+    ) -> Result<&mut Self> {
+        // SAFETY: the relation is open; attnameAttNum raises for an unknown column.
+        let i = unsafe { pg_sys::attnameAttNum(self.rel, column.as_ptr(), false) - 1 } as usize;
+        let value = unsafe { self.row_memory.switch_to(|_| make()) }?;
+        self.values[i] = value;
+        self.nulls[i] = false;
+        self.set[i] = true;
+        Ok(self)
+    }
+
+    /// Insert the row set so far; every column is unset again afterwards.
+    pub fn insert(&mut self) -> Result<()> {
+        // SAFETY: the slot is the relation's; values live in the current
+        // memory context until the call ends.
+        unsafe {
+            self.store(None);
+            let (rri, estate, slot) = (self.rri, self.estate, self.slot);
+            self.row_memory
+                .switch_to(|_| pg_sys::ExecSimpleRelationInsert(rri, estate, slot));
+        }
+        self.reset();
+        Ok(())
+    }
+
+    /// Update the row whose `id` is `id`: the columns set so far change,
+    /// the others keep their values. The row must exist.
+    pub fn update(&mut self, pkey: &CStr, id: i64) -> Result<()> {
+        if self.by_id.is_none() {
+            let table = self.table_name();
+            let table = std::ffi::CString::new(table).expect("a table name has no NUL");
+            self.by_id = Some(Lookup::open(&table, pkey, 1, Snapshot::New)?);
+        }
+        let lookup = self.by_id.as_mut().expect("opened above");
+        let found = lookup.find(&[Key::Int8(id)], |t| Ok(t.tid))?;
+        let Some(tid) = found.first().copied() else {
+            return Err(BillingError::Internal(format!(
+                "billing.{} row {id} vanished",
+                self.table_name()
+            )));
+        };
+        // SAFETY: the lookup's slot holds the row just found (its current
+        // version: this call holds the pool's lock, and the snapshot is new);
+        // its unchanged columns are copied into the new row before the lookup
+        // moves on.
+        unsafe {
+            let old = lookup.slot;
+            let natts = self.values.len();
+            pg_sys::slot_getsomeattrs_int(old, natts as i32);
+            let old_values = std::slice::from_raw_parts((*old).tts_values, natts);
+            let old_nulls = std::slice::from_raw_parts((*old).tts_isnull, natts);
+            for i in 0..natts {
+                if !self.set[i] {
+                    self.values[i] = old_values[i];
+                    self.nulls[i] = old_nulls[i];
+                }
+            }
+            self.store(Some(tid));
+            let (rri, estate, slot) = (self.rri, self.estate, self.slot);
+            self.row_memory.switch_to(|_| {
+                pg_sys::ExecSimpleRelationUpdate(rri, estate, std::ptr::null_mut(), old, slot)
+            });
+        }
+        self.reset();
+        Ok(())
+    }
+
+    unsafe fn store(&mut self, tid: Option<pg_sys::ItemPointerData>) {
+        pg_sys::ExecClearTuple(self.slot);
+        let natts = self.values.len();
+        std::slice::from_raw_parts_mut((*self.slot).tts_values, natts)
+            .copy_from_slice(&self.values);
+        std::slice::from_raw_parts_mut((*self.slot).tts_isnull, natts).copy_from_slice(&self.nulls);
+        pg_sys::ExecStoreVirtualTuple(self.slot);
+        if let Some(tid) = tid {
+            (*self.slot).tts_tid = tid;
+        }
+    }
+
+    /// Forget the row just written and free what it took.
+    fn reset(&mut self) {
+        self.nulls.fill(true);
+        self.set.fill(false);
+        // SAFETY: nothing refers to the row's memory once it is written: the
+        // heap and index tuples were copied into their pages.
+        unsafe {
+            pg_sys::ExecClearTuple(self.slot);
+            self.row_memory.reset();
+            let per_tuple = (*self.estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
+        }
+    }
+
+    fn table_name(&self) -> String {
+        relation_name(self.rel)
+    }
+
+    /// Fire the AFTER triggers the rows queued, release the executor state
+    /// and make the rows visible to the rest of the call.
+    pub fn close(self) {
+        // SAFETY: everything was opened by `open` and is closed once.
+        unsafe {
+            if let Some(lookup) = self.by_id {
+                lookup.close();
+            }
+            pg_sys::ExecDropSingleTupleTableSlot(self.slot);
+            pg_sys::AfterTriggerEndQuery(self.estate);
+            pg_sys::ExecCloseResultRelations(self.estate);
+            // slots the executor made (a trigger's old row) hold pins
+            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(self.estate);
+            pg_sys::table_close(self.rel, pg_sys::NoLock as _);
+            pg_sys::CommandCounterIncrement();
+        }
+    }
+}
+
+/// The value `label` of the enum type `billing.<type_name>`, as a datum.
+pub fn enum_value(type_name: &CStr, label: &CStr) -> Result<pg_sys::Datum> {
+    // SAFETY: inside a transaction; enum_in takes the label and the type's oid.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
+        let type_oid = pg_sys::GetSysCacheOid(
+            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+            pg_sys::Anum_pg_type_oid as i16,
+            pg_sys::Datum::from(type_name.as_ptr()),
+            pg_sys::Datum::from(schema),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        );
+        if type_oid == pg_sys::InvalidOid {
+            return Err(BillingError::Internal(format!(
+                "type billing.{} is missing",
+                type_name.to_string_lossy()
+            )));
+        }
+        pgrx::direct_function_call_as_datum(
+            pg_sys::enum_in,
+            &[
+                Some(pg_sys::Datum::from(label.as_ptr())),
+                Some(pg_sys::Datum::from(type_oid)),
+            ],
+        )
+        .ok_or_else(|| BillingError::Internal("enum_in returned NULL".into()))
+    }
+}
+
+/// JSON text as a `jsonb` datum, read by PostgreSQL's own parser (numbers
+/// kept exactly as written).
+pub fn jsonb(text: &str) -> Result<pg_sys::Datum> {
+    let text = std::ffi::CString::new(text)
+        .map_err(|_| BillingError::invalid("properties", "must not contain NUL"))?;
+    // SAFETY: jsonb_in takes a C string, copied into the result.
+    unsafe {
+        pgrx::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(text.as_ptr()))],
+        )
+    }
+    .ok_or_else(|| BillingError::Internal("jsonb_in returned NULL".into()))
 }

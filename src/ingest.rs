@@ -11,10 +11,10 @@ use pgrx::{AnyNumeric, JsonB};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::db::{self, Sql, TEXT};
-use crate::direct::{self, Key, Lookup, Snapshot, Tuple};
+use crate::direct::{self, Key, Lookup, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
@@ -684,7 +684,7 @@ fn stored_event(t: &Tuple) -> Result<(Vec<u8>, Outcome)> {
     Ok((t.get(c"request_hash")?, outcome))
 }
 
-/// New events as WRITE's events part (see ledger::EventRows).
+/// New events, written with their pools' changes (see ledger::EventRows).
 struct NewEvents<'a, 'e>(&'a [NewEvent<'e>]);
 
 impl EventRows for NewEvents<'_, '_> {
@@ -692,31 +692,41 @@ impl EventRows for NewEvents<'_, '_> {
         self.0.len()
     }
 
-    fn rows(&self, range: std::ops::Range<usize>) -> Vec<Value> {
-        self.0[range]
-            .iter()
-            .map(|n| {
-                json!({
-                    "id": n.id,
-                    "key": n.event.key,
-                    "account": n.event.account,
-                    "meter": n.event.meter,
-                    "unit": n.unit,
-                    "pool_id": n.pool_id,
-                    "quantity": n.event.quantity.to_string(),
-                    "unit_price": n.unit_price.map(|p| p.to_string()),
-                    "cost": n.outcome.cost,
-                    "covered": n.outcome.covered,
-                    "debt_created": n.outcome.debt_created,
-                    "strict": n.event.strict,
-                    "drains": n.outcome.drains,
-                    "available_after": n.outcome.available,
-                    "entitled_after": n.outcome.entitled,
-                    "occurred_at": n.event.occurred_at.map(time::iso_utc),
-                    "properties": n.event.properties_text,
-                    "request_hash": hex::encode(&n.hash),
-                })
-            })
-            .collect()
+    fn write(&self, tenant: &str, w: &mut Writer) -> Result<()> {
+        let now = time::now();
+        for n in self.0 {
+            let quantity = AnyNumeric::try_from(n.event.quantity.to_string().as_str())
+                .map_err(|e| BillingError::Internal(format!("quantity: {e}")))?;
+            let unit_price = n
+                .unit_price
+                .map(|p| AnyNumeric::try_from(p.to_string().as_str()))
+                .transpose()
+                .map_err(|e| BillingError::Internal(format!("unit price: {e}")))?;
+            w.set(c"id", n.id)?
+                .set(c"tenant_id", tenant)?
+                .set(c"key", n.event.key.as_str())?
+                .set(c"account", n.event.account.as_str())?
+                .set(c"meter", n.event.meter.as_str())?
+                .set(c"unit", n.unit.as_str())?
+                .set(c"pool_id", n.pool_id)?
+                .set(c"quantity", quantity)?
+                .set(c"unit_price", unit_price)?
+                .set(c"cost", n.outcome.cost)?
+                .set(c"covered", n.outcome.covered)?
+                .set(c"debt_created", n.outcome.debt_created)?
+                .set(c"strict", n.event.strict)?
+                .set(c"drains", JsonB(n.outcome.drains.clone()))?
+                .set(c"available_after", n.outcome.available)?
+                .set(c"entitled_after", n.outcome.entitled)?
+                .set(
+                    c"occurred_at",
+                    time::to_sql(n.event.occurred_at.unwrap_or(now)),
+                )?
+                .set(c"recorded_at", time::clock_now())?
+                .set_made(c"properties", || direct::jsonb(&n.event.properties_text))?
+                .set(c"request_hash", n.hash.as_slice())?;
+            w.insert()?;
+        }
+        Ok(())
     }
 }

@@ -18,14 +18,14 @@ const POOLS_KEY: &std::ffi::CStr = c"pools_tenant_id_account_unit_lane_key";
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::ops::{Deref, DerefMut, Range};
+use std::ops::{Deref, DerefMut};
 
-use pgrx::datum::{DatumWithOid, JsonString, TimestampWithTimeZone as Tstz};
+use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
-use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, JSON, TEXT, TEXT_ARRAY};
-use crate::direct::{Key, Lookup, Snapshot, Tuple};
+use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::direct::{self, Key, Lookup, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
 use crate::time::{self, instant, Ts};
 
@@ -213,78 +213,11 @@ static EXPIRE_HOLDS: Sql = Sql {
     args: &[INT8_ARRAY],
 };
 
-/// Everything a call changed, in one statement: the usage events it records
-/// ($2), grant remainders ($3), ledger entries ($4) and pool rows ($5), each
-/// part a JSON array of rows (one table function per part: a row passed as
-/// one array per column cost a table function per column, most of the
-/// statement's time). The rest is written only if all $6 events were
-/// written; `complete` says whether they were. WRITE raises on a key
-/// recorded meanwhile, which cannot happen under the pool's lock;
-/// WRITE_SHARE, for a debit that locked one lane of a pool (two such debits
-/// of one key may run at once), writes nothing then, and the call answers
-/// with the recorded event. Instants are ISO text in UTC (`time::iso_utc`).
-macro_rules! write_statement {
-    ($on_conflict:expr) => {
-        concat!(
-        "WITH events AS ( \
-             INSERT INTO billing.usage_events \
-                (id, tenant_id, key, account, meter, unit, pool_id, quantity, unit_price, cost, covered, \
-                 debt_created, strict, drains, available_after, entitled_after, occurred_at, properties, \
-                 request_hash) OVERRIDING SYSTEM VALUE \
-             SELECT e.id, $1, e.key, e.account, e.meter, e.unit, e.pool_id, e.quantity, e.unit_price, \
-                    e.cost, e.covered, e.debt_created, e.strict, e.drains, e.available_after, \
-                    e.entitled_after, coalesce(e.occurred_at, now()), e.properties::jsonb, \
-                    decode(e.request_hash, 'hex') \
-             FROM json_to_recordset($2) AS e(id bigint, key text, account text, meter text, \
-                  unit text, pool_id bigint, quantity numeric, unit_price numeric, cost bigint, \
-                  covered bigint, debt_created bigint, strict boolean, drains jsonb, \
-                  available_after bigint, entitled_after boolean, occurred_at timestamptz, \
-                  properties text, request_hash text) ", $on_conflict, " RETURNING 1), \
-           done AS (SELECT count(*) = $6 AS complete FROM events), \
-           grants AS ( \
-             UPDATE billing.grants g SET remaining = u.remaining \
-             FROM json_to_recordset($3) AS u(id bigint, remaining bigint), done \
-             WHERE g.id = u.id AND done.complete), \
-           entries AS ( \
-             INSERT INTO billing.ledger_entries (tenant_id, pool_id, account, unit, version, kind, \
-                amount, grant_amount, debt_amount, hold_amount, balance_before, balance_after, \
-                debt_after, held_after, grant_id, hold_id, event_id, effective_at) \
-             SELECT $1, e.* FROM json_to_recordset($4) AS e(pool_id bigint, account text, \
-                unit text, version bigint, kind billing.entry_kind, amount bigint, \
-                grant_amount bigint, debt_amount bigint, hold_amount bigint, balance_before bigint, \
-                balance_after bigint, debt_after bigint, held_after bigint, grant_id bigint, \
-                hold_id bigint, event_id bigint, effective_at timestamptz) \
-             WHERE (SELECT complete FROM done)), \
-           pools AS ( \
-             UPDATE billing.pools p SET version = u.version, remaining = u.remaining, debt = u.debt, \
-                held = u.held, active_remaining = u.active_remaining, active_held = u.active_held, \
-                cache_from = now(), cache_until = u.cache_until, updated_at = now() \
-             FROM json_to_recordset($5) AS u(id bigint, version bigint, remaining bigint, \
-                  debt bigint, held bigint, active_remaining bigint, active_held bigint, \
-                  cache_until timestamptz), done \
-             WHERE p.id = u.id AND done.complete) \
-           SELECT complete FROM done"
-        )
-    };
-}
-
-static WRITE: Sql = Sql {
-    text: write_statement!(""),
-    // tenant, events, grants, entries, pools, how many events
-    args: &[TEXT, JSON, JSON, JSON, JSON, INT8],
-};
-
-static WRITE_SHARE: Sql = Sql {
-    text: write_statement!("ON CONFLICT (tenant_id, key) DO NOTHING"),
-    args: WRITE.args,
-};
-
-/// Rows of WRITE's events part ($2) for rows `range` of some usage events,
-/// which the caller (ingest, settle) owns: objects with the columns its
-/// column definition names.
+/// Usage events to record with what their pools computed (the caller,
+/// ingest or settle, owns them): `write` inserts each, for `tenant`, through `w`.
 pub trait EventRows {
     fn count(&self) -> usize;
-    fn rows(&self, range: Range<usize>) -> Vec<serde_json::Value>;
+    fn write(&self, tenant: &str, w: &mut Writer) -> Result<()>;
 }
 
 /// Whether a pool that does not exist yet may be created by this call.
@@ -1079,58 +1012,16 @@ fn row_figures_now(l: Locked, now: Ts) -> Result<Figures> {
     Ok(pool.figures())
 }
 
-/// Rows as a `json` parameter: text the table function parses once.
-fn json_rows<'a>(rows: Vec<serde_json::Value>) -> DatumWithOid<'a> {
-    JsonString(serde_json::Value::Array(rows).to_string()).into()
-}
-
-/// WRITE's entries part for some entries, each with its pool.
-fn entry_rows<'a>(entries: &[(&PoolLedger, &Entry)]) -> DatumWithOid<'a> {
-    let rows: Vec<serde_json::Value> = entries
-        .iter()
-        .map(|(l, e)| {
-            json!({
-                "pool_id": l.id,
-                "account": l.account,
-                "unit": l.unit,
-                "version": e.version,
-                "kind": e.kind.as_str(),
-                "amount": e.amount,
-                "grant_amount": e.grant_amount,
-                "debt_amount": e.debt_amount,
-                "hold_amount": e.hold_amount,
-                "balance_before": e.balance_before,
-                "balance_after": e.balance_after,
-                "debt_after": e.debt_after,
-                "held_after": e.held_after,
-                "grant_id": e.grant_id,
-                "hold_id": e.hold_id,
-                "event_id": e.event_id,
-                "effective_at": time::iso_utc(e.effective_at),
-            })
-        })
-        .collect();
-    json_rows(rows)
-}
-
-/// The part of `len` rows that chunk `i` writes.
-fn chunk(i: usize, len: usize) -> Range<usize> {
-    (i * db::WRITE_CHUNK).min(len)..((i + 1) * db::WRITE_CHUNK).min(len)
-}
-
 /// Whether a flush wrote everything, or nothing because one of its usage
-/// events was recorded meanwhile by another transaction (see WRITE).
+/// events was recorded meanwhile by another transaction (see `flush_checked`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flushed {
     All,
     KeyTaken,
 }
 
-/// Write what the given pools (and the lanes they hold) computed, and the
-/// usage events that caused it: one statement (per chunk of rows, for a large
-/// batch); expired holds, which are rare, by a second. A key taken meanwhile
-/// raises unless the caller can answer with the recorded event
-/// (`key_race_possible`: a debit that locked a lane alone).
+/// `flush_checked` where no other transaction can record the events' keys
+/// meanwhile (the pool's lock is held).
 pub fn flush_all(
     client: &mut SpiClient<'_>,
     ledgers: &mut [PoolLedger],
@@ -1145,30 +1036,49 @@ pub fn flush_all(
     }
 }
 
+/// Write what the given pools (and the lanes they hold) computed, and the
+/// usage events that caused it, straight into the tables (`direct::Writer`):
+/// the events first, then ledger entries, grant remainders and pool rows;
+/// expired holds, which are rare, by a statement. A key recorded meanwhile
+/// raises 23505 unless the caller can answer with the recorded event
+/// (`key_race_possible`: a debit that locked one lane of a pool, where two
+/// debits of one key may run at once): then the events are written in a
+/// subtransaction, nothing is written if one of them is taken, and the
+/// answer is `KeyTaken`.
 pub fn flush_checked(
     client: &mut SpiClient<'_>,
     ledgers: &mut [PoolLedger],
     events: Option<&dyn EventRows>,
     key_race_possible: bool,
 ) -> Result<Flushed> {
-    let write = if key_race_possible {
-        &WRITE_SHARE
-    } else {
-        &WRITE
-    };
     let all: Vec<&PoolLedger> = ledgers
         .iter()
         .flat_map(|l| std::iter::once(l).chain(l.shares.iter()))
         .collect();
     let changed: Vec<&PoolLedger> = all.iter().copied().filter(|l| l.is_changed()).collect();
-    let event_count = events.map_or(0, |e| e.count());
-    if changed.is_empty() && event_count == 0 {
+    let events = events.filter(|e| e.count() > 0);
+    if changed.is_empty() && events.is_none() {
         return Ok(Flushed::All);
     }
     let tenant = ledgers
         .first()
         .map(|l| l.tenant.clone())
         .ok_or_else(|| BillingError::Internal("events without a pool".into()))?;
+    if let Some(events) = events {
+        let write = || -> Result<()> {
+            let mut w = Writer::open(c"usage_events")?;
+            events.write(&tenant, &mut w)?;
+            w.close();
+            Ok(())
+        };
+        if key_race_possible {
+            if !db::attempt_unless_key_taken(write)? {
+                return Ok(Flushed::KeyTaken);
+            }
+        } else {
+            write()?;
+        }
+    }
     let expired: Vec<i64> = changed
         .iter()
         .flat_map(|l| l.expired_holds().iter().copied())
@@ -1176,39 +1086,14 @@ pub fn flush_checked(
     if !expired.is_empty() {
         db::write(client, &EXPIRE_HOLDS, &[expired.into()])?;
     }
-    let grants: Vec<(i64, i64)> = changed.iter().flat_map(|l| l.dirty_grants()).collect();
-    let entries: Vec<(&PoolLedger, &Entry)> = changed
-        .iter()
-        .flat_map(|l| l.entries().iter().map(move |e| (*l, e)))
-        .collect();
-    let longest = event_count
-        .max(grants.len())
-        .max(entries.len())
-        .max(changed.len());
-    for i in 0..longest.div_ceil(db::WRITE_CHUNK) {
-        let event_rows = events.map_or_else(Vec::new, |e| e.rows(chunk(i, event_count)));
-        let grant_rows: Vec<serde_json::Value> = grants[chunk(i, grants.len())]
-            .iter()
-            .map(|(id, remaining)| json!({"id": id, "remaining": remaining}))
-            .collect();
-        let args: Vec<DatumWithOid<'_>> = vec![
-            tenant.as_str().into(),
-            json_rows(event_rows),
-            json_rows(grant_rows),
-            entry_rows(&entries[chunk(i, entries.len())]),
-            pool_rows(&changed[chunk(i, changed.len())]),
-            (chunk(i, event_count).len() as i64).into(),
-        ];
-        let complete: bool = db::write(client, write, &args)?
-            .first()
-            .get_one()?
-            .unwrap_or(false);
-        if !complete {
-            // only a batch of one event can get here without an error: the
-            // first chunk wrote nothing else, and there is no other chunk
-            return Ok(Flushed::KeyTaken);
-        }
+    write_entries(&tenant, &changed)?;
+    let mut grants = Writer::open(c"grants")?;
+    for (id, remaining) in changed.iter().flat_map(|l| l.dirty_grants()) {
+        grants.set(c"remaining", remaining)?;
+        grants.update(c"grants_pkey", id)?;
     }
+    grants.close();
+    write_pools(&changed)?;
     for l in ledgers.iter_mut() {
         l.pool.written();
         for s in l.shares.iter_mut() {
@@ -1218,23 +1103,72 @@ pub fn flush_checked(
     Ok(Flushed::All)
 }
 
-/// WRITE's pools part for some pools.
-fn pool_rows<'a>(pools: &[&PoolLedger]) -> DatumWithOid<'a> {
-    let rows: Vec<serde_json::Value> = pools
+/// The ledger entries of some pools.
+fn write_entries(tenant: &str, pools: &[&PoolLedger]) -> Result<()> {
+    let entries: Vec<(&PoolLedger, &Entry)> = pools
         .iter()
-        .map(|l| {
-            let booked = l.booked();
-            json!({
-                "id": l.id,
-                "version": booked.version,
-                "remaining": booked.remaining,
-                "debt": booked.debt,
-                "held": booked.held,
-                "active_remaining": l.active_remaining(),
-                "active_held": l.active_held(),
-                "cache_until": time::iso_utc(l.cache_until().min(l.next_in_order_until)),
-            })
-        })
+        .flat_map(|l| l.entries().iter().map(move |e| (*l, e)))
         .collect();
-    json_rows(rows)
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut w = Writer::open(c"ledger_entries")?;
+    for (l, e) in entries {
+        w.set(c"id", direct::next_value(c"ledger_entries_id_seq")?)?
+            .set(c"tenant_id", tenant)?
+            .set(c"pool_id", l.id)?
+            .set(c"account", l.account.as_str())?
+            .set(c"unit", l.unit.as_str())?
+            .set(c"version", e.version)?
+            .set_made(c"kind", || entry_kind_datum(e.kind))?
+            .set(c"amount", e.amount)?
+            .set(c"grant_amount", e.grant_amount)?
+            .set(c"debt_amount", e.debt_amount)?
+            .set(c"hold_amount", e.hold_amount)?
+            .set(c"balance_before", e.balance_before)?
+            .set(c"balance_after", e.balance_after)?
+            .set(c"debt_after", e.debt_after)?
+            .set(c"held_after", e.held_after)?
+            .set(c"grant_id", e.grant_id)?
+            .set(c"hold_id", e.hold_id)?
+            .set(c"event_id", e.event_id)?
+            .set(c"effective_at", time::to_sql(e.effective_at))?
+            .set(c"recorded_at", time::clock_now())?;
+        w.insert()?;
+    }
+    w.close();
+    Ok(())
+}
+
+/// The booked totals and cached figures of some pool rows.
+fn write_pools(pools: &[&PoolLedger]) -> Result<()> {
+    if pools.is_empty() {
+        return Ok(());
+    }
+    let now = time::to_sql(time::now());
+    let mut w = Writer::open(c"pools")?;
+    for l in pools {
+        let booked = l.booked();
+        w.set(c"version", booked.version)?
+            .set(c"remaining", booked.remaining)?
+            .set(c"debt", booked.debt)?
+            .set(c"held", booked.held)?
+            .set(c"active_remaining", l.active_remaining())?
+            .set(c"active_held", l.active_held())?
+            .set(c"cache_from", now)?
+            .set(
+                c"cache_until",
+                time::sql_instant(l.cache_until().min(l.next_in_order_until)),
+            )?
+            .set(c"updated_at", now)?;
+        w.update(c"pools_pkey", l.id)?;
+    }
+    w.close();
+    Ok(())
+}
+
+/// An entry kind as a value of the `billing.entry_kind` enum.
+fn entry_kind_datum(kind: EntryKind) -> Result<pgrx::pg_sys::Datum> {
+    let label = std::ffi::CString::new(kind.as_str()).expect("kinds have no NUL");
+    direct::enum_value(c"entry_kind", &label)
 }
