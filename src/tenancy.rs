@@ -19,7 +19,7 @@ use std::ffi::CStr;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 
-use crate::db::{self, Sql, OID, TEXT};
+use crate::direct::{Key, Lookup, Snapshot};
 use crate::error::{BillingError, OrRaise, Result};
 
 pub const DEFAULT_TENANT: &str = "default";
@@ -119,11 +119,18 @@ pub fn role_name(role: Oid) -> Option<String> {
     )
 }
 
-static TENANT_GRANTED: Sql = Sql {
-    text: "SELECT 1 FROM billing.tenant_roles r \
-           WHERE r.tenant_id = $1 AND pg_catalog.pg_has_role($2, r.role_id::oid, 'USAGE') LIMIT 1",
-    args: &[TEXT, OID],
-};
+/// Is `tenant` granted to `role` or to a role whose privileges it has
+/// (`pg_has_role(…, 'USAGE')`)? Read straight from `tenant_roles`' primary
+/// key (`crate::direct`), since every billing call asks.
+fn tenant_granted(role: Oid, tenant: &str) -> Result<bool> {
+    let mut lookup = Lookup::open(c"tenant_roles", c"tenant_roles_pkey", 1, Snapshot::Query)?;
+    let granted = lookup.find(&[Key::Text(tenant)], |t| t.get::<Oid>(c"role_id"))?;
+    lookup.close();
+    // SAFETY: a catalog lookup; a granted role dropped since has no members.
+    Ok(granted
+        .into_iter()
+        .any(|granted| unsafe { pg_sys::has_privs_of_role(role, granted) }))
+}
 
 /// May `role` act for `tenant`? A role that no longer exists may not.
 fn authorize(role: Oid, tenant: &str) -> Result<()> {
@@ -141,9 +148,7 @@ fn authorize(role: Oid, tenant: &str) -> Result<()> {
     if admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, admin) } {
         return Ok(());
     }
-    let granted = Spi::connect(|c| -> Result<bool> {
-        Ok(!db::read(c, &TENANT_GRANTED, &[tenant.into(), role.into()])?.is_empty())
-    })?;
+    let granted = tenant_granted(role, tenant)?;
     if granted {
         return Ok(());
     }
