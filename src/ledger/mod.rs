@@ -1087,12 +1087,15 @@ pub fn flush_checked(
         db::write(client, &EXPIRE_HOLDS, &[expired.into()])?;
     }
     write_entries(&tenant, &changed)?;
-    let mut grants = Writer::open(c"grants")?;
-    for (id, remaining) in changed.iter().flat_map(|l| l.dirty_grants()) {
-        grants.set(c"remaining", remaining)?;
-        grants.update(c"grants_pkey", id)?;
+    let dirty: Vec<(i64, i64)> = changed.iter().flat_map(|l| l.dirty_grants()).collect();
+    if !dirty.is_empty() {
+        let mut grants = Writer::open(c"grants")?;
+        for (id, remaining) in dirty {
+            grants.set(c"remaining", remaining)?;
+            grants.update(c"grants_pkey", id)?;
+        }
+        grants.close();
     }
-    grants.close();
     write_pools(&changed)?;
     for l in ledgers.iter_mut() {
         l.pool.written();
