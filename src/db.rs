@@ -194,7 +194,6 @@ pub fn waiting_for<T>(what: &str, work: impl FnOnce() -> T) -> T {
         .execute()
 }
 
-/// Run a read-only statement. It takes no transaction id, so the gate stays a pure read.
 /// Run `attempt` in a subtransaction, kept if it returns Some and rolled
 /// back otherwise, an error included: row locks it took and had no use for
 /// are released, so a caller that gives up waits for nothing while holding
@@ -244,6 +243,7 @@ pub fn attempt_unless_key_taken(write: impl FnOnce() -> Result<()>) -> Result<bo
     Ok(kept.is_some())
 }
 
+/// Run a read-only statement. It takes no transaction id, so a read stays a pure read.
 pub fn read<'conn>(
     client: &SpiClient<'conn>,
     sql: &'static Sql,

@@ -19,6 +19,39 @@ use crate::error::{BillingError, Result};
 
 const SCHEMA: &CStr = c"billing";
 
+/// Whether the transaction reads one snapshot throughout (REPEATABLE READ
+/// or SERIALIZABLE): a row changed since by another transaction is then a
+/// serialization failure for a writer, as the executor makes it.
+pub fn snapshot_isolation() -> bool {
+    // SAFETY: reads a backend-local setting.
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
+/// Refuse to lock or write in a read-only transaction (25006) or in
+/// parallel mode, as a statement that writes is refused.
+fn writing(what: &CStr) {
+    // SAFETY: both raise an ERROR, or return.
+    unsafe {
+        pg_sys::PreventCommandIfReadOnly(what.as_ptr());
+        pg_sys::PreventCommandIfParallelMode(what.as_ptr());
+    }
+}
+
+/// The attribute number of `column` of `rel`, from 0; an unknown column is an error.
+fn column_index(rel: pg_sys::Relation, column: &CStr) -> Result<usize> {
+    // SAFETY: the relation is open; attnameAttNum returns 0 (InvalidAttrNumber)
+    // for a name it does not know.
+    let attno = unsafe { pg_sys::attnameAttNum(rel, column.as_ptr(), false) };
+    if attno <= 0 {
+        return Err(BillingError::Internal(format!(
+            "billing.{} has no column {}",
+            relation_name(rel),
+            column.to_string_lossy()
+        )));
+    }
+    Ok((attno - 1) as usize)
+}
+
 /// Which snapshot a lookup reads with.
 pub enum Snapshot {
     /// The calling query's: what a read-only statement sees.
@@ -57,6 +90,7 @@ impl Lookup {
     /// A lookup whose rows `find_locked` locks, as `SELECT … FOR UPDATE`
     /// would (the table opened in RowShareLock, a new snapshot).
     pub fn open_for_update(table: &CStr, index: &CStr, nkeys: usize) -> Result<Lookup> {
+        writing(c"SELECT FOR UPDATE");
         Lookup::open_with(table, index, nkeys, Snapshot::New, pg_sys::RowShareLock)
     }
 
@@ -132,7 +166,7 @@ impl Lookup {
             // as the executor locks rows: under READ COMMITTED a row changed
             // meanwhile is locked in its latest version; under REPEATABLE READ
             // and SERIALIZABLE the change is a serialization failure
-            let snapshot_isolation = pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32;
+            let snapshot_isolation = snapshot_isolation();
             let flags = if snapshot_isolation {
                 0
             } else {
@@ -263,14 +297,10 @@ pub struct Tuple<'a> {
 impl Tuple<'_> {
     /// A column that may be NULL.
     pub fn opt<T: FromDatum>(&self, name: &CStr) -> Result<Option<T>> {
-        // SAFETY: the relation is open; attnameAttNum raises for an unknown
-        // column. The datum belongs to the slot's current tuple, of the
+        let i = column_index(self.rel, name)?;
+        // SAFETY: the datum belongs to the slot's current tuple, of the
         // column's own type, which the caller names.
-        unsafe {
-            let attno = pg_sys::attnameAttNum(self.rel, name.as_ptr(), false);
-            let i = (attno - 1) as usize;
-            Ok(T::from_datum(self.values[i], self.nulls[i]))
-        }
+        unsafe { Ok(T::from_datum(self.values[i], self.nulls[i])) }
     }
 
     /// A column that is never NULL.
@@ -322,6 +352,7 @@ impl Writer {
     pub fn open(table: &CStr) -> Result<Writer> {
         // SAFETY: inside a SQL function's transaction. The executor state is
         // built as PostgreSQL's apply worker builds it for one relation.
+        writing(c"INSERT or UPDATE");
         unsafe {
             let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
             let oid = relation(table, schema)?;
@@ -363,9 +394,8 @@ impl Writer {
 
     /// Set a column of the next row (`None` for NULL).
     pub fn set<T: IntoDatum>(&mut self, column: &CStr, value: T) -> Result<&mut Self> {
-        // SAFETY: the relation is open; attnameAttNum raises for an unknown
-        // column. The datum lives in the row's memory until the row is written.
-        let i = unsafe { pg_sys::attnameAttNum(self.rel, column.as_ptr(), false) - 1 } as usize;
+        let i = column_index(self.rel, column)?;
+        // SAFETY: the datum lives in the row's memory until the row is written.
         let datum = unsafe { self.row_memory.switch_to(|_| value.into_datum()) };
         match datum {
             Some(d) => {
@@ -385,8 +415,8 @@ impl Writer {
         column: &CStr,
         make: impl FnOnce() -> Result<pg_sys::Datum>,
     ) -> Result<&mut Self> {
-        // SAFETY: the relation is open; attnameAttNum raises for an unknown column.
-        let i = unsafe { pg_sys::attnameAttNum(self.rel, column.as_ptr(), false) - 1 } as usize;
+        let i = column_index(self.rel, column)?;
+        // SAFETY: as `set`.
         let value = unsafe { self.row_memory.switch_to(|_| make()) }?;
         self.values[i] = value;
         self.nulls[i] = false;
@@ -412,6 +442,17 @@ impl Writer {
     /// the others keep their values. The row must exist.
     pub fn update(&mut self, pkey: &CStr, id: i64) -> Result<()> {
         if self.by_id.is_none() {
+            // a BEFORE row trigger on UPDATE would need a recheck state this
+            // writer does not build (the append-only tables, which have one,
+            // are only inserted into)
+            // SAFETY: the relation is open.
+            let triggers = unsafe { (*self.rel).trigdesc };
+            if !triggers.is_null() && unsafe { (*triggers).trig_update_before_row } {
+                return Err(BillingError::Internal(format!(
+                    "billing.{} has a BEFORE UPDATE row trigger, which pg_billing does not support",
+                    self.table_name()
+                )));
+            }
             let table = self.table_name();
             let table = std::ffi::CString::new(table).expect("a table name has no NUL");
             self.by_id = Some(Lookup::open(&table, pkey, 1, Snapshot::New)?);

@@ -570,7 +570,7 @@ impl PoolLedger {
             Ok(())
         })?;
         let ids: Vec<i64> = found.values().map(|l| l.id).collect();
-        let mut grants = load_grants(&ids)?;
+        let mut grants = load_grants(&ids, Snapshot::New)?;
         for l in found.values_mut() {
             l.grants = Some(grants.remove(&l.id).unwrap_or_default());
         }
@@ -665,7 +665,7 @@ impl PoolLedger {
         };
         let grants = match locked.grants.take() {
             Some(g) => g,
-            None => load_grants(&[locked.id])?
+            None => load_grants(&[locked.id], Snapshot::New)?
                 .remove(&locked.id)
                 .unwrap_or_default(),
         };
@@ -910,15 +910,15 @@ struct PoolGrants {
     parents: HashMap<i64, i64>,
 }
 
-/// The grants with credit of `pools`, read with a new snapshot (after a
-/// lock: it sees what the lock's previous holder committed) from the index
-/// of open grants in drain order.
-fn load_grants(pools: &[i64]) -> Result<HashMap<i64, PoolGrants>> {
+/// The grants with credit of `pools`, from the index of open grants in
+/// drain order: with a new snapshot after a lock (it sees what the lock's
+/// previous holder committed), with the query's for a pure read.
+fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<HashMap<i64, PoolGrants>> {
     let mut by_pool: HashMap<i64, PoolGrants> = HashMap::new();
     if pools.is_empty() {
         return Ok(by_pool);
     }
-    let mut lookup = Lookup::open(c"grants", c"grants_drain_order", 1, Snapshot::New)?;
+    let mut lookup = Lookup::open(c"grants", c"grants_drain_order", 1, snapshot)?;
     for pool in pools {
         for (pool, parent, grant) in lookup.find(&[Key::Int8(*pool)], grant_row)? {
             if grant.remaining <= 0 {
@@ -992,7 +992,8 @@ fn row_figures_now(l: Locked, now: Ts) -> Result<Figures> {
             floor: l.floor,
         });
     }
-    let grants = load_grants(&[l.id])?
+    // the pool row and its holds are read with the query's snapshot: so are its grants
+    let grants = load_grants(&[l.id], Snapshot::Query)?
         .remove(&l.id)
         .unwrap_or_default()
         .grants;
@@ -1071,12 +1072,20 @@ pub fn flush_checked(
             w.close();
             Ok(())
         };
+        // a key another transaction is recording: wait as for any row, bounded
+        let what = "a usage event key another transaction is recording";
         if key_race_possible {
-            if !db::attempt_unless_key_taken(write)? {
+            if !db::waiting_for(what, || db::attempt_unless_key_taken(write))? {
+                if direct::snapshot_isolation() {
+                    // this transaction's snapshot cannot see the event recorded meanwhile
+                    return Err(BillingError::Retry(
+                        "a debit of the same key on another lane of this pool committed after this transaction's snapshot".into(),
+                    ));
+                }
                 return Ok(Flushed::KeyTaken);
             }
         } else {
-            write()?;
+            db::waiting_for(what, write)?;
         }
     }
     let expired: Vec<i64> = changed
