@@ -1,9 +1,10 @@
-//! Rows read straight from a table's unique index, without a statement.
+//! Rows read from an index, locked and written straight into the tables,
+//! without a statement.
 //!
 //! Running one prepared statement through SPI costs a fixed amount (plan
-//! revalidation, executor start and end, snapshot handling) that was most of
-//! a lookup by key: the gate's pool read and ingest's key lookup use this
-//! instead. A lookup scans with either the calling query's snapshot (a pure
+//! revalidation, executor start and end, snapshot handling) about as large
+//! as a lookup by key or a one-row write: the hot paths (the gate, ingest's
+//! lookups, pool locks and writes) use this instead. A lookup scans with either the calling query's snapshot (a pure
 //! read such as the gate) or a new one (a read after waiting for a lock,
 //! which must see what the previous holder committed), exactly as a read-only
 //! or a writing statement would. Row-level security is not applied: callers
@@ -104,10 +105,10 @@ impl Lookup {
         // SAFETY: called inside a SQL function, so a transaction, an active
         // snapshot and a memory context exist. Relation locks are kept to the
         // transaction's end, as a statement's are.
+        let (table, index) = (relation(table)?, relation(index)?);
         unsafe {
-            let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
-            let rel = pg_sys::table_open(relation(table, schema)?, table_lock as _);
-            let idx = pg_sys::index_open(relation(index, schema)?, pg_sys::AccessShareLock as _);
+            let rel = pg_sys::table_open(table, table_lock as _);
+            let idx = pg_sys::index_open(index, pg_sys::AccessShareLock as _);
             let (snapshot, registered) = match snapshot {
                 Snapshot::Query => (pg_sys::GetActiveSnapshot(), false),
                 Snapshot::New => (
@@ -240,13 +241,12 @@ impl Lookup {
 
     /// The slot's current row, all its columns decoded.
     unsafe fn tuple(&self) -> Tuple<'_> {
-        let natts = (*(*self.rel).rd_att).natts;
-        pg_sys::slot_getsomeattrs_int(self.slot, natts);
+        let (values, nulls) = slot_columns(self.slot, (*(*self.rel).rd_att).natts as usize);
         Tuple {
             rel: self.rel,
             tid: (*self.slot).tts_tid,
-            values: std::slice::from_raw_parts((*self.slot).tts_values, natts as usize),
-            nulls: std::slice::from_raw_parts((*self.slot).tts_isnull, natts as usize),
+            values,
+            nulls,
         }
     }
 
@@ -275,8 +275,13 @@ fn relation_name(rel: pg_sys::Relation) -> String {
         .into_owned()
 }
 
-unsafe fn relation(name: &CStr, schema: pg_sys::Oid) -> Result<pg_sys::Oid> {
-    let oid = pg_sys::get_relname_relid(name.as_ptr(), schema);
+/// The oid of `billing.<name>`, a table, index or sequence.
+fn relation(name: &CStr) -> Result<pg_sys::Oid> {
+    // SAFETY: catalog lookups inside a transaction.
+    let oid = unsafe {
+        let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
+        pg_sys::get_relname_relid(name.as_ptr(), schema)
+    };
     if oid == pg_sys::InvalidOid {
         return Err(BillingError::Internal(format!(
             "billing.{} is missing",
@@ -284,6 +289,24 @@ unsafe fn relation(name: &CStr, schema: pg_sys::Oid) -> Result<pg_sys::Oid> {
         )));
     }
     Ok(oid)
+}
+
+/// The columns of a slot's current row, all decoded.
+///
+/// # Safety
+/// `slot` holds a row of a relation with `natts` columns; the slices are
+/// valid until the slot changes.
+unsafe fn slot_columns<'a>(
+    slot: *mut pg_sys::TupleTableSlot,
+    natts: usize,
+) -> (&'a [pg_sys::Datum], &'a [bool]) {
+    if usize::try_from((*slot).tts_nvalid).unwrap_or(0) < natts {
+        pg_sys::slot_getsomeattrs_int(slot, natts as i32);
+    }
+    (
+        std::slice::from_raw_parts((*slot).tts_values, natts),
+        std::slice::from_raw_parts((*slot).tts_isnull, natts),
+    )
 }
 
 /// A row found by a lookup, valid while its `read` runs.
@@ -314,14 +337,18 @@ impl Tuple<'_> {
     }
 }
 
-/// The next value of the sequence `billing.<sequence>`, as `nextval` would
-/// give it (and with its privilege check).
-pub fn next_value(sequence: &CStr) -> Result<i64> {
-    // SAFETY: inside a transaction; nextval_oid takes the sequence's oid.
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
-        let seq = relation(sequence, schema)?;
-        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()])
+/// A sequence `billing.<name>`, found once for the values a call takes.
+pub struct Sequence(pg_sys::Oid);
+
+impl Sequence {
+    pub fn named(name: &CStr) -> Result<Sequence> {
+        Ok(Sequence(relation(name)?))
+    }
+
+    /// Its next value, as `nextval` would give it (and with its privilege check).
+    pub fn next(&self) -> Result<i64> {
+        // SAFETY: inside a transaction; nextval_oid takes the sequence's oid.
+        unsafe { pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[self.0.into_datum()]) }
             .ok_or_else(|| BillingError::Internal("nextval returned NULL".into()))
     }
 }
@@ -334,6 +361,7 @@ pub fn next_value(sequence: &CStr) -> Result<i64> {
 /// column it needs, and a column left unset is NULL (a NOT NULL column then
 /// raises). `close` makes the rows visible to the rest of the call.
 pub struct Writer {
+    table: &'static CStr,
     rel: pg_sys::Relation,
     estate: *mut pg_sys::EState,
     rri: *mut pg_sys::ResultRelInfo,
@@ -349,13 +377,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn open(table: &CStr) -> Result<Writer> {
+    pub fn open(table: &'static CStr) -> Result<Writer> {
+        writing(c"INSERT or UPDATE");
+        let oid = relation(table)?;
         // SAFETY: inside a SQL function's transaction. The executor state is
         // built as PostgreSQL's apply worker builds it for one relation.
-        writing(c"INSERT or UPDATE");
         unsafe {
-            let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
-            let oid = relation(table, schema)?;
             let rel = pg_sys::table_open(oid, pg_sys::RowExclusiveLock as _);
             let estate = pg_sys::CreateExecutorState();
             let mut rte =
@@ -379,6 +406,7 @@ impl Writer {
             let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
             let natts = (*(*rel).rd_att).natts as usize;
             Ok(Writer {
+                table,
                 rel,
                 estate,
                 rri,
@@ -394,18 +422,9 @@ impl Writer {
 
     /// Set a column of the next row (`None` for NULL).
     pub fn set<T: IntoDatum>(&mut self, column: &CStr, value: T) -> Result<&mut Self> {
-        let i = column_index(self.rel, column)?;
         // SAFETY: the datum lives in the row's memory until the row is written.
         let datum = unsafe { self.row_memory.switch_to(|_| value.into_datum()) };
-        match datum {
-            Some(d) => {
-                self.values[i] = d;
-                self.nulls[i] = false;
-            }
-            None => self.nulls[i] = true,
-        }
-        self.set[i] = true;
-        Ok(self)
+        self.put(column, datum)
     }
 
     /// Set a column of the next row to a datum of the column's own type,
@@ -415,19 +434,23 @@ impl Writer {
         column: &CStr,
         make: impl FnOnce() -> Result<pg_sys::Datum>,
     ) -> Result<&mut Self> {
-        let i = column_index(self.rel, column)?;
         // SAFETY: as `set`.
-        let value = unsafe { self.row_memory.switch_to(|_| make()) }?;
-        self.values[i] = value;
-        self.nulls[i] = false;
+        let datum = unsafe { self.row_memory.switch_to(|_| make()) }?;
+        self.put(column, Some(datum))
+    }
+
+    fn put(&mut self, column: &CStr, datum: Option<pg_sys::Datum>) -> Result<&mut Self> {
+        let i = column_index(self.rel, column)?;
+        self.values[i] = datum.unwrap_or(pg_sys::Datum::from(0));
+        self.nulls[i] = datum.is_none();
         self.set[i] = true;
         Ok(self)
     }
 
     /// Insert the row set so far; every column is unset again afterwards.
     pub fn insert(&mut self) -> Result<()> {
-        // SAFETY: the slot is the relation's; values live in the current
-        // memory context until the call ends.
+        // SAFETY: the slot is the relation's; the values live in the row's
+        // memory until `reset`, after the row is written.
         unsafe {
             self.store(None);
             let (rri, estate, slot) = (self.rri, self.estate, self.slot);
@@ -453,9 +476,7 @@ impl Writer {
                     self.table_name()
                 )));
             }
-            let table = self.table_name();
-            let table = std::ffi::CString::new(table).expect("a table name has no NUL");
-            self.by_id = Some(Lookup::open(&table, pkey, 1, Snapshot::New)?);
+            self.by_id = Some(Lookup::open(self.table, pkey, 1, Snapshot::New)?);
         }
         let lookup = self.by_id.as_mut().expect("opened above");
         let found = lookup.find(&[Key::Int8(id)], |t| Ok(t.tid))?;
@@ -472,9 +493,7 @@ impl Writer {
         unsafe {
             let old = lookup.slot;
             let natts = self.values.len();
-            pg_sys::slot_getsomeattrs_int(old, natts as i32);
-            let old_values = std::slice::from_raw_parts((*old).tts_values, natts);
-            let old_nulls = std::slice::from_raw_parts((*old).tts_isnull, natts);
+            let (old_values, old_nulls) = slot_columns(old, natts);
             for i in 0..natts {
                 if !self.set[i] {
                     self.values[i] = old_values[i];
@@ -543,32 +562,44 @@ impl Writer {
     }
 }
 
-/// The value `label` of the enum type `billing.<type_name>`, as a datum.
-pub fn enum_value(type_name: &CStr, label: &CStr) -> Result<pg_sys::Datum> {
-    // SAFETY: inside a transaction; enum_in takes the label and the type's oid.
-    unsafe {
-        let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
-        let type_oid = pg_sys::GetSysCacheOid(
-            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
-            pg_sys::Anum_pg_type_oid as i16,
-            pg_sys::Datum::from(type_name.as_ptr()),
-            pg_sys::Datum::from(schema),
-            pg_sys::Datum::from(0),
-            pg_sys::Datum::from(0),
-        );
-        if type_oid == pg_sys::InvalidOid {
+/// An enum type `billing.<name>`, found once for the values a call writes.
+pub struct EnumType(pg_sys::Oid);
+
+impl EnumType {
+    pub fn named(name: &CStr) -> Result<EnumType> {
+        // SAFETY: a catalog lookup inside a transaction.
+        let oid = unsafe {
+            let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
+            pg_sys::GetSysCacheOid(
+                pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+                pg_sys::Anum_pg_type_oid as i16,
+                pg_sys::Datum::from(name.as_ptr()),
+                pg_sys::Datum::from(schema),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            )
+        };
+        if oid == pg_sys::InvalidOid {
             return Err(BillingError::Internal(format!(
                 "type billing.{} is missing",
-                type_name.to_string_lossy()
+                name.to_string_lossy()
             )));
         }
-        pgrx::direct_function_call_as_datum(
-            pg_sys::enum_in,
-            &[
-                Some(pg_sys::Datum::from(label.as_ptr())),
-                Some(pg_sys::Datum::from(type_oid)),
-            ],
-        )
+        Ok(EnumType(oid))
+    }
+
+    /// Its value `label`, as a datum.
+    pub fn value(&self, label: &CStr) -> Result<pg_sys::Datum> {
+        // SAFETY: enum_in takes the label and the type's oid.
+        unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::enum_in,
+                &[
+                    Some(pg_sys::Datum::from(label.as_ptr())),
+                    Some(pg_sys::Datum::from(self.0)),
+                ],
+            )
+        }
         .ok_or_else(|| BillingError::Internal("enum_in returned NULL".into()))
     }
 }

@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::db::{self, Sql, TEXT};
-use crate::direct::{self, Key, Lookup, Snapshot, Tuple, Writer};
+use crate::direct::{self, Key, Lookup, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
@@ -371,7 +371,12 @@ struct NewEvent<'e> {
 /// recorded outside it (a settled hold) whose ledger entries must name it
 /// before it is written.
 pub fn allocate_event_id() -> Result<i64> {
-    direct::next_value(c"usage_events_id_seq")
+    event_ids()?.next()
+}
+
+/// Where usage event ids come from.
+fn event_ids() -> Result<Sequence> {
+    Sequence::named(c"usage_events_id_seq")
 }
 
 /// Write a pool's changes together with usage charged outside `ingest` (a
@@ -638,6 +643,7 @@ type Stored = HashMap<String, (Vec<u8>, Outcome)>;
 fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String, i64>)> {
     let mut found: Stored = HashMap::new();
     let mut new_ids: HashMap<String, i64> = HashMap::new();
+    let ids = event_ids()?;
     let mut lookup = Lookup::open(
         c"usage_events",
         c"usage_events_tenant_id_key_key",
@@ -657,7 +663,7 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
                 found.insert(key.to_string(), stored);
             }
             None => {
-                new_ids.insert(key.to_string(), allocate_event_id()?);
+                new_ids.insert(key.to_string(), ids.next()?);
             }
         }
     }

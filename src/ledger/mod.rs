@@ -25,7 +25,7 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
 use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
-use crate::direct::{self, Key, Lookup, Snapshot, Tuple, Writer};
+use crate::direct::{self, EnumType, Key, Lookup, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
 use crate::time::{self, instant, Ts};
 
@@ -1124,15 +1124,17 @@ fn write_entries(tenant: &str, pools: &[&PoolLedger]) -> Result<()> {
     if entries.is_empty() {
         return Ok(());
     }
+    let ids = Sequence::named(c"ledger_entries_id_seq")?;
+    let kinds = EnumType::named(c"entry_kind")?;
     let mut w = Writer::open(c"ledger_entries")?;
     for (l, e) in entries {
-        w.set(c"id", direct::next_value(c"ledger_entries_id_seq")?)?
+        w.set(c"id", ids.next()?)?
             .set(c"tenant_id", tenant)?
             .set(c"pool_id", l.id)?
             .set(c"account", l.account.as_str())?
             .set(c"unit", l.unit.as_str())?
             .set(c"version", e.version)?
-            .set_made(c"kind", || entry_kind_datum(e.kind))?
+            .set_made(c"kind", || entry_kind_datum(&kinds, e.kind))?
             .set(c"amount", e.amount)?
             .set(c"grant_amount", e.grant_amount)?
             .set(c"debt_amount", e.debt_amount)?
@@ -1180,7 +1182,7 @@ fn write_pools(pools: &[&PoolLedger]) -> Result<()> {
 }
 
 /// An entry kind as a value of the `billing.entry_kind` enum.
-fn entry_kind_datum(kind: EntryKind) -> Result<pgrx::pg_sys::Datum> {
+fn entry_kind_datum(kinds: &EnumType, kind: EntryKind) -> Result<pgrx::pg_sys::Datum> {
     let label = std::ffi::CString::new(kind.as_str()).expect("kinds have no NUL");
-    direct::enum_value(c"entry_kind", &label)
+    kinds.value(&label)
 }
