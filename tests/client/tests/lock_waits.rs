@@ -209,16 +209,21 @@ fn a_lane_wait_that_times_out_inside_an_exception_block_leaves_the_transaction_w
     assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
 }
 
+/// A fresh database whose account `a` holds 1,000 usd_cents.
+fn funded_db(db: &str) -> Client {
+    let mut c = fresh_db(db);
+    c.batch_execute("SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup')")
+        .unwrap();
+    c
+}
+
 /// A debit that waited for the pool decides on what the holder committed:
 /// the holder's strict debit of 600 commits while the waiter's strict debit
 /// of 500 of the same 1,000 waits, so the waiter is refused (23514).
 #[test]
 fn a_debit_that_waited_for_the_pool_sees_what_the_holder_committed() {
     let db = "pgb_lock_waits_commit";
-    let mut setup = fresh_db(db);
-    setup
-        .batch_execute("SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup')")
-        .unwrap();
+    let mut setup = funded_db(db);
     let strict = "SELECT status FROM billing.ingest('a', 'usd_cents', 1, key => $1, cost => $2, strict => true)";
     let mut holder = connect(db);
     holder.batch_execute("BEGIN").unwrap();
@@ -261,10 +266,7 @@ fn a_debit_that_waited_for_the_pool_sees_what_the_holder_committed() {
 #[test]
 fn under_repeatable_read_a_pool_changed_since_the_snapshot_is_a_serialization_failure() {
     let db = "pgb_lock_waits_rr";
-    let mut setup = fresh_db(db);
-    setup
-        .batch_execute("SELECT billing.grant('a', 'usd_cents', 1000, kind => 'topup')")
-        .unwrap();
+    let mut setup = funded_db(db);
     let mut rr = connect(db);
     rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
         .unwrap();
