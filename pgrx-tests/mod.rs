@@ -15,6 +15,7 @@ mod reversals;
 mod stripe;
 mod stripe_money;
 pub mod support;
+mod suspension;
 mod usage;
 mod verify;
 mod webhook_hardening;

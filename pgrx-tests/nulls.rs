@@ -13,6 +13,8 @@ mod tests {
         "billing.grant(?'a', ?'mills', ?5, kind => ?'manual', priority => ~NULL, effective_at => ~NULL, expires_at => ~NULL, key => ~'g1', metadata => ?'{}')",
         "billing.void_grant(?$grant)",
         "billing.revoke_unused(?$grant)",
+        "billing.suspend_grant(?$grant)",
+        "billing.resume_grant(?$grant)",
         "billing.reverse_grant(?$grant, ?1)",
         "billing.check(?'a', ?'mills', ?1)",
         "billing.ingest(?'a', ?'mills', ?1, key => 'i1', occurred_at => ~NULL, properties => ?'{}', cost => ~NULL, strict => ?false)",

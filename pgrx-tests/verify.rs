@@ -173,7 +173,7 @@ mod tests {
             "UPDATE billing.grants SET status = 'voided' WHERE id = {g}"
         ));
         assert!(
-            problems().contains("keeps credit of a closed grant"),
+            problems().contains("keeps credit of a grant that is not spendable"),
             "{}",
             problems()
         );

@@ -17,7 +17,8 @@
 -- src/ledger/core.rs (a test compares them).
 CREATE TYPE billing.entry_kind AS ENUM (
     'grant', 'debit', 'debt', 'debt_repayment', 'expire', 'void', 'revoke',
-    'hold', 'settle', 'release', 'hold_expire', 'reinstate', 'debt_reversal', 'transfer');
+    'hold', 'settle', 'release', 'hold_expire', 'reinstate', 'debt_reversal', 'transfer',
+    'suspend', 'resume');
 
 CREATE TABLE billing.accounts (
     tenant_id  text        NOT NULL,

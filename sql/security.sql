@@ -135,6 +135,8 @@ GRANT EXECUTE ON FUNCTION
     billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb),
     billing.void_grant(bigint),
     billing.revoke_unused(bigint),
+    billing.suspend_grant(bigint),
+    billing.resume_grant(bigint),
     billing.reverse_grant(bigint, bigint),
     billing.ingest(text, text, numeric, text, timestamptz, jsonb, bigint, boolean),
     billing.ingest_batch(jsonb),

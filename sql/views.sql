@@ -115,8 +115,8 @@ CROSS JOIN LATERAL (VALUES
     (g.amount <= 0, 'amount is not positive'),
     (g.remaining < 0 OR g.remaining > g.amount, 'remaining is outside 0..amount'),
     (g.expires_at <= g.effective_at, 'expires_at does not follow effective_at'),
-    (g.status NOT IN ('active', 'voided', 'revoked'), 'unknown status ' || g.status),
-    (g.status <> 'active' AND g.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
+    (g.status NOT IN ('active', 'suspended', 'voided', 'revoked'), 'unknown status ' || g.status),
+    (g.status IN ('voided', 'revoked') AND g.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
 WHERE r.broken
 UNION ALL
 SELECT u.pool_id, u.account, u.unit, format('usage event %s: %s', u.id, r.rule)
@@ -156,7 +156,7 @@ CROSS JOIN LATERAL (VALUES
      'not on a lane of the grant''s pool'),
     (g.kind <> c.kind OR g.priority <> c.priority OR g.effective_at <> c.effective_at
         OR g.expires_at IS DISTINCT FROM c.expires_at, 'differs from the grant in kind, priority or window'),
-    (g.status <> 'active' AND c.remaining <> 0, 'keeps credit of a closed grant')) r(broken, rule)
+    (g.status <> 'active' AND c.remaining <> 0, 'keeps credit of a grant that is not spendable (closed or suspended)')) r(broken, rule)
 WHERE c.parent_id IS NOT NULL AND r.broken IS NOT FALSE
 UNION ALL
 SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)

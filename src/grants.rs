@@ -9,8 +9,8 @@ use crate::db::{self, Row, Sql, BYTEA, INT4, INT8, JSONB, TEXT, TSTZ};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
-use crate::ledger::core::grant_facts;
-use crate::ledger::{Create, EntryKind, GrantState, PoolLedger};
+use crate::ledger::core::{grant_facts, grant_is_closed};
+use crate::ledger::{Create, EntryKind, GrantState, PoolLedger, SUSPENDED};
 use crate::reversal::{self, Adjustment, GrantFacts};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -349,6 +349,10 @@ fn lock_grant(client: &mut SpiClient<'_>, grant_id: i64) -> Result<LockedGrant> 
         .ok_or_else(|| BillingError::Internal("grant vanished under the pool lock".into()))?;
     let row = Row(&row);
     let status: String = row.get("status")?;
+    if status == SUSPENDED {
+        // in memory, kept out of every figure, so credit can be taken or given back
+        ledger.load_grant(grant_id)?;
+    }
     let entries = db::write(client, &GRANT_ENTRIES, &[grant_id.into()])?
         .map(|e| {
             let e = Row(&e);
@@ -361,7 +365,7 @@ fn lock_grant(client: &mut SpiClient<'_>, grant_id: i64) -> Result<LockedGrant> 
     let facts = grant_facts(
         row.get("amount")?,
         row.get("remaining")?,
-        status != "active",
+        grant_is_closed(&status),
         entries,
     );
     Ok(LockedGrant {
@@ -483,9 +487,9 @@ fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<
         let available = g.ledger.available();
         return Ok((grant_id, "duplicate".into(), 0, consumed, 0, available));
     }
-    if g.status != "active" {
+    if grant_is_closed(&g.status) {
         return Err(BillingError::WrongState(format!(
-            "grant {grant_id} is {}; only an active grant can be {}",
+            "grant {grant_id} is {}; only an active or suspended grant can be {}",
             g.status,
             how.status()
         )));
@@ -502,6 +506,125 @@ fn close_grant(client: &mut SpiClient<'_>, grant_id: i64, how: Close) -> Result<
         g.ledger.available(),
     ))
 }
+
+type ToggleRow = (
+    name!(grant_id, i64),
+    name!(status, String),
+    name!(remaining, i64),
+    name!(available, i64),
+);
+
+/// Stop a grant from being spent while keeping its credit (a delinquent
+/// subscription's plan credit): it leaves the pool's balance at once and
+/// comes back with `resume_grant`. What was spent from it stays spent.
+/// Idempotent: an already suspended grant answers `duplicate`.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn suspend_grant(
+    grant_id: Option<i64>,
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(status, String),
+        name!(remaining, i64),
+        name!(available, i64),
+    ),
+> {
+    let result = (|| {
+        let grant_id = input::required("grant_id", grant_id)?;
+        Spi::connect_mut(|client| suspend_or_resume(client, grant_id, Toggle::Suspend))
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+/// Make a suspended grant spendable again; if its expiry passed meanwhile,
+/// it expires now, and its credit repays debt first. Idempotent: an active
+/// grant answers `duplicate`.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn resume_grant(
+    grant_id: Option<i64>,
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(status, String),
+        name!(remaining, i64),
+        name!(available, i64),
+    ),
+> {
+    let result = (|| {
+        let grant_id = input::required("grant_id", grant_id)?;
+        Spi::connect_mut(|client| suspend_or_resume(client, grant_id, Toggle::Resume))
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Toggle {
+    Suspend,
+    Resume,
+}
+
+impl Toggle {
+    /// The status the grant ends in.
+    fn status(self) -> &'static str {
+        match self {
+            Toggle::Suspend => SUSPENDED,
+            Toggle::Resume => "active",
+        }
+    }
+}
+
+/// Suspend or resume one open grant of this tenant, under its pool's lock.
+pub fn suspend_or_resume(
+    client: &mut SpiClient<'_>,
+    grant_id: i64,
+    how: Toggle,
+) -> Result<ToggleRow> {
+    let mut g = lock_grant(client, grant_id)?;
+    let remaining = |g: &LockedGrant| g.facts.remaining;
+    if g.status == how.status() {
+        let available = g.ledger.available();
+        return Ok((grant_id, "duplicate".into(), remaining(&g), available));
+    }
+    if grant_is_closed(&g.status) {
+        return Err(BillingError::WrongState(format!(
+            "grant {grant_id} is {}; only an open grant can be suspended or resumed",
+            g.status
+        )));
+    }
+    g.ledger.load_grant(grant_id)?;
+    let done = match how {
+        Toggle::Suspend => g.ledger.suspend(grant_id),
+        Toggle::Resume => g.ledger.resume(grant_id).is_some(),
+    };
+    if !done {
+        return Err(BillingError::Internal(format!(
+            "grant {grant_id} is not in its pool under the lock"
+        )));
+    }
+    // read before the flush, which forgets a suspended grant
+    let remaining = g.ledger.grant_remaining(grant_id).unwrap_or(0);
+    g.ledger.flush(client)?;
+    db::write(
+        client,
+        &SET_GRANT_STATUS,
+        &[grant_id.into(), how.status().into()],
+    )?;
+    Ok((
+        grant_id,
+        how.status().into(),
+        remaining,
+        g.ledger.available(),
+    ))
+}
+
+static SET_GRANT_STATUS: Sql = Sql {
+    text: "UPDATE billing.grants SET status = $2 WHERE id = $1",
+    args: &[INT8, TEXT],
+};
 
 /// Bring the total taken back from a grant to `total` (capped at what the
 /// grant gave): its unspent credit first, then debt for what the customer used

@@ -13,7 +13,8 @@ use crate::time::instant;
 
 /// The pool (summed over its lanes) as a check at `as_of` would have seen it, from ledger entries
 /// recorded by then: a grant counts at `as_of` if it was spendable then
-/// (`grant_state`), with what remained of it after the entries recorded up to `as_of`.
+/// (`grant_state`) and not suspended (its last suspend or resume entry by
+/// then), with what remained of it after the entries recorded up to `as_of`.
 static BALANCE_AS_OF: Sql = Sql {
     text: "WITH p AS (SELECT id FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3), \
                 t AS (SELECT coalesce($4, now()) AS at) \
@@ -23,7 +24,11 @@ static BALANCE_AS_OF: Sql = Sql {
                     LATERAL (SELECT coalesce(sum(e.grant_amount), 0)::bigint AS remaining \
                              FROM billing.ledger_entries e \
                              WHERE e.grant_id = g.id AND ($4 IS NULL OR e.recorded_at <= $4)) r \
-               WHERE billing.grant_state('active', r.remaining, g.effective_at, g.expires_at, t.at) = 'active'), \
+               WHERE billing.grant_state('active', r.remaining, g.effective_at, g.expires_at, t.at) = 'active' \
+                 AND coalesce((SELECT e.kind FROM billing.ledger_entries e \
+                               WHERE e.grant_id = g.id AND e.kind IN ('suspend', 'resume') \
+                                 AND ($4 IS NULL OR e.recorded_at <= $4) \
+                               ORDER BY e.version DESC LIMIT 1), 'resume') = 'resume'), \
               (SELECT coalesce(sum((SELECT coalesce(sum(e.hold_amount), 0) FROM billing.ledger_entries e \
                                     WHERE e.hold_id = h.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
                FROM billing.holds h JOIN p ON h.pool_id = p.id WHERE t.at < h.expires_at), \

@@ -45,10 +45,15 @@ pub enum EntryKind {
     DebtReversal,
     /// Credit moved between a grant and its share in a lane of the pool.
     Transfer,
+    /// A grant stopped being spendable, keeping its credit (a delinquent
+    /// subscription's plan credit); no amount moves.
+    Suspend,
+    /// A suspended grant made spendable again; no amount moves.
+    Resume,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 14] = [
+    pub const ALL: [EntryKind; 16] = [
         EntryKind::Grant,
         EntryKind::Debit,
         EntryKind::Debt,
@@ -63,6 +68,8 @@ impl EntryKind {
         EntryKind::Reinstate,
         EntryKind::DebtReversal,
         EntryKind::Transfer,
+        EntryKind::Suspend,
+        EntryKind::Resume,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +88,8 @@ impl EntryKind {
             EntryKind::Reinstate => "reinstate",
             EntryKind::DebtReversal => "debt_reversal",
             EntryKind::Transfer => "transfer",
+            EntryKind::Suspend => "suspend",
+            EntryKind::Resume => "resume",
         }
     }
 
@@ -110,6 +119,9 @@ pub struct GrantState {
     pub effective_at: Ts,
     pub expires_at: Option<Ts>,
     dirty: bool,
+    /// Kept in the pool (its credit still counts in the booked remaining)
+    /// but never spendable, drained, expired or repaying debt until resumed.
+    suspended: bool,
 }
 
 impl GrantState {
@@ -127,13 +139,30 @@ impl GrantState {
             effective_at,
             expires_at,
             dirty: false,
+            suspended: false,
         }
     }
 
-    /// The one definition of a spendable grant: credit left, effective, and
-    /// strictly before its expiry.
+    /// The grant as its row's status says: a suspended one stays out of
+    /// every figure until resumed.
+    pub fn with_suspended(mut self, suspended: bool) -> Self {
+        self.suspended = suspended;
+        self
+    }
+
+    /// The one definition of a spendable grant: not suspended, credit left,
+    /// effective, and strictly before its expiry.
     pub fn is_active(&self, t: Ts) -> bool {
-        self.remaining > 0 && self.effective_at <= t && self.expires_at.is_none_or(|e| t < e)
+        !self.suspended
+            && self.remaining > 0
+            && self.effective_at <= t
+            && self.expires_at.is_none_or(|e| t < e)
+    }
+
+    /// Whether the clock can change what this grant gives: it holds credit
+    /// and is not suspended.
+    fn follows_clock(&self) -> bool {
+        self.remaining > 0 && !self.suspended
     }
 
     pub fn is_expired(&self, t: Ts) -> bool {
@@ -147,6 +176,13 @@ impl GrantState {
 }
 
 /// The state of a grant at an instant, as reports show it.
+/// Whether a grant's status ends it for good (voided, revoked): nothing is
+/// given back to it and it cannot be suspended or resumed. Active and
+/// suspended grants are open.
+pub fn grant_is_closed(status: &str) -> bool {
+    matches!(status, "voided" | "revoked")
+}
+
 pub fn grant_state(
     status: &str,
     remaining: i64,
@@ -158,6 +194,7 @@ pub fn grant_state(
     match status {
         "voided" => "voided",
         "revoked" => "revoked",
+        "suspended" => "suspended",
         _ if g.is_expired(t) => "expired",
         _ if effective_at > t => "pending",
         _ if remaining == 0 => "exhausted",
@@ -356,7 +393,7 @@ impl Pool {
     fn next_instant_after(&self, t: Ts) -> Option<Ts> {
         self.grants
             .iter()
-            .filter(|g| g.remaining > 0)
+            .filter(|g| g.follows_clock())
             .flat_map(|g| [Some(g.effective_at), g.expires_at])
             .flatten()
             .filter(|i| *i > t && *i <= self.now)
@@ -438,7 +475,7 @@ impl Pool {
         let grant_bound = self
             .grants
             .iter()
-            .filter(|g| g.remaining > 0)
+            .filter(|g| g.follows_clock())
             .filter_map(|g| {
                 if g.effective_at > self.now {
                     Some(g.effective_at)
@@ -487,7 +524,8 @@ impl Pool {
         for g in &mut self.grants {
             g.dirty = false;
         }
-        self.grants.retain(|g| g.remaining > 0);
+        // the drain loads only spendable-status grants with credit
+        self.grants.retain(|g| g.follows_clock());
         self.entries.clear();
         self.expired_holds.clear();
     }
@@ -531,7 +569,7 @@ impl Pool {
     fn expire_due(&mut self, t: Ts) {
         for i in 0..self.grants.len() {
             let g = &self.grants[i];
-            if g.remaining > 0 && g.is_expired(t) {
+            if g.follows_clock() && g.is_expired(t) {
                 let (id, amount, at) = (g.id, g.remaining, g.expires_at.unwrap_or(t));
                 self.take_from_grant(i, amount);
                 self.push(EntryKind::Expire, -amount, 0, 0, Some(id), None, at);
@@ -735,6 +773,33 @@ impl Pool {
         self.grants.iter().find(|g| g.id == grant_id)
     }
 
+    /// Stop a grant of the pool from being spent, keeping its credit; false
+    /// if it is not in the pool or already suspended.
+    pub fn suspend(&mut self, grant_id: i64) -> bool {
+        let Some(g) = self.grants.iter_mut().find(|g| g.id == grant_id) else {
+            return false;
+        };
+        if g.suspended {
+            return false;
+        }
+        g.suspended = true;
+        self.push(EntryKind::Suspend, 0, 0, 0, Some(grant_id), None, self.now);
+        true
+    }
+
+    /// Make a suspended grant of the pool spendable again (the store brings
+    /// it into the pool first): what the clock did meanwhile applies now (its
+    /// expiry if it passed) and its credit repays debt first. Returns what it
+    /// repaid, or None if it is not in the pool.
+    pub fn resume(&mut self, grant_id: i64) -> Option<i64> {
+        let g = self.grants.iter_mut().find(|g| g.id == grant_id)?;
+        g.suspended = false;
+        self.push(EntryKind::Resume, 0, 0, 0, Some(grant_id), None, self.now);
+        let debt_before = self.debt;
+        self.catch_up();
+        Some(debt_before - self.debt)
+    }
+
     pub fn open_hold(&mut self, hold_id: i64, amount: i64, expires_at: Ts) -> Result<(), Overflow> {
         fits("held total", self.held, amount)?;
         self.active_held += amount;
@@ -784,6 +849,8 @@ pub fn grant_facts<'a>(
             | EntryKind::Settle
             | EntryKind::Release
             | EntryKind::HoldExpire
+            | EntryKind::Suspend
+            | EntryKind::Resume
             // a grant's facts include its lane shares', where transfers cancel out
             | EntryKind::Transfer => {}
         }

@@ -675,13 +675,20 @@ impl PoolLedger {
     }
 
     /// Bring one grant of this pool into memory even when nothing is left of
-    /// it (the drain loads only grants with credit), so credit can return to it.
+    /// it or it is suspended (the drain loads only spendable-status grants
+    /// with credit), so credit can return to it or it can be resumed.
     pub fn load_grant(&mut self, grant_id: i64) -> Result<()> {
         if self.pool.has_grant(grant_id) {
             return Ok(());
         }
         let mut lookup = Lookup::open(c"grants", c"grants_pkey", 1, Snapshot::New)?;
-        let row = lookup.find(&[Key::Int8(grant_id)], grant_row)?.pop();
+        let row = lookup
+            .find(&[Key::Int8(grant_id)], |t| {
+                let (pool, parent, grant) = grant_row(t)?;
+                let suspended = t.get::<String>(c"status")? == SUSPENDED;
+                Ok((pool, parent, grant.with_suspended(suspended)))
+            })?
+            .pop();
         lookup.close();
         let (_, parent, grant) =
             row.ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
@@ -886,6 +893,9 @@ pub fn first_unknown_unit<'u>(
         .copied()
         .find(|u| !known.iter().any(|k| k == u)))
 }
+
+/// The status of a grant whose credit is kept but not spendable.
+pub const SUSPENDED: &str = "suspended";
 
 /// A grant row: (its pool, the grant it is a lane share of, its state).
 fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState)> {

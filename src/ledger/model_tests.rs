@@ -1,7 +1,7 @@
 //! Model-based property test of the ledger core.
 //!
 //! Random sequences of grants, debits (strict or not), holds, settles,
-//! releases, voids, revokes and clock advances run twice: through the core,
+//! releases, voids, revokes, suspensions, resumptions and clock advances run twice: through the core,
 //! behind a simulated store that keeps rows and entries exactly as the
 //! database layer does (cached figures, hold loading, flushes), and through a
 //! small reference model written for obviousness, not speed. After every step
@@ -46,6 +46,12 @@ enum Op {
     Revoke {
         grant: usize,
     },
+    Suspend {
+        grant: usize,
+    },
+    Resume {
+        grant: usize,
+    },
     Advance {
         by: i64,
     },
@@ -62,6 +68,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(|hold| Op::Release { hold }),
         1 => (0usize..10).prop_map(|grant| Op::Void { grant }),
         1 => (0usize..10).prop_map(|grant| Op::Revoke { grant }),
+        1 => (0usize..10).prop_map(|grant| Op::Suspend { grant }),
+        1 => (0usize..10).prop_map(|grant| Op::Resume { grant }),
         3 => (0i64..25).prop_map(|by| Op::Advance { by }),
     ]
 }
@@ -79,6 +87,8 @@ enum Outcome {
     Duplicate,
     WrongState,
     Closed { removed: i64, debt: i64 },
+    Suspended,
+    Resumed { repaid: i64 },
     Nothing,
 }
 
@@ -218,7 +228,7 @@ impl Store {
         grant_facts(
             g.amount,
             g.remaining,
-            g.status != "active",
+            grant_is_closed(g.status),
             self.entries
                 .iter()
                 .filter(|e| e.grant_id == Some(id))
@@ -325,8 +335,11 @@ impl Store {
                 if status == if void { "voided" } else { "revoked" } {
                     return Outcome::Duplicate;
                 }
-                if status != "active" {
+                if grant_is_closed(status) {
                     return Outcome::WrongState;
+                }
+                if status == "suspended" {
+                    pool.insert_in_drain_order(self.grant_state(grant));
                 }
                 let facts = self.facts(id);
                 let a = if void {
@@ -350,11 +363,53 @@ impl Store {
                     debt: a.add_debt,
                 }
             }
+            Op::Suspend { grant } => {
+                let Some(id) = self.grants.get(grant).map(|g| g.id) else {
+                    return Outcome::Nothing;
+                };
+                self.flush(&mut pool);
+                match self.grants[grant].status {
+                    "suspended" => return Outcome::Duplicate,
+                    "active" => {}
+                    _ => return Outcome::WrongState,
+                }
+                if !pool.has_grant(id) {
+                    // without credit it is not loaded; it is suspended all the same
+                    pool.insert_in_drain_order(self.grant_state(grant));
+                }
+                assert!(pool.suspend(id));
+                self.flush(&mut pool);
+                self.grants[grant].status = "suspended";
+                Outcome::Suspended
+            }
+            Op::Resume { grant } => {
+                let Some(id) = self.grants.get(grant).map(|g| g.id) else {
+                    return Outcome::Nothing;
+                };
+                self.flush(&mut pool);
+                match self.grants[grant].status {
+                    "active" => return Outcome::Duplicate,
+                    "suspended" => {}
+                    _ => return Outcome::WrongState,
+                }
+                pool.insert_in_drain_order(self.grant_state(grant));
+                let repaid = pool.resume(id).unwrap();
+                self.flush(&mut pool);
+                self.grants[grant].status = "active";
+                Outcome::Resumed { repaid }
+            }
             Op::Advance { by } => {
                 self.now += by;
                 Outcome::Nothing
             }
         }
+    }
+
+    /// A grant's row as the store loads one by id, whatever its status.
+    fn grant_state(&self, index: usize) -> GrantState {
+        let g = &self.grants[index];
+        GrantState::new(g.id, g.priority, g.remaining, g.effective_at, g.expires_at)
+            .with_suspended(g.status == "suspended")
     }
 
     fn take_id(&mut self) -> i64 {
@@ -385,7 +440,7 @@ impl Store {
                 .sum();
             assert_eq!(sum, g.remaining, "grant {} sums to its remaining", g.id);
             assert!(g.remaining >= 0 && g.remaining <= g.amount);
-            assert!(g.status == "active" || g.remaining == 0);
+            assert!(!grant_is_closed(g.status) || g.remaining == 0);
         }
         for h in &self.holds {
             let sum: i64 = self
@@ -501,7 +556,8 @@ impl Model {
     fn pass_time(&mut self) {
         let now = self.now;
         for (_, g) in &mut self.grants {
-            if g.expires_at.is_some_and(|e| e <= now) {
+            // a suspended grant's expiry is recorded once it is resumed or closed
+            if g.status != "suspended" && g.expires_at.is_some_and(|e| e <= now) {
                 g.remaining = 0;
             }
         }
@@ -639,7 +695,7 @@ impl Model {
                 if g.status == if void { "voided" } else { "revoked" } {
                     return Outcome::Duplicate;
                 }
-                if g.status != "active" {
+                if grant_is_closed(g.status) {
                     return Outcome::WrongState;
                 }
                 // A void takes back everything the grant gave: its credit, and
@@ -651,6 +707,36 @@ impl Model {
                 self.debt += debt;
                 self.repay();
                 Outcome::Closed { removed, debt }
+            }
+            Op::Suspend { grant } => {
+                let Some((_, g)) = self.grants.get_mut(grant) else {
+                    return Outcome::Nothing;
+                };
+                match g.status {
+                    "suspended" => Outcome::Duplicate,
+                    "active" => {
+                        g.status = "suspended";
+                        Outcome::Suspended
+                    }
+                    _ => Outcome::WrongState,
+                }
+            }
+            Op::Resume { grant } => {
+                let Some((_, g)) = self.grants.get_mut(grant) else {
+                    return Outcome::Nothing;
+                };
+                match g.status {
+                    "active" => Outcome::Duplicate,
+                    "suspended" => {
+                        g.status = "active";
+                        let debt = self.debt;
+                        self.pass_time();
+                        Outcome::Resumed {
+                            repaid: debt - self.debt,
+                        }
+                    }
+                    _ => Outcome::WrongState,
+                }
             }
             Op::Advance { by } => {
                 // time passes one instant at a time
@@ -714,14 +800,11 @@ fn run(floor: i64, ops: &[Op]) -> std::result::Result<(), TestCaseError> {
         );
         prop_assert_eq!(store.gate().allows(0), model.allows(0));
         for (id, g) in &model.grants {
-            let credit = if store
-                .grants
-                .iter()
-                .any(|r| r.id == *id && r.status == "active")
-            {
-                pool.grant_remaining(*id).unwrap_or(0)
-            } else {
-                0
+            let row = store.grants.iter().find(|r| r.id == *id).unwrap();
+            let credit = match row.status {
+                "active" => pool.grant_remaining(*id).unwrap_or(0),
+                "suspended" => row.remaining,
+                _ => 0,
             };
             prop_assert_eq!(credit, g.remaining, "grant {} after step {}", id, step);
         }
