@@ -14,6 +14,7 @@ mod nulls;
 mod reversals;
 mod stripe;
 mod stripe_money;
+mod subscriptions;
 pub mod support;
 mod suspension;
 mod usage;

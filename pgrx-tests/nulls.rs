@@ -40,6 +40,11 @@ mod tests {
         "billing.currency_exponent(~'usd')",
         "billing.grant_state(~'active', ~1, ~now(), ~NULL, ~now())",
         "billing.verify_ledger()",
+        "billing.define_plan(?'p1', ?'{\"mills\": {\"amount\": 1}}', ?'[]', ~NULL, ?10, ~NULL, ?0)",
+        "billing.retire_plan(?'p1')",
+        "billing.sync_subscription(?'{}', ?'2027-01-01'::timestamptz, ?'stripe')",
+        "billing.allowance_periods(?'2027-01-01'::timestamptz, ?'2027-02-01'::timestamptz)",
+        "billing.subscription_access(~'active')",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

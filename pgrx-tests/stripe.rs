@@ -16,6 +16,7 @@ fn fixture(name: &str) -> Value {
         "checkout_session" => include_str!("../tests/fixtures/stripe/checkout_session.json"),
         "charge" => include_str!("../tests/fixtures/stripe/charge.json"),
         "dispute" => include_str!("../tests/fixtures/stripe/dispute.json"),
+        "subscription" => include_str!("../tests/fixtures/stripe/subscription.json"),
         other => panic!("no fixture {other}"),
     };
     serde_json::from_str(text).expect("fixture is JSON")
@@ -64,6 +65,36 @@ pub fn dispute(dp: &str, pi: &str, amount: i64, currency: &str, status: &str) ->
                "currency": currency, "status": status,
                "is_charge_refundable": false}),
     )
+}
+
+/// `account`'s subscription `id` to `price` for `seats`, in `status`, for the
+/// billing period [start, end) in unix seconds (on its item, where the newest
+/// API versions carry it), not being cancelled; its customer is `cus_<account>`.
+#[allow(clippy::too_many_arguments)]
+pub fn subscription(
+    id: &str,
+    account: &str,
+    status: &str,
+    price: &str,
+    seats: i64,
+    start: i64,
+    end: i64,
+) -> Value {
+    let mut s = with(
+        fixture("subscription"),
+        json!({"id": id, "status": status, "customer": format!("cus_{account}"),
+               "metadata": {"account": account}, "cancel_at": null, "canceled_at": null,
+               "ended_at": null, "cancel_at_period_end": false, "trial_start": null,
+               "trial_end": null, "pause_collection": null}),
+    );
+    let item = &mut s["items"]["data"][0];
+    item["price"]["id"] = json!(price);
+    item["plan"]["id"] = json!(price);
+    item["quantity"] = json!(seats);
+    item["current_period_start"] = json!(start);
+    item["current_period_end"] = json!(end);
+    item["subscription"] = json!(id);
+    s
 }
 
 pub fn setup() {

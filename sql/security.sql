@@ -47,7 +47,9 @@ DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_carries',
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
-                             'webhook_objects', 'webhook_handlers', 'stripe_reversals'] LOOP
+                             'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
+                             'provider_customers', 'subscriptions', 'subscription_conflicts',
+                             'subscription_allowances'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -66,7 +68,9 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.usage_events, billing.holds, billing.meter_carries, billing.ledger_entries,
                 billing.webhook_events,
                 billing.webhook_currencies, billing.webhook_objects, billing.webhook_handlers,
-                billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings
+                billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
+                billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
+                billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_status
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -129,7 +133,9 @@ GRANT EXECUTE ON FUNCTION
     billing."check"(text, text, bigint),
     billing.balance(text, text, timestamptz),
     billing.verify_ledger(),
-    billing.verify_webhook(text, text, jsonb, text, text, integer, text)
+    billing.verify_webhook(text, text, jsonb, text, text, integer, text),
+    billing.allowance_periods(timestamptz, timestamptz),
+    billing.subscription_access(text)
     TO billing_reader;
 GRANT EXECUTE ON FUNCTION
     billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb),
@@ -144,7 +150,8 @@ GRANT EXECUTE ON FUNCTION
     billing.settle(bigint, bigint, text, text, numeric, jsonb),
     billing.release(bigint),
     billing.account(text, text, jsonb),
-    billing.receive_webhook(text, jsonb, text)
+    billing.receive_webhook(text, jsonb, text),
+    billing.sync_subscription(jsonb, timestamptz, text)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),
@@ -157,5 +164,7 @@ GRANT EXECUTE ON FUNCTION
     billing.rotate_webhook_secret(text, text, interval),
     billing.register_webhook_handler(text, regprocedure, text),
     billing.grant_tenant(text, name),
-    billing.revoke_tenant(text, name)
+    billing.revoke_tenant(text, name),
+    billing.define_plan(text, jsonb, jsonb, text, integer, bigint, integer),
+    billing.retire_plan(text)
     TO billing_admin;

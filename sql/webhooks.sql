@@ -593,6 +593,15 @@ DECLARE
     credit record;
     g record;
 BEGIN
+    -- a subscription's payments buy its plan, not credits
+    IF obj ->> 'mode' = 'subscription' OR obj ->> 'subscription' IS NOT NULL THEN
+        RETURN jsonb_build_object('credited', false, 'why', 'a subscription checkout: its plan credit comes with the subscription');
+    END IF;
+    IF ev.event_type = 'payment_intent.succeeded'
+       AND (obj ->> 'invoice' IS NOT NULL OR obj ->> 'description' IN ('Subscription creation', 'Subscription update',
+                                                                         'Subscription cycle')) THEN
+        RETURN jsonb_build_object('credited', false, 'why', 'the payment of a subscription invoice, not a top-up');
+    END IF;
     IF ev.event_type = 'checkout.session.completed' THEN
         IF obj ->> 'payment_status' IS DISTINCT FROM 'paid' THEN
             RETURN jsonb_build_object('credited', false, 'why', 'checkout session is not paid');
@@ -722,6 +731,12 @@ BEGIN
     IF scheme = 'stripe' THEN
         IF ev.event_type IN ('checkout.session.completed', 'payment_intent.succeeded') THEN
             RETURN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure;
+        ELSIF ev.event_type IN ('customer.subscription.created', 'customer.subscription.updated',
+                                'customer.subscription.deleted', 'customer.subscription.paused',
+                                'customer.subscription.resumed', 'customer.subscription.pending_update_applied',
+                                'customer.subscription.pending_update_expired',
+                                'customer.subscription.trial_will_end') THEN
+            RETURN 'billing.stripe_subscription_event(billing.webhook_events)'::regprocedure;
         ELSIF ev.event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn',
                                 'charge.dispute.closed', 'charge.dispute.funds_reinstated') THEN
             RETURN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure;

@@ -24,6 +24,7 @@ mod pricing;
 mod reporting;
 mod reversal;
 mod signatures;
+mod subscriptions;
 mod tenancy;
 mod time;
 mod webhooks;
@@ -42,6 +43,16 @@ extension_sql_file!(
     "../sql/webhooks.sql",
     name = "webhooks",
     requires = ["schema"]
+);
+extension_sql_file!(
+    "../sql/subscriptions.sql",
+    name = "subscriptions",
+    requires = [
+        "schema",
+        "webhooks",
+        tenancy::current_tenant_sql,
+        subscriptions::allowance_periods
+    ]
 );
 extension_sql_file!(
     "../sql/views.sql",

@@ -139,6 +139,13 @@ pub const BILLING_TABLES: &[&str] = &[
     "tenant_roles",
     "meter_carries",
     "webhook_currencies",
+    "plans",
+    "plan_keys",
+    "plan_prices",
+    "provider_customers",
+    "subscriptions",
+    "subscription_conflicts",
+    "subscription_allowances",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released

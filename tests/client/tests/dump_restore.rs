@@ -79,6 +79,11 @@ fn dump_and_restore_reproduce_balances_and_history() {
          SELECT * FROM billing.settle((SELECT hold_id FROM billing.reserve('org_1', 'usd_mills', 900, key => 'h2')), 850);
          SELECT billing.define_webhook_endpoint('hooks', 'stripe', 'whsec_dump');
          SELECT * FROM billing.receive_webhook('hooks', '{}', '{}');
+         SELECT * FROM billing.define_plan('basic', '{\"usd_mills\": {\"amount\": 3000}}',
+                                           '[{\"price_id\": \"price_1\", \"interval\": \"month\"}]');
+         SELECT * FROM billing.sync_subscription('{\"object\": \"subscription\", \"id\": \"sub_1\",
+             \"status\": \"active\", \"customer\": \"cus_1\", \"metadata\": {\"account\": \"org_1\"},
+             \"items\": {\"data\": [{\"price\": {\"id\": \"price_1\"}, \"quantity\": 1}]}}');
          SET billing.tenant = 'b';
          SELECT * FROM billing.grant('org_b', 'credits', 42, key => 'b:1');
          SELECT * FROM billing.ingest('org_b', 'credits', 1, key => 'b:e1', cost => 2);

@@ -6,6 +6,10 @@ use pg_billing_client_tests::{attempt, fresh_db, sqlstate, BILLING_TABLES};
 use postgres::Client;
 
 const DB: &str = "pgb_tenant_isolation";
+/// Tenant B's subscription of `shared_name` (no period: the calendar month).
+const SUBSCRIPTION_B: &str = r#"{"object": "subscription", "id": "sub_b", "status": "active",
+    "customer": "cus_b", "metadata": {"account": "shared_name"},
+    "items": {"data": [{"price": {"id": "price_b"}, "quantity": 1}]}}"#;
 
 fn login(role: &str, tenant: &str) -> Client {
     pg_billing_client_tests::login(DB, role, tenant)
@@ -37,7 +41,9 @@ fn setup(admin: &mut Client) -> (i64, i64) {
              SELECT billing.grant_tenant('a', 'pgb_reader_a');
              SET billing.tenant = 'b';
              SELECT billing.define_meter('ai', 'usd', unit_price => 2);
-             SELECT billing.define_webhook_endpoint('hooks', 'stripe', 'whsec_b_secret');",
+             SELECT billing.define_webhook_endpoint('hooks', 'stripe', 'whsec_b_secret');
+             SELECT * FROM billing.define_plan('pro', '{\"usd\": {\"amount\": 500}}',
+                                               '[{\"price_id\": \"price_b\", \"interval\": \"month\"}]');",
         )
         .unwrap();
     let mut b = login("pgb_app_b", "b");
@@ -59,6 +65,10 @@ fn setup(admin: &mut Client) -> (i64, i64) {
         .get(0);
     b.batch_execute("SELECT * FROM billing.receive_webhook('hooks', '{}', '{}')")
         .unwrap();
+    b.batch_execute(&format!(
+        "SELECT * FROM billing.sync_subscription('{SUBSCRIPTION_B}')"
+    ))
+    .unwrap();
     admin
         .batch_execute("SET billing.tenant = 'a'; SELECT billing.define_unit('usd');")
         .unwrap();
@@ -117,6 +127,15 @@ fn tenant_a_cannot_read_or_change_tenant_b() {
     ] {
         assert_eq!(attempt(&mut a, &call), "42704", "{call}");
     }
+    // B's subscription object, from A: A has no plan for B's price, and B's
+    // subscription, customer and plan credit stay B's.
+    assert_eq!(
+        attempt(
+            &mut a,
+            &format!("SELECT * FROM billing.sync_subscription('{SUBSCRIPTION_B}')")
+        ),
+        "22023"
+    );
     // Same account name, same keys: tenant A's own namespace, nothing of B's.
     assert_eq!(
         attempt(
@@ -154,6 +173,8 @@ fn tenant_a_cannot_read_or_change_tenant_b() {
         "SELECT count(*) FROM billing.ledger",
         "SELECT * FROM billing.verify_ledger()",
         "SELECT * FROM billing.receive_webhook('hooks', '{}', '{}')",
+        "SELECT * FROM billing.sync_subscription('{}')",
+        "SELECT count(*) FROM billing.subscription_status",
     ] {
         assert_eq!(attempt(&mut a, call), "42501", "{call} as tenant b");
     }
@@ -178,6 +199,8 @@ fn tenant_a_cannot_read_or_change_tenant_b() {
         "SELECT billing.register_webhook_handler('x', 'billing.sweep(integer)')",
         "SELECT billing.grant_tenant('b', 'pgb_app_a')",
         "SELECT billing.sweep()",
+        "SELECT * FROM billing.define_plan('x', '{}')",
+        "SELECT * FROM billing.retire_plan('pro')",
         "SET ROLE pgb_app_b",
         "SET ROLE billing_admin",
         "SET SESSION AUTHORIZATION pgb_app_b",
@@ -224,5 +247,9 @@ fn tenant_a_cannot_read_or_change_tenant_b() {
             .unwrap()
             .get(0)
     };
-    assert_eq!(b_balance, 1000 - 6);
+    assert_eq!(
+        b_balance,
+        1000 + 500 - 6,
+        "its top-up and its plan credit, less its usage"
+    );
 }

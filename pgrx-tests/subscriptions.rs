@@ -1,0 +1,626 @@
+// Plans and subscriptions (docs/architecture.md, "Plans and subscriptions"):
+// the catalogue's versions, the projection of Stripe's subscription object
+// (by poll and by webhook), and the plan credit each period opens, holds
+// back, raises and ends. Subscriptions are Stripe's own example object with
+// the fields a test is about set.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    use crate::pgrx_tests::stripe::*;
+    use crate::pgrx_tests::support::*;
+
+    const DAY: i64 = 86_400;
+    const BASIC: &str = r#"[{"price_id": "price_basic_m", "interval": "month", "amount": 2000},
+                            {"price_id": "price_basic_y", "interval": "year", "amount": 20000}]"#;
+
+    fn plans() {
+        run("SELECT * FROM billing.define_unit('credits')");
+        define("basic", r#"{"credits": {"amount": 1000}}"#, BASIC);
+        define(
+            "pro",
+            r#"{"credits": {"amount": 2000}}"#,
+            r#"[{"price_id": "price_pro_m", "interval": "month", "amount": 5000}]"#,
+        );
+        define(
+            "team",
+            r#"{"credits": {"amount": 100, "per_seat": true}}"#,
+            r#"[{"price_id": "price_team_m", "interval": "month", "amount": 1000}]"#,
+        );
+    }
+
+    /// "status:version" of defining `key`.
+    fn define(key: &str, allowances: &str, prices: &str) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT status || ':' || version FROM billing.define_plan($1, $2::jsonb, $3::jsonb)",
+            &[key.into(), allowances.into(), prices.into()],
+        )
+        .expect("define_plan")
+        .expect("a row")
+    }
+
+    /// "outcome|status|credit" of applying `s` as observed now.
+    fn sync(s: &Value) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT concat_ws('|', outcome, status, credit::text) FROM billing.sync_subscription($1::jsonb)",
+            &[s.to_string().into()],
+        )
+        .expect("sync_subscription")
+        .expect("a row")
+    }
+
+    fn sync_sql(s: &Value) -> String {
+        format!(
+            "SELECT * FROM billing.sync_subscription('{}'::jsonb)",
+            s.to_string().replace('\'', "''")
+        )
+    }
+
+    fn credit(granted: i64, suspended: i64, resumed: i64, revoked: i64) -> String {
+        format!(
+            r#"{{"granted": {granted}, "resumed": {resumed}, "revoked": {revoked}, "suspended": {suspended}}}"#
+        )
+    }
+
+    fn credits(account: &str) -> i64 {
+        available(account, "credits")
+    }
+
+    /// A monthly period that started 10 days ago.
+    fn month() -> (i64, i64) {
+        let t = now_unix();
+        (t - 10 * DAY, t + 20 * DAY)
+    }
+
+    fn with(mut s: Value, fields: Value) -> Value {
+        for (k, v) in fields.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    }
+
+    #[pg_test]
+    fn plans_are_versioned_and_a_subscription_keeps_the_version_it_bought() {
+        plans();
+        assert_eq!(
+            define("basic", r#"{"credits": {"amount": 1000}}"#, BASIC),
+            "unchanged:1",
+            "the same definition again is no new version"
+        );
+        let (start, end) = month();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        assert_eq!(credits("org_1"), 1000);
+        assert_eq!(
+            define("basic", r#"{"credits": {"amount": 1500}}"#, BASIC),
+            "created:2"
+        );
+        assert_eq!(
+            sync(&subscription(
+                "sub_1",
+                "org_1",
+                "active",
+                "price_basic_m",
+                1,
+                start,
+                end
+            )),
+            format!("unchanged|active|{}", credit(0, 0, 0, 0)),
+            "a new version changes nothing retroactively"
+        );
+        let version = |sub: &str| -> i32 {
+            one(&format!(
+                "SELECT plan_version FROM billing.subscription_status WHERE subscription = '{sub}'"
+            ))
+        };
+        assert_eq!(version("sub_1"), 1);
+        assert_eq!(credits("org_1"), 1000);
+        sync(&subscription(
+            "sub_2",
+            "org_2",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        assert_eq!(
+            version("sub_2"),
+            2,
+            "a new subscription buys the newest version"
+        );
+        assert_eq!(credits("org_2"), 1500);
+
+        run("SELECT * FROM billing.retire_plan('basic')");
+        assert_rejected(
+            &format!("SELECT * FROM billing.define_plan('basic', '{{\"credits\": {{\"amount\": 1}}}}', '{BASIC}')"),
+            "55000",
+        );
+        assert_rejected(
+            &sync_sql(&subscription(
+                "sub_3",
+                "org_3",
+                "active",
+                "price_basic_y",
+                1,
+                start,
+                end + 300 * DAY,
+            )),
+            "55000",
+        );
+        assert_eq!(
+            sync(&subscription(
+                "sub_1",
+                "org_1",
+                "past_due",
+                "price_basic_m",
+                1,
+                start,
+                end
+            )),
+            format!("updated|past_due|{}", credit(0, 1, 0, 0)),
+            "a retired plan keeps serving its subscriptions"
+        );
+        assert_rejected(
+            r#"SELECT * FROM billing.define_plan('other', '{"credits": {"amount": 1}}', '[{"price_id": "price_pro_m", "interval": "month"}]')"#,
+            "22023",
+        );
+        assert_rejected(
+            r#"SELECT * FROM billing.define_plan('x', '{"tokens": {"amount": 1}}')"#,
+            "42704",
+        );
+        for bad in [
+            r#"{"credits": {"amount": -1}}"#,
+            r#"{"credits": {"amount": 1.5}}"#,
+            r#"{"credits": {"amount": 1, "per_seat": "yes"}}"#,
+            r#"{"credits": 5}"#,
+            r#"{}"#,
+        ] {
+            assert_rejected(
+                &format!("SELECT * FROM billing.define_plan('x', '{bad}')"),
+                "22023",
+            );
+        }
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_paid_period_grants_the_plan_allowance_once_expiring_at_its_end() {
+        plans();
+        let (start, end) = month();
+        let s = subscription("sub_1", "org_1", "active", "price_basic_m", 1, start, end);
+        assert_eq!(
+            sync(&s),
+            format!("created|active|{}", credit(1000, 0, 0, 0))
+        );
+        assert_eq!(sync(&s), format!("unchanged|active|{}", credit(0, 0, 0, 0)));
+        let g: String = one(&format!(
+            "SELECT concat_ws(',', kind, priority, amount, effective_at = to_timestamp({start}), \
+                              expires_at = to_timestamp({end})) FROM billing.grants WHERE account = 'org_1'"
+        ));
+        assert_eq!(g, "plan,10,1000,t,t");
+        let status: String = one(
+            "SELECT concat_ws(',', plan, status, access, seats, allowance, allowance_left) \
+             FROM billing.subscription_status",
+        );
+        assert_eq!(status, "basic,active,open,1,1000,1000");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_annual_subscription_grants_monthly_never_a_lump() {
+        plans();
+        let t = now_unix();
+        let start = t - 40 * DAY;
+        let end: i64 = one(&format!(
+            "SELECT extract(epoch FROM (to_timestamp({start}) AT TIME ZONE 'UTC' + interval '1 year') \
+                                       AT TIME ZONE 'UTC')::bigint"
+        ));
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_y",
+            1,
+            start,
+            end,
+        ));
+        assert_eq!(
+            credits("org_1"),
+            1000,
+            "only this month's allowance is spendable"
+        );
+        let slices: String = one(&format!(
+            "SELECT string_agg(ap.starts_at::text || '-' || ap.ends_at::text, ',' ORDER BY ap.starts_at) \
+             FROM billing.allowance_periods(to_timestamp({start}), to_timestamp({end})) ap \
+             WHERE ap.ends_at > now()"
+        ));
+        let grants: String = one(
+            "SELECT string_agg(effective_at::text || '-' || expires_at::text, ',' ORDER BY effective_at) \
+             FROM billing.grants WHERE account = 'org_1'",
+        );
+        assert_eq!(
+            grants, slices,
+            "one grant per month still to come, each to its month's end"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.grants WHERE account = 'org_1'"),
+            11,
+            "the month that already ended is not granted"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.grant_balances WHERE state = 'pending'"),
+            10
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_delinquent_subscription_holds_plan_credit_back_and_recovery_restores_the_rest() {
+        plans();
+        grant("org_1", "credits", 500, ", kind => 'topup'");
+        let (start, end) = month();
+        let s =
+            |status: &str| subscription("sub_1", "org_1", status, "price_basic_m", 1, start, end);
+        sync(&s("active"));
+        ingest("org_1", "credits", 300, "e1");
+        assert_eq!(credits("org_1"), 1200);
+        for status in ["past_due", "unpaid", "incomplete", "paused"] {
+            assert_eq!(
+                sync(&s(status)),
+                format!("updated|{status}|{}", credit(0, 1, 0, 0))
+            );
+            assert_eq!(
+                credits("org_1"),
+                500,
+                "{status}: top-ups stay spendable, the plan's do not"
+            );
+            assert_rejected(
+                "SELECT * FROM billing.ingest('org_1', 'credits', 1, key => 'big', cost => 501, strict => true)",
+                "23514",
+            );
+            assert_eq!(
+                sync(&s("active")),
+                format!("updated|active|{}", credit(0, 0, 1, 0))
+            );
+            assert_eq!(
+                credits("org_1"),
+                1200,
+                "what was used stays used, the rest is back"
+            );
+        }
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_upgrade_raises_the_ceiling_a_downgrade_never_shrinks_the_period_and_seats_only_rise() {
+        plans();
+        let (start, end) = month();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        ingest("org_1", "credits", 300, "e1");
+        assert_eq!(
+            sync(&subscription(
+                "sub_1",
+                "org_1",
+                "active",
+                "price_pro_m",
+                1,
+                start,
+                end
+            )),
+            format!("updated|active|{}", credit(1000, 0, 0, 0)),
+            "raised to the new allowance: no second full allowance"
+        );
+        assert_eq!(credits("org_1"), 1700);
+        assert_eq!(
+            sync(&subscription(
+                "sub_1",
+                "org_1",
+                "active",
+                "price_basic_m",
+                1,
+                start,
+                end
+            )),
+            format!("updated|active|{}", credit(0, 0, 0, 0))
+        );
+        assert_eq!(
+            credits("org_1"),
+            1700,
+            "a downgrade waits for the next period"
+        );
+        let next = subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            end,
+            end + 30 * DAY,
+        );
+        sync(&next);
+        let next_grant: i64 = one(&format!(
+            "SELECT amount FROM billing.grants WHERE effective_at = to_timestamp({end})"
+        ));
+        assert_eq!(
+            next_grant, 1000,
+            "the next period has the lower plan's allowance"
+        );
+
+        let team = |seats: i64| {
+            subscription(
+                "sub_t",
+                "org_t",
+                "active",
+                "price_team_m",
+                seats,
+                start,
+                end,
+            )
+        };
+        assert_eq!(
+            sync(&team(3)),
+            format!("created|active|{}", credit(300, 0, 0, 0))
+        );
+        assert_eq!(
+            sync(&team(5)),
+            format!("updated|active|{}", credit(200, 0, 0, 0))
+        );
+        assert_eq!(
+            sync(&team(2)),
+            format!("updated|active|{}", credit(0, 0, 0, 0))
+        );
+        assert_eq!(
+            sync(&team(4)),
+            format!("updated|active|{}", credit(0, 0, 0, 0))
+        );
+        assert_eq!(
+            credits("org_t"),
+            500,
+            "the period's high-water mark of seats"
+        );
+        assert_rejected(&sync_sql(&team(0)), "22023");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn cancelling_keeps_the_period_then_ends_it_and_resubscribing_gives_no_second_allowance() {
+        plans();
+        let (start, end) = month();
+        let s = subscription("sub_1", "org_1", "active", "price_basic_m", 1, start, end);
+        sync(&s);
+        ingest("org_1", "credits", 300, "e1");
+        let at_end = with(s.clone(), json!({"cancel_at_period_end": true}));
+        assert_eq!(
+            sync(&at_end),
+            format!("updated|active|{}", credit(0, 0, 0, 0))
+        );
+        assert_eq!(credits("org_1"), 700, "kept to the period's end");
+        let ends: bool = one(&format!(
+            "SELECT ends_at = to_timestamp({end}) FROM billing.subscriptions"
+        ));
+        assert!(
+            ends,
+            "cancel_at_period_end means access ends at the period end"
+        );
+        assert_eq!(
+            sync(&s),
+            format!("updated|active|{}", credit(0, 0, 0, 0)),
+            "reactivated before the end"
+        );
+        assert!(one::<bool>(
+            "SELECT ends_at IS NULL FROM billing.subscriptions"
+        ));
+
+        let canceled = with(
+            subscription("sub_1", "org_1", "canceled", "price_basic_m", 1, start, end),
+            json!({"canceled_at": now_unix(), "ended_at": now_unix()}),
+        );
+        assert_eq!(
+            sync(&canceled),
+            format!("updated|canceled|{}", credit(0, 0, 0, 700))
+        );
+        assert_eq!(credits("org_1"), 0);
+        let t = now_unix();
+        assert_eq!(
+            sync(&subscription(
+                "sub_2",
+                "org_1",
+                "active",
+                "price_basic_m",
+                1,
+                t,
+                t + 30 * DAY
+            )),
+            format!("created|active|{}", credit(700, 0, 0, 0)),
+            "what the cancelled period used counts: never two full allowances in one period"
+        );
+        assert_eq!(credits("org_1"), 700);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_account_has_at_most_one_live_subscription_and_one_customer() {
+        plans();
+        let (start, end) = month();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        let second = subscription("sub_2", "org_1", "active", "price_pro_m", 1, start, end);
+        let outcome: String = one(&format!(
+            "SELECT outcome || ':' || (changes ->> 'live_subscription_id' = \
+                    (SELECT id::text FROM billing.subscriptions WHERE provider_id = 'sub_1'))::text \
+             FROM ({}) r",
+            sync_sql(&second)
+        ));
+        assert_eq!(outcome, "conflict:true");
+        assert_eq!(
+            one::<String>(
+                "SELECT provider_id || ':' || status FROM billing.subscription_conflicts"
+            ),
+            "sub_2:active",
+            "recorded for the application to refund"
+        );
+        assert_eq!(credits("org_1"), 1000, "the second one grants nothing");
+        assert_eq!(one::<i64>("SELECT count(*) FROM billing.subscriptions"), 1);
+
+        let other_customer = with(
+            subscription("sub_3", "org_1", "active", "price_basic_m", 1, start, end),
+            json!({"customer": "cus_someone_else"}),
+        );
+        assert_rejected(&sync_sql(&other_customer), "55000");
+        let other_account = with(
+            subscription("sub_4", "org_2", "active", "price_basic_m", 1, start, end),
+            json!({"customer": "cus_org_1"}),
+        );
+        assert_rejected(&sync_sql(&other_account), "55000");
+        assert_eq!(credits("org_1"), 1000);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_older_observation_changes_nothing_and_bad_objects_are_refused() {
+        plans();
+        let (start, end) = month();
+        let active = subscription("sub_1", "org_1", "active", "price_basic_m", 1, start, end);
+        sync(&active);
+        let canceled = subscription("sub_1", "org_1", "canceled", "price_basic_m", 1, start, end);
+        let applied: String = one(&format!(
+            "SELECT outcome FROM billing.sync_subscription('{}'::jsonb, now() + interval '1 minute')",
+            canceled.to_string().replace('\'', "''")
+        ));
+        assert_eq!(applied, "updated");
+        let late: String = one(&format!(
+            "SELECT outcome FROM billing.sync_subscription('{}'::jsonb, now())",
+            active.to_string().replace('\'', "''")
+        ));
+        assert_eq!(late, "stale", "an older state arriving late is not applied");
+        assert_eq!(credits("org_1"), 0);
+        assert_eq!(
+            one::<String>("SELECT status FROM billing.subscriptions"),
+            "canceled"
+        );
+
+        let unknown_price = subscription("sub_9", "org_9", "active", "price_nope", 1, start, end);
+        assert_rejected(&sync_sql(&unknown_price), "22023");
+        let bad_status = subscription("sub_9", "org_9", "weird", "price_basic_m", 1, start, end);
+        assert_rejected(&sync_sql(&bad_status), "22023");
+        let no_account = with(
+            subscription("sub_9", "org_9", "active", "price_basic_m", 1, start, end),
+            json!({"metadata": {}, "customer": "cus_unknown"}),
+        );
+        assert_rejected(&sync_sql(&no_account), "22023");
+        assert_rejected(
+            r#"SELECT * FROM billing.sync_subscription('{"object": "invoice", "id": "in_1"}')"#,
+            "22023",
+        );
+    }
+
+    #[pg_test]
+    fn stripe_subscription_events_apply_in_any_order_and_subscription_payments_are_not_top_ups() {
+        setup();
+        plans();
+        let (start, end) = month();
+        let t = now_unix();
+        let s =
+            |status: &str| subscription("sub_1", "org_1", status, "price_basic_m", 1, start, end);
+        let created = event(
+            "evt_1",
+            "customer.subscription.created",
+            t - 60,
+            s("incomplete"),
+        );
+        let active = event(
+            "evt_2",
+            "customer.subscription.updated",
+            t - 30,
+            s("active"),
+        );
+        let late = event(
+            "evt_3",
+            "customer.subscription.updated",
+            t - 45,
+            s("past_due"),
+        );
+        assert_eq!(deliver(&active), "applied|", "an update before its create");
+        assert_eq!(credits("org_1"), 1000);
+        assert!(deliver(&created).starts_with("superseded|"));
+        assert!(deliver(&late).starts_with("superseded|"));
+        assert!(deliver(&active).starts_with("duplicate|"));
+        assert_eq!(credits("org_1"), 1000, "still active, granted once");
+        let failed = event(
+            "evt_4",
+            "customer.subscription.updated",
+            t - 20,
+            subscription("sub_1", "org_1", "active", "price_nope", 1, start, end),
+        );
+        let outcome = deliver(&failed);
+        assert!(
+            outcome.starts_with("failed|") && outcome.contains("no price maps to a plan"),
+            "{outcome}"
+        );
+        let past_due = event(
+            "evt_5",
+            "customer.subscription.updated",
+            t - 10,
+            s("past_due"),
+        );
+        assert_eq!(deliver(&past_due), "applied|");
+        assert_eq!(credits("org_1"), 0, "held back at once");
+
+        let mut checkout: Value = serde_json::from_str(include_str!(
+            "../tests/fixtures/stripe/checkout_session.json"
+        ))
+        .unwrap();
+        checkout["mode"] = json!("subscription");
+        checkout["payment_status"] = json!("paid");
+        checkout["amount_total"] = json!(2000);
+        checkout["currency"] = json!("usd");
+        checkout["client_reference_id"] = json!("org_1");
+        checkout["subscription"] = json!("sub_1");
+        assert_eq!(
+            deliver(&event("evt_6", "checkout.session.completed", t, checkout)),
+            "applied|"
+        );
+        let mut invoice_payment = payment_intent("pi_sub", 2000, "usd", "org_1");
+        invoice_payment["description"] = json!("Subscription creation");
+        assert_eq!(
+            deliver(&event(
+                "evt_7",
+                "payment_intent.succeeded",
+                t,
+                invoice_payment
+            )),
+            "applied|"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.grants WHERE kind = 'topup'"),
+            0,
+            "a subscription's payments buy its plan, not credits"
+        );
+        assert_ledger_consistent();
+    }
+}

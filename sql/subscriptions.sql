@@ -1,0 +1,686 @@
+-- Plans and subscriptions: the catalogue, the provider's subscription state
+-- projected into the database, and the plan credit each paid period opens
+-- (docs/architecture.md, "Plans and subscriptions").
+
+-- ----- the plan catalogue ------------------------------------------------------
+
+-- One row per version of a plan. A changed definition is a new version;
+-- subscriptions keep the version they bought until they change price.
+CREATE TABLE billing.plans (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id   text        NOT NULL,
+    key         text        NOT NULL,
+    version     integer     NOT NULL,
+    name        text        NOT NULL,
+    -- per unit: {"amount": <per period>, "per_seat": <bool>}
+    allowances  jsonb       NOT NULL,
+    -- [{"provider", "price_id", "interval", "interval_count", "amount", "currency"}]
+    prices      jsonb       NOT NULL,
+    priority    integer     NOT NULL,
+    floor       bigint,
+    trial_days  integer     NOT NULL,
+    retired_at  timestamptz,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, key, version)
+);
+
+-- One row per plan key: changes to a key's versions queue on it (a row lock,
+-- which no other role can take, unlike an advisory lock).
+CREATE TABLE billing.plan_keys (
+    tenant_id text NOT NULL,
+    key       text NOT NULL,
+    PRIMARY KEY (tenant_id, key)
+);
+
+-- The plan version a provider price subscribes to: the newest that lists it.
+CREATE TABLE billing.plan_prices (
+    tenant_id text   NOT NULL,
+    provider  text   NOT NULL,
+    price_id  text   NOT NULL,
+    plan_id   bigint NOT NULL REFERENCES billing.plans (id),
+    PRIMARY KEY (tenant_id, provider, price_id)
+);
+
+-- ----- subscriptions -----------------------------------------------------------
+
+-- One provider customer per account and one account per provider customer.
+CREATE TABLE billing.provider_customers (
+    tenant_id  text        NOT NULL,
+    provider   text        NOT NULL,
+    customer   text        NOT NULL,
+    account    text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, provider, customer),
+    UNIQUE (tenant_id, provider, account)
+);
+
+-- The provider's subscription as last observed. `ends_at` is the one
+-- meaning of the provider's cancellation fields: the instant access ends
+-- (cancel_at, the period end under cancel_at_period_end, or when it ended);
+-- NULL while it renews.
+CREATE TABLE billing.subscriptions (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id    text        NOT NULL,
+    account      text        NOT NULL,
+    provider     text        NOT NULL,
+    provider_id  text        NOT NULL,
+    customer     text,
+    status       text        NOT NULL,
+    plan_id      bigint      NOT NULL REFERENCES billing.plans (id),
+    price_id     text        NOT NULL,
+    seats        integer     NOT NULL,
+    period_start timestamptz NOT NULL,
+    period_end   timestamptz NOT NULL,
+    ends_at      timestamptz,
+    trial_end    timestamptz,
+    -- the provider's time of the state applied (the event's, or the poll's)
+    observed_at  timestamptz NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, provider, provider_id),
+    FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account)
+);
+-- At most one live subscription per account, whatever the concurrency.
+CREATE UNIQUE INDEX subscriptions_one_live ON billing.subscriptions (tenant_id, account)
+    WHERE status NOT IN ('canceled', 'incomplete_expired');
+
+-- A subscription refused because its account already had a live one (two
+-- parallel checkouts): the application refunds or cancels it.
+CREATE TABLE billing.subscription_conflicts (
+    id                   bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id            text        NOT NULL,
+    account              text        NOT NULL,
+    provider             text        NOT NULL,
+    provider_id          text        NOT NULL,
+    live_subscription_id bigint      NOT NULL,
+    status               text        NOT NULL,
+    subscription         jsonb       NOT NULL,
+    recorded_at          timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, provider, provider_id)
+);
+
+-- The plan credit opened for one allowance period of a subscription, per
+-- unit: the ceiling it was raised to (never lowered within the period) and
+-- the grants that gave it.
+CREATE TABLE billing.subscription_allowances (
+    subscription_id bigint      NOT NULL REFERENCES billing.subscriptions (id),
+    tenant_id       text        NOT NULL,
+    unit            text        NOT NULL,
+    starts_at       timestamptz NOT NULL,
+    ends_at         timestamptz NOT NULL,
+    ceiling         bigint      NOT NULL,
+    grant_ids       bigint[]    NOT NULL DEFAULT '{}',
+    PRIMARY KEY (subscription_id, unit, starts_at)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.plans_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.plan_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.plan_prices', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.provider_customers', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances', '');
+
+-- Statuses as providers have them, and what each means for plan credit.
+CREATE FUNCTION billing.subscription_access(status text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE
+        WHEN status IN ('active', 'trialing') THEN 'open'
+        -- held back, not voided: recovery restores the rest of the period
+        WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
+        WHEN status IN ('canceled', 'incomplete_expired') THEN 'ended'
+    END
+$$;
+
+-- ----- defining plans ---------------------------------------------------------
+
+CREATE FUNCTION billing.define_plan(
+    key text,
+    allowances jsonb,
+    prices jsonb DEFAULT '[]',
+    name text DEFAULT NULL,
+    priority integer DEFAULT 10,
+    floor bigint DEFAULT NULL,
+    trial_days integer DEFAULT 0)
+RETURNS TABLE (plan_id bigint, plan_key text, version integer, status text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    a record;
+    p jsonb;
+    clean_allowances jsonb := '{}';
+    clean_prices jsonb := '[]';
+    latest billing.plans;
+    other text;
+    made billing.plans;
+BEGIN
+    IF key IS NULL OR allowances IS NULL OR prices IS NULL OR priority IS NULL OR trial_days IS NULL THEN
+        RAISE EXCEPTION 'key, allowances, prices, priority and trial_days may not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF key !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$' THEN
+        RAISE EXCEPTION 'invalid plan key %: letters, digits and _ . : - , at most 100', key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(allowances) <> 'object' THEN
+        RAISE EXCEPTION 'allowances must be an object of unit -> {"amount": n, "per_seat": bool}'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR a IN SELECT e.key AS unit, e.value FROM jsonb_each(allowances) e ORDER BY e.key LOOP
+        IF jsonb_typeof(a.value) <> 'object' OR jsonb_typeof(a.value -> 'amount') <> 'number'
+           OR (a.value ->> 'amount') !~ '^[0-9]{1,18}$'
+           OR coalesce(jsonb_typeof(a.value -> 'per_seat'), 'boolean') <> 'boolean'
+           OR EXISTS (SELECT 1 FROM jsonb_object_keys(a.value) k WHERE k NOT IN ('amount', 'per_seat')) THEN
+            RAISE EXCEPTION 'allowance of %: expected {"amount": <whole number >= 0>, "per_seat": <bool>}, got %',
+                a.unit, a.value USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM billing.units u WHERE u.tenant_id = tenant AND u.unit = a.unit) THEN
+            RAISE EXCEPTION 'unknown unit %', a.unit USING ERRCODE = 'undefined_object',
+                HINT = 'Create it with billing.define_unit() first.';
+        END IF;
+        clean_allowances := clean_allowances || jsonb_build_object(a.unit, jsonb_build_object(
+            'amount', (a.value ->> 'amount')::bigint,
+            'per_seat', coalesce((a.value ->> 'per_seat')::boolean, false)));
+    END LOOP;
+    IF clean_allowances = '{}' THEN
+        RAISE EXCEPTION 'a plan needs an allowance in at least one unit' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(prices) <> 'array' THEN
+        RAISE EXCEPTION 'prices must be an array of {"price_id", "interval", "interval_count", "amount", "currency"}'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR p IN SELECT e FROM jsonb_array_elements(prices) e LOOP
+        IF jsonb_typeof(p) <> 'object' OR jsonb_typeof(p -> 'price_id') <> 'string'
+           OR length(p ->> 'price_id') NOT BETWEEN 1 AND 255
+           OR coalesce(p ->> 'interval', '') NOT IN ('day', 'week', 'month', 'year')
+           OR coalesce(p ->> 'interval_count', '1') !~ '^[1-9][0-9]{0,2}$'
+           OR coalesce(p ->> 'amount', '0') !~ '^[0-9]{1,18}$'
+           OR coalesce(p ->> 'currency', 'usd') !~ '^[a-z]{3}$'
+           OR coalesce(p ->> 'provider', 'stripe') !~ '^[a-z0-9_]{1,50}$' THEN
+            RAISE EXCEPTION 'price %: expected {"price_id": text, "interval": day|week|month|year, "interval_count": 1.., "amount": minor units, "currency": iso code, "provider": "stripe"}',
+                p USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        clean_prices := clean_prices || jsonb_build_array(jsonb_build_object(
+            'provider', coalesce(p ->> 'provider', 'stripe'), 'price_id', p ->> 'price_id',
+            'interval', p ->> 'interval', 'interval_count', coalesce((p ->> 'interval_count')::integer, 1),
+            'amount', coalesce((p ->> 'amount')::bigint, 0), 'currency', coalesce(p ->> 'currency', 'usd')));
+    END LOOP;
+    IF priority NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'priority must be between 0 and 1000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF trial_days NOT BETWEEN 0 AND 730 THEN
+        RAISE EXCEPTION 'trial_days must be between 0 and 730' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- one definition of a plan key at a time
+    INSERT INTO billing.plan_keys AS k (tenant_id, key) VALUES (tenant, define_plan.key)
+    ON CONFLICT ON CONSTRAINT plan_keys_pkey DO UPDATE SET key = k.key;
+    SELECT * INTO latest FROM billing.plans pl WHERE pl.tenant_id = tenant AND pl.key = define_plan.key
+    ORDER BY pl.version DESC LIMIT 1;
+    IF FOUND AND latest.retired_at IS NOT NULL THEN
+        RAISE EXCEPTION 'plan % is retired', key USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'A retired plan keeps serving its subscriptions; define a plan under a new key.';
+    END IF;
+    SELECT pl.key INTO other FROM billing.plan_prices pp JOIN billing.plans pl ON pl.id = pp.plan_id
+    JOIN jsonb_array_elements(clean_prices) np ON np ->> 'provider' = pp.provider AND np ->> 'price_id' = pp.price_id
+    WHERE pp.tenant_id = tenant AND pl.key <> define_plan.key LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'a price of this definition already belongs to plan %', other
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A provider price maps to exactly one plan.';
+    END IF;
+    IF latest.id IS NOT NULL
+       AND latest.name = coalesce(define_plan.name, key) AND latest.allowances = clean_allowances
+       AND latest.prices = clean_prices AND latest.priority = define_plan.priority
+       AND latest.floor IS NOT DISTINCT FROM define_plan.floor AND latest.trial_days = define_plan.trial_days THEN
+        RETURN QUERY SELECT latest.id, latest.key, latest.version, 'unchanged'::text;
+        RETURN;
+    END IF;
+    INSERT INTO billing.plans AS pl (tenant_id, key, version, name, allowances, prices, priority, floor, trial_days)
+    VALUES (tenant, key, coalesce(latest.version, 0) + 1, coalesce(name, key), clean_allowances, clean_prices,
+            priority, floor, trial_days)
+    RETURNING pl.* INTO made;
+    INSERT INTO billing.plan_prices AS pp (tenant_id, provider, price_id, plan_id)
+    SELECT tenant, np ->> 'provider', np ->> 'price_id', made.id FROM jsonb_array_elements(clean_prices) np
+    ON CONFLICT (tenant_id, provider, price_id) DO UPDATE SET plan_id = excluded.plan_id;
+    RETURN QUERY SELECT made.id, made.key, made.version, 'created'::text;
+END
+$$;
+
+CREATE FUNCTION billing.retire_plan(key text)
+RETURNS TABLE (plan_key text, versions integer, retired_at timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    n integer;
+    at timestamptz;
+BEGIN
+    IF key IS NULL THEN
+        RAISE EXCEPTION 'key may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM 1 FROM billing.plan_keys k WHERE k.tenant_id = tenant AND k.key = retire_plan.key FOR UPDATE;
+    SELECT count(*), min(pl.retired_at) INTO n, at FROM billing.plans pl
+    WHERE pl.tenant_id = tenant AND pl.key = retire_plan.key;
+    IF n = 0 THEN
+        RAISE EXCEPTION 'unknown plan %', key USING ERRCODE = 'undefined_object';
+    END IF;
+    IF at IS NULL THEN
+        at := now();
+        UPDATE billing.plans pl SET retired_at = at WHERE pl.tenant_id = tenant AND pl.key = retire_plan.key;
+    END IF;
+    RETURN QUERY SELECT key, n, at;
+END
+$$;
+
+-- ----- the projection of a provider's subscription -----------------------------
+
+-- A Stripe timestamp field (seconds since the epoch) as an instant.
+CREATE FUNCTION billing.stripe_instant(v jsonb) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE WHEN jsonb_typeof(v) = 'number' AND (v #>> '{}')::numeric BETWEEN 0 AND 253402300799
+                THEN to_timestamp((v #>> '{}')::double precision) END
+$$;
+
+-- Close every other plan allowance of (account, unit) still running at `at`:
+-- its unused credit is revoked, and what was used of it is returned, to count
+-- against the allowance that replaces it (an upgrade, a plan or interval
+-- switch, a cancellation and resubscription in one period).
+CREATE FUNCTION billing.close_overlapping_allowances(tenant text, account text, unit text,
+                                                    keep_subscription bigint, keep_start timestamptz,
+                                                    at timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    used bigint := 0;
+    g record;
+BEGIN
+    FOR g IN
+        SELECT gr.id, gr.status,
+               (SELECT coalesce(sum(-e.grant_amount), 0) FROM billing.ledger_entries e
+                WHERE e.grant_id = gr.id AND e.kind IN ('debit', 'debt_repayment'))::bigint AS consumed
+        FROM billing.subscription_allowances sa
+        JOIN billing.subscriptions s ON s.id = sa.subscription_id
+        CROSS JOIN LATERAL unnest(sa.grant_ids) AS gid(id)
+        JOIN billing.grants gr ON gr.id = gid.id
+        WHERE s.tenant_id = tenant AND s.account = close_overlapping_allowances.account
+          AND sa.unit = close_overlapping_allowances.unit
+          AND NOT (sa.subscription_id = keep_subscription AND sa.starts_at = keep_start)
+          AND sa.starts_at <= at AND at < sa.ends_at
+        ORDER BY gr.id
+    LOOP
+        used := used + g.consumed;
+        IF g.status IN ('active', 'suspended') THEN
+            PERFORM billing.revoke_unused(g.id);
+        END IF;
+    END LOOP;
+    RETURN used;
+END
+$$;
+
+-- Bring a subscription's plan credit to what its state says, and report it:
+--   open       every allowance period of the billing period that has not
+--              ended (and starts before access ends) holds the plan's
+--              allowance, raised at once to a higher one (an upgrade, a seat
+--              added) and never lowered within it; suspended credit resumes
+--   suspended  its plan credit is held back (not voided)
+--   ended      its unused plan credit is revoked; what was used stays used
+CREATE FUNCTION billing.subscription_credit(s billing.subscriptions) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    plan billing.plans;
+    access text := billing.subscription_access(s.status);
+    p record;
+    u record;
+    a billing.subscription_allowances;
+    target bigint;
+    give bigint;
+    used bigint;
+    g record;
+    granted bigint := 0;
+    suspended integer := 0;
+    resumed integer := 0;
+    revoked bigint := 0;
+    made record;
+BEGIN
+    SELECT * INTO plan FROM billing.plans pl WHERE pl.id = s.plan_id;
+    FOR g IN
+        SELECT gr.id, gr.status, sa.starts_at
+        FROM billing.subscription_allowances sa
+        CROSS JOIN LATERAL unnest(sa.grant_ids) AS gid(id)
+        JOIN billing.grants gr ON gr.id = gid.id
+        WHERE sa.subscription_id = s.id AND gr.status IN ('active', 'suspended')
+          AND (gr.expires_at IS NULL OR gr.expires_at > now())
+        ORDER BY gr.id
+    LOOP
+        IF access = 'ended' OR (s.ends_at IS NOT NULL AND g.starts_at >= s.ends_at) THEN
+            SELECT r.removed INTO made FROM billing.revoke_unused(g.id) r;
+            revoked := revoked + made.removed;
+        ELSIF access = 'suspended' AND g.status = 'active' THEN
+            PERFORM billing.suspend_grant(g.id);
+            suspended := suspended + 1;
+        ELSIF access = 'open' AND g.status = 'suspended' THEN
+            PERFORM billing.resume_grant(g.id);
+            resumed := resumed + 1;
+        END IF;
+    END LOOP;
+    IF access = 'open' THEN
+        FOR p IN
+            SELECT ap.starts_at, ap.ends_at FROM billing.allowance_periods(s.period_start, s.period_end) ap
+            WHERE ap.ends_at > now() AND (s.ends_at IS NULL OR ap.starts_at < s.ends_at)
+            ORDER BY ap.starts_at
+        LOOP
+            FOR u IN
+                SELECT e.key AS unit, (e.value ->> 'amount')::bigint AS amount,
+                       (e.value ->> 'per_seat')::boolean AS per_seat
+                FROM jsonb_each(plan.allowances) e ORDER BY e.key
+            LOOP
+                target := u.amount * CASE WHEN u.per_seat THEN s.seats ELSE 1 END;
+                SELECT * INTO a FROM billing.subscription_allowances sa
+                WHERE sa.subscription_id = s.id AND sa.unit = u.unit AND sa.starts_at = p.starts_at FOR UPDATE;
+                IF NOT FOUND THEN
+                    used := billing.close_overlapping_allowances(s.tenant_id, s.account, u.unit, s.id,
+                                                                 p.starts_at, p.starts_at);
+                    INSERT INTO billing.subscription_allowances AS sa
+                        (subscription_id, tenant_id, unit, starts_at, ends_at, ceiling)
+                    VALUES (s.id, s.tenant_id, u.unit, p.starts_at, p.ends_at, target)
+                    RETURNING sa.* INTO a;
+                    give := target - least(used, target);
+                ELSIF target > a.ceiling THEN
+                    give := target - a.ceiling;
+                    UPDATE billing.subscription_allowances sa SET ceiling = target
+                    WHERE sa.subscription_id = s.id AND sa.unit = u.unit AND sa.starts_at = p.starts_at;
+                ELSE
+                    give := 0;
+                END IF;
+                IF give > 0 THEN
+                    SELECT r.grant_id INTO made FROM billing."grant"(s.account, u.unit, give,
+                        kind => 'plan', priority => plan.priority,
+                        effective_at => p.starts_at, expires_at => p.ends_at,
+                        key => format('billing:plan:%s:%s:%s:%s', s.id, u.unit,
+                                      extract(epoch FROM p.starts_at)::bigint, target),
+                        metadata => jsonb_build_object('subscription', s.provider_id, 'plan', plan.key,
+                                                       'plan_version', plan.version, 'ceiling', target)) r;
+                    UPDATE billing.subscription_allowances sa SET grant_ids = sa.grant_ids || made.grant_id
+                    WHERE sa.subscription_id = s.id AND sa.unit = u.unit AND sa.starts_at = p.starts_at;
+                    granted := granted + give;
+                END IF;
+            END LOOP;
+        END LOOP;
+    END IF;
+    RETURN jsonb_build_object('granted', granted, 'suspended', suspended, 'resumed', resumed, 'revoked', revoked);
+END
+$$;
+
+-- The plan version a new subscription (or a change of price) buys: the
+-- newest version listing the price, which must not be retired unless the
+-- subscription has ended anyway.
+CREATE FUNCTION billing.plan_for_price(tenant text, provider text, price text, subscription text, status text)
+RETURNS billing.plans
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE plan billing.plans;
+BEGIN
+    SELECT pl.* INTO plan FROM billing.plan_prices pp JOIN billing.plans pl ON pl.id = pp.plan_id
+    WHERE pp.tenant_id = tenant AND pp.provider = plan_for_price.provider AND pp.price_id = price;
+    IF plan.retired_at IS NOT NULL AND billing.subscription_access(status) <> 'ended' THEN
+        RAISE EXCEPTION 'subscription %: plan % is retired and accepts no new subscription', subscription, plan.key
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN plan;
+END
+$$;
+
+-- The provider's subscription object (what a webhook carries and what a poll
+-- of the provider's API returns), applied once: the same object again
+-- changes nothing, an older observation than the one applied is `stale`.
+-- Returns what changed in the subscription and in its plan credit.
+CREATE FUNCTION billing.sync_subscription(
+    subscription jsonb,
+    observed_at timestamptz DEFAULT now(),
+    provider text DEFAULT 'stripe')
+RETURNS TABLE (subscription_id bigint, account text, status text, outcome text,
+               changes jsonb, credit jsonb)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    obj jsonb := subscription;
+    v_id text;
+    v_status text;
+    v_customer text;
+    v_item jsonb;
+    v_price text;
+    v_seats integer;
+    v_start timestamptz;
+    v_end timestamptz;
+    v_ends timestamptz;
+    v_trial timestamptz;
+    v_account text;
+    mapped text;
+    plan billing.plans;
+    old billing.subscriptions;
+    cur billing.subscriptions;
+    live bigint;
+    diff jsonb := '{}';
+BEGIN
+    IF subscription IS NULL OR observed_at IS NULL OR provider IS NULL THEN
+        RAISE EXCEPTION 'subscription, observed_at and provider may not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF provider <> 'stripe' THEN
+        RAISE EXCEPTION 'unknown provider %: subscription objects of stripe are understood', provider
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(obj) <> 'object' OR obj ->> 'object' IS DISTINCT FROM 'subscription'
+       OR jsonb_typeof(obj -> 'id') <> 'string' OR length(obj ->> 'id') NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'not a Stripe subscription object (expected "object": "subscription" and an id)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_id := obj ->> 'id';
+    v_status := obj ->> 'status';
+    IF billing.subscription_access(v_status) IS NULL THEN
+        RAISE EXCEPTION 'subscription %: unknown status %', v_id, coalesce(v_status, 'missing')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_customer := CASE jsonb_typeof(obj -> 'customer') WHEN 'string' THEN obj ->> 'customer'
+                                                     WHEN 'object' THEN obj #>> '{customer,id}' END;
+    -- the item whose price is a plan's; others (add-ons) are not plans
+    SELECT i INTO v_item FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) WITH ORDINALITY AS x(i, n)
+    WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp WHERE pp.tenant_id = tenant AND pp.provider = 'stripe'
+                  AND pp.price_id = coalesce(x.i #>> '{price,id}', x.i #>> '{plan,id}'))
+    ORDER BY x.n LIMIT 1;
+    IF v_item IS NULL THEN
+        RAISE EXCEPTION 'subscription %: no price maps to a plan (prices: %)', v_id,
+            coalesce((SELECT string_agg(coalesce(i #>> '{price,id}', i #>> '{plan,id}'), ', ')
+                      FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) i), 'none')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'List the price in billing.define_plan(prices => ...); nothing was changed.';
+    END IF;
+    v_price := coalesce(v_item #>> '{price,id}', v_item #>> '{plan,id}');
+    IF jsonb_typeof(v_item -> 'quantity') = 'number' THEN
+        IF (v_item ->> 'quantity') !~ '^[0-9]{1,9}$' THEN
+            RAISE EXCEPTION 'subscription %: quantity % is not a seat count', v_id, v_item -> 'quantity'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_seats := (v_item ->> 'quantity')::integer;
+    END IF;
+    IF v_seats = 0 AND billing.subscription_access(v_status) <> 'ended' THEN
+        RAISE EXCEPTION 'subscription %: a paid subscription with 0 seats', v_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_seats := greatest(coalesce(v_seats, 1), 1);
+    -- the period: the subscription's (older API versions) or its item's (newer
+    -- ones); without one, the calendar month (UTC) of the observation
+    v_start := coalesce(billing.stripe_instant(obj -> 'current_period_start'),
+                        billing.stripe_instant(v_item -> 'current_period_start'));
+    v_end := coalesce(billing.stripe_instant(obj -> 'current_period_end'),
+                      billing.stripe_instant(v_item -> 'current_period_end'));
+    IF v_start IS NULL OR v_end IS NULL OR v_end <= v_start THEN
+        v_start := date_trunc('month', observed_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+        v_end := (date_trunc('month', observed_at AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC';
+    END IF;
+    v_trial := billing.stripe_instant(obj -> 'trial_end');
+    v_ends := CASE
+        WHEN billing.subscription_access(v_status) = 'ended'
+            THEN coalesce(billing.stripe_instant(obj -> 'ended_at'), billing.stripe_instant(obj -> 'canceled_at'),
+                          observed_at)
+        WHEN billing.stripe_instant(obj -> 'cancel_at') IS NOT NULL THEN billing.stripe_instant(obj -> 'cancel_at')
+        WHEN (obj ->> 'cancel_at_period_end')::boolean THEN v_end
+    END;
+
+    -- whose it is: the account the subscription names, else its customer's
+    IF v_customer IS NOT NULL THEN
+        SELECT pc.account INTO mapped FROM billing.provider_customers pc
+        WHERE pc.tenant_id = tenant AND pc.provider = sync_subscription.provider AND pc.customer = v_customer;
+    END IF;
+    v_account := coalesce(obj #>> '{metadata,account}', mapped);
+    IF v_account IS NULL THEN
+        RAISE EXCEPTION 'subscription %: no account: set metadata.account on the subscription, or map its customer', v_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM billing.account(v_account);
+    IF v_customer IS NOT NULL THEN
+        -- claimed first, checked after: a concurrent claim of the customer or
+        -- the account waits here, then the check sees whichever committed
+        INSERT INTO billing.provider_customers (tenant_id, provider, customer, account)
+        VALUES (tenant, sync_subscription.provider, v_customer, v_account) ON CONFLICT DO NOTHING;
+        SELECT pc.account INTO mapped FROM billing.provider_customers pc
+        WHERE pc.tenant_id = tenant AND pc.provider = sync_subscription.provider AND pc.customer = v_customer;
+        IF mapped IS DISTINCT FROM v_account THEN
+            RAISE EXCEPTION 'subscription %: customer % belongs to account %, not %', v_id, v_customer, mapped, v_account
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'One provider customer per account: nothing was changed.';
+        END IF;
+        SELECT pc.customer INTO mapped FROM billing.provider_customers pc
+        WHERE pc.tenant_id = tenant AND pc.provider = sync_subscription.provider AND pc.account = v_account;
+        IF mapped IS DISTINCT FROM v_customer THEN
+            RAISE EXCEPTION 'subscription %: account % is customer %, not %', v_id, v_account, mapped, v_customer
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'One provider customer per account: nothing was changed.';
+        END IF;
+    END IF;
+
+    SELECT * INTO old FROM billing.subscriptions s
+    WHERE s.tenant_id = tenant AND s.provider = sync_subscription.provider AND s.provider_id = v_id FOR UPDATE;
+    IF old.id IS NULL THEN
+        plan := billing.plan_for_price(tenant, sync_subscription.provider, v_price, v_id, v_status);
+        BEGIN
+            INSERT INTO billing.subscriptions AS s (tenant_id, account, provider, provider_id, customer, status,
+                plan_id, price_id, seats, period_start, period_end, ends_at, trial_end, observed_at)
+            VALUES (tenant, v_account, sync_subscription.provider, v_id, v_customer, v_status, plan.id, v_price,
+                    v_seats, v_start, v_end, v_ends, v_trial, sync_subscription.observed_at)
+            ON CONFLICT ON CONSTRAINT subscriptions_tenant_id_provider_provider_id_key DO NOTHING
+            RETURNING s.* INTO cur;
+        EXCEPTION WHEN unique_violation THEN
+            -- the one-live index: the account has another live subscription
+            SELECT s.id INTO live FROM billing.subscriptions s
+            WHERE s.tenant_id = tenant AND s.account = v_account
+              AND s.status NOT IN ('canceled', 'incomplete_expired');
+            IF live IS NULL THEN
+                RAISE;
+            END IF;
+            INSERT INTO billing.subscription_conflicts AS c (tenant_id, account, provider, provider_id,
+                live_subscription_id, status, subscription)
+            VALUES (tenant, v_account, sync_subscription.provider, v_id, live, v_status, obj)
+            ON CONFLICT ON CONSTRAINT subscription_conflicts_tenant_id_provider_provider_id_key DO UPDATE
+                SET status = excluded.status, subscription = excluded.subscription, recorded_at = now();
+            RETURN QUERY SELECT NULL::bigint, v_account, v_status, 'conflict'::text,
+                jsonb_build_object('live_subscription_id', live), '{}'::jsonb;
+            RETURN;
+        END;
+        IF cur.id IS NULL THEN
+            -- another session created it meanwhile: apply this observation over it
+            SELECT * INTO old FROM billing.subscriptions s
+            WHERE s.tenant_id = tenant AND s.provider = sync_subscription.provider AND s.provider_id = v_id
+            FOR UPDATE;
+        END IF;
+    END IF;
+    IF old.id IS NOT NULL THEN
+        IF old.observed_at > sync_subscription.observed_at THEN
+            RETURN QUERY SELECT old.id, old.account, old.status, 'stale'::text,
+                jsonb_build_object('applied_observation', old.observed_at), '{}'::jsonb;
+            RETURN;
+        END IF;
+        IF old.account <> v_account THEN
+            RAISE EXCEPTION 'subscription % belongs to account %, not %', v_id, old.account, v_account
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Moving a subscription between accounts is not supported yet: nothing was changed.';
+        END IF;
+        -- the plan version it bought, kept until its price changes
+        IF old.price_id = v_price THEN
+            SELECT * INTO plan FROM billing.plans pl WHERE pl.id = old.plan_id;
+        ELSE
+            plan := billing.plan_for_price(tenant, sync_subscription.provider, v_price, v_id, v_status);
+        END IF;
+        SELECT coalesce(jsonb_object_agg(d.field, jsonb_build_array(d.was, d.now)), '{}') INTO diff
+        FROM (VALUES ('status', to_jsonb(old.status), to_jsonb(v_status)),
+                     ('plan', to_jsonb(old.plan_id), to_jsonb(plan.id)),
+                     ('seats', to_jsonb(old.seats), to_jsonb(v_seats)),
+                     ('period_start', to_jsonb(old.period_start), to_jsonb(v_start)),
+                     ('period_end', to_jsonb(old.period_end), to_jsonb(v_end)),
+                     ('ends_at', to_jsonb(old.ends_at), to_jsonb(v_ends)),
+                     ('customer', to_jsonb(old.customer), to_jsonb(v_customer))) d(field, was, now)
+        WHERE d.was IS DISTINCT FROM d.now;
+        UPDATE billing.subscriptions s SET status = v_status, plan_id = plan.id, price_id = v_price,
+            seats = v_seats, period_start = v_start, period_end = v_end, ends_at = v_ends, trial_end = v_trial,
+            customer = v_customer, observed_at = sync_subscription.observed_at, updated_at = now()
+        WHERE s.id = old.id
+        RETURNING s.* INTO cur;
+    ELSE
+        diff := jsonb_build_object('created', true);
+    END IF;
+    RETURN QUERY SELECT cur.id, cur.account, cur.status,
+        CASE WHEN old.id IS NULL THEN 'created' WHEN diff = '{}' THEN 'unchanged' ELSE 'updated' END,
+        diff, billing.subscription_credit(cur);
+END
+$$;
+
+-- ----- Stripe's subscription events ------------------------------------------
+
+-- customer.subscription.*: the event's object is the subscription as of the
+-- event, applied through the same projection as a poll.
+CREATE FUNCTION billing.stripe_subscription_event(ev billing.webhook_events) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM billing.sync_subscription(ev.payload #> '{data,object}', ev.event_time, 'stripe');
+    RETURN to_jsonb(r);
+END
+$$;
+
+-- ----- reads -------------------------------------------------------------------
+
+-- Each subscription with its plan, period and the plan credit of the
+-- allowance period running now, per unit.
+CREATE VIEW billing.subscription_status WITH (security_invoker = true) AS
+SELECT s.account, s.provider_id AS subscription, s.status, billing.subscription_access(s.status) AS access,
+       pl.key AS plan, pl.version AS plan_version, s.seats, s.period_start, s.period_end, s.ends_at,
+       sa.unit, sa.starts_at AS allowance_starts_at, sa.ends_at AS allowance_ends_at, sa.ceiling AS allowance,
+       coalesce(g.remaining, 0) AS allowance_left, coalesce(g.suspended, 0) AS allowance_suspended,
+       s.observed_at, s.updated_at
+FROM billing.subscriptions s
+JOIN billing.plans pl ON pl.id = s.plan_id
+LEFT JOIN billing.subscription_allowances sa ON sa.subscription_id = s.id
+     AND sa.starts_at <= now() AND now() < sa.ends_at
+LEFT JOIN LATERAL (
+    SELECT sum(gr.remaining) FILTER (WHERE gr.status = 'active')::bigint AS remaining,
+           sum(gr.remaining) FILTER (WHERE gr.status = 'suspended')::bigint AS suspended
+    FROM unnest(sa.grant_ids) AS gid(id) JOIN billing.grants gr ON gr.id = gid.id) g ON true;
