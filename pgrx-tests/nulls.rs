@@ -44,7 +44,7 @@ mod tests {
         "billing.retire_plan(?'p1')",
         "billing.sync_subscription(?'{}', ?'2027-01-01'::timestamptz, ?'stripe')",
         "billing.allowance_periods(?'2027-01-01'::timestamptz, ?'2027-02-01'::timestamptz)",
-        "billing.subscription_access(~'active')",
+        "billing.subscription_access(~'active', ~false)",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

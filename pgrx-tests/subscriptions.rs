@@ -239,10 +239,12 @@ mod tests {
             1000,
             "only this month's allowance is spendable"
         );
+        // month k runs from start + k months to start + k + 1 months (UTC)
         let slices: String = one(&format!(
-            "SELECT string_agg(ap.starts_at::text || '-' || ap.ends_at::text, ',' ORDER BY ap.starts_at) \
-             FROM billing.allowance_periods(to_timestamp({start}), to_timestamp({end})) ap \
-             WHERE ap.ends_at > now()"
+            "SELECT string_agg(s::text || '-' || e::text, ',' ORDER BY s) FROM generate_series(0, 11) k, \
+             LATERAL (SELECT (to_timestamp({start}) AT TIME ZONE 'UTC' + k * interval '1 month') AT TIME ZONE 'UTC' AS s, \
+                             (to_timestamp({start}) AT TIME ZONE 'UTC' + (k + 1) * interval '1 month') AT TIME ZONE 'UTC' AS e) m \
+             WHERE e > now()"
         ));
         let grants: String = one(
             "SELECT string_agg(effective_at::text || '-' || expires_at::text, ',' ORDER BY effective_at) \
@@ -274,7 +276,7 @@ mod tests {
         sync(&s("active"));
         ingest("org_1", "credits", 300, "e1");
         assert_eq!(credits("org_1"), 1200);
-        for status in ["past_due", "unpaid", "incomplete", "paused"] {
+        for status in ["past_due", "unpaid", "paused"] {
             assert_eq!(
                 sync(&s(status)),
                 format!("updated|{status}|{}", credit(0, 1, 0, 0))
@@ -298,6 +300,159 @@ mod tests {
                 "what was used stays used, the rest is back"
             );
         }
+        let paused = with(
+            s("active"),
+            json!({"pause_collection": {"behavior": "void", "resumes_at": null}}),
+        );
+        assert_eq!(
+            sync(&paused),
+            format!("updated|active|{}", credit(0, 1, 0, 0)),
+            "active but not collecting payment: not paid for"
+        );
+        assert_eq!(credits("org_1"), 500);
+        assert_eq!(
+            sync(&s("active")),
+            format!("updated|active|{}", credit(0, 0, 1, 0))
+        );
+        assert_eq!(
+            sync(&s("incomplete")),
+            "stale|active|{}",
+            "a paid subscription never returns to incomplete"
+        );
+        assert_eq!(credits("org_1"), 1200);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn credit_held_back_across_the_period_end_expires_when_the_subscription_recovers() {
+        plans();
+        let t = now_unix();
+        let first_period = |status: &str| {
+            subscription(
+                "sub_1",
+                "org_1",
+                status,
+                "price_basic_m",
+                1,
+                t - 10 * DAY,
+                t + 20 * DAY,
+            )
+        };
+        sync(&first_period("active"));
+        let first: i64 = one("SELECT id FROM billing.grants");
+        sync(&first_period("past_due"));
+        travel("org_1", "30 days"); // the period ended while it was held back
+        assert_eq!(remaining(first), 1000, "kept while suspended");
+        // recovered: the provider rolled to the next period (20 days ago, as travelled)
+        let renewed = subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            t - 10 * DAY,
+            t + 20 * DAY,
+        );
+        let outcome = sync(&renewed);
+        assert!(
+            outcome.starts_with("unchanged|active|") || outcome.starts_with("updated|active|"),
+            "{outcome}"
+        );
+        assert_eq!(
+            remaining(first),
+            0,
+            "its expiry is recorded once it comes back"
+        );
+        let expired: i64 = one(&format!(
+            "SELECT -grant_amount FROM billing.ledger_entries WHERE grant_id = {first} AND kind = 'expire'"
+        ));
+        assert_eq!(expired, 1000);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_annual_subscription_cancelled_mid_year_and_reactivated_keeps_its_months() {
+        plans();
+        let t = now_unix();
+        let start = t - 5 * DAY;
+        let end = start + 365 * DAY;
+        let s = subscription("sub_1", "org_1", "active", "price_basic_y", 1, start, end);
+        sync(&s);
+        let open = || -> i64 {
+            one("SELECT coalesce(sum(remaining), 0)::bigint FROM billing.grants WHERE status = 'active'")
+        };
+        assert_eq!(open(), 12_000);
+        let cancel_at = with(s.clone(), json!({"cancel_at": start + 100 * DAY}));
+        let cancelled = sync(&cancel_at);
+        assert!(cancelled.contains(r#""revoked": 8000"#), "{cancelled}");
+        assert_eq!(open(), 4000, "the months after the cancellation are gone");
+        assert_eq!(
+            sync(&s),
+            format!("updated|active|{}", credit(8000, 0, 0, 0))
+        );
+        assert_eq!(open(), 12_000, "reactivated: every month is back");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_refused_subscription_applies_once_the_live_one_ends() {
+        plans();
+        let (start, end) = month();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "incomplete",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        assert_eq!(
+            sync(&subscription(
+                "sub_2",
+                "org_1",
+                "active",
+                "price_basic_m",
+                1,
+                start,
+                end
+            )),
+            format!("created|active|{}", credit(1000, 0, 0, 0)),
+            "an unpaid checkout holds no place"
+        );
+        let third = subscription("sub_3", "org_1", "active", "price_pro_m", 1, start, end);
+        assert!(sync(&third).starts_with("conflict|"));
+        assert!(
+            sync(&subscription(
+                "sub_1",
+                "org_1",
+                "active",
+                "price_basic_m",
+                1,
+                start,
+                end
+            ))
+            .starts_with("conflict|"),
+            "the abandoned checkout paid late is a conflict too"
+        );
+        let canceled = with(
+            subscription("sub_2", "org_1", "canceled", "price_basic_m", 1, start, end),
+            json!({"ended_at": now_unix()}),
+        );
+        sync(&canceled);
+        let live: String = one(
+            "SELECT string_agg(provider_id || ':' || status, ',' ORDER BY provider_id) FROM billing.subscriptions \
+             WHERE status NOT IN ('canceled', 'incomplete', 'incomplete_expired')",
+        );
+        assert_eq!(live, "sub_3:active", "the first refused one took the place");
+        assert_eq!(
+            credits("org_1"),
+            2000,
+            "with its own allowance, less what the ended one used (nothing)"
+        );
+        let open: i64 =
+            one("SELECT count(*) FROM billing.subscription_conflicts WHERE resolved_at IS NULL");
+        assert_eq!(open, 1, "the other stays recorded for a refund");
         assert_ledger_consistent();
     }
 
@@ -518,6 +673,21 @@ mod tests {
             active.to_string().replace('\'', "''")
         ));
         assert_eq!(late, "stale", "an older state arriving late is not applied");
+        let same_second: String = one(&format!(
+            "SELECT outcome FROM billing.sync_subscription('{}'::jsonb, now() + interval '1 minute')",
+            active.to_string().replace('\'', "''")
+        ));
+        assert_eq!(
+            same_second, "stale",
+            "an ended subscription never lives again"
+        );
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.sync_subscription('{}'::jsonb, now() + interval '1 day')",
+                active.to_string().replace('\'', "''")
+            ),
+            "22023",
+        );
         assert_eq!(credits("org_1"), 0);
         assert_eq!(
             one::<String>("SELECT status FROM billing.subscriptions"),
@@ -607,6 +777,7 @@ mod tests {
         );
         let mut invoice_payment = payment_intent("pi_sub", 2000, "usd", "org_1");
         invoice_payment["description"] = json!("Subscription creation");
+        invoice_payment["metadata"] = json!({});
         assert_eq!(
             deliver(&event(
                 "evt_7",
@@ -621,6 +792,29 @@ mod tests {
             0,
             "a subscription's payments buy its plan, not credits"
         );
+
+        // a checkout names the account; the subscription's events name only its customer
+        let mut checkout_2: Value = serde_json::from_str(include_str!(
+            "../tests/fixtures/stripe/checkout_session.json"
+        ))
+        .unwrap();
+        checkout_2["mode"] = json!("subscription");
+        checkout_2["payment_status"] = json!("paid");
+        checkout_2["client_reference_id"] = json!("org_2");
+        checkout_2["customer"] = json!("cus_org_2");
+        assert_eq!(
+            deliver(&event("evt_8", "checkout.session.completed", t, checkout_2)),
+            "applied|"
+        );
+        let unnamed = with(
+            subscription("sub_2", "org_2", "active", "price_basic_m", 1, start, end),
+            json!({"metadata": {}}),
+        );
+        assert_eq!(
+            deliver(&event("evt_9", "customer.subscription.created", t, unnamed)),
+            "applied|"
+        );
+        assert_eq!(credits("org_2"), 1000, "found through its customer");
         assert_ledger_consistent();
     }
 }

@@ -135,7 +135,7 @@ GRANT EXECUTE ON FUNCTION
     billing.verify_ledger(),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
-    billing.subscription_access(text)
+    billing.subscription_access(text, boolean)
     TO billing_reader;
 GRANT EXECUTE ON FUNCTION
     billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb),

@@ -73,6 +73,8 @@ CREATE TABLE billing.subscriptions (
     period_end   timestamptz NOT NULL,
     ends_at      timestamptz,
     trial_end    timestamptz,
+    -- the provider collects no payment (Stripe's pause_collection)
+    collection_paused boolean NOT NULL DEFAULT false,
     -- the provider's time of the state applied (the event's, or the poll's)
     observed_at  timestamptz NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
@@ -80,9 +82,11 @@ CREATE TABLE billing.subscriptions (
     UNIQUE (tenant_id, provider, provider_id),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account)
 );
--- At most one live subscription per account, whatever the concurrency.
+-- At most one live subscription per account, whatever the concurrency. An
+-- `incomplete` one (a checkout not paid yet, which may never be) holds no
+-- place: the first to become live takes it.
 CREATE UNIQUE INDEX subscriptions_one_live ON billing.subscriptions (tenant_id, account)
-    WHERE status NOT IN ('canceled', 'incomplete_expired');
+    WHERE status NOT IN ('incomplete', 'canceled', 'incomplete_expired');
 
 -- A subscription refused because its account already had a live one (two
 -- parallel checkouts): the application refunds or cancels it.
@@ -92,10 +96,14 @@ CREATE TABLE billing.subscription_conflicts (
     account              text        NOT NULL,
     provider             text        NOT NULL,
     provider_id          text        NOT NULL,
-    live_subscription_id bigint      NOT NULL,
+    -- NULL if it ended before the conflict was recorded
+    live_subscription_id bigint,
     status               text        NOT NULL,
     subscription         jsonb       NOT NULL,
+    observed_at          timestamptz NOT NULL,
     recorded_at          timestamptz NOT NULL DEFAULT now(),
+    -- applied once the live subscription ended, or once it ended itself
+    resolved_at          timestamptz,
     UNIQUE (tenant_id, provider, provider_id)
 );
 
@@ -124,17 +132,32 @@ SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts', '')
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances', '');
 
--- Statuses as providers have them, and what each means for plan credit.
-CREATE FUNCTION billing.subscription_access(status text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT
+-- Statuses as providers have them, and what each means for plan credit; a
+-- subscription whose payments the provider does not collect is not paid.
+CREATE FUNCTION billing.subscription_access(status text, collection_paused boolean DEFAULT false) RETURNS text
+LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
     SELECT CASE
+        WHEN status IN ('active', 'trialing') AND collection_paused THEN 'suspended'
         WHEN status IN ('active', 'trialing') THEN 'open'
         -- held back, not voided: recovery restores the rest of the period
         WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
         WHEN status IN ('canceled', 'incomplete_expired') THEN 'ended'
     END
+$$;
+
+-- Whether a provider can move a subscription from `was` to `becomes`: an
+-- ended subscription never lives again, and one that was paid for never
+-- returns to `incomplete`. An observation that would do either is older
+-- than the one applied, whatever its timestamp says (events of the same
+-- second arrive in any order).
+CREATE FUNCTION billing.subscription_can_become(was text, becomes text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog
+AS $$
+    SELECT NOT (billing.subscription_access(was) = 'ended' AND was <> becomes)
+       AND NOT (becomes = 'incomplete' AND was NOT IN ('incomplete'))
 $$;
 
 -- ----- defining plans ---------------------------------------------------------
@@ -307,9 +330,7 @@ DECLARE
     g record;
 BEGIN
     FOR g IN
-        SELECT gr.id, gr.status,
-               (SELECT coalesce(sum(-e.grant_amount), 0) FROM billing.ledger_entries e
-                WHERE e.grant_id = gr.id AND e.kind IN ('debit', 'debt_repayment'))::bigint AS consumed
+        SELECT gr.id, gr.status
         FROM billing.subscription_allowances sa
         JOIN billing.subscriptions s ON s.id = sa.subscription_id
         CROSS JOIN LATERAL unnest(sa.grant_ids) AS gid(id)
@@ -320,9 +341,9 @@ BEGIN
           AND sa.starts_at <= at AND at < sa.ends_at
         ORDER BY gr.id
     LOOP
-        used := used + g.consumed;
-        IF g.status IN ('active', 'suspended') THEN
-            PERFORM billing.revoke_unused(g.id);
+        -- what it consumed, counted under its pool's lock (lane shares included)
+        IF g.status IN ('active', 'suspended', 'revoked') THEN
+            used := used + (SELECT r.consumed FROM billing.revoke_unused(g.id) r);
         END IF;
     END LOOP;
     RETURN used;
@@ -342,7 +363,7 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     plan billing.plans;
-    access text := billing.subscription_access(s.status);
+    access text := billing.subscription_access(s.status, s.collection_paused);
     p record;
     u record;
     a billing.subscription_allowances;
@@ -358,15 +379,19 @@ DECLARE
 BEGIN
     SELECT * INTO plan FROM billing.plans pl WHERE pl.id = s.plan_id;
     FOR g IN
-        SELECT gr.id, gr.status, sa.starts_at
+        SELECT gr.id, gr.status, gr.expires_at, sa.starts_at
         FROM billing.subscription_allowances sa
         CROSS JOIN LATERAL unnest(sa.grant_ids) AS gid(id)
         JOIN billing.grants gr ON gr.id = gid.id
         WHERE sa.subscription_id = s.id AND gr.status IN ('active', 'suspended')
-          AND (gr.expires_at IS NULL OR gr.expires_at > now())
+          -- a suspended grant keeps its credit past its expiry until resumed
+          AND (gr.status = 'suspended' OR gr.expires_at IS NULL OR gr.expires_at > now())
         ORDER BY gr.id
     LOOP
-        IF access = 'ended' OR (s.ends_at IS NOT NULL AND g.starts_at >= s.ends_at) THEN
+        IF g.status = 'suspended' AND g.expires_at <= now() THEN
+            -- its time passed while held back: resuming records its expiry
+            PERFORM billing.resume_grant(g.id);
+        ELSIF access = 'ended' OR (s.ends_at IS NOT NULL AND g.starts_at >= s.ends_at) THEN
             SELECT r.removed INTO made FROM billing.revoke_unused(g.id) r;
             revoked := revoked + made.removed;
         ELSIF access = 'suspended' AND g.status = 'active' THEN
@@ -377,6 +402,12 @@ BEGIN
             resumed := resumed + 1;
         END IF;
     END LOOP;
+    -- allowance periods that had not started when access ended were never
+    -- used (their grants were revoked above): back to nothing, so a
+    -- reactivation opens them afresh
+    UPDATE billing.subscription_allowances sa SET ceiling = 0
+    WHERE sa.subscription_id = s.id AND sa.starts_at > now() AND sa.ceiling > 0
+      AND (access = 'ended' OR sa.starts_at >= s.ends_at);
     IF access = 'open' THEN
         FOR p IN
             SELECT ap.starts_at, ap.ends_at FROM billing.allowance_periods(s.period_start, s.period_end) ap
@@ -410,8 +441,9 @@ BEGIN
                     SELECT r.grant_id INTO made FROM billing."grant"(s.account, u.unit, give,
                         kind => 'plan', priority => plan.priority,
                         effective_at => p.starts_at, expires_at => p.ends_at,
+                        -- the n-th grant of this allowance period
                         key => format('billing:plan:%s:%s:%s:%s', s.id, u.unit,
-                                      extract(epoch FROM p.starts_at)::bigint, target),
+                                      extract(epoch FROM p.starts_at)::bigint, cardinality(a.grant_ids) + 1),
                         metadata => jsonb_build_object('subscription', s.provider_id, 'plan', plan.key,
                                                        'plan_version', plan.version, 'ceiling', target)) r;
                     UPDATE billing.subscription_allowances sa SET grant_ids = sa.grant_ids || made.grant_id
@@ -422,6 +454,33 @@ BEGIN
         END LOOP;
     END IF;
     RETURN jsonb_build_object('granted', granted, 'suspended', suspended, 'resumed', resumed, 'revoked', revoked);
+END
+$$;
+
+-- A subscription refused because its account has another live one: kept,
+-- newest observation first, for the application to refund, and applied by
+-- itself once the live one ends.
+CREATE FUNCTION billing.record_subscription_conflict(tenant text, who text, provider text, provider_id text,
+                                                    state text, subscription jsonb, observed_at timestamptz)
+RETURNS TABLE (subscription_id bigint, account text, status text, outcome text, changes jsonb, credit jsonb)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE live bigint;
+BEGIN
+    SELECT s.id INTO live FROM billing.subscriptions s
+    WHERE s.tenant_id = tenant AND s.account = who
+      AND s.status NOT IN ('incomplete', 'canceled', 'incomplete_expired');
+    INSERT INTO billing.subscription_conflicts AS c (tenant_id, account, provider, provider_id,
+        live_subscription_id, status, subscription, observed_at)
+    VALUES (tenant, who, provider, provider_id, live, state, subscription, observed_at)
+    ON CONFLICT ON CONSTRAINT subscription_conflicts_tenant_id_provider_provider_id_key DO UPDATE
+        SET status = excluded.status, subscription = excluded.subscription, observed_at = excluded.observed_at,
+            live_subscription_id = excluded.live_subscription_id, recorded_at = now(), resolved_at = NULL
+        WHERE c.observed_at <= excluded.observed_at;
+    RETURN QUERY SELECT NULL::bigint, who, state, 'conflict'::text,
+        jsonb_build_object('live_subscription_id', live), '{}'::jsonb;
 END
 $$;
 
@@ -472,11 +531,12 @@ DECLARE
     v_ends timestamptz;
     v_trial timestamptz;
     v_account text;
+    v_paused boolean;
     mapped text;
     plan billing.plans;
     old billing.subscriptions;
     cur billing.subscriptions;
-    live bigint;
+    waiting record;
     diff jsonb := '{}';
 BEGIN
     IF subscription IS NULL OR observed_at IS NULL OR provider IS NULL THEN
@@ -486,6 +546,16 @@ BEGIN
     IF provider <> 'stripe' THEN
         RAISE EXCEPTION 'unknown provider %: subscription objects of stripe are understood', provider
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- time is the database's: an observation from the future would make every
+    -- later one stale
+    IF observed_at > now() + interval '5 minutes' OR NOT isfinite(observed_at) THEN
+        RAISE EXCEPTION 'observed_at % is in the future', observed_at
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the time the object was fetched from the provider, or leave it out (now()).';
+    END IF;
+    IF octet_length(subscription::text) > 262144 THEN
+        RAISE EXCEPTION 'subscription object over 256 KiB' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF jsonb_typeof(obj) <> 'object' OR obj ->> 'object' IS DISTINCT FROM 'subscription'
        OR jsonb_typeof(obj -> 'id') <> 'string' OR length(obj ->> 'id') NOT BETWEEN 1 AND 255 THEN
@@ -500,6 +570,11 @@ BEGIN
     END IF;
     v_customer := CASE jsonb_typeof(obj -> 'customer') WHEN 'string' THEN obj ->> 'customer'
                                                      WHEN 'object' THEN obj #>> '{customer,id}' END;
+    IF length(v_customer) > 255 OR length(obj #>> '{metadata,account}') > 255 THEN
+        RAISE EXCEPTION 'subscription %: customer or metadata.account longer than 255 characters', v_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_paused := coalesce(jsonb_typeof(obj -> 'pause_collection') = 'object', false);
     -- the item whose price is a plan's; others (add-ons) are not plans
     SELECT i INTO v_item FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) WITH ORDINALITY AS x(i, n)
     WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp WHERE pp.tenant_id = tenant AND pp.provider = 'stripe'
@@ -582,26 +657,16 @@ BEGIN
         plan := billing.plan_for_price(tenant, sync_subscription.provider, v_price, v_id, v_status);
         BEGIN
             INSERT INTO billing.subscriptions AS s (tenant_id, account, provider, provider_id, customer, status,
-                plan_id, price_id, seats, period_start, period_end, ends_at, trial_end, observed_at)
+                plan_id, price_id, seats, period_start, period_end, ends_at, trial_end, collection_paused,
+                observed_at)
             VALUES (tenant, v_account, sync_subscription.provider, v_id, v_customer, v_status, plan.id, v_price,
-                    v_seats, v_start, v_end, v_ends, v_trial, sync_subscription.observed_at)
+                    v_seats, v_start, v_end, v_ends, v_trial, v_paused, sync_subscription.observed_at)
             ON CONFLICT ON CONSTRAINT subscriptions_tenant_id_provider_provider_id_key DO NOTHING
             RETURNING s.* INTO cur;
         EXCEPTION WHEN unique_violation THEN
             -- the one-live index: the account has another live subscription
-            SELECT s.id INTO live FROM billing.subscriptions s
-            WHERE s.tenant_id = tenant AND s.account = v_account
-              AND s.status NOT IN ('canceled', 'incomplete_expired');
-            IF live IS NULL THEN
-                RAISE;
-            END IF;
-            INSERT INTO billing.subscription_conflicts AS c (tenant_id, account, provider, provider_id,
-                live_subscription_id, status, subscription)
-            VALUES (tenant, v_account, sync_subscription.provider, v_id, live, v_status, obj)
-            ON CONFLICT ON CONSTRAINT subscription_conflicts_tenant_id_provider_provider_id_key DO UPDATE
-                SET status = excluded.status, subscription = excluded.subscription, recorded_at = now();
-            RETURN QUERY SELECT NULL::bigint, v_account, v_status, 'conflict'::text,
-                jsonb_build_object('live_subscription_id', live), '{}'::jsonb;
+            RETURN QUERY SELECT * FROM billing.record_subscription_conflict(tenant, v_account,
+                sync_subscription.provider, v_id, v_status, obj, sync_subscription.observed_at);
             RETURN;
         END;
         IF cur.id IS NULL THEN
@@ -612,7 +677,8 @@ BEGIN
         END IF;
     END IF;
     IF old.id IS NOT NULL THEN
-        IF old.observed_at > sync_subscription.observed_at THEN
+        IF old.observed_at > sync_subscription.observed_at
+           OR NOT billing.subscription_can_become(old.status, v_status) THEN
             RETURN QUERY SELECT old.id, old.account, old.status, 'stale'::text,
                 jsonb_build_object('applied_observation', old.observed_at), '{}'::jsonb;
             RETURN;
@@ -637,17 +703,47 @@ BEGIN
                      ('ends_at', to_jsonb(old.ends_at), to_jsonb(v_ends)),
                      ('customer', to_jsonb(old.customer), to_jsonb(v_customer))) d(field, was, now)
         WHERE d.was IS DISTINCT FROM d.now;
-        UPDATE billing.subscriptions s SET status = v_status, plan_id = plan.id, price_id = v_price,
-            seats = v_seats, period_start = v_start, period_end = v_end, ends_at = v_ends, trial_end = v_trial,
-            customer = v_customer, observed_at = sync_subscription.observed_at, updated_at = now()
-        WHERE s.id = old.id
-        RETURNING s.* INTO cur;
+        IF old.collection_paused IS DISTINCT FROM v_paused THEN
+            diff := diff || jsonb_build_object('collection_paused', jsonb_build_array(old.collection_paused, v_paused));
+        END IF;
+        BEGIN
+            UPDATE billing.subscriptions s SET status = v_status, plan_id = plan.id, price_id = v_price,
+                seats = v_seats, period_start = v_start, period_end = v_end, ends_at = v_ends, trial_end = v_trial,
+                collection_paused = v_paused, customer = v_customer,
+                observed_at = sync_subscription.observed_at, updated_at = now()
+            WHERE s.id = old.id
+            RETURNING s.* INTO cur;
+        EXCEPTION WHEN unique_violation THEN
+            -- an incomplete checkout paid while the account has another live subscription
+            RETURN QUERY SELECT * FROM billing.record_subscription_conflict(tenant, v_account,
+                sync_subscription.provider, v_id, v_status, obj, sync_subscription.observed_at);
+            RETURN;
+        END;
     ELSE
         diff := jsonb_build_object('created', true);
     END IF;
+    -- applied: a conflict recorded for it earlier is settled
+    UPDATE billing.subscription_conflicts c SET resolved_at = now()
+    WHERE c.tenant_id = tenant AND c.provider = sync_subscription.provider AND c.provider_id = v_id
+      AND c.resolved_at IS NULL;
     RETURN QUERY SELECT cur.id, cur.account, cur.status,
         CASE WHEN old.id IS NULL THEN 'created' WHEN diff = '{}' THEN 'unchanged' ELSE 'updated' END,
         diff, billing.subscription_credit(cur);
+    IF billing.subscription_access(cur.status) = 'ended' THEN
+        -- its place is free: a subscription refused for it applies now (one
+        -- that still cannot, e.g. its plan retired meanwhile, stays recorded)
+        FOR waiting IN
+            SELECT c.subscription, c.observed_at, c.provider FROM billing.subscription_conflicts c
+            WHERE c.tenant_id = tenant AND c.account = cur.account AND c.resolved_at IS NULL
+            ORDER BY c.observed_at, c.id
+        LOOP
+            BEGIN
+                PERFORM 1 FROM billing.sync_subscription(waiting.subscription, waiting.observed_at, waiting.provider);
+            EXCEPTION WHEN others THEN
+                NULL;
+            END;
+        END LOOP;
+    END IF;
 END
 $$;
 
@@ -671,7 +767,7 @@ $$;
 -- Each subscription with its plan, period and the plan credit of the
 -- allowance period running now, per unit.
 CREATE VIEW billing.subscription_status WITH (security_invoker = true) AS
-SELECT s.account, s.provider_id AS subscription, s.status, billing.subscription_access(s.status) AS access,
+SELECT s.account, s.provider_id AS subscription, s.status, billing.subscription_access(s.status, s.collection_paused) AS access,
        pl.key AS plan, pl.version AS plan_version, s.seats, s.period_start, s.period_end, s.ends_at,
        sa.unit, sa.starts_at AS allowance_starts_at, sa.ends_at AS allowance_ends_at, sa.ceiling AS allowance,
        coalesce(g.remaining, 0) AS allowance_left, coalesce(g.suspended, 0) AS allowance_suspended,

@@ -593,13 +593,23 @@ DECLARE
     credit record;
     g record;
 BEGIN
-    -- a subscription's payments buy its plan, not credits
-    IF obj ->> 'mode' = 'subscription' OR obj ->> 'subscription' IS NOT NULL THEN
-        RETURN jsonb_build_object('credited', false, 'why', 'a subscription checkout: its plan credit comes with the subscription');
+    -- a subscription's payments buy its plan, not credits; its checkout says
+    -- whose customer it is (Stripe does not copy client_reference_id onto
+    -- the subscription), so the subscription's events find the account
+    IF obj ->> 'mode' = 'subscription' THEN
+        account := coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id');
+        IF account IS NOT NULL AND jsonb_typeof(obj -> 'customer') = 'string' THEN
+            PERFORM billing.account(account);
+            INSERT INTO billing.provider_customers (tenant_id, provider, customer, account)
+            VALUES (ev.tenant_id, 'stripe', obj ->> 'customer', account) ON CONFLICT DO NOTHING;
+        END IF;
+        RETURN jsonb_build_object('credited', false, 'customer', obj ->> 'customer', 'account', account,
+            'why', 'a subscription checkout: its plan credit comes with the subscription');
     END IF;
-    IF ev.event_type = 'payment_intent.succeeded'
-       AND (obj ->> 'invoice' IS NOT NULL OR obj ->> 'description' IN ('Subscription creation', 'Subscription update',
-                                                                         'Subscription cycle')) THEN
+    -- an invoice's payment without an account to credit is a subscription's
+    -- (a one-off top-up invoice names its account in metadata)
+    IF ev.event_type = 'payment_intent.succeeded' AND obj #>> '{metadata,account}' IS NULL
+       AND (obj ->> 'invoice' IS NOT NULL OR obj ->> 'description' LIKE 'Subscription %') THEN
         RETURN jsonb_build_object('credited', false, 'why', 'the payment of a subscription invoice, not a top-up');
     END IF;
     IF ev.event_type = 'checkout.session.completed' THEN
