@@ -286,6 +286,17 @@ mod tests {
                 500,
                 "{status}: top-ups stay spendable, the plan's do not"
             );
+            let reason = |amount: i64| -> String {
+                one(&format!(
+                    "SELECT reason FROM billing.check('org_1', 'credits', {amount})"
+                ))
+            };
+            assert_eq!(
+                reason(501),
+                format!("subscription_{status}"),
+                "check says why"
+            );
+            assert_eq!(reason(500), "ok", "what the top-up covers is allowed");
             assert_rejected(
                 "SELECT * FROM billing.ingest('org_1', 'credits', 1, key => 'big', cost => 501, strict => true)",
                 "23514",
@@ -310,6 +321,16 @@ mod tests {
             "active but not collecting payment: not paid for"
         );
         assert_eq!(credits("org_1"), 500);
+        assert_eq!(
+            one::<String>("SELECT reason FROM billing.check('org_1', 'credits', 501)"),
+            "subscription_collection_paused"
+        );
+        run("SELECT * FROM billing.define_unit('other')");
+        assert_eq!(
+            one::<String>("SELECT reason FROM billing.check('org_1', 'other', 1)"),
+            "insufficient_credits",
+            "a unit the plan does not include is not held back by it"
+        );
         assert_eq!(
             sync(&s("active")),
             format!("updated|active|{}", credit(0, 0, 1, 0))

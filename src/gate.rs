@@ -3,7 +3,7 @@
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::db;
+use crate::db::{self, Row, Sql, TEXT};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
@@ -62,7 +62,46 @@ fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow
             Figures::default()
         }
     };
-    Ok(decide(amount, &figures))
+    let mut row = decide(amount, &figures);
+    if !row.0 {
+        // refused: a subscription holding back the plan credit of this unit says why
+        if let Some(why) = Spi::connect(|client| held_back_by(client, tenant, account, unit))? {
+            row.6 = why;
+        }
+    }
+    Ok(row)
+}
+
+/// The subscription of the account whose plan includes `unit` and whose
+/// credit is held back now (`billing.subscription_access` = suspended), as
+/// the reason a check names: `subscription_<status>`, or
+/// `subscription_collection_paused` for an active one the provider does not
+/// collect payment for.
+static HELD_BACK_BY: Sql = Sql {
+    text: "SELECT CASE WHEN s.collection_paused AND s.status IN ('active', 'trialing') \
+                       THEN 'subscription_collection_paused' ELSE 'subscription_' || s.status END AS reason \
+           FROM billing.subscriptions s JOIN billing.plans pl ON pl.id = s.plan_id \
+           WHERE s.tenant_id = $1 AND s.account = $2 AND pl.allowances ? $3 \
+             AND billing.subscription_access(s.status, s.collection_paused) = 'suspended' \
+           ORDER BY s.updated_at DESC LIMIT 1",
+    args: &[TEXT, TEXT, TEXT],
+};
+
+fn held_back_by(
+    client: &SpiClient<'_>,
+    tenant: &str,
+    account: &str,
+    unit: &str,
+) -> Result<Option<String>> {
+    let rows = db::read(
+        client,
+        &HELD_BACK_BY,
+        &[tenant.into(), account.into(), unit.into()],
+    )?;
+    rows.into_iter()
+        .next()
+        .map(|r| Row(&r).get::<String>("reason"))
+        .transpose()
 }
 
 fn unit_is_known(client: &SpiClient<'_>, tenant: &str, unit: &str) -> Result<()> {
