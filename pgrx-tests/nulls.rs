@@ -45,6 +45,7 @@ mod tests {
         "billing.sync_subscription(?'{}', ?'2027-01-01'::timestamptz, ?'stripe')",
         "billing.allowance_periods(?'2027-01-01'::timestamptz, ?'2027-02-01'::timestamptz)",
         "billing.subscription_access(~'active', ~false)",
+        "billing.sync_invoice(?'{}', ?'2027-01-01'::timestamptz, ?'stripe')",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

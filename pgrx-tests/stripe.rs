@@ -17,6 +17,7 @@ fn fixture(name: &str) -> Value {
         "charge" => include_str!("../tests/fixtures/stripe/charge.json"),
         "dispute" => include_str!("../tests/fixtures/stripe/dispute.json"),
         "subscription" => include_str!("../tests/fixtures/stripe/subscription.json"),
+        "invoice" => include_str!("../tests/fixtures/stripe/invoice.json"),
         other => panic!("no fixture {other}"),
     };
     serde_json::from_str(text).expect("fixture is JSON")
@@ -95,6 +96,27 @@ pub fn subscription(
     item["current_period_end"] = json!(end);
     item["subscription"] = json!(id);
     s
+}
+
+/// A renewal invoice of subscription `sub` billing the period [start, end)
+/// (its line's period, as Stripe bills a licensed price ahead), in `status`,
+/// `amount_paid` paid; the subscription is named where the newest API
+/// versions name it.
+pub fn invoice(id: &str, sub: &str, status: &str, amount_paid: i64, start: i64, end: i64) -> Value {
+    let mut inv = with(
+        fixture("invoice"),
+        json!({"id": id, "status": status, "amount_paid": amount_paid, "subscription": null,
+               "billing_reason": "subscription_cycle",
+               "parent": {"type": "subscription_details", "quote_details": null,
+                          "subscription_details": {"subscription": sub, "metadata": {}}}}),
+    );
+    let line = &mut inv["lines"]["data"][0];
+    line["period"] = json!({"start": start, "end": end});
+    line["parent"] = json!({"type": "subscription_item_details", "invoice_item_details": null,
+        "subscription_item_details": {"subscription": sub, "subscription_item": "si_1",
+                                      "proration": false, "proration_details": {"credited_items": null},
+                                      "invoice_item": null}});
+    inv
 }
 
 pub fn setup() {

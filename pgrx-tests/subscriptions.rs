@@ -58,6 +58,16 @@ mod tests {
         )
     }
 
+    /// "outcome|credit" of applying invoice `inv` as observed now.
+    fn pay(inv: &Value) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT concat_ws('|', outcome, credit::text) FROM billing.sync_invoice($1::jsonb)",
+            &[inv.to_string().into()],
+        )
+        .expect("sync_invoice")
+        .expect("a row")
+    }
+
     fn credit(granted: i64, suspended: i64, resumed: i64, revoked: i64) -> String {
         format!(
             r#"{{"granted": {granted}, "resumed": {resumed}, "revoked": {revoked}, "suspended": {suspended}}}"#
@@ -532,6 +542,7 @@ mod tests {
             end + 30 * DAY,
         );
         sync(&next);
+        pay(&invoice("in_2", "sub_1", "paid", 2000, end, end + 30 * DAY));
         let next_grant: i64 = one(&format!(
             "SELECT amount FROM billing.grants WHERE effective_at = to_timestamp({end})"
         ));
@@ -836,6 +847,78 @@ mod tests {
             "applied|"
         );
         assert_eq!(credits("org_2"), 1000, "found through its customer");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_renewal_opens_no_allowance_until_its_invoice_is_paid() {
+        plans();
+        let t = now_unix();
+        let (start, end) = (t - 40 * DAY, t - 10 * DAY);
+        let first = subscription("sub_1", "org_1", "active", "price_basic_m", 1, start, end);
+        sync(&first); // the first period ended 10 days ago
+        let renewed = subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            end,
+            end + 30 * DAY,
+        );
+        assert_eq!(
+            sync(&renewed),
+            format!("updated|active|{}", credit(0, 0, 0, 0)),
+            "renewed but not paid yet: no allowance"
+        );
+        assert_eq!(credits("org_1"), 0);
+        let unpaid = invoice("in_2", "sub_1", "open", 0, end, end + 30 * DAY);
+        assert_eq!(pay(&unpaid), "updated|{}");
+        assert_eq!(credits("org_1"), 0, "an open invoice pays nothing");
+        let paid = invoice("in_2", "sub_1", "paid", 2000, end, end + 30 * DAY);
+        assert_eq!(pay(&paid), format!("updated|{}", credit(1000, 0, 0, 0)));
+        assert_eq!(credits("org_1"), 1000, "paid: the period opens");
+        assert_eq!(pay(&paid), "unchanged|{}", "a replay changes nothing");
+        assert_eq!(
+            pay(&unpaid),
+            "unchanged|{}",
+            "an older observation never unpays it"
+        );
+
+        // the next renewal is paid before its subscription update arrives, with $0
+        let later = end + 30 * DAY;
+        let free = invoice("in_3", "sub_1", "paid", 0, later, later + 30 * DAY);
+        assert_eq!(pay(&free), format!("updated|{}", credit(0, 0, 0, 0)));
+        travel("org_1", "30 days");
+        let next = subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            later,
+            later + 30 * DAY,
+        );
+        let outcome = sync(&next);
+        assert!(
+            outcome.starts_with("updated|active|") && outcome.contains(r#""granted": 1000"#),
+            "a $0 invoice is paid, and it counted before the update: {outcome}"
+        );
+
+        // polled with its latest invoice expanded
+        let mut polled = subscription("sub_2", "org_2", "trialing", "price_basic_m", 1, start, end);
+        sync(&polled);
+        polled["status"] = json!("active");
+        polled["items"]["data"][0]["current_period_start"] = json!(end);
+        polled["items"]["data"][0]["current_period_end"] = json!(end + 30 * DAY);
+        polled["latest_invoice"] = invoice("in_4", "sub_2", "paid", 2000, end, end + 30 * DAY);
+        let outcome = sync(&polled);
+        assert!(outcome.contains(r#""granted": 1000"#), "{outcome}");
+        assert_eq!(
+            pay(&json!({"object": "invoice", "id": "in_5", "status": "paid"})),
+            "ignored|{}",
+            "an invoice of no subscription is not ours"
+        );
         assert_ledger_consistent();
     }
 }

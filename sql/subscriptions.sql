@@ -75,6 +75,9 @@ CREATE TABLE billing.subscriptions (
     trial_end    timestamptz,
     -- the provider collects no payment (Stripe's pause_collection)
     collection_paused boolean NOT NULL DEFAULT false,
+    -- the end of the latest billing period known to be paid (an invoice paid,
+    -- or the first period of a subscription that became active)
+    paid_through timestamptz,
     -- the provider's time of the state applied (the event's, or the poll's)
     observed_at  timestamptz NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
@@ -107,6 +110,25 @@ CREATE TABLE billing.subscription_conflicts (
     UNIQUE (tenant_id, provider, provider_id)
 );
 
+-- Invoices of subscriptions, as last observed: a paid one opens the billing
+-- period it bills, also when it arrives before the subscription's renewal.
+CREATE TABLE billing.subscription_invoices (
+    tenant_id    text        NOT NULL,
+    provider     text        NOT NULL,
+    invoice_id   text        NOT NULL,
+    subscription text        NOT NULL,
+    status       text        NOT NULL,
+    billing_reason text,
+    amount_paid  bigint      NOT NULL,
+    currency     text,
+    -- the end of the subscription period its lines bill
+    period_end   timestamptz,
+    observed_at  timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, provider, invoice_id)
+);
+CREATE INDEX subscription_invoices_by_subscription
+    ON billing.subscription_invoices (tenant_id, provider, subscription);
+
 -- The plan credit opened for one allowance period of a subscription, per
 -- unit: the ceiling it was raised to (never lowered within the period) and
 -- the grants that gave it.
@@ -131,6 +153,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_invoices', '');
 
 -- Statuses as providers have them, and what each means for plan credit; a
 -- subscription whose payments the provider does not collect is not paid.
@@ -314,6 +337,37 @@ AS $$
                 THEN to_timestamp((v #>> '{}')::double precision) END
 $$;
 
+-- The subscription a Stripe invoice bills (newer API versions: its parent's
+-- subscription_details; older ones: `subscription`), or NULL.
+CREATE FUNCTION billing.stripe_invoice_subscription(inv jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT coalesce(
+        CASE jsonb_typeof(inv #> '{parent,subscription_details,subscription}')
+            WHEN 'string' THEN inv #>> '{parent,subscription_details,subscription}'
+            WHEN 'object' THEN inv #>> '{parent,subscription_details,subscription,id}' END,
+        CASE jsonb_typeof(inv -> 'subscription')
+            WHEN 'string' THEN inv ->> 'subscription'
+            WHEN 'object' THEN inv #>> '{subscription,id}' END)
+$$;
+
+-- The end of the subscription period a Stripe invoice bills: the latest end
+-- of its subscription lines (a renewal's lines bill the new period, while the
+-- invoice's own period_end is the previous one's end); without such lines,
+-- its period_end.
+CREATE FUNCTION billing.stripe_invoice_period_end(inv jsonb) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, billing
+AS $$
+    SELECT coalesce(
+        (SELECT max(billing.stripe_instant(l #> '{period,end}'))
+         FROM jsonb_array_elements(CASE WHEN jsonb_typeof(inv #> '{lines,data}') = 'array'
+                                        THEN inv #> '{lines,data}' ELSE '[]' END) l
+         WHERE l #>> '{parent,type}' = 'subscription_item_details' OR jsonb_typeof(l -> 'subscription') = 'string'),
+        billing.stripe_instant(inv -> 'period_end'))
+$$;
+
 -- Close every other plan allowance of (account, unit) still running at `at`:
 -- its unused credit is revoked, and what was used of it is returned, to count
 -- against the allowance that replaces it (an upgrade, a plan or interval
@@ -408,7 +462,8 @@ BEGIN
     UPDATE billing.subscription_allowances sa SET ceiling = 0
     WHERE sa.subscription_id = s.id AND sa.starts_at > now() AND sa.ceiling > 0
       AND (access = 'ended' OR sa.starts_at >= s.ends_at);
-    IF access = 'open' THEN
+    -- a billing period is paid for once an invoice billing it is paid; a trial is free
+    IF access = 'open' AND (s.status = 'trialing' OR s.paid_through > s.period_start) THEN
         FOR p IN
             SELECT ap.starts_at, ap.ends_at FROM billing.allowance_periods(s.period_start, s.period_end) ap
             WHERE ap.ends_at > now() AND (s.ends_at IS NULL OR ap.starts_at < s.ends_at)
@@ -532,6 +587,7 @@ DECLARE
     v_trial timestamptz;
     v_account text;
     v_paused boolean;
+    v_paid timestamptz;
     mapped text;
     plan billing.plans;
     old billing.subscriptions;
@@ -575,6 +631,13 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_paused := coalesce(jsonb_typeof(obj -> 'pause_collection') = 'object', false);
+    -- what is known paid: its invoices seen so far, an expanded paid latest_invoice
+    SELECT max(i.period_end) INTO v_paid FROM billing.subscription_invoices i
+    WHERE i.tenant_id = tenant AND i.provider = sync_subscription.provider AND i.subscription = v_id
+      AND i.status = 'paid';
+    IF jsonb_typeof(obj -> 'latest_invoice') = 'object' AND obj #>> '{latest_invoice,status}' = 'paid' THEN
+        v_paid := greatest(v_paid, billing.stripe_invoice_period_end(obj -> 'latest_invoice'));
+    END IF;
     -- the item whose price is a plan's; others (add-ons) are not plans
     SELECT i INTO v_item FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) WITH ORDINALITY AS x(i, n)
     WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp WHERE pp.tenant_id = tenant AND pp.provider = 'stripe'
@@ -656,11 +719,15 @@ BEGIN
     IF old.id IS NULL THEN
         plan := billing.plan_for_price(tenant, sync_subscription.provider, v_price, v_id, v_status);
         BEGIN
+            -- a subscription first seen active has paid its first period (the
+            -- provider activates it once its first invoice is paid)
             INSERT INTO billing.subscriptions AS s (tenant_id, account, provider, provider_id, customer, status,
                 plan_id, price_id, seats, period_start, period_end, ends_at, trial_end, collection_paused,
-                observed_at)
+                paid_through, observed_at)
             VALUES (tenant, v_account, sync_subscription.provider, v_id, v_customer, v_status, plan.id, v_price,
-                    v_seats, v_start, v_end, v_ends, v_trial, v_paused, sync_subscription.observed_at)
+                    v_seats, v_start, v_end, v_ends, v_trial, v_paused,
+                    CASE WHEN v_status = 'active' THEN greatest(v_paid, v_end) ELSE v_paid END,
+                    sync_subscription.observed_at)
             ON CONFLICT ON CONSTRAINT subscriptions_tenant_id_provider_provider_id_key DO NOTHING
             RETURNING s.* INTO cur;
         EXCEPTION WHEN unique_violation THEN
@@ -710,6 +777,10 @@ BEGIN
             UPDATE billing.subscriptions s SET status = v_status, plan_id = plan.id, price_id = v_price,
                 seats = v_seats, period_start = v_start, period_end = v_end, ends_at = v_ends, trial_end = v_trial,
                 collection_paused = v_paused, customer = v_customer,
+                -- the first period of one that was never active yet (incomplete, a trial) is paid once active
+                paid_through = CASE WHEN v_status = 'active' AND old.paid_through IS NULL AND old.status = 'incomplete'
+                                    THEN greatest(v_paid, v_end)
+                                    ELSE greatest(old.paid_through, v_paid) END,
                 observed_at = sync_subscription.observed_at, updated_at = now()
             WHERE s.id = old.id
             RETURNING s.* INTO cur;
@@ -758,6 +829,96 @@ AS $$
 DECLARE r record;
 BEGIN
     SELECT * INTO r FROM billing.sync_subscription(ev.payload #> '{data,object}', ev.event_time, 'stripe');
+    RETURN to_jsonb(r);
+END
+$$;
+
+-- The provider's invoice object (an invoice event's, or a poll's): recorded
+-- per invoice, newest observation first; a paid one opens the billing period
+-- it bills for its subscription (a renewal opens with no allowance until it
+-- is paid; a $0 invoice is paid). An invoice of no subscription is ignored.
+CREATE FUNCTION billing.sync_invoice(
+    invoice jsonb,
+    observed_at timestamptz DEFAULT now(),
+    provider text DEFAULT 'stripe')
+RETURNS TABLE (invoice_id text, subscription text, status text, outcome text, paid_through timestamptz,
+               credit jsonb)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    tenant text := billing.current_tenant();
+    v_id text;
+    v_sub text;
+    v_status text;
+    v_paid bigint;
+    v_end timestamptz;
+    changed integer;
+    s billing.subscriptions;
+BEGIN
+    IF invoice IS NULL OR observed_at IS NULL OR provider IS NULL THEN
+        RAISE EXCEPTION 'invoice, observed_at and provider may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF provider <> 'stripe' THEN
+        RAISE EXCEPTION 'unknown provider %: invoice objects of stripe are understood', provider
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF observed_at > now() + interval '5 minutes' OR NOT isfinite(observed_at) THEN
+        RAISE EXCEPTION 'observed_at % is in the future', observed_at USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(invoice) <> 'object' OR invoice ->> 'object' IS DISTINCT FROM 'invoice'
+       OR jsonb_typeof(invoice -> 'id') <> 'string' OR length(invoice ->> 'id') NOT BETWEEN 1 AND 255
+       OR octet_length(invoice::text) > 262144 THEN
+        RAISE EXCEPTION 'not a Stripe invoice object (expected "object": "invoice" and an id, at most 256 KiB)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_id := invoice ->> 'id';
+    v_sub := billing.stripe_invoice_subscription(invoice);
+    v_status := coalesce(invoice ->> 'status', 'draft');
+    IF v_sub IS NULL OR length(v_sub) > 255 THEN
+        RETURN QUERY SELECT v_id, NULL::text, v_status, 'ignored'::text, NULL::timestamptz, '{}'::jsonb;
+        RETURN;
+    END IF;
+    IF v_status NOT IN ('draft', 'open', 'paid', 'uncollectible', 'void') THEN
+        RAISE EXCEPTION 'invoice %: unknown status %', v_id, v_status USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_paid := CASE WHEN (invoice ->> 'amount_paid') ~ '^[0-9]{1,18}$' THEN (invoice ->> 'amount_paid')::bigint ELSE 0 END;
+    v_end := billing.stripe_invoice_period_end(invoice);
+    -- the subscription first (if known), as every projection of it does
+    SELECT * INTO s FROM billing.subscriptions x
+    WHERE x.tenant_id = tenant AND x.provider = sync_invoice.provider AND x.provider_id = v_sub FOR UPDATE;
+    INSERT INTO billing.subscription_invoices AS i (tenant_id, provider, invoice_id, subscription, status,
+        billing_reason, amount_paid, currency, period_end, observed_at)
+    VALUES (tenant, provider, v_id, v_sub, v_status, left(invoice ->> 'billing_reason', 100), v_paid,
+            left(invoice ->> 'currency', 10), v_end, observed_at)
+    ON CONFLICT ON CONSTRAINT subscription_invoices_pkey DO UPDATE
+        SET status = excluded.status, amount_paid = excluded.amount_paid, period_end = excluded.period_end,
+            observed_at = excluded.observed_at
+        -- a paid invoice stays paid; otherwise the newest observation wins
+        WHERE i.status <> 'paid' AND i.observed_at <= excluded.observed_at;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+    IF s.id IS NULL OR v_status <> 'paid' OR changed = 0 OR s.paid_through >= v_end THEN
+        RETURN QUERY SELECT v_id, v_sub, v_status,
+            CASE WHEN changed = 0 THEN 'unchanged' WHEN s.id IS NULL THEN 'recorded' ELSE 'updated' END,
+            s.paid_through, '{}'::jsonb;
+        RETURN;
+    END IF;
+    UPDATE billing.subscriptions x SET paid_through = greatest(x.paid_through, v_end), updated_at = now()
+    WHERE x.id = s.id
+    RETURNING x.* INTO s;
+    RETURN QUERY SELECT v_id, v_sub, v_status, 'updated'::text, s.paid_through, billing.subscription_credit(s);
+END
+$$;
+
+-- invoice.*: the event's invoice, through the same projection as a poll.
+CREATE FUNCTION billing.stripe_invoice_event(ev billing.webhook_events) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE r record;
+BEGIN
+    SELECT * INTO r FROM billing.sync_invoice(ev.payload #> '{data,object}', ev.event_time, 'stripe');
     RETURN to_jsonb(r);
 END
 $$;

@@ -747,6 +747,10 @@ BEGIN
                                 'customer.subscription.pending_update_expired',
                                 'customer.subscription.trial_will_end') THEN
             RETURN 'billing.stripe_subscription_event(billing.webhook_events)'::regprocedure;
+        ELSIF ev.event_type IN ('invoice.paid', 'invoice.payment_succeeded', 'invoice.payment_failed',
+                                'invoice.payment_action_required', 'invoice.finalized', 'invoice.voided',
+                                'invoice.marked_uncollectible') THEN
+            RETURN 'billing.stripe_invoice_event(billing.webhook_events)'::regprocedure;
         ELSIF ev.event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn',
                                 'charge.dispute.closed', 'charge.dispute.funds_reinstated') THEN
             RETURN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure;

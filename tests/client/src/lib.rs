@@ -146,6 +146,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "subscriptions",
     "subscription_conflicts",
     "subscription_allowances",
+    "subscription_invoices",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
