@@ -46,6 +46,10 @@ mod tests {
         "billing.allowance_periods(?'2027-01-01'::timestamptz, ?'2027-02-01'::timestamptz)",
         "billing.subscription_access(~'active', ~false)",
         "billing.sync_invoice(?'{}', ?'2027-01-01'::timestamptz, ?'stripe')",
+        "billing.lock_seats(?'a')",
+        "billing.set_seats(?'a', ?1)",
+        "billing.ack_seat_push(?1, ?1)",
+        "billing.count_seats()",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -921,4 +921,80 @@ mod tests {
         );
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn seats_counted_from_the_membership_table_raise_the_allowance_at_once() {
+        plans();
+        run("CREATE TABLE pg_temp.members (org text, user_id text, role text, pending boolean)");
+        run(
+            "CREATE TRIGGER billing_seats AFTER INSERT OR UPDATE OR DELETE ON pg_temp.members \
+             FOR EACH ROW EXECUTE FUNCTION billing.count_seats('org', 'user_id', 'NOT pending')",
+        );
+        let seats = || -> i32 { one("SELECT seats FROM billing.seats WHERE account = 'org_t'") };
+        // members added before the account has any billing: counted all the same
+        run("INSERT INTO pg_temp.members VALUES ('org_t', 'u1', 'owner', false), ('org_t', 'bot1', 'bot', false), \
+                                                ('org_t', 'u2', 'member', true), ('org_t', 'u1', 'admin', false)");
+        assert_eq!(
+            seats(),
+            2,
+            "owner and bot count, a pending invitation does not, u1 once"
+        );
+        let (start, end) = month();
+        let team =
+            |status: &str| subscription("sub_t", "org_t", status, "price_team_m", 1, start, end);
+        assert_eq!(
+            sync(&team("active")),
+            format!("created|active|{}", credit(200, 0, 0, 0)),
+            "the higher of the provider's quantity and the members counted"
+        );
+        run("UPDATE pg_temp.members SET pending = false WHERE user_id = 'u2'");
+        assert_eq!(seats(), 3);
+        assert_eq!(
+            credits("org_t"),
+            300,
+            "a seat added raises the allowance at once"
+        );
+        run("DELETE FROM pg_temp.members WHERE user_id IN ('u2', 'bot1')");
+        assert_eq!(seats(), 1);
+        assert_eq!(
+            credits("org_t"),
+            300,
+            "a seat removed never lowers the period"
+        );
+        let pending: String = one(
+            "SELECT string_agg(id || ':' || seats, ',') FROM billing.seat_pushes WHERE pushed_at IS NULL",
+        );
+        let id: i64 = one("SELECT id FROM billing.seat_pushes WHERE pushed_at IS NULL");
+        assert_eq!(
+            pending,
+            format!("{id}:1"),
+            "one pending push, with the latest count"
+        );
+        assert!(
+            !one::<bool>(&format!("SELECT billing.ack_seat_push({id}, 3)")),
+            "a stale count is not acknowledged"
+        );
+        assert!(one::<bool>(&format!(
+            "SELECT billing.ack_seat_push({id}, 1)"
+        )));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.seat_pushes WHERE pushed_at IS NULL"),
+            0
+        );
+
+        // a seat added while delinquent applies on recovery
+        sync(&team("past_due"));
+        run("INSERT INTO pg_temp.members VALUES ('org_t', 'u3', 'member', false), ('org_t', 'u4', 'member', false), \
+                                                ('org_t', 'u5', 'member', false), ('org_t', 'u6', 'member', false)");
+        assert_eq!(seats(), 5);
+        assert_eq!(credits("org_t"), 0, "held back");
+        assert_eq!(
+            sync(&team("active")),
+            format!("updated|active|{}", credit(200, 0, 2, 0)),
+            "recovered: both grants of the period back, and the new seats' allowance"
+        );
+        assert_eq!(credits("org_t"), 500);
+        assert_rejected("SELECT * FROM billing.set_seats('org_t', -1)", "22023");
+        assert_ledger_consistent();
+    }
 }

@@ -49,7 +49,7 @@ BEGIN
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
-                             'subscription_allowances', 'subscription_invoices'] LOOP
+                             'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -71,7 +71,7 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
                 billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
-                billing.subscription_status
+                billing.seats, billing.seat_pushes, billing.subscription_status
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -153,7 +153,11 @@ GRANT EXECUTE ON FUNCTION
     billing.account(text, text, jsonb),
     billing.receive_webhook(text, jsonb, text),
     billing.sync_subscription(jsonb, timestamptz, text),
-    billing.sync_invoice(jsonb, timestamptz, text)
+    billing.sync_invoice(jsonb, timestamptz, text),
+    billing.lock_seats(text),
+    billing.set_seats(text, integer),
+    billing.ack_seat_push(bigint, integer),
+    billing.count_seats()
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

@@ -143,6 +143,35 @@ CREATE TABLE billing.subscription_allowances (
     PRIMARY KEY (subscription_id, unit, starts_at)
 );
 
+-- Seats counted from the application's own membership table (count_seats),
+-- per account; a per-seat allowance follows the higher of this and the
+-- provider's quantity.
+CREATE TABLE billing.seats (
+    tenant_id  text        NOT NULL,
+    account    text        NOT NULL,
+    seats      integer     NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, account),
+    FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account)
+);
+
+-- Seat counts the provider must be told about (an outbox): one pending row
+-- per account, holding the latest count, until the application's worker
+-- pushed it and acknowledged that count.
+CREATE TABLE billing.seat_pushes (
+    id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id  text        NOT NULL,
+    account    text        NOT NULL,
+    seats      integer     NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    pushed_at  timestamptz
+);
+CREATE UNIQUE INDEX seat_pushes_one_pending ON billing.seat_pushes (tenant_id, account) WHERE pushed_at IS NULL;
+
+SELECT pg_catalog.pg_extension_config_dump('billing.seats', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.seat_pushes', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.seat_pushes_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.plans_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.plan_keys', '');
@@ -422,6 +451,7 @@ DECLARE
     u record;
     a billing.subscription_allowances;
     target bigint;
+    counted integer;
     give bigint;
     used bigint;
     g record;
@@ -432,6 +462,8 @@ DECLARE
     made record;
 BEGIN
     SELECT * INTO plan FROM billing.plans pl WHERE pl.id = s.plan_id;
+    SELECT coalesce(max(x.seats), 0) INTO counted FROM billing.seats x
+    WHERE x.tenant_id = s.tenant_id AND x.account = s.account;
     FOR g IN
         SELECT gr.id, gr.status, gr.expires_at, sa.starts_at
         FROM billing.subscription_allowances sa
@@ -474,7 +506,7 @@ BEGIN
                        (e.value ->> 'per_seat')::boolean AS per_seat
                 FROM jsonb_each(plan.allowances) e ORDER BY e.key
             LOOP
-                target := u.amount * CASE WHEN u.per_seat THEN s.seats ELSE 1 END;
+                target := u.amount * CASE WHEN u.per_seat THEN greatest(s.seats, counted) ELSE 1 END;
                 SELECT * INTO a FROM billing.subscription_allowances sa
                 WHERE sa.subscription_id = s.id AND sa.unit = u.unit AND sa.starts_at = p.starts_at FOR UPDATE;
                 IF NOT FOUND THEN
@@ -920,6 +952,139 @@ DECLARE r record;
 BEGIN
     SELECT * INTO r FROM billing.sync_invoice(ev.payload #> '{data,object}', ev.event_time, 'stripe');
     RETURN to_jsonb(r);
+END
+$$;
+
+-- ----- seats -------------------------------------------------------------------
+
+-- Lock the seat count of `account` for this transaction (created at 0 if
+-- missing, with the account): counts of one account are made one at a time,
+-- each after the previous one committed, so concurrent adds lose nothing.
+CREATE FUNCTION billing.lock_seats(account text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    tenant text := billing.current_tenant();
+    n integer;
+BEGIN
+    IF account IS NULL THEN
+        RAISE EXCEPTION 'account may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM billing.account(account);
+    INSERT INTO billing.seats AS x (tenant_id, account, seats) VALUES (tenant, account, 0)
+    ON CONFLICT ON CONSTRAINT seats_pkey DO UPDATE SET seats = x.seats
+    RETURNING x.seats INTO n;
+    RETURN n;
+END
+$$;
+
+-- Set the seat count of `account`: a change is queued for the provider and
+-- raises the per-seat allowance of its live subscription at once (never
+-- lowers it within a period; while delinquent, it applies on recovery).
+CREATE FUNCTION billing.set_seats(account text, seats integer)
+RETURNS TABLE (seat_account text, seat_count integer, changed boolean, credit jsonb)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    tenant text := billing.current_tenant();
+    was integer;
+    sub billing.subscriptions;
+BEGIN
+    IF set_seats.seats IS NULL THEN
+        RAISE EXCEPTION 'seats may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF set_seats.seats < 0 THEN
+        RAISE EXCEPTION 'seats must not be negative' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    was := billing.lock_seats(set_seats.account);
+    IF was = set_seats.seats THEN
+        RETURN QUERY SELECT set_seats.account, set_seats.seats, false, '{}'::jsonb;
+        RETURN;
+    END IF;
+    UPDATE billing.seats x SET seats = set_seats.seats, updated_at = now()
+    WHERE x.tenant_id = tenant AND x.account = set_seats.account;
+    INSERT INTO billing.seat_pushes AS q (tenant_id, account, seats)
+    VALUES (tenant, set_seats.account, set_seats.seats)
+    ON CONFLICT (tenant_id, account) WHERE pushed_at IS NULL
+    DO UPDATE SET seats = excluded.seats, updated_at = now();
+    SELECT * INTO sub FROM billing.subscriptions x
+    WHERE x.tenant_id = tenant AND x.account = set_seats.account
+      AND x.status NOT IN ('incomplete', 'canceled', 'incomplete_expired')
+    FOR UPDATE;
+    RETURN QUERY SELECT set_seats.account, set_seats.seats, true,
+        CASE WHEN sub.id IS NULL THEN '{}'::jsonb ELSE billing.subscription_credit(sub) END;
+END
+$$;
+
+-- The worker pushed seat count `seats` of push `id` to the provider: done,
+-- unless the count changed meanwhile (then it stays pending with the new one).
+CREATE FUNCTION billing.ack_seat_push(id bigint, seats integer) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE done integer;
+BEGIN
+    IF id IS NULL OR seats IS NULL THEN
+        RAISE EXCEPTION 'id and seats may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    UPDATE billing.seat_pushes q SET pushed_at = now()
+    WHERE q.id = ack_seat_push.id AND q.tenant_id = billing.current_tenant()
+      AND q.seats = ack_seat_push.seats AND q.pushed_at IS NULL;
+    GET DIAGNOSTICS done = ROW_COUNT;
+    RETURN done = 1;
+END
+$$;
+
+-- A row trigger for the application's membership table:
+--   CREATE TRIGGER billing_seats AFTER INSERT OR UPDATE OR DELETE ON app.members
+--       FOR EACH ROW EXECUTE FUNCTION billing.count_seats('org_id', 'user_id', 'status <> ''pending''');
+-- counts, per account, the distinct members whose rows meet the condition
+-- (owners and bots count if the condition says so; a member twice counts
+-- once), and sets the account's seats. It runs with the rights of whoever
+-- changes the table (not pg_billing's): the condition is the table owner's
+-- SQL, evaluated as that user.
+CREATE FUNCTION billing.count_seats() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    account_column text := TG_ARGV[0];
+    member_column text := TG_ARGV[1];
+    condition text := coalesce(nullif(TG_ARGV[2], ''), 'true');
+    account_type text;
+    touched text[] := '{}';
+    a text;
+    n integer;
+BEGIN
+    IF TG_NARGS < 2 OR TG_LEVEL <> 'ROW' OR TG_WHEN <> 'AFTER' THEN
+        RAISE EXCEPTION 'billing.count_seats(account_column, member_column [, condition]) is an AFTER ... FOR EACH ROW trigger'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT format_type(t.atttypid, t.atttypmod) INTO account_type FROM pg_catalog.pg_attribute t
+    WHERE t.attrelid = TG_RELID AND t.attname = account_column AND NOT t.attisdropped;
+    IF account_type IS NULL THEN
+        RAISE EXCEPTION 'billing.count_seats: % has no column %', TG_TABLE_NAME, account_column
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        touched := touched || (to_jsonb(OLD) ->> account_column);
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        touched := touched || (to_jsonb(NEW) ->> account_column);
+    END IF;
+    FOR a IN SELECT DISTINCT x FROM unnest(touched) x WHERE x IS NOT NULL ORDER BY x LOOP
+        PERFORM billing.lock_seats(a);
+        EXECUTE format('SELECT count(DISTINCT %I)::integer FROM %I.%I WHERE %I = $1::%s AND (%s)',
+                       member_column, TG_TABLE_SCHEMA, TG_TABLE_NAME, account_column, account_type, condition)
+            INTO n USING a;
+        PERFORM billing.set_seats(a, n);
+    END LOOP;
+    RETURN NULL;
 END
 $$;
 

@@ -147,6 +147,8 @@ pub const BILLING_TABLES: &[&str] = &[
     "subscription_conflicts",
     "subscription_allowances",
     "subscription_invoices",
+    "seats",
+    "seat_pushes",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released

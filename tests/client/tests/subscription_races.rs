@@ -235,3 +235,53 @@ fn one_customer_never_gets_two_accounts() {
     }
     assert_eq!(ledger_problems(&mut c), Vec::<String>::new());
 }
+
+#[test]
+fn concurrent_member_adds_lose_no_seat() {
+    let mut c = setup();
+    c.batch_execute(
+        "CREATE TABLE members (org text, user_id text, pending boolean NOT NULL DEFAULT false);
+         CREATE TRIGGER billing_seats AFTER INSERT OR UPDATE OR DELETE ON members
+             FOR EACH ROW EXECUTE FUNCTION billing.count_seats('org', 'user_id', 'NOT pending');
+         INSERT INTO members VALUES ('org_m', 'owner');",
+    )
+    .unwrap();
+    c.batch_execute(&format!(
+        "SELECT * FROM billing.sync_subscription('{}')",
+        subscription("sub_m", "org_m", "cus_m", "price_team", 1)
+    ))
+    .unwrap();
+    const ADDS: usize = 5;
+    run_sessions(SESSIONS, |i, start| {
+        let mut s = connect(DB);
+        start.wait();
+        for n in 0..ADDS {
+            s.execute(
+                "INSERT INTO members (org, user_id) VALUES ('org_m', $1)",
+                &[&format!("u{i}_{n}")],
+            )
+            .unwrap();
+        }
+    });
+    let seats = count(
+        &mut c,
+        "SELECT seats::bigint FROM billing.seats WHERE account = 'org_m'",
+    );
+    let expected = (SESSIONS * ADDS + 1) as i64;
+    assert_eq!(seats, expected, "every member counted once");
+    let credit = count(
+        &mut c,
+        "SELECT available FROM billing.check('org_m', 'credits')",
+    );
+    assert_eq!(
+        credit,
+        100 * expected,
+        "the allowance followed every seat, granted once each"
+    );
+    let pending = count(
+        &mut c,
+        "SELECT count(*) FROM billing.seat_pushes WHERE pushed_at IS NULL AND account = 'org_m'",
+    );
+    assert_eq!(pending, 1, "one pending push with the latest count");
+    assert_eq!(ledger_problems(&mut c), Vec::<String>::new());
+}
