@@ -997,4 +997,112 @@ mod tests {
         assert_rejected("SELECT * FROM billing.set_seats('org_t', -1)", "22023");
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn the_periodic_work_opens_a_paid_renewal_whose_update_was_lost_and_expires_held_back_credit() {
+        plans();
+        let t = now_unix();
+        let (start, end) = (t - 40 * DAY, t - 10 * DAY);
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        // the renewal's invoice arrived, its subscription update was lost
+        pay(&invoice("in_2", "sub_1", "paid", 2000, end, end + 30 * DAY));
+        assert_eq!(
+            credits("org_1"),
+            0,
+            "the subscription still says the old period"
+        );
+        let periodic = || -> String {
+            one("SELECT string_agg(task || '=' || done, ',' ORDER BY task) FROM billing.run_periodic()")
+        };
+        assert_eq!(periodic(), "expiries=0,held_back=0,renewals=1");
+        assert_eq!(credits("org_1"), 1000, "the paid period is open");
+        assert_eq!(
+            periodic(),
+            "expiries=0,held_back=0,renewals=0",
+            "idempotent"
+        );
+
+        let (s2, e2) = month();
+        sync(&subscription(
+            "sub_2",
+            "org_2",
+            "active",
+            "price_basic_m",
+            1,
+            s2,
+            e2,
+        ));
+        let held: i64 = one("SELECT g.id FROM billing.grants g WHERE g.account = 'org_2'");
+        sync(&subscription(
+            "sub_2",
+            "org_2",
+            "past_due",
+            "price_basic_m",
+            1,
+            s2,
+            e2,
+        ));
+        travel("org_2", "30 days");
+        assert_eq!(periodic(), "expiries=0,held_back=1,renewals=0");
+        assert_eq!(
+            remaining(held),
+            0,
+            "credit held back past its period is expired"
+        );
+        assert_eq!(
+            one::<String>(&format!("SELECT kind::text FROM billing.ledger_entries WHERE grant_id = {held} ORDER BY version DESC LIMIT 1")),
+            "expire"
+        );
+        assert_eq!(periodic(), "expiries=0,held_back=0,renewals=0");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_poll_that_changes_something_is_drift_and_every_change_is_kept() {
+        plans();
+        setup();
+        let (start, end) = month();
+        let t = now_unix();
+        let s =
+            |status: &str| subscription("sub_1", "org_1", status, "price_basic_m", 1, start, end);
+        assert_eq!(
+            deliver(&event(
+                "evt_1",
+                "customer.subscription.created",
+                t - 60,
+                s("active")
+            )),
+            "applied|"
+        );
+        // the past_due event was lost; the daily pull finds it
+        sync(&s("past_due"));
+        sync(&s("past_due"));
+        let drift: String = one(
+            "SELECT string_agg(concat_ws(':', subscription, field, was, became), ',') FROM billing.subscription_drift",
+        );
+        assert_eq!(drift, "sub_1:status:active:past_due");
+        let history: String = one(
+            "SELECT string_agg(source || ':' || (credit ->> 'granted') || '/' || (credit ->> 'suspended'), ',' ORDER BY id) \
+             FROM billing.subscription_changes",
+        );
+        assert_eq!(
+            history, "webhook:1000/0,poll:0/1",
+            "a replayed poll changes nothing and is not kept"
+        );
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.sync_subscription('{}', now(), 'stripe', 'magic')",
+                s("active")
+            ),
+            "22023",
+        );
+    }
 }

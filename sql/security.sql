@@ -49,7 +49,8 @@ BEGIN
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
-                             'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes'] LOOP
+                             'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
+                             'subscription_changes'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -71,7 +72,8 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
                 billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
-                billing.seats, billing.seat_pushes, billing.subscription_status
+                billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes,
+                billing.subscription_drift
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -152,7 +154,7 @@ GRANT EXECUTE ON FUNCTION
     billing.release(bigint),
     billing.account(text, text, jsonb),
     billing.receive_webhook(text, jsonb, text),
-    billing.sync_subscription(jsonb, timestamptz, text),
+    billing.sync_subscription(jsonb, timestamptz, text, text),
     billing.sync_invoice(jsonb, timestamptz, text),
     billing.lock_seats(text),
     billing.set_seats(text, integer),
@@ -172,5 +174,6 @@ GRANT EXECUTE ON FUNCTION
     billing.grant_tenant(text, name),
     billing.revoke_tenant(text, name),
     billing.define_plan(text, jsonb, jsonb, text, integer, bigint, integer),
+    billing.run_periodic(integer),
     billing.retire_plan(text)
     TO billing_admin;

@@ -110,6 +110,22 @@ CREATE TABLE billing.subscription_conflicts (
     UNIQUE (tenant_id, provider, provider_id)
 );
 
+-- Every change a projection applied to a subscription, with where the
+-- observation came from: a poll that changes something found what no event
+-- had delivered (billing.subscription_drift).
+CREATE TABLE billing.subscription_changes (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id       text        NOT NULL,
+    subscription_id bigint      NOT NULL REFERENCES billing.subscriptions (id),
+    account         text        NOT NULL,
+    source          text        NOT NULL,
+    observed_at     timestamptz NOT NULL,
+    changes         jsonb       NOT NULL,
+    credit          jsonb       NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX subscription_changes_by_subscription ON billing.subscription_changes (subscription_id, id);
+
 -- Invoices of subscriptions, as last observed: a paid one opens the billing
 -- period it bills, also when it arrives before the subscription's renewal.
 CREATE TABLE billing.subscription_invoices (
@@ -169,6 +185,8 @@ CREATE TABLE billing.seat_pushes (
 );
 CREATE UNIQUE INDEX seat_pushes_one_pending ON billing.seat_pushes (tenant_id, account) WHERE pushed_at IS NULL;
 
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_changes', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_changes_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.seats', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.seat_pushes', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.seat_pushes_id_seq', '');
@@ -598,7 +616,8 @@ $$;
 CREATE FUNCTION billing.sync_subscription(
     subscription jsonb,
     observed_at timestamptz DEFAULT now(),
-    provider text DEFAULT 'stripe')
+    provider text DEFAULT 'stripe',
+    source text DEFAULT 'poll')
 RETURNS TABLE (subscription_id bigint, account text, status text, outcome text,
                changes jsonb, credit jsonb)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -626,10 +645,14 @@ DECLARE
     cur billing.subscriptions;
     waiting record;
     diff jsonb := '{}';
+    given jsonb;
 BEGIN
-    IF subscription IS NULL OR observed_at IS NULL OR provider IS NULL THEN
-        RAISE EXCEPTION 'subscription, observed_at and provider may not be NULL'
+    IF subscription IS NULL OR observed_at IS NULL OR provider IS NULL OR source IS NULL THEN
+        RAISE EXCEPTION 'subscription, observed_at, provider and source may not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF source NOT IN ('poll', 'webhook', 'retry') THEN
+        RAISE EXCEPTION 'source must be poll or webhook, not %', source USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF provider <> 'stripe' THEN
         RAISE EXCEPTION 'unknown provider %: subscription objects of stripe are understood', provider
@@ -829,9 +852,15 @@ BEGIN
     UPDATE billing.subscription_conflicts c SET resolved_at = now()
     WHERE c.tenant_id = tenant AND c.provider = sync_subscription.provider AND c.provider_id = v_id
       AND c.resolved_at IS NULL;
+    given := billing.subscription_credit(cur);
+    IF diff <> '{}' OR given <> '{"granted": 0, "resumed": 0, "revoked": 0, "suspended": 0}' THEN
+        INSERT INTO billing.subscription_changes (tenant_id, subscription_id, account, source, observed_at,
+                                                  changes, credit)
+        VALUES (tenant, cur.id, cur.account, sync_subscription.source, sync_subscription.observed_at, diff, given);
+    END IF;
     RETURN QUERY SELECT cur.id, cur.account, cur.status,
         CASE WHEN old.id IS NULL THEN 'created' WHEN diff = '{}' THEN 'unchanged' ELSE 'updated' END,
-        diff, billing.subscription_credit(cur);
+        diff, given;
     IF billing.subscription_access(cur.status) = 'ended' THEN
         -- its place is free: a subscription refused for it applies now (one
         -- that still cannot, e.g. its plan retired meanwhile, stays recorded)
@@ -841,7 +870,8 @@ BEGIN
             ORDER BY c.observed_at, c.id
         LOOP
             BEGIN
-                PERFORM 1 FROM billing.sync_subscription(waiting.subscription, waiting.observed_at, waiting.provider);
+                PERFORM 1 FROM billing.sync_subscription(waiting.subscription, waiting.observed_at, waiting.provider,
+                                                         'retry');
             EXCEPTION WHEN others THEN
                 NULL;
             END;
@@ -860,7 +890,7 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE r record;
 BEGIN
-    SELECT * INTO r FROM billing.sync_subscription(ev.payload #> '{data,object}', ev.event_time, 'stripe');
+    SELECT * INTO r FROM billing.sync_subscription(ev.payload #> '{data,object}', ev.event_time, 'stripe', 'webhook');
     RETURN to_jsonb(r);
 END
 $$;
@@ -1106,3 +1136,80 @@ LEFT JOIN LATERAL (
     SELECT sum(gr.remaining) FILTER (WHERE gr.status = 'active')::bigint AS remaining,
            sum(gr.remaining) FILTER (WHERE gr.status = 'suspended')::bigint AS suspended
     FROM unnest(sa.grant_ids) AS gid(id) JOIN billing.grants gr ON gr.id = gid.id) g ON true;
+
+-- What polls (a reconciliation pull, or an app that cannot receive webhooks)
+-- found changed that no event had delivered, per field: the drift between
+-- the provider and the database that the pull corrected.
+CREATE VIEW billing.subscription_drift WITH (security_invoker = true) AS
+SELECT c.account, s.provider_id AS subscription, c.observed_at, d.key AS field,
+       d.value ->> 0 AS was, d.value ->> 1 AS became, c.recorded_at
+FROM billing.subscription_changes c
+JOIN billing.subscriptions s ON s.id = c.subscription_id
+CROSS JOIN LATERAL jsonb_each(c.changes) d
+WHERE c.source = 'poll' AND d.key <> 'created';
+
+-- ----- periodic work (pg_cron, or by hand) ---------------------------------------
+
+-- One pass of the periodic work, across all tenants, at most `batch` items of
+-- each kind; idempotent, and safe to run in several sessions at once (rows
+-- another run holds are skipped). Correctness of check and ingest never
+-- depends on it:
+--   expiries     expiry entries of grants and holds whose time passed (sweep)
+--   renewals     a subscription whose period ended and whose next one is
+--                already paid (its invoice arrived, its update did not)
+--                moves to the paid period and opens its allowance
+--   held_back    plan credit held back past its period's end is expired
+CREATE FUNCTION billing.run_periodic(batch integer DEFAULT 1000)
+RETURNS TABLE (task text, done bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    s billing.subscriptions;
+    g record;
+    renewed bigint := 0;
+    expired bigint := 0;
+    acting text := current_setting('billing.tenant', true);
+BEGIN
+    IF batch IS NULL THEN
+        RAISE EXCEPTION 'batch may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN QUERY SELECT 'expiries'::text, billing.sweep(batch);
+    FOR s IN
+        SELECT * FROM billing.subscriptions x
+        WHERE billing.subscription_access(x.status, x.collection_paused) = 'open'
+          AND x.period_end <= now() AND x.paid_through > x.period_end
+          AND (x.ends_at IS NULL OR x.ends_at > x.period_end)
+        ORDER BY x.id LIMIT batch FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM set_config('billing.tenant', s.tenant_id, true);
+        UPDATE billing.subscriptions x SET period_start = s.period_end, period_end = s.paid_through,
+            updated_at = now()
+        WHERE x.id = s.id
+        RETURNING x.* INTO s;
+        INSERT INTO billing.subscription_changes (tenant_id, subscription_id, account, source, observed_at,
+                                                  changes, credit)
+        VALUES (s.tenant_id, s.id, s.account, 'periodic', now(),
+                jsonb_build_object('period_start', jsonb_build_array(NULL, s.period_start),
+                                   'period_end', jsonb_build_array(NULL, s.period_end)),
+                billing.subscription_credit(s));
+        renewed := renewed + 1;
+    END LOOP;
+    RETURN QUERY SELECT 'renewals'::text, renewed;
+    FOR g IN
+        SELECT gr.id, x.tenant_id FROM billing.subscription_allowances sa
+        JOIN billing.subscriptions x ON x.id = sa.subscription_id
+        CROSS JOIN LATERAL unnest(sa.grant_ids) AS gid(id)
+        JOIN billing.grants gr ON gr.id = gid.id
+        WHERE gr.status = 'suspended' AND gr.expires_at <= now()
+        ORDER BY gr.id LIMIT batch
+        FOR UPDATE OF x SKIP LOCKED
+    LOOP
+        PERFORM set_config('billing.tenant', g.tenant_id, true);
+        PERFORM billing.resume_grant(g.id);
+        expired := expired + 1;
+    END LOOP;
+    RETURN QUERY SELECT 'held_back'::text, expired;
+    PERFORM set_config('billing.tenant', coalesce(acting, ''), true);
+END
+$$;

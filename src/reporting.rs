@@ -95,8 +95,8 @@ fn balance(
 
 static POOLS_DUE: Sql = Sql {
     text: "SELECT DISTINCT p.tenant_id, p.account, p.unit FROM billing.pools p \
-           WHERE EXISTS (SELECT 1 FROM billing.grants g WHERE g.pool_id = p.id AND g.remaining > 0 \
-                         AND g.expires_at <= now()) \
+           WHERE EXISTS (SELECT 1 FROM billing.grants g WHERE g.pool_id = p.id AND g.status = 'active' \
+                         AND g.remaining > 0 AND g.expires_at <= now()) \
               OR EXISTS (SELECT 1 FROM billing.holds h WHERE h.pool_id = p.id AND h.status = 'open' \
                          AND h.expires_at <= now()) \
            ORDER BY p.tenant_id, p.account, p.unit LIMIT $1",
@@ -104,7 +104,9 @@ static POOLS_DUE: Sql = Sql {
 };
 
 /// Record expiry entries for grants and holds whose time has passed, in at
-/// most `max_pools` pools, across all tenants. Suitable for pg_cron.
+/// most `max_pools` pools, across all tenants. Suitable for pg_cron. A
+/// suspended grant is expired when it is resumed (`run_periodic` does so
+/// for plan credit held back past its period).
 /// Returns how many pools were brought up to date.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]

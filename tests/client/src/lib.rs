@@ -149,6 +149,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "subscription_invoices",
     "seats",
     "seat_pushes",
+    "subscription_changes",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
