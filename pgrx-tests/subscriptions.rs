@@ -1105,4 +1105,68 @@ mod tests {
             "22023",
         );
     }
+
+    #[pg_test]
+    fn a_subscription_moved_to_another_account_keeps_each_accounts_history() {
+        plans();
+        let (start, end) = month();
+        let on = |account: &str| {
+            with(
+                subscription("sub_1", "org_1", "active", "price_basic_m", 1, start, end),
+                json!({"metadata": {"account": account}}),
+            )
+        };
+        sync(&on("org_1"));
+        ingest("org_1", "credits", 300, "e1");
+        let moved = sync(&on("org_2"));
+        assert!(
+            moved.starts_with("updated|active|") && moved.contains(r#""granted": 700"#),
+            "the rest of the allowance, not a second one: {moved}"
+        );
+        assert_eq!(
+            credits("org_1"),
+            0,
+            "its unused plan credit left with the subscription"
+        );
+        assert_eq!(credits("org_2"), 700);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.usage_events WHERE account = 'org_1'"),
+            1,
+            "what org_1 used stays in org_1's history"
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT account FROM billing.provider_customers WHERE customer = 'cus_org_1'"
+            ),
+            "org_2",
+            "its customer moved with it"
+        );
+        let change: String = one(
+            "SELECT changes -> 'account' ->> 0 || '>' || (changes -> 'account' ->> 1) FROM billing.subscription_changes \
+             WHERE changes ? 'account'",
+        );
+        assert_eq!(change, "org_1>org_2");
+
+        // into an account with a live subscription (and customer) of its own: refused, nothing moves
+        sync(&with(
+            subscription("sub_3", "org_3", "active", "price_pro_m", 1, start, end),
+            json!({"customer": "cus_org_3"}),
+        ));
+        assert_rejected(&sync_sql(&on("org_3")), "55000");
+        assert_eq!(credits("org_2"), 700, "nothing moved");
+        assert_eq!(
+            one::<String>(
+                "SELECT account FROM billing.provider_customers WHERE customer = 'cus_org_1'"
+            ),
+            "org_2"
+        );
+        // into an account that is another customer's
+        sync(&with(
+            subscription("sub_4", "org_4", "canceled", "price_basic_m", 1, start, end),
+            json!({"customer": "cus_org_4"}),
+        ));
+        assert_rejected(&sync_sql(&on("org_4")), "55000");
+        assert_eq!(credits("org_2"), 700);
+        assert_ledger_consistent();
+    }
 }

@@ -562,6 +562,34 @@ BEGIN
 END
 $$;
 
+-- A subscription moving to another account: the plan credit its old account
+-- holds for allowance periods that have not ended is revoked there (what it
+-- used stays used, in that account's history), and each such period's
+-- ceiling becomes what was used, so the new account gets the rest of the
+-- allowance, never a second one.
+CREATE FUNCTION billing.move_subscription_credit(s billing.subscriptions) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    a record;
+    used bigint;
+BEGIN
+    FOR a IN
+        SELECT sa.unit, sa.starts_at, sa.grant_ids FROM billing.subscription_allowances sa
+        WHERE sa.subscription_id = s.id AND sa.ends_at > now()
+        ORDER BY sa.unit, sa.starts_at FOR UPDATE
+    LOOP
+        SELECT coalesce(sum(r.consumed), 0)::bigint INTO used
+        FROM unnest(a.grant_ids) AS gid(id)
+        JOIN billing.grants gr ON gr.id = gid.id AND gr.status IN ('active', 'suspended', 'revoked')
+        CROSS JOIN LATERAL billing.revoke_unused(gr.id) r;
+        UPDATE billing.subscription_allowances sa SET ceiling = used
+        WHERE sa.subscription_id = s.id AND sa.unit = a.unit AND sa.starts_at = a.starts_at;
+    END LOOP;
+END
+$$;
+
 -- A subscription refused because its account has another live one: kept,
 -- newest observation first, for the application to refund, and applied by
 -- itself once the live one ends.
@@ -639,6 +667,7 @@ DECLARE
     v_account text;
     v_paused boolean;
     v_paid timestamptz;
+    v_moving boolean;
     mapped text;
     plan billing.plans;
     old billing.subscriptions;
@@ -747,8 +776,23 @@ BEGIN
         RAISE EXCEPTION 'subscription %: no account: set metadata.account on the subscription, or map its customer', v_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    SELECT * INTO old FROM billing.subscriptions s
+    WHERE s.tenant_id = tenant AND s.provider = sync_subscription.provider AND s.provider_id = v_id FOR UPDATE;
+    IF old.id IS NOT NULL AND (old.observed_at > sync_subscription.observed_at
+                               OR NOT billing.subscription_can_become(old.status, v_status)) THEN
+        RETURN QUERY SELECT old.id, old.account, old.status, 'stale'::text,
+            jsonb_build_object('applied_observation', old.observed_at), '{}'::jsonb;
+        RETURN;
+    END IF;
     PERFORM billing.account(v_account);
-    IF v_customer IS NOT NULL THEN
+    -- the subscription moves to another account (its customer with it)
+    v_moving := old.id IS NOT NULL AND old.account <> v_account;
+    IF v_moving AND old.customer IS DISTINCT FROM v_customer THEN
+        RAISE EXCEPTION 'subscription % moves from account % to %, and from customer % to %: one at a time',
+            v_id, old.account, v_account, old.customer, v_customer
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF v_customer IS NOT NULL AND NOT v_moving THEN
         -- claimed first, checked after: a concurrent claim of the customer or
         -- the account waits here, then the check sees whichever committed
         INSERT INTO billing.provider_customers (tenant_id, provider, customer, account)
@@ -769,8 +813,6 @@ BEGIN
         END IF;
     END IF;
 
-    SELECT * INTO old FROM billing.subscriptions s
-    WHERE s.tenant_id = tenant AND s.provider = sync_subscription.provider AND s.provider_id = v_id FOR UPDATE;
     IF old.id IS NULL THEN
         plan := billing.plan_for_price(tenant, sync_subscription.provider, v_price, v_id, v_status);
         BEGIN
@@ -799,17 +841,6 @@ BEGIN
         END IF;
     END IF;
     IF old.id IS NOT NULL THEN
-        IF old.observed_at > sync_subscription.observed_at
-           OR NOT billing.subscription_can_become(old.status, v_status) THEN
-            RETURN QUERY SELECT old.id, old.account, old.status, 'stale'::text,
-                jsonb_build_object('applied_observation', old.observed_at), '{}'::jsonb;
-            RETURN;
-        END IF;
-        IF old.account <> v_account THEN
-            RAISE EXCEPTION 'subscription % belongs to account %, not %', v_id, old.account, v_account
-                USING ERRCODE = 'object_not_in_prerequisite_state',
-                      HINT = 'Moving a subscription between accounts is not supported yet: nothing was changed.';
-        END IF;
         -- the plan version it bought, kept until its price changes
         IF old.price_id = v_price THEN
             SELECT * INTO plan FROM billing.plans pl WHERE pl.id = old.plan_id;
@@ -823,13 +854,30 @@ BEGIN
                      ('period_start', to_jsonb(old.period_start), to_jsonb(v_start)),
                      ('period_end', to_jsonb(old.period_end), to_jsonb(v_end)),
                      ('ends_at', to_jsonb(old.ends_at), to_jsonb(v_ends)),
-                     ('customer', to_jsonb(old.customer), to_jsonb(v_customer))) d(field, was, now)
+                     ('customer', to_jsonb(old.customer), to_jsonb(v_customer)),
+                     ('account', to_jsonb(old.account), to_jsonb(v_account))) d(field, was, now)
         WHERE d.was IS DISTINCT FROM d.now;
         IF old.collection_paused IS DISTINCT FROM v_paused THEN
             diff := diff || jsonb_build_object('collection_paused', jsonb_build_array(old.collection_paused, v_paused));
         END IF;
         BEGIN
-            UPDATE billing.subscriptions s SET status = v_status, plan_id = plan.id, price_id = v_price,
+            IF v_moving THEN
+                IF v_customer IS NOT NULL THEN
+                    IF EXISTS (SELECT 1 FROM billing.provider_customers o
+                               WHERE o.tenant_id = tenant AND o.provider = sync_subscription.provider
+                                 AND o.account = v_account AND o.customer <> v_customer) THEN
+                        RAISE EXCEPTION 'subscription %: account % is another customer''s', v_id, v_account
+                            USING ERRCODE = 'object_not_in_prerequisite_state',
+                                  HINT = 'One provider customer per account: nothing was changed.';
+                    END IF;
+                    UPDATE billing.provider_customers pc SET account = v_account
+                    WHERE pc.tenant_id = tenant AND pc.provider = sync_subscription.provider
+                      AND pc.customer = v_customer;
+                END IF;
+                PERFORM billing.move_subscription_credit(old);
+            END IF;
+            UPDATE billing.subscriptions s SET account = v_account, status = v_status, plan_id = plan.id,
+                price_id = v_price,
                 seats = v_seats, period_start = v_start, period_end = v_end, ends_at = v_ends, trial_end = v_trial,
                 collection_paused = v_paused, customer = v_customer,
                 -- the first period of one that was never active yet (incomplete, a trial) is paid once active
