@@ -1169,4 +1169,59 @@ mod tests {
         assert_eq!(credits("org_2"), 700);
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn a_disputed_subscription_payment_holds_plan_credit_back_until_won_and_a_refund_does_not() {
+        setup();
+        plans();
+        grant("org_1", "credits", 50, ", kind => 'topup'");
+        let (start, end) = month();
+        let t = now_unix();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        let mut paid = invoice("in_1", "sub_1", "paid", 2000, start, end);
+        paid["payment_intent"] = json!("pi_sub_1");
+        pay(&paid);
+        assert_eq!(credits("org_1"), 1050);
+        let refunded = deliver(&event(
+            "evt_r",
+            "charge.refunded",
+            t - 50,
+            charge("pi_sub_1", 2000, 2000, "usd"),
+        ));
+        assert_eq!(refunded, "applied|");
+        assert_eq!(
+            credits("org_1"),
+            1050,
+            "a refund leaves the subscription alone"
+        );
+        let opened = deliver(&event(
+            "evt_d1",
+            "charge.dispute.created",
+            t - 40,
+            dispute("dp_1", "pi_sub_1", 2000, "usd", "needs_response"),
+        ));
+        assert_eq!(opened, "applied|");
+        assert_eq!(credits("org_1"), 50, "held back at once; top-ups stay");
+        assert_eq!(
+            one::<String>("SELECT reason FROM billing.check('org_1', 'credits', 51)"),
+            "subscription_disputed"
+        );
+        let won = deliver(&event(
+            "evt_d2",
+            "charge.dispute.closed",
+            t - 30,
+            dispute("dp_1", "pi_sub_1", 2000, "usd", "won"),
+        ));
+        assert_eq!(won, "applied|");
+        assert_eq!(credits("org_1"), 1050, "won: the credit is back");
+        assert_ledger_consistent();
+    }
 }

@@ -75,6 +75,8 @@ CREATE TABLE billing.subscriptions (
     trial_end    timestamptz,
     -- the provider collects no payment (Stripe's pause_collection)
     collection_paused boolean NOT NULL DEFAULT false,
+    -- a dispute of one of its payments has the funds withdrawn
+    disputed     boolean     NOT NULL DEFAULT false,
     -- the end of the latest billing period known to be paid (an invoice paid,
     -- or the first period of a subscription that became active)
     paid_through timestamptz,
@@ -139,9 +141,13 @@ CREATE TABLE billing.subscription_invoices (
     currency     text,
     -- the end of the subscription period its lines bill
     period_end   timestamptz,
+    -- the payment that paid it (a dispute of it holds the plan credit back)
+    payment_intent text,
     observed_at  timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, provider, invoice_id)
 );
+CREATE INDEX subscription_invoices_by_payment
+    ON billing.subscription_invoices (tenant_id, provider, payment_intent) WHERE payment_intent IS NOT NULL;
 CREATE INDEX subscription_invoices_by_subscription
     ON billing.subscription_invoices (tenant_id, provider, subscription);
 
@@ -203,13 +209,14 @@ SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances', ''
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_invoices', '');
 
 -- Statuses as providers have them, and what each means for plan credit; a
--- subscription whose payments the provider does not collect is not paid.
-CREATE FUNCTION billing.subscription_access(status text, collection_paused boolean DEFAULT false) RETURNS text
+-- live subscription is held back (`held`) while the provider collects no
+-- payment for it or a payment of it is disputed with the funds withdrawn.
+CREATE FUNCTION billing.subscription_access(status text, held boolean DEFAULT false) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
     SELECT CASE
-        WHEN status IN ('active', 'trialing') AND collection_paused THEN 'suspended'
+        WHEN status IN ('active', 'trialing') AND held THEN 'suspended'
         WHEN status IN ('active', 'trialing') THEN 'open'
         -- held back, not voided: recovery restores the rest of the period
         WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
@@ -415,6 +422,55 @@ AS $$
         billing.stripe_instant(inv -> 'period_end'))
 $$;
 
+-- The PaymentIntent that paid a Stripe invoice: `payment_intent` (older API
+-- versions), or the first of its `payments` (newer ones).
+CREATE FUNCTION billing.stripe_invoice_payment(inv jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT coalesce(
+        CASE jsonb_typeof(inv -> 'payment_intent') WHEN 'string' THEN inv ->> 'payment_intent'
+                                                   WHEN 'object' THEN inv #>> '{payment_intent,id}' END,
+        (SELECT CASE jsonb_typeof(p #> '{payment,payment_intent}')
+                    WHEN 'string' THEN p #>> '{payment,payment_intent}'
+                    WHEN 'object' THEN p #>> '{payment,payment_intent,id}' END
+         FROM jsonb_array_elements(CASE WHEN jsonb_typeof(inv #> '{payments,data}') = 'array'
+                                        THEN inv #> '{payments,data}' ELSE '[]' END) p
+         WHERE p #> '{payment,payment_intent}' IS NOT NULL LIMIT 1))
+$$;
+
+-- A dispute of `payment` (recorded in stripe_reversals by the dispute
+-- projection): if it paid a subscription's invoice, the subscription's plan
+-- credit is held back while a dispute has the funds withdrawn, and comes back
+-- when it is won (a refund leaves the subscription alone). Returns what it did
+-- to the credit, or NULL if the payment is no subscription's.
+CREATE FUNCTION billing.stripe_subscription_dispute(tenant text, payment text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    s billing.subscriptions;
+    withdrawn boolean;
+BEGIN
+    SELECT x.* INTO s FROM billing.subscription_invoices i
+    JOIN billing.subscriptions x ON x.tenant_id = i.tenant_id AND x.provider = i.provider
+                                AND x.provider_id = i.subscription
+    WHERE i.tenant_id = tenant AND i.provider = 'stripe' AND i.payment_intent = payment
+    LIMIT 1 FOR UPDATE OF x;
+    IF s.id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT coalesce(bool_or(r.amount > 0), false) INTO withdrawn FROM billing.stripe_reversals r
+    WHERE r.tenant_id = tenant AND r.payment = stripe_subscription_dispute.payment AND r.source LIKE 'dispute:%';
+    IF withdrawn = s.disputed THEN
+        RETURN '{}'::jsonb;
+    END IF;
+    UPDATE billing.subscriptions x SET disputed = withdrawn, updated_at = now() WHERE x.id = s.id
+    RETURNING x.* INTO s;
+    RETURN billing.subscription_credit(s);
+END
+$$;
+
 -- Close every other plan allowance of (account, unit) still running at `at`:
 -- its unused credit is revoked, and what was used of it is returned, to count
 -- against the allowance that replaces it (an upgrade, a plan or interval
@@ -464,7 +520,7 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     plan billing.plans;
-    access text := billing.subscription_access(s.status, s.collection_paused);
+    access text := billing.subscription_access(s.status, s.collection_paused OR s.disputed);
     p record;
     u record;
     a billing.subscription_allowances;
@@ -999,15 +1055,21 @@ BEGIN
     SELECT * INTO s FROM billing.subscriptions x
     WHERE x.tenant_id = tenant AND x.provider = sync_invoice.provider AND x.provider_id = v_sub FOR UPDATE;
     INSERT INTO billing.subscription_invoices AS i (tenant_id, provider, invoice_id, subscription, status,
-        billing_reason, amount_paid, currency, period_end, observed_at)
+        billing_reason, amount_paid, currency, period_end, payment_intent, observed_at)
     VALUES (tenant, provider, v_id, v_sub, v_status, left(invoice ->> 'billing_reason', 100), v_paid,
-            left(invoice ->> 'currency', 10), v_end, observed_at)
+            left(invoice ->> 'currency', 10), v_end, left(billing.stripe_invoice_payment(invoice), 255), observed_at)
     ON CONFLICT ON CONSTRAINT subscription_invoices_pkey DO UPDATE
         SET status = excluded.status, amount_paid = excluded.amount_paid, period_end = excluded.period_end,
+            payment_intent = coalesce(excluded.payment_intent, i.payment_intent),
             observed_at = excluded.observed_at
         -- a paid invoice stays paid; otherwise the newest observation wins
         WHERE i.status <> 'paid' AND i.observed_at <= excluded.observed_at;
     GET DIAGNOSTICS changed = ROW_COUNT;
+    IF s.id IS NOT NULL AND billing.stripe_invoice_payment(invoice) IS NOT NULL THEN
+        -- a dispute of its payment that arrived first holds the credit back now
+        PERFORM billing.stripe_subscription_dispute(tenant, billing.stripe_invoice_payment(invoice));
+        SELECT * INTO s FROM billing.subscriptions x WHERE x.id = s.id;
+    END IF;
     IF s.id IS NULL OR v_status <> 'paid' OR changed = 0 OR s.paid_through >= v_end THEN
         RETURN QUERY SELECT v_id, v_sub, v_status,
             CASE WHEN changed = 0 THEN 'unchanged' WHEN s.id IS NULL THEN 'recorded' ELSE 'updated' END,
@@ -1171,7 +1233,7 @@ $$;
 -- Each subscription with its plan, period and the plan credit of the
 -- allowance period running now, per unit.
 CREATE VIEW billing.subscription_status WITH (security_invoker = true) AS
-SELECT s.account, s.provider_id AS subscription, s.status, billing.subscription_access(s.status, s.collection_paused) AS access,
+SELECT s.account, s.provider_id AS subscription, s.status, billing.subscription_access(s.status, s.collection_paused OR s.disputed) AS access,
        pl.key AS plan, pl.version AS plan_version, s.seats, s.period_start, s.period_end, s.ends_at,
        sa.unit, sa.starts_at AS allowance_starts_at, sa.ends_at AS allowance_ends_at, sa.ceiling AS allowance,
        coalesce(g.remaining, 0) AS allowance_left, coalesce(g.suspended, 0) AS allowance_suspended,
@@ -1225,7 +1287,7 @@ BEGIN
     RETURN QUERY SELECT 'expiries'::text, billing.sweep(batch);
     FOR s IN
         SELECT * FROM billing.subscriptions x
-        WHERE billing.subscription_access(x.status, x.collection_paused) = 'open'
+        WHERE billing.subscription_access(x.status, x.collection_paused OR x.disputed) = 'open'
           AND x.period_end <= now() AND x.paid_through > x.period_end
           AND (x.ends_at IS NULL OR x.ends_at > x.period_end)
         ORDER BY x.id LIMIT batch FOR UPDATE SKIP LOCKED

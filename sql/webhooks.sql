@@ -685,6 +685,11 @@ BEGIN
     -- superseded), so its latest state is the one that counts
     SET amount = CASE WHEN r.source = 'refunds' THEN greatest(r.amount, EXCLUDED.amount) ELSE EXCLUDED.amount END,
         currency = EXCLUDED.currency, updated_at = now();
+    IF v_source <> 'refunds' THEN
+        -- a disputed subscription payment holds its plan credit back
+        RETURN billing.stripe_apply_reversals(ev.endpoint_id, v_payment)
+            || jsonb_build_object('subscription', billing.stripe_subscription_dispute(ev.tenant_id, v_payment));
+    END IF;
     RETURN billing.stripe_apply_reversals(ev.endpoint_id, v_payment);
 END
 $$;

@@ -74,15 +74,16 @@ fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow
 
 /// The subscription of the account whose plan includes `unit` and whose
 /// credit is held back now (`billing.subscription_access` = suspended), as
-/// the reason a check names: `subscription_<status>`, or
-/// `subscription_collection_paused` for an active one the provider does not
-/// collect payment for.
+/// the reason a check names: `subscription_<status>`, or for an active one
+/// `subscription_disputed` (a payment disputed, funds withdrawn) or
+/// `subscription_collection_paused` (the provider collects no payment).
 static HELD_BACK_BY: Sql = Sql {
-    text: "SELECT CASE WHEN s.collection_paused AND s.status IN ('active', 'trialing') \
-                       THEN 'subscription_collection_paused' ELSE 'subscription_' || s.status END AS reason \
+    text: "SELECT CASE WHEN s.status NOT IN ('active', 'trialing') THEN 'subscription_' || s.status \
+                       WHEN s.disputed THEN 'subscription_disputed' \
+                       ELSE 'subscription_collection_paused' END AS reason \
            FROM billing.subscriptions s JOIN billing.plans pl ON pl.id = s.plan_id \
            WHERE s.tenant_id = $1 AND s.account = $2 AND pl.allowances ? $3 \
-             AND billing.subscription_access(s.status, s.collection_paused) = 'suspended' \
+             AND billing.subscription_access(s.status, s.collection_paused OR s.disputed) = 'suspended' \
            ORDER BY s.updated_at DESC LIMIT 1",
     args: &[TEXT, TEXT, TEXT],
 };
