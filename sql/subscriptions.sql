@@ -155,6 +155,7 @@ CREATE INDEX subscription_invoices_by_subscription
 -- unit: the ceiling it was raised to (never lowered within the period) and
 -- the grants that gave it.
 CREATE TABLE billing.subscription_allowances (
+    id              bigint      GENERATED ALWAYS AS IDENTITY UNIQUE,
     subscription_id bigint      NOT NULL REFERENCES billing.subscriptions (id),
     tenant_id       text        NOT NULL,
     unit            text        NOT NULL,
@@ -206,6 +207,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_invoices', '');
 
 -- Statuses as providers have them, and what each means for plan credit; a
@@ -603,8 +605,7 @@ BEGIN
                         kind => 'plan', priority => plan.priority,
                         effective_at => p.starts_at, expires_at => p.ends_at,
                         -- the n-th grant of this allowance period
-                        key => format('billing:plan:%s:%s:%s:%s', s.id, u.unit,
-                                      extract(epoch FROM p.starts_at)::bigint, cardinality(a.grant_ids) + 1),
+                        key => format('billing:plan:%s:%s', a.id, cardinality(a.grant_ids) + 1),
                         metadata => jsonb_build_object('subscription', s.provider_id, 'plan', plan.key,
                                                        'plan_version', plan.version, 'ceiling', target)) r;
                     UPDATE billing.subscription_allowances sa SET grant_ids = sa.grant_ids || made.grant_id

@@ -1,0 +1,127 @@
+-- A subscription's life, end to end, through the poll path (what an app that
+-- cannot receive webhooks calls; webhooks go through the same projection):
+-- a trial, its first paid period, an upgrade to a per-seat plan, seats added
+-- and removed, a renewal whose payment fails and recovers, a cancellation at
+-- the period end. Time passes by moving every stored instant back (as a
+-- test-only helper does below); the objects carry Stripe's field names.
+SELECT * FROM billing.define_unit('life_credits');
+SELECT plan_key, version, status FROM billing.define_plan('life_starter',
+    '{"life_credits": {"amount": 1000}}', '[{"price_id": "price_life_starter", "interval": "month", "amount": 900}]');
+SELECT plan_key, version, status FROM billing.define_plan('life_team',
+    '{"life_credits": {"amount": 500, "per_seat": true}}', '[{"price_id": "price_life_team", "interval": "month", "amount": 1500}]');
+
+-- Stripe's subscription object for org_life, its period in days from now.
+CREATE FUNCTION pg_temp.sub(status text, price text, seats integer, from_day integer, to_day integer,
+                            extra jsonb DEFAULT '{}') RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT jsonb_build_object('object', 'subscription', 'id', 'sub_life', 'status', status,
+        'customer', 'cus_life', 'metadata', jsonb_build_object('account', 'org_life'),
+        'cancel_at_period_end', false, 'cancel_at', NULL, 'pause_collection', NULL,
+        'items', jsonb_build_object('object', 'list', 'data', jsonb_build_array(jsonb_build_object(
+            'object', 'subscription_item', 'id', 'si_life', 'quantity', seats,
+            'price', jsonb_build_object('object', 'price', 'id', price),
+            'current_period_start', floor(extract(epoch FROM now()))::bigint + from_day * 86400,
+            'current_period_end', floor(extract(epoch FROM now()))::bigint + to_day * 86400)))) || extra
+$$;
+
+-- Stripe's invoice of that subscription, billing the period [from_day, to_day).
+CREATE FUNCTION pg_temp.inv(id text, status text, paid bigint, from_day integer, to_day integer) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT jsonb_build_object('object', 'invoice', 'id', id, 'status', status, 'amount_paid', paid,
+        'billing_reason', 'subscription_cycle', 'currency', 'usd',
+        'parent', jsonb_build_object('type', 'subscription_details',
+                                     'subscription_details', jsonb_build_object('subscription', 'sub_life')),
+        'lines', jsonb_build_object('object', 'list', 'data', jsonb_build_array(jsonb_build_object(
+            'object', 'line_item',
+            'parent', jsonb_build_object('type', 'subscription_item_details'),
+            'period', jsonb_build_object(
+                'start', floor(extract(epoch FROM now()))::bigint + from_day * 86400,
+                'end', floor(extract(epoch FROM now()))::bigint + to_day * 86400)))))
+$$;
+
+-- `days` pass: every stored instant moves back (test only).
+CREATE FUNCTION pg_temp.days_pass(days integer) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE d interval := make_interval(days => days);
+BEGIN
+    PERFORM set_config('session_replication_role', 'replica', true); -- the ledger refuses UPDATE otherwise
+    UPDATE billing.grants SET effective_at = effective_at - d, expires_at = expires_at - d,
+        created_at = created_at - d, closed_at = closed_at - d;
+    UPDATE billing.pools SET cache_from = cache_from - d, cache_until = cache_until - d;
+    UPDATE billing.ledger_entries SET effective_at = effective_at - d, recorded_at = recorded_at - d;
+    UPDATE billing.usage_events SET occurred_at = occurred_at - d, recorded_at = recorded_at - d;
+    UPDATE billing.subscriptions SET period_start = period_start - d, period_end = period_end - d,
+        ends_at = ends_at - d, trial_end = trial_end - d, paid_through = paid_through - d,
+        observed_at = observed_at - d;
+    UPDATE billing.subscription_allowances SET starts_at = starts_at - d, ends_at = ends_at - d;
+    UPDATE billing.subscription_invoices SET period_end = period_end - d, observed_at = observed_at - d;
+    PERFORM set_config('session_replication_role', 'origin', true);
+END
+$$;
+
+-- What the account sees now.
+CREATE FUNCTION pg_temp.state(amount bigint DEFAULT 0)
+RETURNS TABLE (status text, access text, plan text, seats integer, allowance bigint, allowance_left bigint,
+               allowed boolean, available bigint, reason text)
+LANGUAGE sql AS $$
+    SELECT s.status, s.access, s.plan, s.seats, s.allowance, s.allowance_left, c.allowed, c.available, c.reason
+    FROM billing.subscription_status s, billing."check"('org_life', 'life_credits', amount) c
+    WHERE s.subscription = 'sub_life'
+$$;
+
+-- 1. A 14-day trial of the starter plan: its allowance, for free.
+SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('trialing', 'price_life_starter', 1, 0, 14));
+SELECT cost, available FROM billing.ingest('org_life', 'life_credits', 1, key => 'life:1', cost => 300);
+SELECT * FROM pg_temp.state();
+
+-- 2. The trial ends; the first invoice is paid: the first paid period opens.
+SELECT pg_temp.days_pass(14);
+SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_starter', 1, 0, 30));
+SELECT * FROM pg_temp.state();
+SELECT outcome, credit FROM billing.sync_invoice(pg_temp.inv('in_life_1', 'paid', 900, 0, 30));
+SELECT * FROM pg_temp.state();
+
+-- 3. Ten days in, 800 used, an upgrade to the team plan with 2 seats (500
+-- each: no more than the starter's 1000), then 2 seats more.
+SELECT pg_temp.days_pass(10);
+SELECT cost, available FROM billing.ingest('org_life', 'life_credits', 1, key => 'life:2', cost => 800);
+SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 2, -10, 20));
+SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, -10, 20));
+SELECT * FROM pg_temp.state();
+
+-- 4. The renewal: the new period starts, its payment fails.
+SELECT pg_temp.days_pass(20);
+SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, 0, 30));
+SELECT outcome, credit FROM billing.sync_invoice(pg_temp.inv('in_life_2', 'open', 0, 0, 30));
+SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('past_due', 'price_life_team', 4, 0, 30));
+SELECT * FROM pg_temp.state(1);
+
+-- 5. Two days later the retry succeeds: the period opens with the team's allowance.
+SELECT pg_temp.days_pass(2);
+SELECT outcome, credit FROM billing.sync_invoice(pg_temp.inv('in_life_2', 'paid', 6000, -2, 28));
+SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, -2, 28));
+SELECT * FROM pg_temp.state();
+
+-- 6. A seat is removed: the running period keeps its allowance.
+SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28));
+SELECT * FROM pg_temp.state();
+
+-- 7. Cancelled at the period end: kept until then; then it ends.
+SELECT outcome, changes ->> 'ends_at' IS NOT NULL AS ends_at_set, credit
+FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28, '{"cancel_at_period_end": true}'));
+SELECT * FROM pg_temp.state();
+SELECT pg_temp.days_pass(28);
+SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('canceled', 'price_life_team', 3, -28, 0));
+SELECT * FROM pg_temp.state();
+
+-- The periodic work records the expiry of the last period's unused credit.
+SELECT task, done > 0 AS did_something FROM billing.run_periodic() ORDER BY task;
+
+-- The whole life in the ledger and in the subscription's history.
+SELECT e.kind, count(*) AS entries, sum(e.grant_amount) AS credit_moved
+FROM billing.ledger_entries e JOIN billing.pools p ON p.id = e.pool_id
+WHERE p.account = 'org_life' GROUP BY e.kind ORDER BY e.kind;
+SELECT source, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(changes) k) AS changed, credit
+FROM billing.subscription_changes c JOIN billing.subscriptions s ON s.id = c.subscription_id
+WHERE s.provider_id = 'sub_life' ORDER BY c.id;
+SELECT * FROM billing.verify_ledger();
