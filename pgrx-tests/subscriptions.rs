@@ -1224,4 +1224,37 @@ mod tests {
         assert_eq!(credits("org_1"), 1050, "won: the credit is back");
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn a_plans_credit_line_holds_while_its_access_is_open() {
+        plans();
+        run(
+            r#"SELECT * FROM billing.define_plan('pro_credit', '{"credits": {"amount": 1000}}',
+                 '[{"price_id": "price_credit_m", "interval": "month"}]', floor => -500)"#,
+        );
+        let (start, end) = month();
+        let s =
+            |status: &str| subscription("sub_1", "org_1", status, "price_credit_m", 1, start, end);
+        sync(&s("active"));
+        let allowed = |amount: i64| -> bool {
+            one(&format!(
+                "SELECT allowed FROM billing.check('org_1', 'credits', {amount})"
+            ))
+        };
+        assert!(
+            allowed(1500) && !allowed(1501),
+            "the allowance and a 500 credit line"
+        );
+        sync(&s("past_due"));
+        assert!(!allowed(1), "delinquent: no plan credit and no credit line");
+        sync(&s("active"));
+        assert!(allowed(1500) && !allowed(1501));
+        let canceled = with(s("canceled"), json!({"ended_at": now_unix()}));
+        sync(&canceled);
+        assert_eq!(
+            one::<i64>("SELECT floor FROM billing.pools WHERE account = 'org_1'"),
+            0
+        );
+        assert_ledger_consistent();
+    }
 }

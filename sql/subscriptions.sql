@@ -615,6 +615,12 @@ BEGIN
             END LOOP;
         END LOOP;
     END IF;
+    -- a plan's credit line (its floor) holds while its access is open
+    IF plan.floor IS NOT NULL THEN
+        FOR u IN SELECT e.key AS unit FROM jsonb_each(plan.allowances) e ORDER BY e.key LOOP
+            PERFORM billing.set_floor(s.account, u.unit, CASE WHEN access = 'open' THEN plan.floor ELSE 0 END);
+        END LOOP;
+    END IF;
     RETURN jsonb_build_object('granted', granted, 'suspended', suspended, 'resumed', resumed, 'revoked', revoked);
 END
 $$;
@@ -833,6 +839,12 @@ BEGIN
         RAISE EXCEPTION 'subscription %: no account: set metadata.account on the subscription, or map its customer', v_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The projections of one account's subscriptions queue on its row, taken
+    -- before the subscription's own (every projection takes them in this
+    -- order): two first observations of one subscription, or two checkouts,
+    -- would otherwise race their inserts into a deadlock.
+    PERFORM billing.account(v_account);
+    PERFORM 1 FROM billing.accounts a WHERE a.tenant_id = tenant AND a.account = v_account FOR NO KEY UPDATE;
     SELECT * INTO old FROM billing.subscriptions s
     WHERE s.tenant_id = tenant AND s.provider = sync_subscription.provider AND s.provider_id = v_id FOR UPDATE;
     IF old.id IS NOT NULL AND (old.observed_at > sync_subscription.observed_at
@@ -841,7 +853,6 @@ BEGIN
             jsonb_build_object('applied_observation', old.observed_at), '{}'::jsonb;
         RETURN;
     END IF;
-    PERFORM billing.account(v_account);
     -- the subscription moves to another account (its customer with it)
     v_moving := old.id IS NOT NULL AND old.account <> v_account;
     IF v_moving AND old.customer IS DISTINCT FROM v_customer THEN

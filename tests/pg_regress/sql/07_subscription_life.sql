@@ -10,7 +10,11 @@ SELECT plan_key, version, status FROM billing.define_plan('life_starter',
 SELECT plan_key, version, status FROM billing.define_plan('life_team',
     '{"life_credits": {"amount": 500, "per_seat": true}}', '[{"price_id": "price_life_team", "interval": "month", "amount": 1500}]');
 
--- Stripe's subscription object for org_life, its period in days from now.
+-- Days are counted from one instant taken at the start, so every object of
+-- the scenario agrees on them to the second.
+CREATE TEMP TABLE life_clock AS SELECT floor(extract(epoch FROM now()))::bigint AS base;
+
+-- Stripe's subscription object for org_life, its period in days from the start.
 CREATE FUNCTION pg_temp.sub(status text, price text, seats integer, from_day integer, to_day integer,
                             extra jsonb DEFAULT '{}') RETURNS jsonb
 LANGUAGE sql AS $$
@@ -20,8 +24,8 @@ LANGUAGE sql AS $$
         'items', jsonb_build_object('object', 'list', 'data', jsonb_build_array(jsonb_build_object(
             'object', 'subscription_item', 'id', 'si_life', 'quantity', seats,
             'price', jsonb_build_object('object', 'price', 'id', price),
-            'current_period_start', floor(extract(epoch FROM now()))::bigint + from_day * 86400,
-            'current_period_end', floor(extract(epoch FROM now()))::bigint + to_day * 86400)))) || extra
+            'current_period_start', (SELECT base FROM life_clock) + from_day * 86400,
+            'current_period_end', (SELECT base FROM life_clock) + to_day * 86400)))) || extra
 $$;
 
 -- Stripe's invoice of that subscription, billing the period [from_day, to_day).
@@ -35,8 +39,8 @@ LANGUAGE sql AS $$
             'object', 'line_item',
             'parent', jsonb_build_object('type', 'subscription_item_details'),
             'period', jsonb_build_object(
-                'start', floor(extract(epoch FROM now()))::bigint + from_day * 86400,
-                'end', floor(extract(epoch FROM now()))::bigint + to_day * 86400)))))
+                'start', (SELECT base FROM life_clock) + from_day * 86400,
+                'end', (SELECT base FROM life_clock) + to_day * 86400)))))
 $$;
 
 -- `days` pass: every stored instant moves back (test only).
