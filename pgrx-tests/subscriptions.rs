@@ -872,6 +872,10 @@ mod tests {
             "renewed but not paid yet: no allowance"
         );
         assert_eq!(credits("org_1"), 0);
+        assert_eq!(
+            one::<String>("SELECT reason FROM billing.check('org_1', 'credits', 1)"),
+            "subscription_renewal_unpaid"
+        );
         let unpaid = invoice("in_2", "sub_1", "open", 0, end, end + 30 * DAY);
         assert_eq!(pay(&unpaid), "updated|{}");
         assert_eq!(credits("org_1"), 0, "an open invoice pays nothing");
@@ -1256,5 +1260,76 @@ mod tests {
             0
         );
         assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_dispute_finds_its_subscription_through_the_invoice_payment_in_any_currency() {
+        setup();
+        plans();
+        let (start, end) = month();
+        let t = now_unix();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        // the newest API versions: the invoice names no payment; invoice_payment.paid does
+        pay(&invoice("in_1", "sub_1", "paid", 2000, start, end));
+        let invoice_payment = json!({"id": "inpay_1", "object": "invoice_payment", "invoice": "in_1",
+            "amount_paid": 2000, "currency": "eur", "is_default": true, "livemode": false, "status": "paid",
+            "payment": {"type": "payment_intent", "payment_intent": "pi_eur"},
+            "status_transitions": {"paid_at": t, "canceled_at": null}, "created": t});
+        assert_eq!(
+            deliver(&event(
+                "evt_p",
+                "invoice_payment.paid",
+                t - 50,
+                invoice_payment
+            )),
+            "applied|"
+        );
+        assert_eq!(credits("org_1"), 1000);
+        let opened = deliver(&event(
+            "evt_d",
+            "charge.dispute.created",
+            t - 40,
+            dispute("dp_1", "pi_eur", 2000, "eur", "needs_response"),
+        ));
+        assert_eq!(
+            opened, "applied|",
+            "a currency the endpoint does not credit is still a subscription's"
+        );
+        assert_eq!(credits("org_1"), 0);
+        let history: String =
+            one("SELECT string_agg(source, ',' ORDER BY id) FROM billing.subscription_changes");
+        assert_eq!(history, "poll,dispute");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_abandoned_checkout_does_not_speak_for_a_live_subscription() {
+        plans();
+        let (start, end) = month();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        sync(&with(
+            subscription("sub_2", "org_1", "incomplete", "price_pro_m", 1, start, end),
+            json!({"customer": "cus_org_1"}),
+        ));
+        assert_eq!(
+            one::<String>("SELECT reason FROM billing.check('org_1', 'credits', 1001)"),
+            "insufficient_credits"
+        );
     }
 }

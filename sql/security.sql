@@ -50,7 +50,7 @@ BEGIN
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
-                             'subscription_changes'] LOOP
+                             'subscription_changes', 'invoice_payments'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -72,7 +72,7 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
                 billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
-                billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes,
+                billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
                 billing.subscription_drift
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,

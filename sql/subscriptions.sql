@@ -151,6 +151,18 @@ CREATE INDEX subscription_invoices_by_payment
 CREATE INDEX subscription_invoices_by_subscription
     ON billing.subscription_invoices (tenant_id, provider, subscription);
 
+-- Which payment paid an invoice, as Stripe's invoice_payment objects say
+-- (newer API versions no longer put it on the invoice); kept for an invoice
+-- not seen yet.
+CREATE TABLE billing.invoice_payments (
+    tenant_id      text        NOT NULL,
+    provider       text        NOT NULL,
+    invoice_id     text        NOT NULL,
+    payment_intent text        NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, provider, invoice_id)
+);
+
 -- The plan credit opened for one allowance period of a subscription, per
 -- unit: the ceiling it was raised to (never lowered within the period) and
 -- the grants that gave it.
@@ -209,6 +221,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.subscription_conflicts_id_se
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_invoices', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.invoice_payments', '');
 
 -- Statuses as providers have them, and what each means for plan credit; a
 -- live subscription is held back (`held`) while the provider collects no
@@ -224,6 +237,16 @@ AS $$
         WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
         WHEN status IN ('canceled', 'incomplete_expired') THEN 'ended'
     END
+$$;
+
+-- Whether a subscription's current billing period is paid for: a trial is
+-- free; otherwise an invoice billing it was paid (or, for the first period,
+-- the provider activated it), which raised paid_through into the period.
+CREATE FUNCTION billing.subscription_paid(s billing.subscriptions) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT s.status = 'trialing' OR coalesce(s.paid_through > s.period_start, false)
 $$;
 
 -- Whether a provider can move a subscription from `was` to `becomes`: an
@@ -453,6 +476,7 @@ AS $$
 DECLARE
     s billing.subscriptions;
     withdrawn boolean;
+    given jsonb;
 BEGIN
     SELECT x.* INTO s FROM billing.subscription_invoices i
     JOIN billing.subscriptions x ON x.tenant_id = i.tenant_id AND x.provider = i.provider
@@ -469,7 +493,10 @@ BEGIN
     END IF;
     UPDATE billing.subscriptions x SET disputed = withdrawn, updated_at = now() WHERE x.id = s.id
     RETURNING x.* INTO s;
-    RETURN billing.subscription_credit(s);
+    given := billing.subscription_credit(s);
+    PERFORM billing.record_subscription_change(s, 'dispute', now(),
+        jsonb_build_object('disputed', jsonb_build_array(NOT withdrawn, withdrawn)), given);
+    RETURN given;
 END
 $$;
 
@@ -571,7 +598,7 @@ BEGIN
     WHERE sa.subscription_id = s.id AND sa.starts_at > now() AND sa.ceiling > 0
       AND (access = 'ended' OR sa.starts_at >= s.ends_at);
     -- a billing period is paid for once an invoice billing it is paid; a trial is free
-    IF access = 'open' AND (s.status = 'trialing' OR s.paid_through > s.period_start) THEN
+    IF access = 'open' AND billing.subscription_paid(s) THEN
         FOR p IN
             SELECT ap.starts_at, ap.ends_at FROM billing.allowance_periods(s.period_start, s.period_end) ap
             WHERE ap.ends_at > now() AND (s.ends_at IS NULL OR ap.starts_at < s.ends_at)
@@ -618,11 +645,23 @@ BEGIN
     -- a plan's credit line (its floor) holds while its access is open
     IF plan.floor IS NOT NULL THEN
         FOR u IN SELECT e.key AS unit FROM jsonb_each(plan.allowances) e ORDER BY e.key LOOP
-            PERFORM billing.set_floor(s.account, u.unit, CASE WHEN access = 'open' THEN plan.floor ELSE 0 END);
+            PERFORM billing.set_floor(s.account, u.unit,
+                CASE WHEN access = 'open' AND billing.subscription_paid(s) THEN plan.floor ELSE 0 END);
         END LOOP;
     END IF;
     RETURN jsonb_build_object('granted', granted, 'suspended', suspended, 'resumed', resumed, 'revoked', revoked);
 END
+$$;
+
+-- Keep a change applied to a subscription's state or credit in its history.
+CREATE FUNCTION billing.record_subscription_change(s billing.subscriptions, source text, observed_at timestamptz,
+                                                  changes jsonb, credit jsonb) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+    INSERT INTO billing.subscription_changes (tenant_id, subscription_id, account, source, observed_at, changes, credit)
+    SELECT s.tenant_id, s.id, s.account, source, observed_at, changes, credit
+    WHERE changes <> '{}' OR credit <> '{"granted": 0, "resumed": 0, "revoked": 0, "suspended": 0}'
 $$;
 
 -- A subscription moving to another account: the plan credit its old account
@@ -969,11 +1008,8 @@ BEGIN
     WHERE c.tenant_id = tenant AND c.provider = sync_subscription.provider AND c.provider_id = v_id
       AND c.resolved_at IS NULL;
     given := billing.subscription_credit(cur);
-    IF diff <> '{}' OR given <> '{"granted": 0, "resumed": 0, "revoked": 0, "suspended": 0}' THEN
-        INSERT INTO billing.subscription_changes (tenant_id, subscription_id, account, source, observed_at,
-                                                  changes, credit)
-        VALUES (tenant, cur.id, cur.account, sync_subscription.source, sync_subscription.observed_at, diff, given);
-    END IF;
+    PERFORM billing.record_subscription_change(cur, sync_subscription.source, sync_subscription.observed_at,
+                                               diff, given);
     RETURN QUERY SELECT cur.id, cur.account, cur.status,
         CASE WHEN old.id IS NULL THEN 'created' WHEN diff = '{}' THEN 'unchanged' ELSE 'updated' END,
         diff, given;
@@ -1033,6 +1069,7 @@ DECLARE
     v_paid bigint;
     v_end timestamptz;
     changed integer;
+    given jsonb;
     s billing.subscriptions;
 BEGIN
     IF invoice IS NULL OR observed_at IS NULL OR provider IS NULL THEN
@@ -1069,7 +1106,11 @@ BEGIN
     INSERT INTO billing.subscription_invoices AS i (tenant_id, provider, invoice_id, subscription, status,
         billing_reason, amount_paid, currency, period_end, payment_intent, observed_at)
     VALUES (tenant, provider, v_id, v_sub, v_status, left(invoice ->> 'billing_reason', 100), v_paid,
-            left(invoice ->> 'currency', 10), v_end, left(billing.stripe_invoice_payment(invoice), 255), observed_at)
+            left(invoice ->> 'currency', 10), v_end,
+            coalesce(left(billing.stripe_invoice_payment(invoice), 255),
+                     (SELECT p.payment_intent FROM billing.invoice_payments p
+                      WHERE p.tenant_id = tenant AND p.provider = sync_invoice.provider AND p.invoice_id = v_id)),
+            observed_at)
     ON CONFLICT ON CONSTRAINT subscription_invoices_pkey DO UPDATE
         SET status = excluded.status, amount_paid = excluded.amount_paid, period_end = excluded.period_end,
             payment_intent = coalesce(excluded.payment_intent, i.payment_intent),
@@ -1077,6 +1118,12 @@ BEGIN
         -- a paid invoice stays paid; otherwise the newest observation wins
         WHERE i.status <> 'paid' AND i.observed_at <= excluded.observed_at;
     GET DIAGNOSTICS changed = ROW_COUNT;
+    IF changed = 0 AND billing.stripe_invoice_payment(invoice) IS NOT NULL THEN
+        -- a paid invoice stays as it was, but learns the payment that paid it
+        UPDATE billing.subscription_invoices i SET payment_intent = left(billing.stripe_invoice_payment(invoice), 255)
+        WHERE i.tenant_id = tenant AND i.provider = sync_invoice.provider AND i.invoice_id = v_id
+          AND i.payment_intent IS NULL;
+    END IF;
     IF s.id IS NOT NULL AND billing.stripe_invoice_payment(invoice) IS NOT NULL THEN
         -- a dispute of its payment that arrived first holds the credit back now
         PERFORM billing.stripe_subscription_dispute(tenant, billing.stripe_invoice_payment(invoice));
@@ -1091,7 +1138,37 @@ BEGIN
     UPDATE billing.subscriptions x SET paid_through = greatest(x.paid_through, v_end), updated_at = now()
     WHERE x.id = s.id
     RETURNING x.* INTO s;
-    RETURN QUERY SELECT v_id, v_sub, v_status, 'updated'::text, s.paid_through, billing.subscription_credit(s);
+    given := billing.subscription_credit(s);
+    PERFORM billing.record_subscription_change(s, 'invoice', observed_at,
+        jsonb_build_object('paid_through', jsonb_build_array(NULL, s.paid_through), 'invoice', v_id), given);
+    RETURN QUERY SELECT v_id, v_sub, v_status, 'updated'::text, s.paid_through, given;
+END
+$$;
+
+-- invoice_payment.paid: which PaymentIntent paid an invoice (a dispute of it
+-- then holds the subscription's plan credit back).
+CREATE FUNCTION billing.stripe_invoice_payment_event(ev billing.webhook_events) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    obj jsonb := ev.payload #> '{data,object}';
+    v_invoice text := CASE jsonb_typeof(obj -> 'invoice') WHEN 'string' THEN obj ->> 'invoice'
+                                                         WHEN 'object' THEN obj #>> '{invoice,id}' END;
+    v_payment text := CASE jsonb_typeof(obj #> '{payment,payment_intent}')
+                          WHEN 'string' THEN obj #>> '{payment,payment_intent}'
+                          WHEN 'object' THEN obj #>> '{payment,payment_intent,id}' END;
+BEGIN
+    IF v_invoice IS NULL OR v_payment IS NULL OR length(v_invoice) > 255 OR length(v_payment) > 255 THEN
+        RETURN jsonb_build_object('recorded', false, 'why', 'no invoice or no PaymentIntent');
+    END IF;
+    INSERT INTO billing.invoice_payments (tenant_id, provider, invoice_id, payment_intent)
+    VALUES (ev.tenant_id, 'stripe', v_invoice, v_payment) ON CONFLICT DO NOTHING;
+    UPDATE billing.subscription_invoices i SET payment_intent = v_payment
+    WHERE i.tenant_id = ev.tenant_id AND i.provider = 'stripe' AND i.invoice_id = v_invoice
+      AND i.payment_intent IS NULL;
+    RETURN jsonb_build_object('recorded', true, 'invoice', v_invoice, 'payment_intent', v_payment,
+                              'subscription', billing.stripe_subscription_dispute(ev.tenant_id, v_payment));
 END
 $$;
 
@@ -1144,6 +1221,7 @@ AS $$
 DECLARE
     tenant text := billing.current_tenant();
     was integer;
+    given jsonb;
     sub billing.subscriptions;
 BEGIN
     IF set_seats.seats IS NULL THEN
@@ -1167,8 +1245,14 @@ BEGIN
     WHERE x.tenant_id = tenant AND x.account = set_seats.account
       AND x.status NOT IN ('incomplete', 'canceled', 'incomplete_expired')
     FOR UPDATE;
-    RETURN QUERY SELECT set_seats.account, set_seats.seats, true,
-        CASE WHEN sub.id IS NULL THEN '{}'::jsonb ELSE billing.subscription_credit(sub) END;
+    IF sub.id IS NULL THEN
+        RETURN QUERY SELECT set_seats.account, set_seats.seats, true, '{}'::jsonb;
+        RETURN;
+    END IF;
+    given := billing.subscription_credit(sub);
+    PERFORM billing.record_subscription_change(sub, 'seats', now(),
+        jsonb_build_object('seats_counted', jsonb_build_array(was, set_seats.seats)), given);
+    RETURN QUERY SELECT set_seats.account, set_seats.seats, true, given;
 END
 $$;
 
@@ -1281,7 +1365,7 @@ WHERE c.source = 'poll' AND d.key <> 'created';
 --                already paid (its invoice arrived, its update did not)
 --                moves to the paid period and opens its allowance
 --   held_back    plan credit held back past its period's end is expired
-CREATE FUNCTION billing.run_periodic(batch integer DEFAULT 1000)
+CREATE FUNCTION billing.run_periodic(batch integer DEFAULT 100)
 RETURNS TABLE (task text, done bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
@@ -1305,16 +1389,15 @@ BEGIN
         ORDER BY x.id LIMIT batch FOR UPDATE SKIP LOCKED
     LOOP
         PERFORM set_config('billing.tenant', s.tenant_id, true);
+        -- observed now: a poll fetched before this renewal is older
         UPDATE billing.subscriptions x SET period_start = s.period_end, period_end = s.paid_through,
-            updated_at = now()
+            observed_at = greatest(x.observed_at, now()), updated_at = now()
         WHERE x.id = s.id
         RETURNING x.* INTO s;
-        INSERT INTO billing.subscription_changes (tenant_id, subscription_id, account, source, observed_at,
-                                                  changes, credit)
-        VALUES (s.tenant_id, s.id, s.account, 'periodic', now(),
-                jsonb_build_object('period_start', jsonb_build_array(NULL, s.period_start),
-                                   'period_end', jsonb_build_array(NULL, s.period_end)),
-                billing.subscription_credit(s));
+        PERFORM billing.record_subscription_change(s, 'periodic', now(),
+            jsonb_build_object('period_start', jsonb_build_array(NULL, s.period_start),
+                               'period_end', jsonb_build_array(NULL, s.period_end)),
+            billing.subscription_credit(s));
         renewed := renewed + 1;
     END LOOP;
     RETURN QUERY SELECT 'renewals'::text, renewed;

@@ -659,13 +659,20 @@ DECLARE
     v_source text;
     v_amount bigint;
     v_status text := obj ->> 'status';
+    v_subscription boolean;
 BEGIN
     IF v_payment IS NULL THEN
         RAISE EXCEPTION '% for % names no payment_intent', ev.event_type, obj ->> 'id'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- the currency must be one the endpoint credits, or nothing is reversed
-    PERFORM billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', 0);
+    -- a subscription's payment bought its plan, not credits (whatever the
+    -- currency); a top-up's currency must be one the endpoint credits
+    v_subscription := EXISTS (SELECT 1 FROM billing.subscription_invoices i
+                              WHERE i.tenant_id = ev.tenant_id AND i.provider = 'stripe'
+                                AND i.payment_intent = v_payment);
+    IF NOT v_subscription THEN
+        PERFORM billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', 0);
+    END IF;
     IF ev.event_type = 'charge.refunded' THEN
         v_source := 'refunds';
         v_amount := (obj ->> 'amount_refunded')::bigint;
@@ -685,10 +692,11 @@ BEGIN
     -- superseded), so its latest state is the one that counts
     SET amount = CASE WHEN r.source = 'refunds' THEN greatest(r.amount, EXCLUDED.amount) ELSE EXCLUDED.amount END,
         currency = EXCLUDED.currency, updated_at = now();
-    IF v_source <> 'refunds' THEN
-        -- a disputed subscription payment holds its plan credit back
-        RETURN billing.stripe_apply_reversals(ev.endpoint_id, v_payment)
-            || jsonb_build_object('subscription', billing.stripe_subscription_dispute(ev.tenant_id, v_payment));
+    IF v_subscription THEN
+        -- a dispute holds the subscription's plan credit back; a refund leaves it alone
+        RETURN jsonb_build_object('payment', v_payment, 'subscription_payment', true,
+            'subscription', CASE WHEN v_source <> 'refunds'
+                                 THEN billing.stripe_subscription_dispute(ev.tenant_id, v_payment) END);
     END IF;
     RETURN billing.stripe_apply_reversals(ev.endpoint_id, v_payment);
 END
@@ -752,6 +760,8 @@ BEGIN
                                 'customer.subscription.pending_update_expired',
                                 'customer.subscription.trial_will_end') THEN
             RETURN 'billing.stripe_subscription_event(billing.webhook_events)'::regprocedure;
+        ELSIF ev.event_type = 'invoice_payment.paid' THEN
+            RETURN 'billing.stripe_invoice_payment_event(billing.webhook_events)'::regprocedure;
         ELSIF ev.event_type IN ('invoice.paid', 'invoice.payment_succeeded', 'invoice.payment_failed',
                                 'invoice.payment_action_required', 'invoice.finalized', 'invoice.voided',
                                 'invoice.marked_uncollectible') THEN

@@ -73,17 +73,24 @@ fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow
 }
 
 /// The subscription of the account whose plan includes `unit` and whose
-/// credit is held back now (`billing.subscription_access` = suspended), as
-/// the reason a check names: `subscription_<status>`, or for an active one
-/// `subscription_disputed` (a payment disputed, funds withdrawn) or
-/// `subscription_collection_paused` (the provider collects no payment).
+/// credit is held back now (`billing.subscription_access` = suspended) or
+/// whose current period is not paid yet, as the reason a check names:
+/// `subscription_<status>`, or for an active one `subscription_disputed` (a
+/// payment disputed, funds withdrawn), `subscription_collection_paused` (the
+/// provider collects no payment) or `subscription_renewal_unpaid`. An
+/// abandoned `incomplete` checkout speaks only when nothing else is live.
 static HELD_BACK_BY: Sql = Sql {
     text: "SELECT CASE WHEN s.status NOT IN ('active', 'trialing') THEN 'subscription_' || s.status \
                        WHEN s.disputed THEN 'subscription_disputed' \
-                       ELSE 'subscription_collection_paused' END AS reason \
+                       WHEN s.collection_paused THEN 'subscription_collection_paused' \
+                       ELSE 'subscription_renewal_unpaid' END AS reason \
            FROM billing.subscriptions s JOIN billing.plans pl ON pl.id = s.plan_id \
            WHERE s.tenant_id = $1 AND s.account = $2 AND pl.allowances ? $3 \
-             AND billing.subscription_access(s.status, s.collection_paused OR s.disputed) = 'suspended' \
+             AND (billing.subscription_access(s.status, s.collection_paused OR s.disputed) = 'suspended' \
+                  OR (billing.subscription_access(s.status) = 'open' AND NOT billing.subscription_paid(s))) \
+             AND (s.status <> 'incomplete' OR NOT EXISTS ( \
+                  SELECT 1 FROM billing.subscriptions o WHERE o.tenant_id = s.tenant_id \
+                    AND o.account = s.account AND o.status NOT IN ('incomplete', 'canceled', 'incomplete_expired'))) \
            ORDER BY s.updated_at DESC LIMIT 1",
     args: &[TEXT, TEXT, TEXT],
 };

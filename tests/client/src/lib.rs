@@ -150,6 +150,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "seats",
     "seat_pushes",
     "subscription_changes",
+    "invoice_payments",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
