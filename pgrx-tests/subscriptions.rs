@@ -876,6 +876,16 @@ mod tests {
             one::<String>("SELECT reason FROM billing.check('org_1', 'credits', 1)"),
             "subscription_renewal_unpaid"
         );
+        // neither a paid proration of a mid-period change nor an add-on on a
+        // yearly price pays the plan's renewal
+        let mut proration = invoice("in_p", "sub_1", "paid", 300, end, end + 30 * DAY);
+        proration["lines"]["data"][0]["parent"]["subscription_item_details"]["proration"] =
+            json!(true);
+        assert_eq!(pay(&proration), "updated|{}");
+        let mut addon = invoice("in_a", "sub_1", "paid", 9000, end, end + 365 * DAY);
+        addon["lines"]["data"][0]["pricing"] = json!({"type": "price_details", "price_details": {"price": "price_addon_y", "product": "prod_a"}});
+        assert_eq!(pay(&addon), "updated|{}");
+        assert_eq!(credits("org_1"), 0, "the renewal is still unpaid");
         let unpaid = invoice("in_2", "sub_1", "open", 0, end, end + 30 * DAY);
         assert_eq!(pay(&unpaid), "updated|{}");
         assert_eq!(credits("org_1"), 0, "an open invoice pays nothing");

@@ -139,7 +139,9 @@ CREATE TABLE billing.subscription_invoices (
     billing_reason text,
     amount_paid  bigint      NOT NULL,
     currency     text,
-    -- the end of the subscription period its lines bill
+    -- its subscription lines (billing.stripe_invoice_lines), and its own
+    -- period_end, which pays only an invoice without such lines
+    lines        jsonb       NOT NULL DEFAULT '[]',
     period_end   timestamptz,
     -- the payment that paid it (a dispute of it holds the plan credit back)
     payment_intent text,
@@ -431,20 +433,37 @@ AS $$
             WHEN 'object' THEN inv #>> '{subscription,id}' END)
 $$;
 
--- The end of the subscription period a Stripe invoice bills: the latest end
--- of its subscription lines (a renewal's lines bill the new period, while the
--- invoice's own period_end is the previous one's end); without such lines,
--- its period_end.
-CREATE FUNCTION billing.stripe_invoice_period_end(inv jsonb) RETURNS timestamptz
+-- The subscription lines of a Stripe invoice, as what the paid gate needs of
+-- each: its price (newer API versions: pricing.price_details.price; older:
+-- price.id), the end of the period it bills, and whether it is a proration.
+CREATE FUNCTION billing.stripe_invoice_lines(inv jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, billing
 AS $$
-    SELECT coalesce(
-        (SELECT max(billing.stripe_instant(l #> '{period,end}'))
-         FROM jsonb_array_elements(CASE WHEN jsonb_typeof(inv #> '{lines,data}') = 'array'
-                                        THEN inv #> '{lines,data}' ELSE '[]' END) l
-         WHERE l #>> '{parent,type}' = 'subscription_item_details' OR jsonb_typeof(l -> 'subscription') = 'string'),
-        billing.stripe_instant(inv -> 'period_end'))
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'price', coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}', l #>> '{plan,id}'),
+               'end', billing.stripe_instant(l #> '{period,end}'),
+               'proration', coalesce(l #>> '{parent,subscription_item_details,proration}', l ->> 'proration',
+                                     'false') = 'true')), '[]')
+    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(inv #> '{lines,data}') = 'array'
+                                   THEN inv #> '{lines,data}' ELSE '[]' END) l
+    WHERE l #>> '{parent,type}' = 'subscription_item_details' OR jsonb_typeof(l -> 'subscription') = 'string'
+$$;
+
+-- How far a paid invoice pays a subscription on `price`: the latest end of
+-- its lines for that price that are not prorations (a renewal's lines bill
+-- the new period, while the invoice's own period_end is the previous one's
+-- end; a proration of a mid-period change or an add-on on another interval
+-- pays no period of the plan); an invoice without subscription lines pays to
+-- its period_end (`otherwise`).
+CREATE FUNCTION billing.invoice_paid_through(lines jsonb, price text, otherwise timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE WHEN jsonb_array_length(lines) = 0 THEN otherwise
+                ELSE (SELECT max((l ->> 'end')::timestamptz) FROM jsonb_array_elements(lines) l
+                      WHERE NOT (l ->> 'proration')::boolean
+                        AND (price IS NULL OR l ->> 'price' IS NULL OR l ->> 'price' = price)) END
 $$;
 
 -- The PaymentIntent that paid a Stripe invoice: `payment_intent` (older API
@@ -817,13 +836,6 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_paused := coalesce(jsonb_typeof(obj -> 'pause_collection') = 'object', false);
-    -- what is known paid: its invoices seen so far, an expanded paid latest_invoice
-    SELECT max(i.period_end) INTO v_paid FROM billing.subscription_invoices i
-    WHERE i.tenant_id = tenant AND i.provider = sync_subscription.provider AND i.subscription = v_id
-      AND i.status = 'paid';
-    IF jsonb_typeof(obj -> 'latest_invoice') = 'object' AND obj #>> '{latest_invoice,status}' = 'paid' THEN
-        v_paid := greatest(v_paid, billing.stripe_invoice_period_end(obj -> 'latest_invoice'));
-    END IF;
     -- the item whose price is a plan's; others (add-ons) are not plans
     SELECT i INTO v_item FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) WITH ORDINALITY AS x(i, n)
     WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp WHERE pp.tenant_id = tenant AND pp.provider = 'stripe'
@@ -837,6 +849,16 @@ BEGIN
                   HINT = 'List the price in billing.define_plan(prices => ...); nothing was changed.';
     END IF;
     v_price := coalesce(v_item #>> '{price,id}', v_item #>> '{plan,id}');
+    -- what is known paid for that price: its invoices seen so far, an expanded paid latest_invoice
+    SELECT max(billing.invoice_paid_through(i.lines, v_price, i.period_end)) INTO v_paid
+    FROM billing.subscription_invoices i
+    WHERE i.tenant_id = tenant AND i.provider = sync_subscription.provider AND i.subscription = v_id
+      AND i.status = 'paid';
+    IF jsonb_typeof(obj -> 'latest_invoice') = 'object' AND obj #>> '{latest_invoice,status}' = 'paid' THEN
+        v_paid := greatest(v_paid, billing.invoice_paid_through(
+            billing.stripe_invoice_lines(obj -> 'latest_invoice'), v_price,
+            billing.stripe_instant(obj #> '{latest_invoice,period_end}')));
+    END IF;
     IF jsonb_typeof(v_item -> 'quantity') = 'number' THEN
         IF (v_item ->> 'quantity') !~ '^[0-9]{1,9}$' THEN
             RAISE EXCEPTION 'subscription %: quantity % is not a seat count', v_id, v_item -> 'quantity'
@@ -1070,6 +1092,7 @@ DECLARE
     v_end timestamptz;
     changed integer;
     given jsonb;
+    v_lines jsonb;
     s billing.subscriptions;
 BEGIN
     IF invoice IS NULL OR observed_at IS NULL OR provider IS NULL THEN
@@ -1099,21 +1122,22 @@ BEGIN
         RAISE EXCEPTION 'invoice %: unknown status %', v_id, v_status USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_paid := CASE WHEN (invoice ->> 'amount_paid') ~ '^[0-9]{1,18}$' THEN (invoice ->> 'amount_paid')::bigint ELSE 0 END;
-    v_end := billing.stripe_invoice_period_end(invoice);
     -- the subscription first (if known), as every projection of it does
     SELECT * INTO s FROM billing.subscriptions x
     WHERE x.tenant_id = tenant AND x.provider = sync_invoice.provider AND x.provider_id = v_sub FOR UPDATE;
+    v_lines := billing.stripe_invoice_lines(invoice);
+    v_end := billing.invoice_paid_through(v_lines, s.price_id, billing.stripe_instant(invoice -> 'period_end'));
     INSERT INTO billing.subscription_invoices AS i (tenant_id, provider, invoice_id, subscription, status,
-        billing_reason, amount_paid, currency, period_end, payment_intent, observed_at)
+        billing_reason, amount_paid, currency, lines, period_end, payment_intent, observed_at)
     VALUES (tenant, provider, v_id, v_sub, v_status, left(invoice ->> 'billing_reason', 100), v_paid,
-            left(invoice ->> 'currency', 10), v_end,
+            left(invoice ->> 'currency', 10), v_lines, billing.stripe_instant(invoice -> 'period_end'),
             coalesce(left(billing.stripe_invoice_payment(invoice), 255),
                      (SELECT p.payment_intent FROM billing.invoice_payments p
                       WHERE p.tenant_id = tenant AND p.provider = sync_invoice.provider AND p.invoice_id = v_id)),
             observed_at)
     ON CONFLICT ON CONSTRAINT subscription_invoices_pkey DO UPDATE
-        SET status = excluded.status, amount_paid = excluded.amount_paid, period_end = excluded.period_end,
-            payment_intent = coalesce(excluded.payment_intent, i.payment_intent),
+        SET status = excluded.status, amount_paid = excluded.amount_paid, lines = excluded.lines,
+            period_end = excluded.period_end, payment_intent = coalesce(excluded.payment_intent, i.payment_intent),
             observed_at = excluded.observed_at
         -- a paid invoice stays paid; otherwise the newest observation wins
         WHERE i.status <> 'paid' AND i.observed_at <= excluded.observed_at;
@@ -1129,7 +1153,7 @@ BEGIN
         PERFORM billing.stripe_subscription_dispute(tenant, billing.stripe_invoice_payment(invoice));
         SELECT * INTO s FROM billing.subscriptions x WHERE x.id = s.id;
     END IF;
-    IF s.id IS NULL OR v_status <> 'paid' OR changed = 0 OR s.paid_through >= v_end THEN
+    IF s.id IS NULL OR v_status <> 'paid' OR changed = 0 OR v_end IS NULL OR s.paid_through >= v_end THEN
         RETURN QUERY SELECT v_id, v_sub, v_status,
             CASE WHEN changed = 0 THEN 'unchanged' WHEN s.id IS NULL THEN 'recorded' ELSE 'updated' END,
             s.paid_through, '{}'::jsonb;
