@@ -58,7 +58,9 @@ BEGIN
         ends_at = ends_at - d, trial_end = trial_end - d, paid_through = paid_through - d,
         observed_at = observed_at - d;
     UPDATE billing.subscription_allowances SET starts_at = starts_at - d, ends_at = ends_at - d;
-    UPDATE billing.subscription_invoices SET period_end = period_end - d, observed_at = observed_at - d;
+    UPDATE billing.subscription_invoices SET period_end = period_end - d, observed_at = observed_at - d,
+        lines = (SELECT coalesce(jsonb_agg(l || jsonb_build_object('end', (l ->> 'end')::timestamptz - d)), '[]')
+                 FROM jsonb_array_elements(lines) l);
     PERFORM set_config('session_replication_role', 'origin', true);
 END
 $$;
