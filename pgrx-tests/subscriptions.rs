@@ -1342,4 +1342,65 @@ mod tests {
             "insufficient_credits"
         );
     }
+
+    #[pg_test]
+    fn a_switch_from_monthly_to_annual_keeps_the_monthly_bookkeeping() {
+        plans();
+        let (start, end) = month();
+        sync(&subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_m",
+            1,
+            start,
+            end,
+        ));
+        ingest("org_1", "credits", 300, "e1");
+        // the provider restarts the billing cycle at the switch: a year from now
+        let t = now_unix();
+        let mut annual = subscription(
+            "sub_1",
+            "org_1",
+            "active",
+            "price_basic_y",
+            1,
+            t,
+            t + 365 * DAY,
+        );
+        annual["latest_invoice"] = invoice("in_y", "sub_1", "paid", 20000, t, t + 365 * DAY);
+        let switched = sync(&annual);
+        assert!(
+            switched.starts_with("updated|active|") && switched.contains(r#""granted": 11700"#),
+            "this month the rest of the monthly allowance, then 11 full months: {switched}"
+        );
+        assert_eq!(credits("org_1"), 700, "no second allowance this month");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.grants WHERE account = 'org_1' AND status = 'active' AND effective_at > now()"),
+            11
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_subscription_paid_by_invoice_later_opens_when_its_invoice_is_paid() {
+        plans();
+        let (start, end) = month();
+        let invoiced = with(
+            subscription("sub_1", "org_1", "active", "price_basic_m", 1, start, end),
+            json!({"collection_method": "send_invoice", "days_until_due": 30}),
+        );
+        assert_eq!(
+            sync(&invoiced),
+            format!("created|active|{}", credit(0, 0, 0, 0)),
+            "active while its invoice is still due: not paid"
+        );
+        assert_eq!(credits("org_1"), 0);
+        assert_eq!(
+            pay(&invoice("in_1", "sub_1", "paid", 2000, start, end)),
+            format!("updated|{}", credit(1000, 0, 0, 0))
+        );
+        assert_eq!(credits("org_1"), 1000);
+        assert_ledger_consistent();
+    }
 }

@@ -787,6 +787,7 @@ DECLARE
     v_trial timestamptz;
     v_account text;
     v_paused boolean;
+    v_invoiced boolean;
     v_paid timestamptz;
     v_moving boolean;
     mapped text;
@@ -836,6 +837,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_paused := coalesce(jsonb_typeof(obj -> 'pause_collection') = 'object', false);
+    v_invoiced := obj ->> 'collection_method' IS NOT DISTINCT FROM 'send_invoice';
     -- the item whose price is a plan's; others (add-ons) are not plans
     SELECT i INTO v_item FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) WITH ORDINALITY AS x(i, n)
     WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp WHERE pp.tenant_id = tenant AND pp.provider = 'stripe'
@@ -946,13 +948,14 @@ BEGIN
         plan := billing.plan_for_price(tenant, sync_subscription.provider, v_price, v_id, v_status);
         BEGIN
             -- a subscription first seen active has paid its first period (the
-            -- provider activates it once its first invoice is paid)
+            -- provider activates it once its first invoice is paid), unless it
+            -- is invoiced to be paid later (collection_method send_invoice)
             INSERT INTO billing.subscriptions AS s (tenant_id, account, provider, provider_id, customer, status,
                 plan_id, price_id, seats, period_start, period_end, ends_at, trial_end, collection_paused,
                 paid_through, observed_at)
             VALUES (tenant, v_account, sync_subscription.provider, v_id, v_customer, v_status, plan.id, v_price,
                     v_seats, v_start, v_end, v_ends, v_trial, v_paused,
-                    CASE WHEN v_status = 'active' THEN greatest(v_paid, v_end) ELSE v_paid END,
+                    CASE WHEN v_status = 'active' AND NOT v_invoiced THEN greatest(v_paid, v_end) ELSE v_paid END,
                     sync_subscription.observed_at)
             ON CONFLICT ON CONSTRAINT subscriptions_tenant_id_provider_provider_id_key DO NOTHING
             RETURNING s.* INTO cur;
@@ -1010,7 +1013,8 @@ BEGIN
                 seats = v_seats, period_start = v_start, period_end = v_end, ends_at = v_ends, trial_end = v_trial,
                 collection_paused = v_paused, customer = v_customer,
                 -- the first period of one that was never active yet (incomplete, a trial) is paid once active
-                paid_through = CASE WHEN v_status = 'active' AND old.paid_through IS NULL AND old.status = 'incomplete'
+                paid_through = CASE WHEN v_status = 'active' AND NOT v_invoiced AND old.paid_through IS NULL
+                                         AND old.status = 'incomplete'
                                     THEN greatest(v_paid, v_end)
                                     ELSE greatest(old.paid_through, v_paid) END,
                 observed_at = sync_subscription.observed_at, updated_at = now()
