@@ -286,6 +286,13 @@ mod tests {
         sync(&s("active"));
         ingest("org_1", "credits", 300, "e1");
         assert_eq!(credits("org_1"), 1200);
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws(',', allowance, allowance_used, allowance_left, allowance_suspended) \
+                 FROM billing.subscription_status"
+            ),
+            "1000,300,700,0"
+        );
         for status in ["past_due", "unpaid", "paused"] {
             assert_eq!(
                 sync(&s(status)),
@@ -307,6 +314,14 @@ mod tests {
                 "check says why"
             );
             assert_eq!(reason(500), "ok", "what the top-up covers is allowed");
+            assert_eq!(
+                one::<String>(
+                    "SELECT concat_ws(',', allowance_used, allowance_left, allowance_suspended) \
+                     FROM billing.subscription_status"
+                ),
+                "300,0,700",
+                "{status}: what is held back is shown as such"
+            );
             assert_rejected(
                 "SELECT * FROM billing.ingest('org_1', 'credits', 1, key => 'big', cost => 501, strict => true)",
                 "23514",

@@ -1357,19 +1357,29 @@ $$;
 -- Each subscription with its plan, period and the plan credit of the
 -- allowance period running now, per unit.
 CREATE VIEW billing.subscription_status WITH (security_invoker = true) AS
-SELECT s.account, s.provider_id AS subscription, s.status, billing.subscription_access(s.status, s.collection_paused OR s.disputed) AS access,
+SELECT s.account, s.provider_id AS subscription, s.status,
+       billing.subscription_access(s.status, s.collection_paused OR s.disputed) AS access,
        pl.key AS plan, pl.version AS plan_version, s.seats, s.period_start, s.period_end, s.ends_at,
        sa.unit, sa.starts_at AS allowance_starts_at, sa.ends_at AS allowance_ends_at, sa.ceiling AS allowance,
-       coalesce(g.remaining, 0) AS allowance_left, coalesce(g.suspended, 0) AS allowance_suspended,
-       s.observed_at, s.updated_at
+       coalesce(u.used, 0) AS allowance_used, coalesce(g.remaining, 0) AS allowance_left,
+       coalesce(g.suspended, 0) AS allowance_suspended, s.observed_at, s.updated_at
 FROM billing.subscriptions s
 JOIN billing.plans pl ON pl.id = s.plan_id
 LEFT JOIN billing.subscription_allowances sa ON sa.subscription_id = s.id
      AND sa.starts_at <= now() AND now() < sa.ends_at
+-- what the lanes of a split pool hold of a grant counts as the grant's
 LEFT JOIN LATERAL (
-    SELECT sum(gr.remaining) FILTER (WHERE gr.status = 'active')::bigint AS remaining,
-           sum(gr.remaining) FILTER (WHERE gr.status = 'suspended')::bigint AS suspended
-    FROM unnest(sa.grant_ids) AS gid(id) JOIN billing.grants gr ON gr.id = gid.id) g ON true;
+    SELECT sum(r.remaining) FILTER (WHERE gr.status = 'active')::bigint AS remaining,
+           sum(r.remaining) FILTER (WHERE gr.status = 'suspended')::bigint AS suspended
+    FROM unnest(sa.grant_ids) AS gid(id) JOIN billing.grants gr ON gr.id = gid.id
+    CROSS JOIN LATERAL (SELECT gr.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
+                                                        WHERE c.parent_id = gr.id), 0) AS remaining) r) g ON true
+LEFT JOIN LATERAL (
+    SELECT -sum(e.grant_amount)::bigint AS used FROM billing.ledger_entries e
+    WHERE e.kind IN ('debit', 'debt_repayment')
+      AND e.grant_id IN (SELECT gid.id FROM unnest(sa.grant_ids) AS gid(id)
+                         UNION ALL
+                         SELECT c.id FROM billing.grants c WHERE c.parent_id = ANY (sa.grant_ids))) u ON true;
 
 -- What polls (a reconciliation pull, or an app that cannot receive webhooks)
 -- found changed that no event had delivered, per field: the drift between
