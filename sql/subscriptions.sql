@@ -54,6 +54,31 @@ CREATE TABLE billing.provider_customers (
     UNIQUE (tenant_id, provider, account)
 );
 
+-- Statuses as providers have them, and what each means for plan credit; a
+-- live subscription is held back (`held`) while the provider collects no
+-- payment for it or a payment of it is disputed with the funds withdrawn.
+CREATE FUNCTION billing.subscription_access(status text, held boolean DEFAULT false) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE
+        WHEN status IN ('active', 'trialing') AND held THEN 'suspended'
+        WHEN status IN ('active', 'trialing') THEN 'open'
+        -- held back, not voided: recovery restores the rest of the period
+        WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
+        WHEN status IN ('canceled', 'incomplete_expired') THEN 'ended'
+    END
+$$;
+
+-- Whether a subscription holds its account's one live place: it is neither
+-- ended nor an `incomplete` checkout (not paid yet, and it may never be).
+CREATE FUNCTION billing.subscription_is_live(status text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT status <> 'incomplete' AND billing.subscription_access(status) <> 'ended'
+$$;
+
 -- The provider's subscription as last observed. `ends_at` is the one
 -- meaning of the provider's cancellation fields: the instant access ends
 -- (cancel_at, the period end under cancel_at_period_end, or when it ended);
@@ -87,11 +112,10 @@ CREATE TABLE billing.subscriptions (
     UNIQUE (tenant_id, provider, provider_id),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account)
 );
--- At most one live subscription per account, whatever the concurrency. An
--- `incomplete` one (a checkout not paid yet, which may never be) holds no
--- place: the first to become live takes it.
+-- At most one live subscription per account, whatever the concurrency: an
+-- `incomplete` one holds no place, the first to become live takes it.
 CREATE UNIQUE INDEX subscriptions_one_live ON billing.subscriptions (tenant_id, account)
-    WHERE status NOT IN ('incomplete', 'canceled', 'incomplete_expired');
+    WHERE billing.subscription_is_live(status);
 
 -- A subscription refused because its account already had a live one (two
 -- parallel checkouts): the application refunds or cancels it.
@@ -225,22 +249,6 @@ SELECT pg_catalog.pg_extension_config_dump('billing.subscription_allowances_id_s
 SELECT pg_catalog.pg_extension_config_dump('billing.subscription_invoices', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.invoice_payments', '');
 
--- Statuses as providers have them, and what each means for plan credit; a
--- live subscription is held back (`held`) while the provider collects no
--- payment for it or a payment of it is disputed with the funds withdrawn.
-CREATE FUNCTION billing.subscription_access(status text, held boolean DEFAULT false) RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog
-AS $$
-    SELECT CASE
-        WHEN status IN ('active', 'trialing') AND held THEN 'suspended'
-        WHEN status IN ('active', 'trialing') THEN 'open'
-        -- held back, not voided: recovery restores the rest of the period
-        WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
-        WHEN status IN ('canceled', 'incomplete_expired') THEN 'ended'
-    END
-$$;
-
 -- Whether a subscription's current billing period is paid for: a trial is
 -- free; otherwise an invoice billing it was paid (or, for the first period,
 -- the provider activated it), which raised paid_through into the period.
@@ -261,7 +269,7 @@ LANGUAGE sql IMMUTABLE STRICT
 SET search_path = pg_catalog
 AS $$
     SELECT NOT (billing.subscription_access(was) = 'ended' AND was <> becomes)
-       AND NOT (becomes = 'incomplete' AND was NOT IN ('incomplete'))
+       AND NOT (becomes = 'incomplete' AND was <> 'incomplete')
 $$;
 
 -- ----- defining plans ---------------------------------------------------------
@@ -409,6 +417,37 @@ $$;
 
 -- ----- the projection of a provider's subscription -----------------------------
 
+-- The id a Stripe field names, whether it holds the id or the expanded object.
+CREATE FUNCTION billing.stripe_id(v jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' WHEN 'object' THEN v ->> 'id' END
+$$;
+
+-- The price of a Stripe subscription item (`plan` in the oldest API versions).
+CREATE FUNCTION billing.stripe_item_price(item jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT coalesce(item #>> '{price,id}', item #>> '{plan,id}')
+$$;
+
+-- An observation of the provider's state must not come from the future (time
+-- is the database's): it would make every later observation stale.
+CREATE FUNCTION billing.check_observed_at(observed_at timestamptz) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    IF observed_at > now() + interval '5 minutes' OR NOT isfinite(observed_at) THEN
+        RAISE EXCEPTION 'observed_at % is in the future', observed_at
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the time the object was fetched from the provider, or leave it out (now()).';
+    END IF;
+END
+$$;
+
 -- A Stripe timestamp field (seconds since the epoch) as an instant.
 CREATE FUNCTION billing.stripe_instant(v jsonb) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE
@@ -422,15 +461,10 @@ $$;
 -- subscription_details; older ones: `subscription`), or NULL.
 CREATE FUNCTION billing.stripe_invoice_subscription(inv jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, billing
 AS $$
-    SELECT coalesce(
-        CASE jsonb_typeof(inv #> '{parent,subscription_details,subscription}')
-            WHEN 'string' THEN inv #>> '{parent,subscription_details,subscription}'
-            WHEN 'object' THEN inv #>> '{parent,subscription_details,subscription,id}' END,
-        CASE jsonb_typeof(inv -> 'subscription')
-            WHEN 'string' THEN inv ->> 'subscription'
-            WHEN 'object' THEN inv #>> '{subscription,id}' END)
+    SELECT coalesce(billing.stripe_id(inv #> '{parent,subscription_details,subscription}'),
+                    billing.stripe_id(inv -> 'subscription'))
 $$;
 
 -- The subscription lines of a Stripe invoice, as what the paid gate needs of
@@ -441,7 +475,7 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, billing
 AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'price', coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}', l #>> '{plan,id}'),
+               'price', coalesce(l #>> '{pricing,price_details,price}', billing.stripe_item_price(l)),
                'end', billing.stripe_instant(l #> '{period,end}'),
                'proration', coalesce(l #>> '{parent,subscription_item_details,proration}', l ->> 'proration',
                                      'false') = 'true')), '[]')
@@ -470,14 +504,11 @@ $$;
 -- versions), or the first of its `payments` (newer ones).
 CREATE FUNCTION billing.stripe_invoice_payment(inv jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, billing
 AS $$
     SELECT coalesce(
-        CASE jsonb_typeof(inv -> 'payment_intent') WHEN 'string' THEN inv ->> 'payment_intent'
-                                                   WHEN 'object' THEN inv #>> '{payment_intent,id}' END,
-        (SELECT CASE jsonb_typeof(p #> '{payment,payment_intent}')
-                    WHEN 'string' THEN p #>> '{payment,payment_intent}'
-                    WHEN 'object' THEN p #>> '{payment,payment_intent,id}' END
+        billing.stripe_id(inv -> 'payment_intent'),
+        (SELECT billing.stripe_id(p #> '{payment,payment_intent}')
          FROM jsonb_array_elements(CASE WHEN jsonb_typeof(inv #> '{payments,data}') = 'array'
                                         THEN inv #> '{payments,data}' ELSE '[]' END) p
          WHERE p #> '{payment,payment_intent}' IS NOT NULL LIMIT 1))
@@ -519,6 +550,19 @@ BEGIN
 END
 $$;
 
+-- Revoke what is unused of some plan grants (a voided one gives nothing) and
+-- return what they consumed, counted under each pool's lock (lane shares
+-- included).
+CREATE FUNCTION billing.revoke_plan_grants(grant_ids bigint[]) RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+    SELECT coalesce(sum(r.consumed), 0)::bigint
+    FROM unnest(grant_ids) AS gid(id)
+    JOIN billing.grants gr ON gr.id = gid.id AND gr.status IN ('active', 'suspended', 'revoked')
+    CROSS JOIN LATERAL billing.revoke_unused(gr.id) r
+$$;
+
 -- Close every other plan allowance of (account, unit) still running at `at`:
 -- its unused credit is revoked, and what was used of it is returned, to count
 -- against the allowance that replaces it (an upgrade, a plan or interval
@@ -532,24 +576,19 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     used bigint := 0;
-    g record;
+    a record;
 BEGIN
-    FOR g IN
-        SELECT gr.id, gr.status
+    FOR a IN
+        SELECT sa.grant_ids
         FROM billing.subscription_allowances sa
         JOIN billing.subscriptions s ON s.id = sa.subscription_id
-        CROSS JOIN LATERAL unnest(sa.grant_ids) AS gid(id)
-        JOIN billing.grants gr ON gr.id = gid.id
         WHERE s.tenant_id = tenant AND s.account = close_overlapping_allowances.account
           AND sa.unit = close_overlapping_allowances.unit
           AND NOT (sa.subscription_id = keep_subscription AND sa.starts_at = keep_start)
           AND sa.starts_at <= at AND at < sa.ends_at
-        ORDER BY gr.id
+        ORDER BY sa.id
     LOOP
-        -- what it consumed, counted under its pool's lock (lane shares included)
-        IF g.status IN ('active', 'suspended', 'revoked') THEN
-            used := used + (SELECT r.consumed FROM billing.revoke_unused(g.id) r);
-        END IF;
+        used := used + billing.revoke_plan_grants(a.grant_ids);
     END LOOP;
     RETURN used;
 END
@@ -641,8 +680,7 @@ BEGIN
                     give := target - least(used, target);
                 ELSIF target > a.ceiling THEN
                     give := target - a.ceiling;
-                    UPDATE billing.subscription_allowances sa SET ceiling = target
-                    WHERE sa.subscription_id = s.id AND sa.unit = u.unit AND sa.starts_at = p.starts_at;
+                    UPDATE billing.subscription_allowances sa SET ceiling = target WHERE sa.id = a.id;
                 ELSE
                     give := 0;
                 END IF;
@@ -655,7 +693,7 @@ BEGIN
                         metadata => jsonb_build_object('subscription', s.provider_id, 'plan', plan.key,
                                                        'plan_version', plan.version, 'ceiling', target)) r;
                     UPDATE billing.subscription_allowances sa SET grant_ids = sa.grant_ids || made.grant_id
-                    WHERE sa.subscription_id = s.id AND sa.unit = u.unit AND sa.starts_at = p.starts_at;
+                    WHERE sa.id = a.id;
                     granted := granted + give;
                 END IF;
             END LOOP;
@@ -694,19 +732,14 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     a record;
-    used bigint;
 BEGIN
     FOR a IN
-        SELECT sa.unit, sa.starts_at, sa.grant_ids FROM billing.subscription_allowances sa
+        SELECT sa.id, sa.grant_ids FROM billing.subscription_allowances sa
         WHERE sa.subscription_id = s.id AND sa.ends_at > now()
         ORDER BY sa.unit, sa.starts_at FOR UPDATE
     LOOP
-        SELECT coalesce(sum(r.consumed), 0)::bigint INTO used
-        FROM unnest(a.grant_ids) AS gid(id)
-        JOIN billing.grants gr ON gr.id = gid.id AND gr.status IN ('active', 'suspended', 'revoked')
-        CROSS JOIN LATERAL billing.revoke_unused(gr.id) r;
-        UPDATE billing.subscription_allowances sa SET ceiling = used
-        WHERE sa.subscription_id = s.id AND sa.unit = a.unit AND sa.starts_at = a.starts_at;
+        UPDATE billing.subscription_allowances sa SET ceiling = billing.revoke_plan_grants(a.grant_ids)
+        WHERE sa.id = a.id;
     END LOOP;
 END
 $$;
@@ -724,8 +757,7 @@ AS $$
 DECLARE live bigint;
 BEGIN
     SELECT s.id INTO live FROM billing.subscriptions s
-    WHERE s.tenant_id = tenant AND s.account = who
-      AND s.status NOT IN ('incomplete', 'canceled', 'incomplete_expired');
+    WHERE s.tenant_id = tenant AND s.account = who AND billing.subscription_is_live(s.status);
     INSERT INTO billing.subscription_conflicts AS c (tenant_id, account, provider, provider_id,
         live_subscription_id, status, subscription, observed_at)
     VALUES (tenant, who, provider, provider_id, live, state, subscription, observed_at)
@@ -809,13 +841,7 @@ BEGIN
         RAISE EXCEPTION 'unknown provider %: subscription objects of stripe are understood', provider
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- time is the database's: an observation from the future would make every
-    -- later one stale
-    IF observed_at > now() + interval '5 minutes' OR NOT isfinite(observed_at) THEN
-        RAISE EXCEPTION 'observed_at % is in the future', observed_at
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Pass the time the object was fetched from the provider, or leave it out (now()).';
-    END IF;
+    PERFORM billing.check_observed_at(observed_at);
     IF octet_length(subscription::text) > 262144 THEN
         RAISE EXCEPTION 'subscription object over 256 KiB' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -830,8 +856,7 @@ BEGIN
         RAISE EXCEPTION 'subscription %: unknown status %', v_id, coalesce(v_status, 'missing')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_customer := CASE jsonb_typeof(obj -> 'customer') WHEN 'string' THEN obj ->> 'customer'
-                                                     WHEN 'object' THEN obj #>> '{customer,id}' END;
+    v_customer := billing.stripe_id(obj -> 'customer');
     IF length(v_customer) > 255 OR length(obj #>> '{metadata,account}') > 255 THEN
         RAISE EXCEPTION 'subscription %: customer or metadata.account longer than 255 characters', v_id
             USING ERRCODE = 'invalid_parameter_value';
@@ -840,17 +865,18 @@ BEGIN
     v_invoiced := obj ->> 'collection_method' IS NOT DISTINCT FROM 'send_invoice';
     -- the item whose price is a plan's; others (add-ons) are not plans
     SELECT i INTO v_item FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) WITH ORDINALITY AS x(i, n)
-    WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp WHERE pp.tenant_id = tenant AND pp.provider = 'stripe'
-                  AND pp.price_id = coalesce(x.i #>> '{price,id}', x.i #>> '{plan,id}'))
+    WHERE EXISTS (SELECT 1 FROM billing.plan_prices pp
+                  WHERE pp.tenant_id = tenant AND pp.provider = sync_subscription.provider
+                    AND pp.price_id = billing.stripe_item_price(x.i))
     ORDER BY x.n LIMIT 1;
     IF v_item IS NULL THEN
         RAISE EXCEPTION 'subscription %: no price maps to a plan (prices: %)', v_id,
-            coalesce((SELECT string_agg(coalesce(i #>> '{price,id}', i #>> '{plan,id}'), ', ')
+            coalesce((SELECT string_agg(billing.stripe_item_price(i), ', ')
                       FROM jsonb_array_elements(coalesce(obj #> '{items,data}', '[]')) i), 'none')
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'List the price in billing.define_plan(prices => ...); nothing was changed.';
     END IF;
-    v_price := coalesce(v_item #>> '{price,id}', v_item #>> '{plan,id}');
+    v_price := billing.stripe_item_price(v_item);
     -- what is known paid for that price: its invoices seen so far, an expanded paid latest_invoice
     SELECT max(billing.invoice_paid_through(i.lines, v_price, i.period_end)) INTO v_paid
     FROM billing.subscription_invoices i
@@ -987,11 +1013,9 @@ BEGIN
                      ('period_end', to_jsonb(old.period_end), to_jsonb(v_end)),
                      ('ends_at', to_jsonb(old.ends_at), to_jsonb(v_ends)),
                      ('customer', to_jsonb(old.customer), to_jsonb(v_customer)),
-                     ('account', to_jsonb(old.account), to_jsonb(v_account))) d(field, was, now)
+                     ('account', to_jsonb(old.account), to_jsonb(v_account)),
+                     ('collection_paused', to_jsonb(old.collection_paused), to_jsonb(v_paused))) d(field, was, now)
         WHERE d.was IS DISTINCT FROM d.now;
-        IF old.collection_paused IS DISTINCT FROM v_paused THEN
-            diff := diff || jsonb_build_object('collection_paused', jsonb_build_array(old.collection_paused, v_paused));
-        END IF;
         BEGIN
             IF v_moving THEN
                 IF v_customer IS NOT NULL THEN
@@ -1094,6 +1118,8 @@ DECLARE
     v_status text;
     v_paid bigint;
     v_end timestamptz;
+    v_own_end timestamptz;
+    v_payment text;
     changed integer;
     given jsonb;
     v_lines jsonb;
@@ -1106,9 +1132,7 @@ BEGIN
         RAISE EXCEPTION 'unknown provider %: invoice objects of stripe are understood', provider
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF observed_at > now() + interval '5 minutes' OR NOT isfinite(observed_at) THEN
-        RAISE EXCEPTION 'observed_at % is in the future', observed_at USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM billing.check_observed_at(observed_at);
     IF jsonb_typeof(invoice) <> 'object' OR invoice ->> 'object' IS DISTINCT FROM 'invoice'
        OR jsonb_typeof(invoice -> 'id') <> 'string' OR length(invoice ->> 'id') NOT BETWEEN 1 AND 255
        OR octet_length(invoice::text) > 262144 THEN
@@ -1130,12 +1154,14 @@ BEGIN
     SELECT * INTO s FROM billing.subscriptions x
     WHERE x.tenant_id = tenant AND x.provider = sync_invoice.provider AND x.provider_id = v_sub FOR UPDATE;
     v_lines := billing.stripe_invoice_lines(invoice);
-    v_end := billing.invoice_paid_through(v_lines, s.price_id, billing.stripe_instant(invoice -> 'period_end'));
+    v_own_end := billing.stripe_instant(invoice -> 'period_end');
+    v_payment := left(billing.stripe_invoice_payment(invoice), 255);
+    v_end := billing.invoice_paid_through(v_lines, s.price_id, v_own_end);
     INSERT INTO billing.subscription_invoices AS i (tenant_id, provider, invoice_id, subscription, status,
         billing_reason, amount_paid, currency, lines, period_end, payment_intent, observed_at)
     VALUES (tenant, provider, v_id, v_sub, v_status, left(invoice ->> 'billing_reason', 100), v_paid,
-            left(invoice ->> 'currency', 10), v_lines, billing.stripe_instant(invoice -> 'period_end'),
-            coalesce(left(billing.stripe_invoice_payment(invoice), 255),
+            left(invoice ->> 'currency', 10), v_lines, v_own_end,
+            coalesce(v_payment,
                      (SELECT p.payment_intent FROM billing.invoice_payments p
                       WHERE p.tenant_id = tenant AND p.provider = sync_invoice.provider AND p.invoice_id = v_id)),
             observed_at)
@@ -1146,15 +1172,15 @@ BEGIN
         -- a paid invoice stays paid; otherwise the newest observation wins
         WHERE i.status <> 'paid' AND i.observed_at <= excluded.observed_at;
     GET DIAGNOSTICS changed = ROW_COUNT;
-    IF changed = 0 AND billing.stripe_invoice_payment(invoice) IS NOT NULL THEN
+    IF changed = 0 AND v_payment IS NOT NULL THEN
         -- a paid invoice stays as it was, but learns the payment that paid it
-        UPDATE billing.subscription_invoices i SET payment_intent = left(billing.stripe_invoice_payment(invoice), 255)
+        UPDATE billing.subscription_invoices i SET payment_intent = v_payment
         WHERE i.tenant_id = tenant AND i.provider = sync_invoice.provider AND i.invoice_id = v_id
           AND i.payment_intent IS NULL;
     END IF;
-    IF s.id IS NOT NULL AND billing.stripe_invoice_payment(invoice) IS NOT NULL THEN
+    IF s.id IS NOT NULL AND v_payment IS NOT NULL THEN
         -- a dispute of its payment that arrived first holds the credit back now
-        PERFORM billing.stripe_subscription_dispute(tenant, billing.stripe_invoice_payment(invoice));
+        PERFORM billing.stripe_subscription_dispute(tenant, v_payment);
         SELECT * INTO s FROM billing.subscriptions x WHERE x.id = s.id;
     END IF;
     IF s.id IS NULL OR v_status <> 'paid' OR changed = 0 OR v_end IS NULL OR s.paid_through >= v_end THEN
@@ -1181,11 +1207,8 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     obj jsonb := ev.payload #> '{data,object}';
-    v_invoice text := CASE jsonb_typeof(obj -> 'invoice') WHEN 'string' THEN obj ->> 'invoice'
-                                                         WHEN 'object' THEN obj #>> '{invoice,id}' END;
-    v_payment text := CASE jsonb_typeof(obj #> '{payment,payment_intent}')
-                          WHEN 'string' THEN obj #>> '{payment,payment_intent}'
-                          WHEN 'object' THEN obj #>> '{payment,payment_intent,id}' END;
+    v_invoice text := billing.stripe_id(obj -> 'invoice');
+    v_payment text := billing.stripe_id(obj #> '{payment,payment_intent}');
 BEGIN
     IF v_invoice IS NULL OR v_payment IS NULL OR length(v_invoice) > 255 OR length(v_payment) > 255 THEN
         RETURN jsonb_build_object('recorded', false, 'why', 'no invoice or no PaymentIntent');
@@ -1270,8 +1293,7 @@ BEGIN
     ON CONFLICT (tenant_id, account) WHERE pushed_at IS NULL
     DO UPDATE SET seats = excluded.seats, updated_at = now();
     SELECT * INTO sub FROM billing.subscriptions x
-    WHERE x.tenant_id = tenant AND x.account = set_seats.account
-      AND x.status NOT IN ('incomplete', 'canceled', 'incomplete_expired')
+    WHERE x.tenant_id = tenant AND x.account = set_seats.account AND billing.subscription_is_live(x.status)
     FOR UPDATE;
     IF sub.id IS NULL THEN
         RETURN QUERY SELECT set_seats.account, set_seats.seats, true, '{}'::jsonb;

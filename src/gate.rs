@@ -90,7 +90,7 @@ static HELD_BACK_BY: Sql = Sql {
                   OR (billing.subscription_access(s.status) = 'open' AND NOT billing.subscription_paid(s))) \
              AND (s.status <> 'incomplete' OR NOT EXISTS ( \
                   SELECT 1 FROM billing.subscriptions o WHERE o.tenant_id = s.tenant_id \
-                    AND o.account = s.account AND o.status NOT IN ('incomplete', 'canceled', 'incomplete_expired'))) \
+                    AND o.account = s.account AND billing.subscription_is_live(o.status))) \
            ORDER BY s.updated_at DESC LIMIT 1",
     args: &[TEXT, TEXT, TEXT],
 };

@@ -562,7 +562,7 @@ fn resume_grant(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Toggle {
+enum Toggle {
     Suspend,
     Resume,
 }
@@ -578,16 +578,11 @@ impl Toggle {
 }
 
 /// Suspend or resume one open grant of this tenant, under its pool's lock.
-pub fn suspend_or_resume(
-    client: &mut SpiClient<'_>,
-    grant_id: i64,
-    how: Toggle,
-) -> Result<ToggleRow> {
+fn suspend_or_resume(client: &mut SpiClient<'_>, grant_id: i64, how: Toggle) -> Result<ToggleRow> {
     let mut g = lock_grant(client, grant_id)?;
-    let remaining = |g: &LockedGrant| g.facts.remaining;
     if g.status == how.status() {
         let available = g.ledger.available();
-        return Ok((grant_id, "duplicate".into(), remaining(&g), available));
+        return Ok((grant_id, "duplicate".into(), g.facts.remaining, available));
     }
     if grant_is_closed(&g.status) {
         return Err(BillingError::WrongState(format!(
