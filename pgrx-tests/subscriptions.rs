@@ -1418,4 +1418,52 @@ mod tests {
         assert_eq!(credits("org_1"), 1000);
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn the_catalogue_seats_and_invoices_refuse_bad_input_and_answer_replays_alike() {
+        plans();
+        let retired = || -> String {
+            one("SELECT versions || ':' || (retired_at = now()) FROM billing.retire_plan('pro')")
+        };
+        assert_eq!(retired(), "1:true");
+        assert_eq!(retired(), "1:true", "retiring again changes nothing");
+        assert_rejected("SELECT * FROM billing.retire_plan('nope')", "42704");
+
+        let (start, end) = month();
+        let set = |n: i32| -> String {
+            one(&format!(
+                "SELECT seat_count || ':' || changed FROM billing.set_seats('org_1', {n})"
+            ))
+        };
+        assert_eq!(set(3), "3:true");
+        assert_eq!(set(3), "3:false", "the same count again changes nothing");
+        assert_eq!(one::<i64>("SELECT count(*) FROM billing.seat_pushes"), 1);
+
+        assert_rejected(
+            r#"SELECT * FROM billing.sync_invoice('{"object": "charge", "id": "ch_1"}')"#,
+            "22023",
+        );
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.sync_invoice('{}', now() + interval '1 day')",
+                invoice("in_1", "sub_1", "paid", 1, start, end)
+            ),
+            "22023",
+        );
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.sync_invoice('{}')",
+                invoice("in_1", "sub_1", "weird", 1, start, end)
+            ),
+            "22023",
+        );
+        assert_rejected(
+            "SELECT * FROM billing.allowance_periods(now(), now() - interval '1 day')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT * FROM billing.allowance_periods(now(), 'infinity')",
+            "22023",
+        );
+    }
 }
