@@ -99,8 +99,11 @@ mod tests {
         let cost: i64 =
             one("SELECT cost FROM billing.ingest('a', 'images', 3, key => 'i2', cost => 5)");
         assert_eq!(cost, 5, "an explicit cost overrides the price");
-        let snapshot: Option<String> =
-            opt("SELECT unit_price::text FROM billing.usage_events WHERE key = 'i1'");
+        let snapshot: Option<String> = opt(
+            "SELECT p.price ->> 'unit_price' FROM billing.usage_events e \
+                 JOIN billing.meter_prices p ON p.meter = e.meter AND p.version = e.price_version \
+                 WHERE e.key = 'i1'",
+        );
         assert_eq!(
             snapshot.as_deref(),
             Some("2.5"),

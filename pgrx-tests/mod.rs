@@ -10,6 +10,7 @@ mod holds;
 mod idempotency;
 mod input;
 mod lanes;
+mod metering;
 mod nulls;
 mod reversals;
 mod stripe;

@@ -24,7 +24,11 @@ mod tests {
         "billing.release(?$hold)",
         "billing.balance(?'a', ?'mills', as_of => ~NULL)",
         "billing.define_unit(?'u1', ~'d')",
-        "billing.define_meter(?'m1', ?'mills', ~1, ~'d')",
+        "billing.define_meter(?'m1', ?'mills', ~1, ~'d', aggregation => ?'sum', property => ~NULL, group_by => ?'{}', filter => ~NULL, lateness => ?'1 hour', late_events => ?'reject', future_skew => ?'1 minute', price => ~NULL)",
+        "billing.set_price(?'m0', ?'{\"model\": \"per_unit\", \"unit_price\": 2}', effective_at => ~NULL)",
+        "billing.disable_meter(?'m0')",
+        "billing.enable_meter(?'m0')",
+        "billing.usage(?'a', ?'mills', ?'2027-01-01'::timestamptz, ?'2027-01-02'::timestamptz, granularity => ?'day', group_by => ?'{}', time_zone => ?'UTC')",
         "billing.account(?'a', ~'n', ~'{}')",
         "billing.set_floor(?'a', ?'mills', ?0)",
         "billing.sweep(?10)",
@@ -87,6 +91,7 @@ mod tests {
     fn every_required_argument_refuses_null_and_writes_nothing() {
         run("CREATE ROLE null_test_role NOLOGIN");
         run("SELECT billing.define_webhook_endpoint('e0', 'stripe', 's')");
+        run("SELECT billing.define_meter('m0', 'mills')");
         let g = grant("a", "mills", 1000, "");
         let h: i64 = one("SELECT hold_id FROM billing.reserve('a', 'mills', 10)");
         let listed: i64 = one(

@@ -93,21 +93,21 @@ mod tests {
                 charged, exact,
                 "{tokens} tokens: the exact total rounded once"
             );
-            let carry_is_the_rest: bool = one(&format!(
-                "SELECT c.carry = {tokens} * 0.0137 - {charged} \
-                 FROM billing.meter_carries c JOIN billing.pools p ON p.id = c.pool_id \
+            let period_adds_up: bool = one(&format!(
+                "SELECT c.quantity = {tokens} AND c.charged = {charged} \
+                 FROM billing.meter_periods c JOIN billing.pools p ON p.id = c.pool_id \
                  WHERE p.account = '{account}' AND c.meter = 'tokens'"
             ));
             assert!(
-                carry_is_the_rest,
-                "the carry is what the exact total exceeds the charges by, exactly"
+                period_adds_up,
+                "the period holds every token and what they were charged"
             );
         }
         assert_ledger_consistent();
     }
 
     #[pg_test]
-    fn a_strict_event_refused_carries_nothing_and_a_replay_charges_nothing() {
+    fn a_strict_event_refused_counts_nothing_and_a_replay_charges_nothing() {
         run("SELECT billing.define_meter('tokens', 'mills', unit_price => 0.4)");
         grant("a", "mills", 1, "");
         run("SELECT * FROM billing.ingest('a', 'tokens', 1, key => 'k1')");
@@ -116,8 +116,11 @@ mod tests {
             "SELECT * FROM billing.ingest('a', 'tokens', 10, key => 'k2', strict => true)",
             "23514",
         );
-        let carry: String = one("SELECT carry::text FROM billing.meter_carries");
-        assert_eq!(carry, "0.4");
+        let counted: String = one("SELECT quantity || '/' || charged FROM billing.meter_periods");
+        assert_eq!(
+            counted, "1/0",
+            "one token counted, 0.4 not yet a whole mill"
+        );
         assert_eq!(total("a"), 0);
         run("SELECT * FROM billing.ingest('a', 'tokens', 1, key => 'k3')");
         assert_eq!(total("a"), 1, "0.4 + 0.4 rounds to one mill");
@@ -125,14 +128,15 @@ mod tests {
     }
 
     #[pg_test]
-    fn verify_ledger_reports_a_carry_that_does_not_add_up() {
+    fn verify_ledger_reports_a_period_charge_that_does_not_add_up() {
         run("SELECT billing.define_meter('tokens', 'mills', unit_price => 0.4)");
         grant("a", "mills", 100, "");
         run("SELECT * FROM billing.ingest('a', 'tokens', 1, key => 'k1')");
-        run("UPDATE billing.meter_carries SET carry = 0.1");
+        run("SELECT * FROM billing.ingest('a', 'tokens', 1, key => 'k2')");
+        run("UPDATE billing.meter_periods SET charged = 5");
         let problem: String = one("SELECT problem FROM billing.verify_ledger()");
         assert!(
-            problem.starts_with("meter tokens: priced usage costs"),
+            problem.starts_with("meter tokens, period from"),
             "{problem}"
         );
     }

@@ -38,17 +38,47 @@ CREATE TABLE billing.units (
     PRIMARY KEY (tenant_id, unit)
 );
 
--- How usage of one kind is priced. A NULL unit_price means the caller passes
--- the cost of each event (a provider-priced cost such as an AI call).
+-- How usage of one kind is measured: the unit it charges, how its events
+-- aggregate per period (sum, count, max, last, or the count of distinct
+-- values of one property), the properties its counters roll up by, the
+-- properties its events must carry, and how late or early an event may say
+-- it occurred. Its prices are versions in billing.meter_prices. A disabled
+-- meter (a retired model) refuses new usage and keeps its history.
 CREATE TABLE billing.meters (
     tenant_id   text        NOT NULL,
     meter       text        NOT NULL,
     unit        text        NOT NULL,
-    unit_price  numeric     CHECK (unit_price >= 0),
+    aggregation text        NOT NULL DEFAULT 'sum'
+                CHECK (aggregation IN ('sum', 'count', 'max', 'last', 'unique_count')),
+    -- unique_count: the property whose distinct values are counted
+    property    text,
+    group_by    text[]      NOT NULL DEFAULT '{}',
+    filter      jsonb,
+    lateness    interval    NOT NULL DEFAULT '48 hours',
+    -- an event older than its lateness: 'reject', or 'current_period' (booked now)
+    late_events text        NOT NULL DEFAULT 'reject' CHECK (late_events IN ('reject', 'current_period')),
+    future_skew interval    NOT NULL DEFAULT '5 minutes',
+    disabled_at timestamptz,
     description text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, meter),
-    FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
+    FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit),
+    CHECK ((aggregation = 'unique_count') = (property IS NOT NULL))
+);
+
+-- A meter's prices, one row per version, never changed: an event records
+-- the version it was charged by. The version in force at an instant is the
+-- last one effective by then; a NULL price means each event passes its own
+-- cost. The price's JSON is canonical (src/pricing/price.rs).
+CREATE TABLE billing.meter_prices (
+    tenant_id    text        NOT NULL,
+    meter        text        NOT NULL,
+    version      integer     NOT NULL,
+    effective_at timestamptz NOT NULL,
+    price        jsonb,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, meter, version),
+    FOREIGN KEY (tenant_id, meter) REFERENCES billing.meters (tenant_id, meter)
 );
 
 -- Every change of a meter or unit empties every backend's meter cache
@@ -67,6 +97,10 @@ $$;
 CREATE TRIGGER meters_changed AFTER INSERT OR UPDATE OR DELETE ON billing.meters
     FOR EACH ROW EXECUTE FUNCTION billing.meters_changed();
 CREATE TRIGGER meters_truncated AFTER TRUNCATE ON billing.meters
+    FOR EACH STATEMENT EXECUTE FUNCTION billing.meters_changed();
+CREATE TRIGGER meter_prices_changed AFTER INSERT OR UPDATE OR DELETE ON billing.meter_prices
+    FOR EACH ROW EXECUTE FUNCTION billing.meters_changed();
+CREATE TRIGGER meter_prices_truncated AFTER TRUNCATE ON billing.meter_prices
     FOR EACH STATEMENT EXECUTE FUNCTION billing.meters_changed();
 CREATE TRIGGER units_changed AFTER INSERT OR UPDATE OR DELETE ON billing.units
     FOR EACH ROW EXECUTE FUNCTION billing.meters_changed();
@@ -155,7 +189,8 @@ CREATE TABLE billing.usage_events (
     unit            text        NOT NULL,
     pool_id         bigint      NOT NULL,
     quantity        numeric     NOT NULL,
-    unit_price      numeric,
+    -- the meter's price version that charged it (NULL: the caller's cost)
+    price_version   integer,
     cost            bigint      NOT NULL,
     covered         bigint      NOT NULL,
     debt_created    bigint      NOT NULL,
@@ -164,6 +199,9 @@ CREATE TABLE billing.usage_events (
     available_after bigint      NOT NULL,
     entitled_after  boolean     NOT NULL,
     occurred_at     timestamptz NOT NULL,
+    -- when the counters count it, if not when it occurred (a late event
+    -- booked to the current period)
+    booked_at       timestamptz,
     recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     properties      jsonb       NOT NULL DEFAULT '{}',
     request_hash    bytea       NOT NULL,
@@ -171,16 +209,63 @@ CREATE TABLE billing.usage_events (
 );
 CREATE INDEX usage_events_by_meter ON billing.usage_events (tenant_id, account, meter, occurred_at);
 
--- The sub-unit remainder of priced usage, per pool and meter: what the
--- events' exact costs add up to beyond the whole units charged for them
--- (src/pricing.rs). Read and written under the pool's lock.
-CREATE TABLE billing.meter_carries (
-    tenant_id text    NOT NULL,
-    pool_id   bigint  NOT NULL REFERENCES billing.pools (id),
-    meter     text    NOT NULL,
-    carry     numeric NOT NULL CHECK (carry >= -0.5 AND carry < 0.5),
-    PRIMARY KEY (pool_id, meter)
+-- What a priced meter charged a pool in one period (src/metering): the
+-- period's aggregate quantity so far and the whole units charged. Each event
+-- is charged what the period's total, priced and rounded once, grew by, so
+-- the sum charged is the period's price however its usage is split. A new
+-- price version applies from the quantity reached when it took over
+-- (switch_quantity; base is what was charged before). Read and written
+-- under the pool's lock.
+CREATE TABLE billing.meter_periods (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id       text        NOT NULL,
+    pool_id         bigint      NOT NULL,
+    meter           text        NOT NULL,
+    period_start    timestamptz NOT NULL,
+    quantity        numeric     NOT NULL,
+    last_at         timestamptz,
+    version         integer     NOT NULL,
+    switch_quantity numeric     NOT NULL,
+    -- additive prices (a cost card): the exact sum since the version took over
+    exact           numeric     NOT NULL,
+    base            bigint      NOT NULL,
+    charged         bigint      NOT NULL,
+    CONSTRAINT meter_periods_key UNIQUE (pool_id, meter, period_start)
+) WITH (fillfactor = 70);
+
+-- The distinct values a unique_count meter has seen in a pool's period.
+CREATE TABLE billing.meter_uniques (
+    tenant_id    text        NOT NULL,
+    pool_id      bigint      NOT NULL,
+    meter        text        NOT NULL,
+    period_start timestamptz NOT NULL,
+    value        text        NOT NULL,
+    PRIMARY KEY (pool_id, meter, period_start, value)
 );
+
+-- Usage per hour, per pool row (a lane counts what it took), meter and
+-- values of the meter's group_by properties: what reports read instead of
+-- events. Maintained with every event under its pool's lock, so each key
+-- has one row however the first events of an account race; quantity
+-- aggregates as the meter says (unique_count: values first seen in the
+-- period during that hour, so hours add up to the period). revised_at: the
+-- last time an event arrived after the hour had ended (a late event).
+CREATE TABLE billing.usage_counters (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id   text        NOT NULL,
+    pool_id     bigint      NOT NULL,
+    account     text        NOT NULL,
+    meter       text        NOT NULL,
+    hour        timestamptz NOT NULL,
+    groups      text        NOT NULL,
+    events      bigint      NOT NULL,
+    quantity    numeric     NOT NULL,
+    last_at     timestamptz,
+    cost        bigint      NOT NULL,
+    revised_at  timestamptz,
+    CONSTRAINT usage_counters_key UNIQUE (pool_id, meter, hour, groups)
+) WITH (fillfactor = 70);
+CREATE INDEX usage_counters_by_account ON billing.usage_counters (tenant_id, account, meter, hour);
 
 CREATE TABLE billing.holds (
     id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -268,7 +353,10 @@ SELECT pg_catalog.pg_extension_config_dump('billing.pools', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.grants', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.meter_carries', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.meter_prices', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.meter_uniques', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries', '');
 -- and so must the identity sequences, or restored ids would be handed out again
 -- (one call per statement: each call rewrites the extension's catalog row)
@@ -277,6 +365,8 @@ SELECT pg_catalog.pg_extension_config_dump('billing.grants_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by
 -- billing_admin through billing.grant_tenant / billing.revoke_tenant. A role

@@ -45,7 +45,8 @@ FROM billing.webhook_endpoints e;
 DO $$
 DECLARE t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_carries',
+    FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_prices',
+                             'meter_periods', 'meter_uniques', 'usage_counters',
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
@@ -66,7 +67,8 @@ CREATE POLICY admins_only ON billing.tenant_roles
 REVOKE ALL ON billing.tenant_roles FROM PUBLIC;
 
 GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, billing.grants,
-                billing.usage_events, billing.holds, billing.meter_carries, billing.ledger_entries,
+                billing.usage_events, billing.holds, billing.meter_prices, billing.meter_periods,
+                billing.meter_uniques, billing.usage_counters, billing.ledger_entries,
                 billing.webhook_events,
                 billing.webhook_currencies, billing.webhook_objects, billing.webhook_handlers,
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
@@ -135,6 +137,7 @@ GRANT EXECUTE ON FUNCTION billing.current_tenant(), billing.currency_exponent(te
 GRANT EXECUTE ON FUNCTION
     billing."check"(text, text, bigint),
     billing.balance(text, text, timestamptz),
+    billing.usage(text, text, timestamptz, timestamptz, text, text[], text),
     billing.verify_ledger(),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
@@ -163,7 +166,10 @@ GRANT EXECUTE ON FUNCTION
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),
-    billing.define_meter(text, text, numeric, text),
+    billing.define_meter(text, text, numeric, text, text, text, text[], jsonb, interval, text, interval, jsonb),
+    billing.set_price(text, jsonb, timestamptz),
+    billing.disable_meter(text),
+    billing.enable_meter(text),
     billing.set_floor(text, text, bigint),
     billing.sweep(integer),
     billing.define_webhook_endpoint(text, text, text, integer, text, text, bigint, text),

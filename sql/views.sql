@@ -28,8 +28,10 @@ FROM billing.ledger_entries e;
 --   * per hold: Σ hold_amount of its entries = its amount while open, 0 once closed
 --   * the pool's cached totals equal what the entries sum to
 --   * every grant, hold and event an entry names exists, in the entry's pool
---   * per pool and meter, the exact cost of its priced events = what was
---     charged for them + the carried remainder
+--   * every hourly usage counter equals what its events add up to, and no
+--     counter lacks events nor events a counter (src/metering)
+--   * per pool, priced meter and period, what its price charged equals
+--     what its priced events were charged
 --   * every row rule of the tables written per event (which carry no CHECK
 --     constraints nor foreign keys, see schema.sql): amounts in range, entries
 --     balanced, every event and entry in an existing pool
@@ -53,6 +55,30 @@ WITH tenant_pools AS (
            row_number() OVER w AS n
     FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
     WINDOW w AS (PARTITION BY e.pool_id ORDER BY e.version)
+), metered AS (
+    -- each event where its counters count it (src/metering)
+    SELECT u.id, u.pool_id, u.account, u.unit, u.meter, u.quantity, u.cost, u.price_version,
+           t.at, date_trunc('hour', t.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
+           date_trunc('month', t.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS period,
+           coalesce(m.aggregation, 'sum') AS aggregation, u.properties ->> m.property AS value,
+           coalesce((SELECT jsonb_object_agg(g, coalesce(u.properties -> g, 'null'::jsonb))
+                     FROM unnest(m.group_by) g), '{}'::jsonb) AS groups
+    FROM billing.usage_events u JOIN tenant_pools p ON p.id = u.pool_id
+    CROSS JOIN LATERAL (SELECT coalesce(u.booked_at, u.occurred_at) AS at) t
+    LEFT JOIN billing.meters m ON m.tenant_id = u.tenant_id AND m.meter = u.meter
+), recount AS (
+    SELECT f.pool_id, min(f.account) AS account, min(f.unit) AS unit, f.meter, f.hour, f.groups,
+           count(*) AS events, sum(f.cost) AS cost,
+           CASE min(f.aggregation)
+               WHEN 'sum' THEN sum(f.quantity)
+               WHEN 'count' THEN count(*)::numeric
+               WHEN 'max' THEN max(f.quantity)
+               WHEN 'last' THEN (array_agg(f.quantity ORDER BY f.at DESC, f.id DESC))[1]
+               ELSE count(*) FILTER (WHERE f.first_seen)::numeric END AS quantity
+    FROM (SELECT m.*, row_number() OVER (PARTITION BY m.pool_id, m.meter, m.period, m.value
+                                         ORDER BY m.id) = 1 AS first_seen
+          FROM metered m) f
+    GROUP BY f.pool_id, f.meter, f.hour, f.groups
 )
 SELECT c.pool_id, p.account, p.unit,
        format('entry version %s: %s', c.version,
@@ -99,15 +125,26 @@ WHERE p.version <> coalesce(l.version, 0) OR p.remaining <> coalesce(gr.total, 0
    OR p.debt <> coalesce(l.debt_after, 0) OR p.held <> coalesce(l.held_after, 0)
    OR coalesce(l.balance_after, 0) <> p.remaining - p.debt
 UNION ALL
-SELECT p.id, p.account, p.unit,
-       format('meter %s: priced usage costs %s exactly, but %s was charged and %s carried',
-              u.meter, u.exact, u.charged, coalesce(c.carry, 0))
-FROM tenant_pools p
-JOIN LATERAL (SELECT e.meter, sum(e.quantity * e.unit_price) AS exact, sum(e.cost) AS charged
-              FROM billing.usage_events e WHERE e.pool_id = p.id AND e.unit_price IS NOT NULL
-              GROUP BY e.meter) u ON true
-LEFT JOIN billing.meter_carries c ON c.pool_id = p.id AND c.meter = u.meter
-WHERE u.exact - u.charged <> coalesce(c.carry, 0)
+SELECT coalesce(r.pool_id, c.pool_id), coalesce(r.account, c.account), coalesce(r.unit, p.unit),
+       format('meter %s, hour %s, groups %s: the counter (%s events, quantity %s, cost %s) differs from its events (%s, %s, %s)',
+              coalesce(r.meter, c.meter), coalesce(r.hour, c.hour), coalesce(r.groups, c.groups::jsonb),
+              c.events, c.quantity, c.cost, r.events, r.quantity, r.cost)
+FROM recount r
+FULL JOIN (SELECT c.* FROM billing.usage_counters c JOIN tenant_pools p ON p.id = c.pool_id) c
+  ON c.pool_id = r.pool_id AND c.meter = r.meter AND c.hour = r.hour AND c.groups::jsonb = r.groups
+LEFT JOIN tenant_pools p ON p.id = c.pool_id
+WHERE r.pool_id IS NULL OR c.pool_id IS NULL
+   OR (c.events, c.quantity, c.cost) IS DISTINCT FROM (r.events, r.quantity, r.cost)
+UNION ALL
+SELECT coalesce(r.pool_id, c.pool_id), p.account, p.unit,
+       format('meter %s, period from %s: %s charged by its price, but its events were charged %s',
+              coalesce(r.meter, c.meter), coalesce(r.period, c.period_start), c.charged, r.charged)
+FROM (SELECT m.pool_id, m.meter, m.period, sum(m.cost) AS charged FROM metered m
+      WHERE m.price_version IS NOT NULL GROUP BY 1, 2, 3) r
+FULL JOIN (SELECT c.* FROM billing.meter_periods c JOIN tenant_pools p ON p.id = c.pool_id) c
+  ON c.pool_id = r.pool_id AND c.meter = r.meter AND c.period_start = r.period
+JOIN tenant_pools p ON p.id = coalesce(r.pool_id, c.pool_id)
+WHERE coalesce(c.charged, 0) <> coalesce(r.charged, 0)
 UNION ALL
 SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id

@@ -68,6 +68,8 @@ pub enum Key<'a> {
     Text(&'a str),
     Int8(i64),
     Int2(i16),
+    /// A timestamptz, in PostgreSQL's microseconds.
+    Tstz(i64),
 }
 
 /// An open index scan over `billing.<table>` by the leading columns of one
@@ -216,6 +218,7 @@ impl Lookup {
                 Key::Text(v) => (pg_sys::F_TEXTEQ, v.into_datum()),
                 Key::Int8(v) => (pg_sys::F_INT8EQ, v.into_datum()),
                 Key::Int2(v) => (pg_sys::F_INT2EQ, v.into_datum()),
+                Key::Tstz(v) => (pg_sys::F_TIMESTAMPTZ_EQ, v.into_datum()),
             };
             pg_sys::ScanKeyEntryInitialize(
                 &mut self.keys[i],

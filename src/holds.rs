@@ -16,6 +16,7 @@ use crate::ingest::{self, Event, Outcome};
 use crate::input::RESERVED_KEY_PREFIX;
 use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, Create, EntryKind, PoolLedger};
+use crate::metering::store::Metering;
 use crate::pricing;
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -338,9 +339,8 @@ fn settle(
                 }
                 _ => {}
             }
-            if meter.is_some()
-                && pricing::find_meter(client, &tenant, &usage.meter)?.unit != ledger.unit
-            {
+            let metered = pricing::find_meter(client, &tenant, &usage.meter)?;
+            if metered.unit != ledger.unit {
                 return Err(BillingError::invalid(
                     "meter",
                     format!(
@@ -349,6 +349,9 @@ fn settle(
                     ),
                 ));
             }
+            let mut metering = Metering::new(&tenant);
+            let (counted, charging) = usage.metered(&metered, ledger.id, ledger.now)?;
+            let prepared = metering.prepare(&metered, &counted, charging)?;
             if hold.status == "open" {
                 ledger.close_hold(hold_id, hold.amount, EntryKind::Settle, true);
             }
@@ -379,6 +382,8 @@ fn settle(
                 "entitled": outcome.entitled,
                 "event_id": event_id,
             });
+            metering.commit(&metered, prepared, ledger.now)?;
+            metering.save()?;
             ingest::flush_with_usage(client, &mut ledger, event_id, usage, outcome)?;
             db::write(
                 client,

@@ -21,13 +21,11 @@ use crate::input::{self, JsonArg};
 use crate::ledger::{
     drains_json, flush_all, flush_checked, Create, EventRows, Flushed, PoolLedger,
 };
-use crate::pricing::{self, Carries, Cost, Meter};
+use crate::metering::store::{Metering, Usage};
+use crate::pricing::{self, Charging, Meter};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
 
-/// How far from now an event's stated occurred_at may lie.
-const MAX_PAST_MICROS: i64 = 35 * 24 * 3600 * 1_000_000;
-const MAX_FUTURE_MICROS: i64 = 5 * 60 * 1_000_000;
 pub const MAX_BATCH: usize = 50_000;
 /// The largest batch accepted, in bytes of jsonb: the batch is read from its
 /// text into events, so the backend's memory stays a small multiple of this.
@@ -62,24 +60,40 @@ impl Event {
         Ok(())
     }
 
-    /// Rules relative to now: checked only for a new event, after its key was
-    /// looked up, so a replay returns its original outcome forever.
-    fn validate_at(&self, now: Ts) -> Result<()> {
-        if let Some(t) = self.occurred_at {
-            if t > now.saturating_add(MAX_FUTURE_MICROS) {
-                return Err(BillingError::invalid(
-                    "occurred_at",
-                    "is more than 5 minutes in the future",
-                ));
+    /// The event as its meter counts and charges it, for a new event
+    /// recorded at `now` in pool row `pool_id` (checked only after its key
+    /// was looked up, so a replay returns its original outcome forever).
+    pub fn metered<'a>(
+        &'a self,
+        meter: &'a Meter,
+        pool_id: i64,
+        now: Ts,
+    ) -> Result<(Usage<'a>, Charging<'a>)> {
+        let at = meter.counted_at(self.occurred_at, now)?;
+        let properties = if meter.reads_properties(now) {
+            serde_json::from_str(&self.properties_text)
+                .map_err(|e| BillingError::Internal(format!("properties: {e}")))?
+        } else {
+            Value::Null
+        };
+        meter.accepts(&properties)?;
+        let charging = meter.charging(now, self.cost)?;
+        let exact = match charging {
+            Charging::Priced { price, .. } if price.is_additive() => {
+                Some(price.event_exact(&properties)?)
             }
-            if t < now.saturating_sub(MAX_PAST_MICROS) {
-                return Err(BillingError::invalid(
-                    "occurred_at",
-                    "is more than 35 days in the past",
-                ));
-            }
-        }
-        Ok(())
+            _ => None,
+        };
+        let usage = Usage {
+            pool_id,
+            account: &self.account,
+            quantity: self.quantity,
+            at,
+            unique: meter.unique_value(&properties)?,
+            groups: meter.groups(&properties),
+            exact,
+        };
+        Ok((usage, charging))
     }
 
     /// What must match for a replay: everything the caller said, except strict
@@ -362,7 +376,9 @@ struct NewEvent<'e> {
     event: &'e Event,
     unit: String,
     pool_id: i64,
-    unit_price: Option<Decimal>,
+    price_version: Option<i32>,
+    /// When its counters count it, if not when it occurred.
+    booked_at: Option<Ts>,
     hash: Vec<u8>,
     outcome: Outcome,
 }
@@ -396,7 +412,8 @@ pub fn flush_with_usage(
         unit: outcome.unit.clone(),
         event: &event,
         pool_id: ledger.id,
-        unit_price: None,
+        price_version: None,
+        booked_at: None,
         outcome,
     }];
     flush_all(client, std::slice::from_mut(ledger), Some(&NewEvents(&new)))
@@ -421,14 +438,13 @@ fn ingest_events(
     let tenant = current_tenant()?;
     let mut meters: HashMap<String, Meter> = HashMap::new();
     let mut by_pool: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
-    let mut priced = Vec::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
         if !meters.contains_key(&e.meter) {
             let m = pricing::find_meter(client, &tenant, &e.meter)?;
             meters.insert(e.meter.clone(), m);
         }
         let m = &meters[&e.meter];
-        priced.push(m.cost(e.quantity, e.cost)?);
+        m.charging(time::now(), e.cost)?;
         by_pool
             .entry((e.account.clone(), m.unit.clone()))
             .or_default()
@@ -439,11 +455,15 @@ fn ingest_events(
     let mut new_events: Vec<NewEvent> = Vec::new();
     let mut in_batch: HashMap<&str, (Vec<u8>, usize)> = HashMap::new();
     let pool_keys: Vec<(String, String)> = by_pool.keys().cloned().collect();
-    let mut ledgers = lock_pools(client, &tenant, &pool_keys, &priced)?;
+    let lane_cost = match &events[..] {
+        [e] => e.cost.filter(|_| meters[&e.meter].fits_a_lane()),
+        _ => None,
+    };
+    let mut ledgers = lock_pools(client, &tenant, &pool_keys, lane_cost)?;
     let on_share = ledgers.iter().any(|l| l.is_lane());
     // After the locks: any concurrent ingest of these keys has committed.
     let (stored, new_ids) = find_events(&tenant, &events)?;
-    let mut carries = Carries::load(client, priced_pairs(&ledgers, &by_pool, &events, &priced))?;
+    let mut metering = Metering::new(&tenant);
     for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
         let unit = ledger.unit.clone();
         for i in indexes {
@@ -459,14 +479,11 @@ fn ingest_events(
                 slots[i] = Slot::RepeatOfNew(*n);
                 continue;
             }
-            event.validate_at(ledger.now)?;
-            let (cost, unit_price, carry) = match priced[i] {
-                Cost::Given(cost) => (cost, None, None),
-                Cost::Priced { exact, unit_price } => {
-                    let (cost, carry) = carries.charge(ledger.id, &event.meter, exact)?;
-                    (cost, Some(unit_price), Some(carry))
-                }
-            };
+            let meter = &meters[&event.meter];
+            meter.enabled()?;
+            let (usage, charging) = event.metered(meter, ledger.id, ledger.now)?;
+            let prepared = metering.prepare(meter, &usage, charging)?;
+            let cost = prepared.cost;
             let mut outcome = rejected(event, &unit, cost, ledger);
             if on_share && !ledger.allows(cost) {
                 // its figures were written after this transaction began
@@ -482,9 +499,8 @@ fn ingest_events(
                 slots[i] = Slot::Done(outcome);
                 continue;
             }
-            if let Some(carry) = carry {
-                carries.commit(ledger.id, &event.meter, carry);
-            }
+            let price_version = prepared.version;
+            metering.commit(meter, prepared, ledger.now)?;
             let n = new_events.len();
             let id = new_ids[event.key.as_str()];
             ledger.current_event = Some(id);
@@ -500,7 +516,9 @@ fn ingest_events(
                 event,
                 unit: unit.clone(),
                 pool_id: ledger.id,
-                unit_price,
+                price_version,
+                booked_at: (usage.at != event.occurred_at.unwrap_or(ledger.now))
+                    .then_some(usage.at),
                 hash: hash.clone(),
                 outcome,
             });
@@ -511,7 +529,6 @@ fn ingest_events(
         ledger.deal_shares(client)?;
     }
 
-    carries.save(client, &tenant)?;
     let flushed = flush_checked(
         client,
         &mut ledgers,
@@ -519,9 +536,11 @@ fn ingest_events(
         on_share,
     )?;
     if flushed == Flushed::KeyTaken {
-        // a debit on another lane recorded this key first: answer as a replay
+        // a debit on another lane recorded this key first: answer as a
+        // replay, having written nothing
         return replay(&tenant, &events);
     }
+    metering.save()?;
     slots
         .into_iter()
         .map(|slot| match slot {
@@ -542,8 +561,8 @@ fn ingest_events(
         .collect()
 }
 
-/// Lock the pools of a call (`priced`: one cost per event). A call of one
-/// event of a given cost on a split pool is paid by one lane if one can:
+/// Lock the pools of a call. A call of one event of a given cost
+/// (`lane_cost`) on a split pool is paid by one lane if one can:
 /// first a lane locked alone, leaving the others to concurrent debits; else,
 /// with the whole pool locked, any lane that can (all were busy a moment
 /// ago). Otherwise the pool takes its lanes' credit back.
@@ -551,14 +570,14 @@ fn lock_pools(
     client: &mut SpiClient<'_>,
     tenant: &str,
     keys: &[(String, String)],
-    priced: &[Cost],
+    lane_cost: Option<i64>,
 ) -> Result<Vec<PoolLedger>> {
-    let lane_cost = match (keys, priced) {
-        ([(account, unit)], [Cost::Given(cost)]) => {
-            if let Some(lane) = PoolLedger::lock_share(client, tenant, account, unit, *cost)? {
+    let lane_cost = match (keys, lane_cost) {
+        ([(account, unit)], Some(cost)) => {
+            if let Some(lane) = PoolLedger::lock_share(client, tenant, account, unit, cost)? {
                 return Ok(vec![lane]);
             }
-            Some(*cost)
+            Some(cost)
         }
         _ => None,
     };
@@ -572,29 +591,6 @@ fn lock_pools(
         pool.collect_shares()?;
     }
     Ok(pools)
-}
-
-/// The (pool, meter) pairs whose events the meter's price charges: the only
-/// ones with a carried remainder.
-fn priced_pairs(
-    ledgers: &[PoolLedger],
-    by_pool: &BTreeMap<(String, String), Vec<usize>>,
-    events: &[Event],
-    priced: &[Cost],
-) -> Vec<(i64, String)> {
-    let mut pairs: Vec<(i64, String)> = ledgers
-        .iter()
-        .zip(by_pool.values())
-        .flat_map(|(ledger, indexes)| {
-            indexes
-                .iter()
-                .filter(|i| matches!(priced[**i], Cost::Priced { .. }))
-                .map(|i| (ledger.id, events[*i].meter.clone()))
-        })
-        .collect();
-    pairs.sort();
-    pairs.dedup();
-    pairs
 }
 
 /// The outcome of events whose keys are all recorded: a replay of each.
@@ -703,11 +699,6 @@ impl EventRows for NewEvents<'_, '_> {
         for n in self.0 {
             let quantity = AnyNumeric::try_from(n.event.quantity.to_string().as_str())
                 .map_err(|e| BillingError::Internal(format!("quantity: {e}")))?;
-            let unit_price = n
-                .unit_price
-                .map(|p| AnyNumeric::try_from(p.to_string().as_str()))
-                .transpose()
-                .map_err(|e| BillingError::Internal(format!("unit price: {e}")))?;
             w.set(c"id", n.id)?
                 .set(c"tenant_id", tenant)?
                 .set(c"key", n.event.key.as_str())?
@@ -716,7 +707,7 @@ impl EventRows for NewEvents<'_, '_> {
                 .set(c"unit", n.unit.as_str())?
                 .set(c"pool_id", n.pool_id)?
                 .set(c"quantity", quantity)?
-                .set(c"unit_price", unit_price)?
+                .set(c"price_version", n.price_version)?
                 .set(c"cost", n.outcome.cost)?
                 .set(c"covered", n.outcome.covered)?
                 .set(c"debt_created", n.outcome.debt_created)?
@@ -728,6 +719,7 @@ impl EventRows for NewEvents<'_, '_> {
                     c"occurred_at",
                     time::to_sql(n.event.occurred_at.unwrap_or(now)),
                 )?
+                .set(c"booked_at", n.booked_at.map(time::to_sql))?
                 .set(c"recorded_at", time::clock_now())?
                 .set_made(c"properties", || direct::jsonb(&n.event.properties_text))?
                 .set(c"request_hash", n.hash.as_slice())?;

@@ -20,6 +20,7 @@ mod idempotency;
 mod ingest;
 mod input;
 mod ledger;
+mod metering;
 mod pricing;
 mod reporting;
 mod reversal;
@@ -63,6 +64,11 @@ extension_sql_file!(
         tenancy::current_tenant_sql,
         reporting::grant_state
     ]
+);
+extension_sql_file!(
+    "../sql/metering.sql",
+    name = "metering",
+    requires = ["schema", tenancy::current_tenant_sql]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 

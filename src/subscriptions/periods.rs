@@ -91,6 +91,13 @@ pub fn add_months(t: Ts, months: i64) -> Ts {
     (days_from_civil(year, month, day) - PG_EPOCH_DAYS) * MICROS_PER_DAY + time_of_day
 }
 
+/// The start of the calendar month (UTC) that holds `t`.
+pub fn month_start(t: Ts) -> Ts {
+    let days = t.div_euclid(MICROS_PER_DAY) + PG_EPOCH_DAYS;
+    let (year, month, _) = civil_from_days(days);
+    (days_from_civil(year, month, 1) - PG_EPOCH_DAYS) * MICROS_PER_DAY
+}
+
 /// The allowance periods of the billing period [start, end), in order; they
 /// cover it exactly, without gaps or overlaps.
 pub fn allowance_periods(start: Ts, end: Ts) -> Result<Vec<(Ts, Ts)>, PeriodError> {

@@ -59,7 +59,10 @@ fn every_change_of_a_meter_reaches_every_session() {
 
     // a meter deleted (by an administrator's DML) is unknown again
     admin
-        .batch_execute("DELETE FROM billing.meters WHERE meter = 'calls'")
+        .batch_execute(
+            "DELETE FROM billing.meter_prices WHERE meter = 'calls'; \
+             DELETE FROM billing.meters WHERE meter = 'calls'",
+        )
         .unwrap();
     let err = app
         .query_one(

@@ -24,14 +24,15 @@ fn a_replay_is_answered_after_its_time_rules_would_refuse_it() {
     let mut c = fresh_db(DB);
     c.batch_execute("SELECT billing.define_unit('usd_cents')")
         .unwrap();
-    // a grant expiring in a moment, and an event at the edge of the 35-day window
+    // a grant expiring in a moment, and an event at the edge of its meter's
+    // 48-hour lateness window
     let soon: String = c
         .query_one("SELECT (now() + interval '1500 milliseconds')::text", &[])
         .unwrap()
         .get(0);
     let edge: String = c
         .query_one(
-            "SELECT (now() - interval '35 days' + interval '1500 milliseconds')::text",
+            "SELECT (now() - interval '48 hours' + interval '1500 milliseconds')::text",
             &[],
         )
         .unwrap()
@@ -51,7 +52,7 @@ fn a_replay_is_answered_after_its_time_rules_would_refuse_it() {
     assert_eq!(
         status(&mut c, ingest, &edge),
         "duplicate",
-        "the event is now 35 days old"
+        "the event is now more than 48 hours late"
     );
     assert_eq!(status(&mut c, batch, &edge), "duplicate", "in a batch too");
     // a new call with the same arguments is still refused

@@ -53,7 +53,18 @@ BEGIN
         created_at = created_at - d, closed_at = closed_at - d;
     UPDATE billing.pools SET cache_from = cache_from - d, cache_until = cache_until - d;
     UPDATE billing.ledger_entries SET effective_at = effective_at - d, recorded_at = recorded_at - d;
-    UPDATE billing.usage_events SET occurred_at = occurred_at - d, recorded_at = recorded_at - d;
+    UPDATE billing.usage_events SET occurred_at = occurred_at - d, recorded_at = recorded_at - d,
+        booked_at = booked_at - d;
+    UPDATE billing.usage_counters SET hour = hour - d, last_at = last_at - d, revised_at = revised_at - d;
+    -- a period is a calendar month, so moved events regroup: the scenario's
+    -- meters charge 1 per unit, and each period charged what its events did
+    DELETE FROM billing.meter_periods;
+    INSERT INTO billing.meter_periods (tenant_id, pool_id, meter, period_start, quantity, version,
+                                       switch_quantity, exact, base, charged)
+    SELECT tenant_id, pool_id, meter,
+           date_trunc('month', coalesce(booked_at, occurred_at) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+           sum(quantity), max(price_version), 0, 0, 0, sum(cost)
+    FROM billing.usage_events WHERE price_version IS NOT NULL GROUP BY 1, 2, 3, 4;
     UPDATE billing.subscriptions SET period_start = period_start - d, period_end = period_end - d,
         ends_at = ends_at - d, trial_end = trial_end - d, paid_through = paid_through - d,
         observed_at = observed_at - d;

@@ -1,0 +1,404 @@
+// Meters as billing engineers define them: price models charged per period
+// (the period's total rounded once), price versions snapshotted on events,
+// aggregations, group_by counters and the usage report read from them,
+// late and early events, filters, and disabled meters.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::pgrx_tests::support::*;
+
+    fn costs(account: &str) -> String {
+        one(&format!(
+            "SELECT string_agg(cost::text, ',' ORDER BY id) FROM billing.usage_events WHERE account = '{account}'"
+        ))
+    }
+
+    fn ingest_q(account: &str, meter: &str, quantity: &str, key: &str, extra: &str) -> i64 {
+        one(&format!(
+            "SELECT cost FROM billing.ingest('{account}', '{meter}', {quantity}, key => '{key}'{extra})"
+        ))
+    }
+
+    const TIERS: &str = r#"{"model": "graduated", "tiers": [
+        {"up_to": 1000, "unit_price": 0},
+        {"up_to": 10000, "unit_price": "0.5", "flat_price": 100},
+        {"up_to": null, "unit_price": "0.4"}]}"#;
+
+    #[pg_test]
+    fn graduated_tiers_charge_each_event_what_the_period_total_grew_by() {
+        run(&format!(
+            "SELECT billing.define_meter('calls', 'mills', price => '{TIERS}')"
+        ));
+        grant("a", "mills", 1_000_000, "");
+        // 1000 free; the 1001st enters tier 2: 100 flat + 0.5 → 100.5 → 101
+        assert_eq!(ingest_q("a", "calls", "1000", "e1", ""), 0);
+        assert_eq!(ingest_q("a", "calls", "1", "e2", ""), 101);
+        // up to 10000: 100 + 9000 × 0.5 = 4600 in all
+        assert_eq!(ingest_q("a", "calls", "8999", "e3", ""), 4600 - 101);
+        // one past: 4600.4 → 4600
+        assert_eq!(ingest_q("a", "calls", "1", "e4", ""), 0);
+        assert_eq!(ingest_q("a", "calls", "1", "e5", ""), 1, "4600.8 → 4601");
+        let period: String =
+            one("SELECT quantity || '/' || charged || '/' || version FROM billing.meter_periods");
+        assert_eq!(period, "10002/4601/1");
+        let versions: String =
+            one("SELECT string_agg(DISTINCT price_version::text, ',') FROM billing.usage_events");
+        assert_eq!(
+            versions, "1",
+            "each event records the version that priced it"
+        );
+        assert_eq!(available("a", "mills"), 1_000_000 - 4601);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_new_price_version_prices_what_follows_and_leaves_earlier_events_as_they_were() {
+        run("SELECT billing.define_meter('img', 'mills', unit_price => 2)");
+        grant("a", "mills", 10_000, "");
+        assert_eq!(ingest_q("a", "img", "5", "e1", ""), 10);
+        let same: String = one(
+            r#"SELECT status FROM billing.set_price('img', '{"model": "per_unit", "unit_price": "2.0"}')"#,
+        );
+        assert_eq!(same, "unchanged", "2.0 is the price already in force");
+        let v: i32 = one(
+            r#"SELECT version FROM billing.set_price('img', '{"model": "per_unit", "unit_price": 3}')"#,
+        );
+        assert_eq!(v, 2);
+        assert_eq!(ingest_q("a", "img", "5", "e2", ""), 15);
+        assert_eq!(costs("a"), "10,15");
+        let snap: String = one(
+            "SELECT string_agg(price_version::text, ',' ORDER BY id) FROM billing.usage_events",
+        );
+        assert_eq!(snap, "1,2");
+        let stored: String =
+            one("SELECT price::text FROM billing.meter_prices WHERE meter = 'img' AND version = 2");
+        assert_eq!(
+            stored,
+            r#"{"model": "per_unit", "included": "0", "rounding": "half_up", "unit_price": "3"}"#
+        );
+        // a scheduled change applies from its instant, never before
+        run(
+            r#"SELECT billing.set_price('img', '{"model": "per_unit", "unit_price": 7}', now() + interval '1 day')"#,
+        );
+        assert_eq!(ingest_q("a", "img", "1", "e3", ""), 3);
+        assert_rejected(
+            r#"SELECT billing.set_price('img', '{"model": "per_unit", "unit_price": 8}', now() - interval '1 second')"#,
+            "22023",
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_bad_price_is_refused_and_writes_nothing() {
+        let before = footprint();
+        for price in [
+            r#"{"model": "per_unit", "unit_price": -1}"#,
+            r#"{"model": "graduated", "tiers": [{"up_to": 10, "unit_price": 1}]}"#,
+            r#"{"model": "per_unit", "unit_price": 1, "rounding": "banker"}"#,
+            r#"{"model": "per_unit", "unitprice": 1}"#,
+        ] {
+            assert_rejected(
+                &format!("SELECT billing.define_meter('m', 'mills', price => '{price}')"),
+                "22023",
+            );
+        }
+        assert_rejected(
+            r#"SELECT billing.define_meter('m', 'mills', unit_price => 1, price => '{"model": "per_unit", "unit_price": 1}')"#,
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_meter('m', 'mills', aggregation => 'unique_count')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_meter('m', 'mills', lateness => '1 month')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT billing.define_meter('m', 'mills', late_events => 'later')",
+            "22023",
+        );
+        assert_eq!(footprint(), before);
+    }
+
+    #[pg_test]
+    fn a_disabled_meter_refuses_usage_naming_it_and_keeps_its_history() {
+        run("SELECT billing.define_meter('gpt3', 'mills', unit_price => 1)");
+        grant("a", "mills", 100, "");
+        ingest_q("a", "gpt3", "4", "e1", "");
+        run("SELECT billing.disable_meter('gpt3')");
+        let err = sqlstate("SELECT * FROM billing.ingest('a', 'gpt3', 1, key => 'e2')");
+        assert_eq!(err.as_deref(), Some("55000"));
+        // a replay of what it recorded still answers as it did
+        assert_eq!(
+            one::<String>("SELECT status FROM billing.ingest('a', 'gpt3', 4, key => 'e1')"),
+            "duplicate"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.usage_events WHERE meter = 'gpt3'"),
+            1
+        );
+        run("SELECT billing.enable_meter('gpt3')");
+        assert_eq!(ingest_q("a", "gpt3", "1", "e2", ""), 1);
+        assert_rejected("SELECT billing.disable_meter('nope')", "42704");
+    }
+
+    #[pg_test]
+    fn events_count_when_they_occurred_within_the_lateness_window() {
+        run("SELECT billing.define_meter('calls', 'mills', unit_price => 1)");
+        grant("a", "mills", 1000, "");
+        // an hour late: counted in its own hour, which is marked revised
+        ingest_q(
+            "a",
+            "calls",
+            "1",
+            "late",
+            ", occurred_at => now() - interval '1 hour'",
+        );
+        let revised: bool = one(
+            "SELECT revised_at = now() AND hour = date_trunc('hour', (now() - interval '1 hour') AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' \
+             FROM billing.usage_counters",
+        );
+        assert!(revised);
+        // beyond 48 hours: refused, naming the meter and the window
+        let err = sqlstate(
+            "SELECT * FROM billing.ingest('a', 'calls', 1, key => 'old', occurred_at => now() - interval '49 hours')",
+        );
+        assert_eq!(err.as_deref(), Some("22023"));
+        // more than 5 minutes ahead: refused
+        assert_rejected(
+            "SELECT * FROM billing.ingest('a', 'calls', 1, key => 'ahead', occurred_at => now() + interval '6 minutes')",
+            "22023",
+        );
+        // a meter that books late events now
+        run("SELECT billing.define_meter('calls', 'mills', unit_price => 1, late_events => 'current_period', lateness => '1 hour')");
+        ingest_q(
+            "a",
+            "calls",
+            "1",
+            "old",
+            ", occurred_at => now() - interval '49 hours'",
+        );
+        let booked: bool = one(
+            "SELECT booked_at = now() AND occurred_at = now() - interval '49 hours' FROM billing.usage_events WHERE key = 'old'",
+        );
+        assert!(
+            booked,
+            "the event keeps when it occurred and records when it counts"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.usage_counters"),
+            2,
+            "the late hour and the current one"
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn counters_group_by_properties_and_the_report_fills_empty_periods() {
+        run("SELECT billing.define_meter('tokens', 'mills', group_by => '{model,member}')");
+        grant("org", "mills", 1_000_000, "");
+        for (i, (model, member, q, hours_ago)) in [
+            ("a", "u1", 10, 0),
+            ("a", "u2", 20, 0),
+            ("b", "u1", 5, 0),
+            ("a", "u1", 1, 30),
+        ]
+        .iter()
+        .enumerate()
+        {
+            run(&format!(
+                "SELECT * FROM billing.ingest('org', 'tokens', {q}, key => 'k{i}', cost => {q}, \
+                 occurred_at => now() - interval '{hours_ago} hours', \
+                 properties => '{{\"model\": \"{model}\", \"member\": \"{member}\", \"other\": {i}}}')"
+            ));
+        }
+        assert_eq!(one::<i64>("SELECT count(*) FROM billing.usage_counters"), 4);
+        // per day over three days ending today: the empty day shows 0
+        let days: String = one(
+            "SELECT string_agg(events || ':' || quantity || ':' || cost, ' ' ORDER BY period_start) \
+             FROM billing.usage('org', 'tokens', date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' - interval '2 days', \
+                                date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' + interval '1 day')",
+        );
+        let yesterday_or_before: i64 = one(
+            "SELECT CASE WHEN date_trunc('day', (now() - interval '30 hours') AT TIME ZONE 'UTC') \
+                          = date_trunc('day', now() AT TIME ZONE 'UTC') - interval '1 day' THEN 1 ELSE 2 END",
+        );
+        let expected = if yesterday_or_before == 1 {
+            "0:0:0 1:1:1 3:35:35"
+        } else {
+            "1:1:1 0:0:0 3:35:35"
+        };
+        assert_eq!(days, expected);
+        // per model this hour
+        let by_model: String = one(
+            "SELECT string_agg(groups::text || '=' || quantity, ' ' ORDER BY groups::text) \
+             FROM billing.usage('org', 'tokens', now() - interval '1 minute', now(), 'hour', '{model}') \
+             WHERE events > 0",
+        );
+        assert_eq!(by_model, r#"{"model": "a"}=30 {"model": "b"}=5"#);
+        assert_rejected(
+            "SELECT * FROM billing.usage('org', 'tokens', now() - interval '1 day', now(), 'hour', '{other}')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT * FROM billing.usage('org', 'tokens', now() - interval '1 day', now(), 'fortnight')",
+            "22023",
+        );
+        assert_rejected(
+            "SELECT * FROM billing.usage('org', 'nope', now() - interval '1 day', now())",
+            "42704",
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn max_last_and_unique_count_aggregate_as_named() {
+        run("SELECT billing.define_meter('seats_peak', 'mills', aggregation => 'max', unit_price => 10)");
+        run("SELECT billing.define_meter('storage', 'mills', aggregation => 'last')");
+        run("SELECT billing.define_meter('users', 'mills', aggregation => 'unique_count', property => 'user', unit_price => 100)");
+        grant("a", "mills", 100_000, "");
+        let peak: Vec<i64> = ["3", "2", "5"]
+            .iter()
+            .enumerate()
+            .map(|(i, q)| ingest_q("a", "seats_peak", q, &format!("p{i}"), ""))
+            .collect();
+        assert_eq!(peak, vec![30, 0, 20], "a max meter charges its peak once");
+        for (i, (q, ago)) in [("7", 10), ("9", 20), ("4", 5)].iter().enumerate() {
+            run(&format!(
+                "SELECT * FROM billing.ingest('a', 'storage', {q}, key => 's{i}', cost => 0, \
+                 occurred_at => now() - interval '{ago} seconds')"
+            ));
+        }
+        let users: Vec<i64> = ["alice", "bob", "alice", "carol", "bob"]
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                ingest_q(
+                    "a",
+                    "users",
+                    "1",
+                    &format!("u{i}"),
+                    &format!(", properties => '{{\"user\": \"{u}\"}}'"),
+                )
+            })
+            .collect();
+        assert_eq!(users, vec![100, 100, 0, 100, 0]);
+        let month =
+            "date_trunc('month', now()), date_trunc('month', now()) + interval '1 month', 'month'";
+        let q = |meter: &str| -> String {
+            one(&format!(
+                "SELECT quantity::text FROM billing.usage('a', '{meter}', {month}) WHERE events > 0"
+            ))
+        };
+        assert_eq!(q("seats_peak"), "5");
+        assert_eq!(
+            q("storage"),
+            "4",
+            "the latest occurrence, not the last to arrive"
+        );
+        assert_eq!(q("users"), "3");
+        assert_rejected(
+            "SELECT * FROM billing.ingest('a', 'users', 1, key => 'u9')",
+            "22023",
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn an_ai_cost_card_prices_tokens_by_model_and_rounds_the_period_once() {
+        run(
+            r#"SELECT billing.define_meter('llm', 'usd_mills', aggregation => 'count', group_by => '{model}', price => '{
+            "model": "cost_card", "by": "model", "rates": {
+              "gpt-4o": {"input_tokens": "0.0025", "output_tokens": "0.01", "cached_tokens": "0.00125"},
+              "mini": {"input_tokens": "0.00015", "output_tokens": "0.0006"}}}')"#,
+        );
+        grant("a", "usd_mills", 100_000, "");
+        // 1200 × 0.0025 + 300 × 0.01 + 400 × 0.00125 = 3 + 3 + 0.5 = 6.5 → 7
+        let c1 = ingest_q(
+            "a",
+            "llm",
+            "1",
+            "c1",
+            r#", properties => '{"model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300, "cached_tokens": 400}'"#,
+        );
+        // + 0.5 exactly: 7.0 in all, so nothing more
+        let c2 = ingest_q(
+            "a",
+            "llm",
+            "1",
+            "c2",
+            r#", properties => '{"model": "gpt-4o", "cached_tokens": 400}'"#,
+        );
+        assert_eq!((c1, c2), (7, 0));
+        // 10000 × 0.00015 + 1000 × 0.0006 = 1.5 + 0.6 = 2.1: 9.1 → 9
+        let c3 = ingest_q(
+            "a",
+            "llm",
+            "1",
+            "c3",
+            r#", properties => '{"model": "mini", "input_tokens": 10000, "output_tokens": 1000}'"#,
+        );
+        assert_eq!(c3, 2);
+        let err = sqlstate(
+            r#"SELECT * FROM billing.ingest('a', 'llm', 1, key => 'c4', properties => '{"model": "claude"}')"#,
+        );
+        assert_eq!(err.as_deref(), Some("22023"), "an unknown model is refused");
+        let by_model: String = one(
+            "SELECT string_agg(groups ->> 'model' || '=' || events || '/' || cost, ' ' ORDER BY groups::text) \
+             FROM billing.usage('a', 'llm', now() - interval '1 minute', now(), 'hour', '{model}') WHERE events > 0",
+        );
+        assert_eq!(by_model, "gpt-4o=2/7 mini=1/2");
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_filter_refuses_events_without_its_properties() {
+        run(
+            r#"SELECT billing.define_meter('eu_calls', 'mills', unit_price => 1, filter => '{"region": "eu"}')"#,
+        );
+        grant("a", "mills", 100, "");
+        ingest_q(
+            "a",
+            "eu_calls",
+            "1",
+            "e1",
+            r#", properties => '{"region": "eu"}'"#,
+        );
+        assert_rejected(
+            r#"SELECT * FROM billing.ingest('a', 'eu_calls', 1, key => 'e2', properties => '{"region": "us"}')"#,
+            "22023",
+        );
+        assert_rejected(
+            "SELECT * FROM billing.ingest('a', 'eu_calls', 1, key => 'e3')",
+            "22023",
+        );
+    }
+
+    #[pg_test]
+    fn how_a_meter_counts_cannot_change_once_it_counted() {
+        run("SELECT billing.define_meter('calls', 'mills', unit_price => 1)");
+        run("SELECT billing.define_meter('calls', 'mills', aggregation => 'max', unit_price => 1)");
+        grant("a", "mills", 100, "");
+        ingest_q("a", "calls", "1", "e1", "");
+        assert_rejected(
+            "SELECT billing.define_meter('calls', 'mills', aggregation => 'sum', unit_price => 1)",
+            "55000",
+        );
+        // its price and description may change
+        run("SELECT billing.define_meter('calls', 'mills', aggregation => 'max', unit_price => 2, description => 'x')");
+    }
+
+    #[pg_test]
+    fn verify_ledger_reports_a_counter_that_differs_from_its_events() {
+        run("SELECT billing.define_meter('calls', 'mills', unit_price => 1)");
+        grant("a", "mills", 100, "");
+        ingest_q("a", "calls", "3", "e1", "");
+        assert_ledger_consistent();
+        run("UPDATE billing.usage_counters SET quantity = 4");
+        let problem: String = one("SELECT problem FROM billing.verify_ledger()");
+        assert!(problem.starts_with("meter calls, hour"), "{problem}");
+    }
+}
