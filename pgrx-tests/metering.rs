@@ -401,4 +401,38 @@ mod tests {
         let problem: String = one("SELECT problem FROM billing.verify_ledger()");
         assert!(problem.starts_with("meter calls, hour"), "{problem}");
     }
+
+    #[pg_test]
+    fn the_usage_log_pages_newest_first_through_ingested_and_settled_calls() {
+        run("SELECT billing.define_meter('calls', 'mills')");
+        grant("a", "mills", 10_000, "");
+        for i in 0..5 {
+            run(&format!(
+                "SELECT * FROM billing.ingest('a', 'calls', 1, key => 'c{i}', cost => {i}, \
+                 properties => '{{\"member\": \"u{}\"}}')",
+                i % 2
+            ));
+        }
+        let h: i64 = one("SELECT hold_id FROM billing.reserve('a', 'mills', 100)");
+        run(&format!(
+            "SELECT * FROM billing.settle({h}, 42, meter => 'calls', quantity => 3)"
+        ));
+        grant("b", "mills", 10, "");
+        run("SELECT * FROM billing.ingest('b', 'calls', 1, key => 'other', cost => 1)");
+        let page = |before: &str| -> String {
+            one(&format!(
+                "SELECT string_agg(concat_ws('/', cost, coalesce(member, '-'), via), ' ' ORDER BY event_id DESC) \
+                 FROM billing.usage_log('a', before_id => {before}, page_size => 4)"
+            ))
+        };
+        assert_eq!(page("NULL"), "42/-/hold 4/u0/ingest 3/u1/ingest 2/u0/ingest");
+        let last: i64 = one(
+            "SELECT min(event_id) FROM (SELECT event_id FROM billing.usage_log('a', page_size => 4)) p",
+        );
+        assert_eq!(page(&last.to_string()), "1/u1/ingest 0/u0/ingest");
+        assert_rejected(
+            "SELECT * FROM billing.usage_log('a', page_size => 0)",
+            "22023",
+        );
+    }
 }

@@ -28,6 +28,7 @@ mod tests {
         "billing.set_price(?'m0', ?'{\"model\": \"per_unit\", \"unit_price\": 2}', effective_at => ~NULL)",
         "billing.disable_meter(?'m0')",
         "billing.enable_meter(?'m0')",
+        "billing.usage_log(?'a', only_meter => ~NULL, before_id => ~NULL, page_size => ?10)",
         "billing.usage(?'a', ?'mills', ?'2027-01-01'::timestamptz, ?'2027-01-02'::timestamptz, granularity => ?'day', group_by => ?'{}', time_zone => ?'UTC')",
         "billing.account(?'a', ~'n', ~'{}')",
         "billing.set_floor(?'a', ?'mills', ?0)",

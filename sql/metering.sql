@@ -93,3 +93,42 @@ BEGIN
     ORDER BY sl.local_start, g.groups::text;
 END
 $$;
+
+-- One account's calls, newest first: what each used and cost, with its
+-- properties (member: the property per-member reports and limits read),
+-- including calls settled through holds; only_meter narrows it to one
+-- meter. Keyset-paged: pass the last
+-- event_id of a page as before_id for the next one.
+CREATE FUNCTION billing.usage_log(
+    account text, only_meter text DEFAULT NULL, before_id bigint DEFAULT NULL, page_size integer DEFAULT 50)
+RETURNS TABLE (event_id bigint, occurred_at timestamptz, recorded_at timestamptz, meter text,
+               quantity numeric, unit text, cost bigint, covered bigint, debt_created bigint,
+               member text, via text, key text, price_version integer, properties jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+BEGIN
+    IF usage_log.account IS NULL OR usage_log.page_size IS NULL THEN
+        RAISE EXCEPTION 'account and page_size must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF usage_log.page_size NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'invalid page_size: % is not between 1 and 1000', usage_log.page_size
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    SELECT e.id, e.occurred_at, e.recorded_at, e.meter, e.quantity, e.unit, e.cost, e.covered,
+           e.debt_created, e.properties ->> 'member',
+           CASE WHEN e.key LIKE 'billing:hold:%' THEN 'hold' ELSE 'ingest' END, e.key,
+           e.price_version, e.properties
+    FROM billing.pools p
+    CROSS JOIN LATERAL (
+        SELECT u.* FROM billing.usage_events u
+        WHERE u.pool_id = p.id AND (usage_log.before_id IS NULL OR u.id < usage_log.before_id)
+          AND (usage_log.only_meter IS NULL OR u.meter = usage_log.only_meter)
+        ORDER BY u.id DESC LIMIT usage_log.page_size) e
+    WHERE p.tenant_id = tenant AND p.account = usage_log.account
+    ORDER BY e.id DESC LIMIT usage_log.page_size;
+END
+$$;

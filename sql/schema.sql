@@ -207,7 +207,10 @@ CREATE TABLE billing.usage_events (
     request_hash    bytea       NOT NULL,
     UNIQUE (tenant_id, key)
 );
-CREATE INDEX usage_events_by_meter ON billing.usage_events (tenant_id, account, meter, occurred_at);
+-- Reports read the hourly counters (billing.usage_counters), so events need
+-- no index by account, meter and time; the per-call usage log pages through
+-- a pool's events newest first by this small one.
+CREATE INDEX usage_events_by_pool ON billing.usage_events (pool_id, id);
 
 -- What a priced meter charged a pool in one period (src/metering): the
 -- period's aggregate quantity so far and the whole units charged. Each event

@@ -138,6 +138,7 @@ GRANT EXECUTE ON FUNCTION
     billing."check"(text, text, bigint),
     billing.balance(text, text, timestamptz),
     billing.usage(text, text, timestamptz, timestamptz, text, text[], text),
+    billing.usage_log(text, text, bigint, integer),
     billing.verify_ledger(),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
