@@ -425,7 +425,10 @@ mod tests {
                  FROM billing.usage_log('a', before_id => {before}, page_size => 4)"
             ))
         };
-        assert_eq!(page("NULL"), "42/-/hold 4/u0/ingest 3/u1/ingest 2/u0/ingest");
+        assert_eq!(
+            page("NULL"),
+            "42/-/hold 4/u0/ingest 3/u1/ingest 2/u0/ingest"
+        );
         let last: i64 = one(
             "SELECT min(event_id) FROM (SELECT event_id FROM billing.usage_log('a', page_size => 4)) p",
         );

@@ -56,6 +56,8 @@ mod tests {
         "billing.set_seats(?'a', ?1)",
         "billing.ack_seat_push(?1, ?1)",
         "billing.count_seats()",
+        "billing.set_allowance(?'a', ?'mills', ?5, every => ?'day', time_zone => ?'UTC', keep_periods => ?1, priority => ?10, starts_at => ~NULL)",
+        "billing.end_allowance(?'a', ?'mills')",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -96,12 +96,16 @@ pub fn travel(account: &str, interval: &str) {
          WHERE account = '{account}'"
     ));
     run(&format!(
-        "UPDATE billing.pools SET cache_from = cache_from - {shift}, cache_until = cache_until - {shift} \
-         WHERE account = '{account}'"
+        "UPDATE billing.pools SET cache_from = cache_from - {shift}, cache_until = cache_until - {shift}, \
+             allowance_next = allowance_next - {shift} WHERE account = '{account}'"
     ));
     run(&format!(
         "UPDATE billing.ledger_entries SET effective_at = effective_at - {shift}, \
              recorded_at = recorded_at - {shift} WHERE account = '{account}'"
+    ));
+    run(&format!(
+        "UPDATE billing.allowances SET starts_at = starts_at - {shift}, ends_at = ends_at - {shift} \
+         WHERE account = '{account}'"
     ));
     run("SET LOCAL session_replication_role = origin");
 }

@@ -138,6 +138,9 @@ CREATE TABLE billing.pools (
     held             bigint      NOT NULL DEFAULT 0,
     active_held      bigint      NOT NULL DEFAULT 0,
     cache_until      timestamptz NOT NULL DEFAULT 'infinity',
+    -- the start of the first allowance window not granted yet (infinity:
+    -- none); on lane 0 (src/allowances.rs)
+    allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
     UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
@@ -294,6 +297,30 @@ CREATE TABLE billing.holds (
 );
 CREATE INDEX holds_open ON billing.holds (pool_id, expires_at) WHERE status = 'open';
 
+-- Recurring allowances (src/allowances.rs): credit that a pool receives
+-- for every window (hour, day, week or month in a time zone, or once), as a
+-- grant created when the pool is first used in the window, and counted by
+-- the gate before that. One rule applies to a pool at a time: a change
+-- ends the running rule at a window boundary and starts the new one there.
+-- A window's credit stays spendable for keep_periods windows (rollover).
+CREATE TABLE billing.allowances (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id    text        NOT NULL,
+    pool_id      bigint      NOT NULL REFERENCES billing.pools (id),
+    account      text        NOT NULL,
+    unit         text        NOT NULL,
+    amount       bigint      NOT NULL CHECK (amount > 0),
+    every        text        NOT NULL CHECK (every IN ('hour', 'day', 'week', 'month', 'never')),
+    time_zone    text        NOT NULL,
+    keep_periods integer     NOT NULL CHECK (keep_periods BETWEEN 1 AND 366),
+    priority     integer     NOT NULL,
+    starts_at    timestamptz NOT NULL,
+    ends_at      timestamptz,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CHECK (ends_at > starts_at)
+);
+CREATE INDEX allowances_by_pool ON billing.allowances (pool_id, starts_at);
+
 -- The append-only ledger. One row per change of a pool; version is the pool's
 -- version after the entry, and the chain balance_before + amount = balance_after
 -- runs over the net booked balance (Σ remaining of grants − debt).
@@ -357,6 +384,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.grants', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_prices', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.allowances', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_uniques', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters', '');
@@ -369,6 +397,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.usage_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.allowances_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by

@@ -46,7 +46,7 @@ DO $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_prices',
-                             'meter_periods', 'meter_uniques', 'usage_counters',
+                             'meter_periods', 'meter_uniques', 'usage_counters', 'allowances',
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
@@ -68,7 +68,7 @@ REVOKE ALL ON billing.tenant_roles FROM PUBLIC;
 
 GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, billing.grants,
                 billing.usage_events, billing.holds, billing.meter_prices, billing.meter_periods,
-                billing.meter_uniques, billing.usage_counters, billing.ledger_entries,
+                billing.meter_uniques, billing.usage_counters, billing.allowances, billing.ledger_entries,
                 billing.webhook_events,
                 billing.webhook_currencies, billing.webhook_objects, billing.webhook_handlers,
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
@@ -163,7 +163,9 @@ GRANT EXECUTE ON FUNCTION
     billing.lock_seats(text),
     billing.set_seats(text, integer),
     billing.ack_seat_push(bigint, integer),
-    billing.count_seats()
+    billing.count_seats(),
+    billing.set_allowance(text, text, bigint, text, text, integer, integer, timestamptz),
+    billing.end_allowance(text, text)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

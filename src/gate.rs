@@ -8,6 +8,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
+use crate::{allowances, time};
 
 type CheckRow = (
     name!(allowed, bool),
@@ -55,13 +56,21 @@ fn check(
 /// A pool that exists answers from its rows alone (inside their cached
 /// windows, no statement runs); one that does not is empty if its unit is known.
 fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow> {
-    let figures = match ledger::figures_now(&pool_rows::read(tenant, account, unit)?)? {
+    let rows = pool_rows::read(tenant, account, unit)?;
+    let mut figures = match ledger::figures_now(&rows)? {
         Some(figures) => figures,
         None => {
             Spi::connect(|client| unit_is_known(client, tenant, unit))?;
             Figures::default()
         }
     };
+    // an allowance window not granted yet is owed all the same
+    let now = time::now();
+    if let Some(pool) = rows.first().filter(|p| p.allowance_next <= now) {
+        figures.balance = figures
+            .balance
+            .saturating_add(allowances::due_credit(pool.id, now)?);
+    }
     let mut row = decide(amount, &figures);
     if !row.0 {
         // refused: a subscription holding back the plan credit of this unit says why

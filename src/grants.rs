@@ -218,33 +218,22 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     };
     req.validate_at(ledger.now)?;
     let effective_at = req.effective_at.unwrap_or(ledger.now);
-    let grant = GrantState::new(id, req.priority, req.amount, effective_at, req.expires_at);
-    let repaid = ledger.add_grant(grant)?;
-    let remaining = ledger.grant_remaining(id).unwrap_or(0);
-    let available = ledger.available();
-    db::write(
+    let added = add_to_locked(
         client,
-        &INSERT_GRANT,
-        &[
-            id.into(),
-            tenant.as_str().into(),
-            ledger.id.into(),
-            req.account.into(),
-            req.unit.into(),
-            req.kind.into(),
-            req.priority.into(),
-            req.amount.into(),
-            remaining.into(),
-            time::to_sql(effective_at).into(),
-            req.expires_at.map(time::to_sql).into(),
-            req.key.into(),
-            hash.into(),
-            JsonB(req.metadata.clone()).into(),
-            repaid.into(),
-            available.into(),
-        ],
+        &mut ledger,
+        id,
+        NewGrant {
+            kind: req.kind,
+            priority: req.priority,
+            amount: req.amount,
+            effective_at,
+            expires_at: req.expires_at,
+            key: req.key,
+            hash,
+            metadata: req.metadata.clone(),
+        },
     )?;
-    ledger.grant_row_written(id);
+    let (repaid, remaining, available) = (added.repaid, added.remaining, added.available);
     ledger.flush(client)?;
     Ok((
         id,
@@ -259,6 +248,82 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
         available,
     ))
 }
+
+/// A grant to add to a pool this call holds locked.
+pub struct NewGrant<'a> {
+    pub kind: &'a str,
+    pub priority: i32,
+    pub amount: i64,
+    pub effective_at: Ts,
+    pub expires_at: Option<Ts>,
+    pub key: Option<&'a str>,
+    pub hash: Vec<u8>,
+    pub metadata: serde_json::Value,
+}
+
+/// What adding a grant did.
+pub struct Added {
+    pub repaid: i64,
+    pub remaining: i64,
+    pub available: i64,
+}
+
+/// Add grant `id` to a locked pool: the core repays debt from it first, and
+/// its row is written once with what it became (the ledger's entries and
+/// the pool are written by the ledger's flush).
+pub fn add_to_locked(
+    client: &mut SpiClient<'_>,
+    ledger: &mut PoolLedger,
+    id: i64,
+    g: NewGrant<'_>,
+) -> Result<Added> {
+    let state = GrantState::new(id, g.priority, g.amount, g.effective_at, g.expires_at);
+    let repaid = ledger.add_grant(state)?;
+    let remaining = ledger.grant_remaining(id).unwrap_or(0);
+    let available = ledger.available();
+    db::write(
+        client,
+        &INSERT_GRANT,
+        &[
+            id.into(),
+            ledger.tenant.as_str().into(),
+            ledger.id.into(),
+            ledger.account.as_str().into(),
+            ledger.unit.as_str().into(),
+            g.kind.into(),
+            g.priority.into(),
+            g.amount.into(),
+            remaining.into(),
+            time::to_sql(g.effective_at).into(),
+            g.expires_at.map(time::to_sql).into(),
+            g.key.into(),
+            g.hash.into(),
+            JsonB(g.metadata).into(),
+            repaid.into(),
+            available.into(),
+        ],
+    )?;
+    ledger.grant_row_written(id);
+    Ok(Added {
+        repaid,
+        remaining,
+        available,
+    })
+}
+
+/// A fresh grant id.
+pub fn next_grant_id(client: &mut SpiClient<'_>) -> Result<i64> {
+    db::write(client, &NEXT_GRANT_ID, &[])?
+        .next()
+        .map(|r| Row(&r).get::<i64>("id"))
+        .transpose()?
+        .ok_or_else(|| BillingError::Internal("no grant id".into()))
+}
+
+static NEXT_GRANT_ID: Sql = Sql {
+    text: "SELECT nextval('billing.grants_id_seq') AS id",
+    args: &[],
+};
 
 /// What FIND_GRANT_BY_KEY found.
 enum Stored {

@@ -10,6 +10,7 @@
 use pgrx::prelude::*;
 
 mod accounts;
+mod allowances;
 mod db;
 mod direct;
 mod error;
@@ -64,6 +65,11 @@ extension_sql_file!(
         tenancy::current_tenant_sql,
         reporting::grant_state
     ]
+);
+extension_sql_file!(
+    "../sql/allowances.sql",
+    name = "allowances",
+    requires = ["schema"]
 );
 extension_sql_file!(
     "../sql/metering.sql",

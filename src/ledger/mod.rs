@@ -70,6 +70,8 @@ pub struct PoolLedger {
     /// row is cached no longer than that, so no debit takes it afterwards
     /// until the pool deals again. `Ts::MAX` on a pool's own row.
     next_in_order_until: Ts,
+    /// The start of the first allowance window not granted yet (lane 0).
+    pub allowance_next: Ts,
 }
 
 impl Deref for PoolLedger {
@@ -89,7 +91,7 @@ impl DerefMut for PoolLedger {
 macro_rules! locked_pool_columns {
     () => {
         "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
-         p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, \
+         p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, \
          s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
     };
 }
@@ -251,6 +253,7 @@ struct Locked {
     cached: Option<CachedFigures>,
     /// Its grants with credit, when read with the locked version.
     grants: Option<PoolGrants>,
+    allowance_next: Ts,
 }
 
 /// The columns of a pool row that say where it stands, as stored.
@@ -267,6 +270,8 @@ pub struct PoolRow {
     pub active_held: i64,
     pub cache_from: Ts,
     pub cache_until: Ts,
+    /// The start of the first allowance window not granted yet.
+    pub allowance_next: Ts,
 }
 
 impl PoolRow {
@@ -285,6 +290,7 @@ impl PoolRow {
             active_held: row.get("active_held")?,
             cache_from: instant(row.get("cache_from")?),
             cache_until: instant(row.get("cache_until")?),
+            allowance_next: instant(row.get("allowance_next")?),
         })
     }
 }
@@ -316,6 +322,7 @@ impl Locked {
             until: r.cache_until,
             cached,
             grants: None,
+            allowance_next: r.allowance_next,
         }
     }
 
@@ -496,7 +503,7 @@ impl PoolLedger {
             .map(|(_, l)| l.id)
             .collect();
         let mut holds = load_open_holds(client, &stale)?;
-        Ok(locked
+        let mut ledgers: Vec<PoolLedger> = locked
             .into_iter()
             .map(|((account, unit, _), mut l)| {
                 let holds = match l.cached.take() {
@@ -509,7 +516,11 @@ impl PoolLedger {
                 let grants = l.grants.take().unwrap_or_default();
                 PoolLedger::from_locked(tenant, account, unit, l, now, grants, holds)
             })
-            .collect())
+            .collect();
+        for ledger in ledgers.iter_mut().filter(|l| l.allowance_next <= now) {
+            crate::allowances::grant_due(client, ledger)?;
+        }
+        Ok(ledgers)
     }
 
     fn from_locked(
@@ -532,6 +543,11 @@ impl PoolLedger {
             shares: Vec::new(),
             parents: grants.parents,
             others: None,
+            allowance_next: if l.lane == 0 {
+                l.allowance_next
+            } else {
+                Ts::MAX
+            },
         }
     }
 

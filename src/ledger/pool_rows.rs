@@ -31,5 +31,6 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         // a timestamptz is its microseconds; the infinities are i64's extremes, as `Ts`'s
         cache_from: t.get::<i64>(c"cache_from")?,
         cache_until: t.get::<i64>(c"cache_until")?,
+        allowance_next: t.get::<i64>(c"allowance_next")?,
     })
 }

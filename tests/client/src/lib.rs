@@ -141,6 +141,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "meter_periods",
     "meter_uniques",
     "usage_counters",
+    "allowances",
     "webhook_currencies",
     "plans",
     "plan_keys",

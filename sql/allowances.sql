@@ -1,0 +1,80 @@
+-- Allowance windows: the one place that cuts time into an allowance's
+-- windows (src/allowances.rs reads them). A periodic window runs from one
+-- local boundary (midnight, the hour, Monday, the 1st, in the rule's time
+-- zone, so a day across a DST change lasts 23 or 25 hours) to the next; the
+-- first runs from the rule's start to the next boundary. Each instant lies
+-- in exactly one window: a window contains its start and not its end. A
+-- window's credit expires keep_periods windows after its start; a 'never'
+-- window starts with the rule and lasts until the rule ends.
+
+-- The windows of allowance `a` that start in [since, at] and whose credit
+-- is still spendable at `at`, oldest first.
+CREATE FUNCTION billing.allowance_windows(a billing.allowances, since timestamptz, at timestamptz)
+RETURNS TABLE (starts_at timestamptz, expires_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT a.starts_at, a.ends_at
+    WHERE a.every = 'never' AND a.starts_at >= since AND a.starts_at <= at
+      AND (a.ends_at IS NULL OR a.ends_at > at)
+    UNION ALL
+    SELECT w.starts_at, w.expires_at
+    FROM (SELECT ('1 ' || a.every)::interval AS step,
+                 date_trunc(a.every, a.starts_at AT TIME ZONE a.time_zone) AS base,
+                 date_trunc(a.every, at AT TIME ZONE a.time_zone) AS here
+          WHERE a.every <> 'never') s
+    CROSS JOIN LATERAL generate_series(greatest(s.base, s.here - a.keep_periods * s.step), s.here, s.step) l
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN l = s.base THEN a.starts_at ELSE l AT TIME ZONE a.time_zone END AS starts_at,
+               (l + a.keep_periods * s.step) AT TIME ZONE a.time_zone AS expires_at) w
+    WHERE w.starts_at >= since AND w.starts_at <= at AND w.expires_at > at
+      AND (a.ends_at IS NULL OR w.starts_at < a.ends_at)
+    ORDER BY 1
+$$;
+
+-- What pool `pool` is owed at `at` and has not received: the windows of its
+-- rules from its allowance_next on.
+CREATE FUNCTION billing.allowance_due(pool bigint, at timestamptz)
+RETURNS TABLE (allowance_id bigint, starts_at timestamptz, expires_at timestamptz, amount bigint,
+               priority integer)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT a.id, w.starts_at, w.expires_at, a.amount, a.priority
+    FROM billing.pools p
+    JOIN billing.allowances a ON a.pool_id = p.id
+    CROSS JOIN LATERAL billing.allowance_windows(a, p.allowance_next, at) w
+    WHERE p.id = pool AND p.allowance_next <= at AND a.starts_at <= at
+      AND (a.ends_at IS NULL OR a.ends_at > p.allowance_next)
+    ORDER BY w.starts_at, a.id
+$$;
+
+-- The start of the first window of pool `pool`'s rules after `at`;
+-- infinity when none will start.
+CREATE FUNCTION billing.allowance_next_start(pool bigint, at timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT coalesce(min(n.starts_at), 'infinity')
+    FROM billing.allowances a
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN a.starts_at > at THEN a.starts_at
+                    WHEN a.every = 'never' THEN NULL
+                    ELSE (date_trunc(a.every, at AT TIME ZONE a.time_zone) + ('1 ' || a.every)::interval)
+                         AT TIME ZONE a.time_zone END AS starts_at) n
+    WHERE a.pool_id = pool AND (a.ends_at IS NULL OR n.starts_at < a.ends_at)
+$$;
+
+-- The first window boundary after `at` of a rule of this shape: where a
+-- changed rule takes over, so the window running at `at` keeps its credit
+-- ('never': at once).
+CREATE FUNCTION billing.allowance_boundary(every text, time_zone text, at timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE WHEN every = 'never' THEN at
+                ELSE (date_trunc(every, at AT TIME ZONE time_zone) + ('1 ' || every)::interval)
+                     AT TIME ZONE time_zone END
+$$;

@@ -1,0 +1,376 @@
+//! Recurring allowances: free tiers and included quantities that reset on a
+//! window (hour, day, week, month in a time zone, or once for a lifetime)
+//! with no job running. Each window's credit is a grant of kind `plan`,
+//! created when the pool is first locked in the window (`grant_due`, under
+//! the pool's lock, keyed `billing:allowance:<rule>:<window start>` so it is
+//! created once) and counted by the gate before that (`due_credit`, no
+//! write): `check` and a debit see the same credit at every instant. The
+//! windows themselves are cut in one place, `billing.allowance_windows`
+//! (sql/allowances.sql).
+
+use pgrx::datum::TimestampWithTimeZone as Tstz;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use serde_json::json;
+
+use crate::db::{self, Row, Sql, INT4, INT8, TEXT, TSTZ};
+use crate::error::{BillingError, OrRaise, Result};
+use crate::grants::{self, NewGrant};
+use crate::idempotency::Fingerprint;
+use crate::input;
+use crate::ledger::{Create, PoolLedger};
+use crate::tenancy::current_tenant;
+use crate::time::{self, Ts};
+
+static DUE: Sql = Sql {
+    text: "SELECT allowance_id, starts_at, expires_at, amount, priority \
+           FROM billing.allowance_due($1, $2)",
+    args: &[INT8, TSTZ],
+};
+
+static DUE_CREDIT: Sql = Sql {
+    text: "SELECT coalesce(sum(amount), 0)::bigint AS due FROM billing.allowance_due($1, $2)",
+    args: &[INT8, TSTZ],
+};
+
+static ADVANCE: Sql = Sql {
+    text: "UPDATE billing.pools SET allowance_next = billing.allowance_next_start(id, $2) \
+           WHERE id = $1 RETURNING allowance_next",
+    args: &[INT8, TSTZ],
+};
+
+/// One window's credit, owed to a pool.
+struct Window {
+    allowance: i64,
+    starts_at: Ts,
+    expires_at: Option<Ts>,
+    amount: i64,
+    priority: i32,
+}
+
+/// Grant a locked pool every allowance window it is owed now, and move its
+/// next window on.
+pub fn grant_due(client: &mut SpiClient<'_>, ledger: &mut PoolLedger) -> Result<()> {
+    let at = time::to_sql(ledger.now);
+    let windows = db::write(client, &DUE, &[ledger.id.into(), at.into()])?
+        .map(|r| {
+            let r = Row(&r);
+            Ok(Window {
+                allowance: r.get("allowance_id")?,
+                starts_at: r.get::<Tstz>("starts_at")?.into(),
+                expires_at: r.opt::<Tstz>("expires_at")?.map(time::instant),
+                amount: r.get("amount")?,
+                priority: r.get("priority")?,
+            })
+        })
+        .collect::<Result<Vec<Window>>>()?;
+    for w in windows {
+        let id = grants::next_grant_id(client)?;
+        let key = format!("billing:allowance:{}:{}", w.allowance, w.starts_at);
+        grants::add_to_locked(
+            client,
+            ledger,
+            id,
+            NewGrant {
+                kind: "plan",
+                priority: w.priority,
+                amount: w.amount,
+                effective_at: w.starts_at,
+                expires_at: w.expires_at,
+                key: Some(&key),
+                hash: Fingerprint::new("allowance")
+                    .int(w.allowance)
+                    .int(w.starts_at)
+                    .finish(),
+                metadata: json!({"allowance": w.allowance}),
+            },
+        )?;
+    }
+    let next = db::write(client, &ADVANCE, &[ledger.id.into(), at.into()])?
+        .next()
+        .map(|r| Row(&r).get::<Tstz>("allowance_next"))
+        .transpose()?
+        .ok_or_else(|| BillingError::Internal("pool vanished".into()))?;
+    ledger.allowance_next = time::instant(next);
+    Ok(())
+}
+
+/// The allowance credit a pool is owed at `now` and has not received yet:
+/// what the gate adds to what the pool's rows say.
+pub fn due_credit(pool_id: i64, now: Ts) -> Result<i64> {
+    Spi::connect(|client| {
+        let rows = db::read(
+            client,
+            &DUE_CREDIT,
+            &[pool_id.into(), time::to_sql(now).into()],
+        )?;
+        rows.into_iter()
+            .next()
+            .map(|r| Row(&r).get::<i64>("due"))
+            .transpose()
+            .map(|d| d.unwrap_or(0))
+    })
+}
+
+const EVERY: [&str; 5] = ["hour", "day", "week", "month", "never"];
+
+/// The rule running on a pool now, or the next one to run.
+static CURRENT_RULE: Sql = Sql {
+    text: "SELECT id, amount, every, time_zone, keep_periods, priority, starts_at, \
+                  starts_at > now() AS pending, \
+                  billing.allowance_boundary(every, time_zone, greatest(now(), starts_at)) AS boundary \
+           FROM billing.allowances WHERE pool_id = $1 AND (ends_at IS NULL OR ends_at > now()) \
+           ORDER BY starts_at DESC LIMIT 1",
+    args: &[INT8],
+};
+
+static END_RULE: Sql = Sql {
+    text: "UPDATE billing.allowances SET ends_at = $2 WHERE id = $1",
+    args: &[INT8, TSTZ],
+};
+
+static DROP_PENDING_RULE: Sql = Sql {
+    text: "DELETE FROM billing.allowances WHERE id = $1",
+    args: &[INT8],
+};
+
+static ADD_RULE: Sql = Sql {
+    text: "INSERT INTO billing.allowances (tenant_id, pool_id, account, unit, amount, every, time_zone, \
+                  keep_periods, priority, starts_at) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+    args: &[TEXT, INT8, TEXT, TEXT, INT8, TEXT, TEXT, INT4, INT4, TSTZ],
+};
+
+/// A new rule's first window may be owed at once.
+static RESTART: Sql = Sql {
+    text: "UPDATE billing.pools SET allowance_next = least(allowance_next, $2) WHERE id = $1",
+    args: &[INT8, TSTZ],
+};
+
+static CHECK_TIME_ZONE: Sql = Sql {
+    text: "SELECT now() AT TIME ZONE $1 AS local",
+    args: &[TEXT],
+};
+
+/// An allowance rule as asked for.
+#[derive(PartialEq)]
+struct Shape {
+    amount: i64,
+    every: String,
+    time_zone: String,
+    keep_periods: i32,
+    priority: i32,
+}
+
+impl Shape {
+    fn validate(&self) -> Result<()> {
+        input::positive("amount", self.amount)?;
+        if !EVERY.contains(&self.every.as_str()) {
+            return Err(BillingError::invalid(
+                "every",
+                format!(
+                    "\"{}\" is not one of {}",
+                    input::clip(&self.every),
+                    EVERY.join(", ")
+                ),
+            ));
+        }
+        if !(1..=366).contains(&self.keep_periods) {
+            return Err(BillingError::invalid(
+                "keep_periods",
+                "must be between 1 and 366",
+            ));
+        }
+        if !(0..=1000).contains(&self.priority) {
+            return Err(BillingError::invalid(
+                "priority",
+                "must be between 0 and 1000",
+            ));
+        }
+        Ok(())
+    }
+
+    fn stored(r: &Row) -> Result<Shape> {
+        Ok(Shape {
+            amount: r.get("amount")?,
+            every: r.get("every")?,
+            time_zone: r.get("time_zone")?,
+            keep_periods: r.get("keep_periods")?,
+            priority: r.get("priority")?,
+        })
+    }
+}
+
+/// The rule running now: its id, shape, whether it has not started yet,
+/// and the boundary at which a change takes over from it.
+fn current_rule(
+    client: &mut SpiClient<'_>,
+    pool_id: i64,
+) -> Result<Option<(i64, Shape, bool, Ts)>> {
+    db::write(client, &CURRENT_RULE, &[pool_id.into()])?
+        .next()
+        .map(|r| {
+            let r = Row(&r);
+            Ok((
+                r.get("id")?,
+                Shape::stored(&r)?,
+                r.get("pending")?,
+                r.get::<Tstz>("boundary")?.into(),
+            ))
+        })
+        .transpose()
+}
+
+/// End the running rule where the next one takes over (at once if it has
+/// not started); returns that instant.
+fn end_running(client: &mut SpiClient<'_>, id: i64, pending: bool, boundary: Ts) -> Result<Ts> {
+    if pending {
+        db::write(client, &DROP_PENDING_RULE, &[id.into()])?;
+        return Ok(time::now());
+    }
+    db::write(
+        client,
+        &END_RULE,
+        &[id.into(), time::to_sql(boundary).into()],
+    )?;
+    Ok(boundary)
+}
+
+type AllowanceRow = (
+    name!(allowance_id, Option<i64>),
+    name!(starts_at, Option<Tstz>),
+    name!(status, String),
+);
+
+/// Give a pool an allowance: `amount` every hour, day, week or month
+/// (windows start at local boundaries in `time_zone`) or once (`never`),
+/// each window's credit spendable for `keep_periods` windows. A pool has
+/// one rule at a time: a different one takes over at the running rule's next
+/// window boundary (the running window keeps its credit); the same one is
+/// `unchanged`.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn set_allowance(
+    account: Option<&str>,
+    unit: Option<&str>,
+    amount: Option<i64>,
+    every: default!(Option<&str>, "'month'"),
+    time_zone: default!(Option<&str>, "'UTC'"),
+    keep_periods: default!(Option<i32>, "1"),
+    priority: default!(Option<i32>, "10"),
+    starts_at: default!(Option<Tstz>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(allowance_id, Option<i64>),
+        name!(starts_at, Option<Tstz>),
+        name!(status, String),
+    ),
+> {
+    let result = (|| -> Result<AllowanceRow> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
+        input::account(account)?;
+        input::name("unit", unit)?;
+        let shape = Shape {
+            amount: input::required("amount", amount)?,
+            every: input::required("every", every)?.to_string(),
+            time_zone: input::required("time_zone", time_zone)?.to_string(),
+            keep_periods: input::required("keep_periods", keep_periods)?,
+            priority: input::required("priority", priority)?,
+        };
+        shape.validate()?;
+        let starts_at = time::opt_from_sql("starts_at", starts_at)?;
+        if starts_at.is_some_and(|s| s < time::now()) {
+            return Err(BillingError::invalid(
+                "starts_at",
+                "must not be in the past: an allowance never grants earlier windows",
+            ));
+        }
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            db::write(client, &CHECK_TIME_ZONE, &[shape.time_zone.as_str().into()])?;
+            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::UnitAndPool)?;
+            let from = match current_rule(client, ledger.id)? {
+                Some((id, running, false, _)) if running == shape && starts_at.is_none() => {
+                    return Ok((Some(id), None, "unchanged".to_string()))
+                }
+                Some((id, _, pending, boundary)) => end_running(client, id, pending, boundary)?,
+                None => ledger.now,
+            };
+            let begins = starts_at.map_or(from, |s| s.max(from));
+            let id: i64 = db::write(
+                client,
+                &ADD_RULE,
+                &[
+                    tenant.as_str().into(),
+                    ledger.id.into(),
+                    account.into(),
+                    unit.into(),
+                    shape.amount.into(),
+                    shape.every.as_str().into(),
+                    shape.time_zone.as_str().into(),
+                    shape.keep_periods.into(),
+                    shape.priority.into(),
+                    time::to_sql(begins).into(),
+                ],
+            )?
+            .next()
+            .map(|r| Row(&r).get::<i64>("id"))
+            .transpose()?
+            .ok_or_else(|| BillingError::Internal("allowance not written".into()))?;
+            db::write(
+                client,
+                &RESTART,
+                &[ledger.id.into(), time::to_sql(begins).into()],
+            )?;
+            ledger.allowance_next = ledger.allowance_next.min(begins);
+            if begins <= ledger.now {
+                grant_due(client, &mut ledger)?;
+            }
+            ledger.flush(client)?;
+            Ok((Some(id), Some(time::to_sql(begins)), "set".to_string()))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+/// End a pool's allowance at its next window boundary (the running window
+/// keeps its credit; a rule that has not started is dropped).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn end_allowance(
+    account: Option<&str>,
+    unit: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(allowance_id, Option<i64>),
+        name!(ends_at, Option<Tstz>),
+        name!(status, String),
+    ),
+> {
+    let result = (|| -> Result<AllowanceRow> {
+        let account = input::required("account", account)?;
+        let unit = input::required("unit", unit)?;
+        input::account(account)?;
+        input::name("unit", unit)?;
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            let Some((id, _, pending, boundary)) = current_rule(client, ledger.id)? else {
+                return Ok((None, None, "none".to_string()));
+            };
+            let ends = end_running(client, id, pending, boundary)?;
+            db::write(
+                client,
+                &ADVANCE,
+                &[ledger.id.into(), time::to_sql(ledger.now).into()],
+            )?;
+            ledger.flush(client)?;
+            Ok((Some(id), Some(time::to_sql(ends)), "ended".to_string()))
+        })
+    })();
+    TableIterator::once(result.or_raise())
+}
