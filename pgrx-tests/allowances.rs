@@ -184,4 +184,61 @@ mod tests {
         }
         assert_eq!(footprint(), before);
     }
+
+    #[pg_test]
+    fn a_guest_converted_on_sign_up_never_gets_the_free_allowance_twice() {
+        run("SELECT billing.set_allowance('guest:d1', 'requests', 5, every => 'never')");
+        assert_eq!(spend("guest:d1", 3, "g1"), None);
+        let moved: String =
+            one("SELECT string_agg(unit || ':' || moved || ':' || status, ',') FROM billing.convert_guest('guest:d1', 'user_7')");
+        assert_eq!(moved, "requests:2:converted");
+        assert_eq!(available("guest:d1", "requests"), 0);
+        assert_eq!(
+            available("user_7", "requests"),
+            2,
+            "what the guest had left"
+        );
+        // the sign-up code gives every new user the same lifetime allowance: it is the guest's
+        let again: String = one(
+            "SELECT status FROM billing.set_allowance('user_7', 'requests', 5, every => 'never')",
+        );
+        assert_eq!(again, "unchanged");
+        assert_eq!(available("user_7", "requests"), 2);
+        assert_eq!(spend("user_7", 2, "u1"), None);
+        assert_eq!(spend("user_7", 1, "u2").as_deref(), Some("23514"));
+        let replay: String = one("SELECT status FROM billing.convert_guest('guest:d1', 'user_7')");
+        assert_eq!(replay, "duplicate");
+        assert_rejected(
+            "SELECT * FROM billing.convert_guest('guest:d1', 'user_8')",
+            "55000",
+        );
+        assert_rejected(
+            "SELECT * FROM billing.convert_guest('user_7', 'user_7')",
+            "22023",
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_converted_guests_daily_allowance_carries_on_for_the_account() {
+        run("SELECT billing.set_allowance('guest:d2', 'requests', 20, every => 'day')");
+        travel("guest:d2", "1 day");
+        // the guest's window of today is owed, not granted: conversion grants and moves it
+        assert_eq!(spend("guest:d2", 0, "g0"), None);
+        assert_eq!(spend("guest:d2", 5, "g1"), None);
+        let moved: i64 = one("SELECT moved FROM billing.convert_guest('guest:d2', 'user_9')");
+        assert_eq!(moved, 15);
+        assert_eq!(
+            available("user_9", "requests"),
+            15,
+            "today's window is not granted again"
+        );
+        travel("user_9", "1 day");
+        assert_eq!(
+            available("user_9", "requests"),
+            20,
+            "the next day is the account's"
+        );
+        assert_ledger_consistent();
+    }
 }

@@ -11,6 +11,7 @@ mod holds;
 mod idempotency;
 mod input;
 mod lanes;
+mod limits;
 mod metering;
 mod nulls;
 mod reversals;

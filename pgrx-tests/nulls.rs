@@ -16,7 +16,10 @@ mod tests {
         "billing.suspend_grant(?$grant)",
         "billing.resume_grant(?$grant)",
         "billing.reverse_grant(?$grant, ?1)",
-        "billing.check(?'a', ?'mills', ?1)",
+        "billing.check(?'a', ?'mills', ?1, member => ~NULL)",
+        "billing.limits_status(?'a', ?'mills', member => ~NULL)",
+        "billing.set_limit(?'a', ?'mills', ?'daily', ?100, every => ?'day', time_zone => ?'UTC', per_member => ?false)",
+        "billing.remove_limit(?'a', ?'mills', ?'daily')",
         "billing.ingest(?'a', ?'mills', ?1, key => 'i1', occurred_at => ~NULL, properties => ?'{}', cost => ~NULL, strict => ?false)",
         "billing.ingest_batch(?'[]')",
         "billing.reserve(?'a', ?'mills', ?1, key => ~'r1', ttl => ?'1 minute', metadata => ?'{}')",
@@ -58,6 +61,7 @@ mod tests {
         "billing.count_seats()",
         "billing.set_allowance(?'a', ?'mills', ?5, every => ?'day', time_zone => ?'UTC', keep_periods => ?1, priority => ?10, starts_at => ~NULL)",
         "billing.end_allowance(?'a', ?'mills')",
+        "billing.convert_guest(?'guest:n', ?'a')",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

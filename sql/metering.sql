@@ -68,8 +68,9 @@ BEGIN
                coalesce((SELECT jsonb_object_agg(g, c.groups::jsonb -> g) FROM unnest(usage.group_by) g),
                         '{}'::jsonb) AS groups,
                c.events, c.quantity, c.last_at, c.cost
-        FROM billing.usage_counters c
-        WHERE c.tenant_id = tenant AND c.account = usage.account AND c.meter = usage.meter
+        FROM billing.pools p
+        JOIN billing.usage_counters c ON c.pool_id = p.id
+        WHERE p.tenant_id = tenant AND p.account = usage.account AND c.meter = usage.meter
           AND c.hour >= date_trunc('hour', usage."from") AND c.hour < usage."to"
     ), summed AS (
         SELECT c.local_start, c.groups, sum(c.events)::bigint AS events, sum(c.cost)::bigint AS cost,

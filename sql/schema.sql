@@ -141,6 +141,8 @@ CREATE TABLE billing.pools (
     -- the start of the first allowance window not granted yet (infinity:
     -- none); on lane 0 (src/allowances.rs)
     allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
+    -- on lane 0: whether limits cap its usage (src/limits.rs)
+    limited          boolean     NOT NULL DEFAULT false,
     UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
@@ -256,6 +258,8 @@ CREATE TABLE billing.meter_uniques (
 -- aggregates as the meter says (unique_count: values first seen in the
 -- period during that hour, so hours add up to the period). revised_at: the
 -- last time an event arrived after the hour had ended (a late event).
+-- Reports find an account's counters through its pools, by this key: a
+-- second index would cost every account's first event of each hour.
 CREATE TABLE billing.usage_counters (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant_id   text        NOT NULL,
@@ -271,7 +275,6 @@ CREATE TABLE billing.usage_counters (
     revised_at  timestamptz,
     CONSTRAINT usage_counters_key UNIQUE (pool_id, meter, hour, groups)
 ) WITH (fillfactor = 70);
-CREATE INDEX usage_counters_by_account ON billing.usage_counters (tenant_id, account, meter, hour);
 
 CREATE TABLE billing.holds (
     id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -320,6 +323,47 @@ CREATE TABLE billing.allowances (
     CHECK (ends_at > starts_at)
 );
 CREATE INDEX allowances_by_pool ON billing.allowances (pool_id, starts_at);
+
+-- Guests converted to accounts (src/allowances.rs): each guest once, to
+-- one account.
+CREATE TABLE billing.guest_conversions (
+    tenant_id    text        NOT NULL,
+    guest        text        NOT NULL,
+    account      text        NOT NULL,
+    converted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, guest)
+);
+
+-- Limits (src/limits.rs): at most `max` of the pool's unit used per window
+-- (hour, day, week, month in a time zone, or ever), for the account or for
+-- each member (the event's "member" property), beside its credit. A strict
+-- debit or a reservation that would pass a limit is refused as one that
+-- would cross the floor.
+CREATE TABLE billing.limits (
+    id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id  text        NOT NULL,
+    pool_id    bigint      NOT NULL REFERENCES billing.pools (id),
+    account    text        NOT NULL,
+    unit       text        NOT NULL,
+    name       text        NOT NULL,
+    max        bigint      NOT NULL CHECK (max >= 0),
+    every      text        NOT NULL CHECK (every IN ('hour', 'day', 'week', 'month', 'never')),
+    time_zone  text        NOT NULL,
+    per_member boolean     NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT limits_key UNIQUE (pool_id, name)
+);
+
+-- What each limit's window has used, per member ('' for the account's own
+-- limits). Written under the pool's lock.
+CREATE TABLE billing.limit_usage (
+    tenant_id    text        NOT NULL,
+    limit_id     bigint      NOT NULL,
+    window_start timestamptz NOT NULL,
+    member       text        NOT NULL,
+    used         bigint      NOT NULL,
+    PRIMARY KEY (limit_id, window_start, member)
+);
 
 -- The append-only ledger. One row per change of a pool; version is the pool's
 -- version after the entry, and the chain balance_before + amount = balance_after
@@ -385,6 +429,9 @@ SELECT pg_catalog.pg_extension_config_dump('billing.usage_events', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_prices', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.allowances', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.limits', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.guest_conversions', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.limit_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_uniques', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters', '');
@@ -398,6 +445,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.holds_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.allowances_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.limits_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by

@@ -47,6 +47,7 @@ DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_prices',
                              'meter_periods', 'meter_uniques', 'usage_counters', 'allowances',
+                             'limits', 'limit_usage', 'guest_conversions',
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
@@ -68,7 +69,8 @@ REVOKE ALL ON billing.tenant_roles FROM PUBLIC;
 
 GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, billing.grants,
                 billing.usage_events, billing.holds, billing.meter_prices, billing.meter_periods,
-                billing.meter_uniques, billing.usage_counters, billing.allowances, billing.ledger_entries,
+                billing.meter_uniques, billing.usage_counters, billing.allowances,
+                billing.limits, billing.limit_usage, billing.guest_conversions, billing.ledger_entries,
                 billing.webhook_events,
                 billing.webhook_currencies, billing.webhook_objects, billing.webhook_handlers,
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
@@ -135,7 +137,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION billing.current_tenant(), billing.currency_exponent(text),
     billing.grant_state(text, bigint, timestamptz, timestamptz, timestamptz) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    billing."check"(text, text, bigint),
+    billing."check"(text, text, bigint, text),
+    billing.limits_status(text, text, text),
     billing.balance(text, text, timestamptz),
     billing.usage(text, text, timestamptz, timestamptz, text, text[], text),
     billing.usage_log(text, text, bigint, integer),
@@ -165,7 +168,10 @@ GRANT EXECUTE ON FUNCTION
     billing.ack_seat_push(bigint, integer),
     billing.count_seats(),
     billing.set_allowance(text, text, bigint, text, text, integer, integer, timestamptz),
-    billing.end_allowance(text, text)
+    billing.end_allowance(text, text),
+    billing.set_limit(text, text, text, bigint, text, text, boolean),
+    billing.remove_limit(text, text, text),
+    billing.convert_guest(text, text)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

@@ -98,7 +98,7 @@ const MAX_LANES: i32 = 64;
 fn set_floor(account: Option<&str>, unit: Option<&str>, floor: Option<i64>) -> i64 {
     (|| -> Result<i64> {
         let floor = input::required("floor", floor)?;
-        set_pool(account, unit, &SET_FLOOR, floor.into())?;
+        set_pool(account, unit, &SET_FLOOR, floor.into(), |_| Ok(()))?;
         Ok(floor)
     })()
     .or_raise()
@@ -119,20 +119,30 @@ fn set_lanes(account: Option<&str>, unit: Option<&str>, lanes: Option<i32>) -> i
                 format!("{lanes} is not between 0 and {MAX_LANES}"),
             ));
         }
-        set_pool(account, unit, &SET_LANES, lanes.into())?;
+        set_pool(account, unit, &SET_LANES, lanes.into(), |ledger| {
+            if ledger.limited && lanes > 0 {
+                return Err(BillingError::WrongState(format!(
+                    "the {} pool of account \"{}\" has limits: they need every debit to see the whole pool, so it cannot be split",
+                    ledger.unit, ledger.account
+                )));
+            }
+            Ok(())
+        })?;
         Ok(lanes)
     })()
     .or_raise()
 }
 
-/// Change a setting of a pool (`update` takes its id and the value). A split
-/// pool's lanes give their credit back first: it was dealt under the old
-/// settings (above the old floor, across the old lanes).
+/// Change a setting of a pool (`update` takes its id and the value), if
+/// `allowed` says the locked pool may take it. A split pool's lanes give
+/// their credit back first: it was dealt under the old settings (above the
+/// old floor, across the old lanes).
 fn set_pool(
     account: Option<&str>,
     unit: Option<&str>,
     update: &'static Sql,
     value: DatumWithOid<'static>,
+    allowed: impl Fn(&PoolLedger) -> Result<()>,
 ) -> Result<()> {
     let account = input::required("account", account)?;
     let unit = input::required("unit", unit)?;
@@ -141,6 +151,7 @@ fn set_pool(
     let tenant = current_tenant()?;
     Spi::connect_mut(|client| {
         let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+        allowed(&ledger)?;
         ledger.flush(client)?;
         db::write(client, update, &[ledger.id.into(), value])?;
         Ok(())

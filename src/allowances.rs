@@ -6,7 +6,7 @@
 //! created once) and counted by the gate before that (`due_credit`, no
 //! write): `check` and a debit see the same credit at every instant. The
 //! windows themselves are cut in one place, `billing.allowance_windows`
-//! (sql/allowances.sql).
+//! (sql/windows.sql).
 
 use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::prelude::*;
@@ -373,4 +373,183 @@ fn end_allowance(
         })
     })();
     TableIterator::once(result.or_raise())
+}
+
+static CLAIM_GUEST: Sql = Sql {
+    text: "WITH claimed AS (INSERT INTO billing.guest_conversions (tenant_id, guest, account) \
+                            VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING account) \
+           SELECT account, true AS claimed FROM claimed \
+           UNION ALL SELECT account, false FROM billing.guest_conversions \
+           WHERE tenant_id = $1 AND guest = $2 AND NOT EXISTS (SELECT 1 FROM claimed)",
+    args: &[TEXT, TEXT, TEXT],
+};
+
+/// The units in which a guest has allowances, rules or granted windows.
+static GUEST_UNITS: Sql = Sql {
+    text: "SELECT p.unit FROM billing.pools p WHERE p.tenant_id = $1 AND p.account = $2 AND p.lane = 0 \
+             AND EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = p.id) \
+           ORDER BY p.unit",
+    args: &[TEXT, TEXT],
+};
+
+/// The guest's allowance credit that is still spendable: what moves.
+static GUEST_CREDIT: Sql = Sql {
+    text: "SELECT g.id, g.priority, g.expires_at \
+           FROM billing.grants g \
+           WHERE g.pool_id = $1 AND g.parent_id IS NULL AND g.status = 'active' \
+             AND g.key LIKE 'billing:allowance:%' AND (g.expires_at IS NULL OR g.expires_at > now()) \
+           ORDER BY g.id",
+    args: &[INT8],
+};
+
+static REVOKE: Sql = Sql {
+    text: "SELECT removed FROM billing.revoke_unused($1)",
+    args: &[INT8],
+};
+
+/// The guest's running rules become the account's, windows already
+/// granted included, so none is granted again.
+static MOVE_RULES: Sql = Sql {
+    text: "WITH moved AS (UPDATE billing.allowances SET pool_id = $2, account = $3 \
+                          WHERE pool_id = $1 AND (ends_at IS NULL OR ends_at > now()) RETURNING 1) \
+           UPDATE billing.pools p SET allowance_next = CASE WHEN p.id = $1 THEN 'infinity' \
+                  ELSE least(p.allowance_next, g.allowance_next) END \
+           FROM billing.pools g WHERE g.id = $1 AND p.id IN ($1, $2)",
+    args: &[INT8, INT8, TEXT],
+};
+
+/// Convert a guest (an account named by the application's key for an
+/// anonymous visitor) into `account` on sign-up: the guest's running
+/// allowance rules become the account's, with the windows the guest was
+/// granted counted as granted (a lifetime allowance is never granted
+/// twice), and the unspent credit of its windows moves to the account.
+/// Once per guest: again to the same account is `duplicate`, to another 55000.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn convert_guest(
+    guest: Option<&str>,
+    account: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(unit, Option<String>),
+        name!(moved, i64),
+        name!(status, String),
+    ),
+> {
+    let result = (|| -> Result<Vec<(Option<String>, i64, String)>> {
+        let guest = input::required("guest", guest)?;
+        let account = input::required("account", account)?;
+        input::account(guest)?;
+        input::account(account)?;
+        if guest == account {
+            return Err(BillingError::invalid(
+                "account",
+                "must differ from the guest",
+            ));
+        }
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let (owner, claimed): (String, bool) = db::write(
+                client,
+                &CLAIM_GUEST,
+                &[tenant.as_str().into(), guest.into(), account.into()],
+            )?
+            .next()
+            .map(|r| -> Result<(String, bool)> {
+                let r = Row(&r);
+                Ok((r.get("account")?, r.get("claimed")?))
+            })
+            .transpose()?
+            .ok_or_else(|| BillingError::Internal("guest conversion not recorded".into()))?;
+            if !claimed {
+                if owner != account {
+                    return Err(BillingError::WrongState(format!(
+                        "guest \"{guest}\" was converted to account \"{owner}\" already"
+                    )));
+                }
+                return Ok(vec![(None, 0, "duplicate".to_string())]);
+            }
+            let units: Vec<String> = db::write(
+                client,
+                &GUEST_UNITS,
+                &[tenant.as_str().into(), guest.into()],
+            )?
+            .map(|r| Row(&r).get::<String>("unit"))
+            .collect::<Result<_>>()?;
+            let mut out = Vec::new();
+            for unit in units {
+                let moved = convert_pool(client, &tenant, guest, account, &unit)?;
+                out.push((Some(unit), moved, "converted".to_string()));
+            }
+            Ok(out)
+        })
+    })();
+    TableIterator::new(result.or_raise())
+}
+
+/// Move one unit's allowance from the guest to the account; returns the
+/// credit moved.
+fn convert_pool(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    guest: &str,
+    account: &str,
+    unit: &str,
+) -> Result<i64> {
+    // locked (the windows it is owed granted) and written, before its
+    // credit is revoked by another call
+    let mut from = PoolLedger::open(client, tenant, guest, unit, Create::Pool)?;
+    from.flush(client)?;
+    let credit: Vec<(i64, i32, Option<Ts>)> = db::write(client, &GUEST_CREDIT, &[from.id.into()])?
+        .map(|r| -> Result<(i64, i32, Option<Ts>)> {
+            let r = Row(&r);
+            Ok((
+                r.get("id")?,
+                r.get("priority")?,
+                r.opt::<Tstz>("expires_at")?.map(time::instant),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut moved = 0;
+    let mut to = PoolLedger::open(client, tenant, account, unit, Create::Pool)?;
+    for (grant_id, priority, expires_at) in credit {
+        let removed: i64 = db::write(client, &REVOKE, &[grant_id.into()])?
+            .next()
+            .map(|r| Row(&r).get::<i64>("removed"))
+            .transpose()?
+            .unwrap_or(0);
+        if removed == 0 {
+            continue;
+        }
+        let key = format!("billing:guest:{grant_id}");
+        let id = grants::next_grant_id(client)?;
+        let now = to.now;
+        grants::add_to_locked(
+            client,
+            &mut to,
+            id,
+            NewGrant {
+                kind: "plan",
+                priority,
+                amount: removed,
+                effective_at: now,
+                expires_at,
+                key: Some(&key),
+                hash: Fingerprint::new("guest")
+                    .int(grant_id)
+                    .int(removed)
+                    .finish(),
+                metadata: json!({"guest": guest, "grant": grant_id}),
+            },
+        )?;
+        moved += removed;
+    }
+    to.flush(client)?;
+    db::write(
+        client,
+        &MOVE_RULES,
+        &[from.id.into(), to.id.into(), account.into()],
+    )?;
+    Ok(moved)
 }

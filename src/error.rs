@@ -41,6 +41,17 @@ pub enum BillingError {
         floor: i64,
     },
 
+    /// A strict debit or a reservation would pass one of the pool's limits.
+    #[error("limit \"{name}\" reached: {used} of {max} used {window}, requested {requested}")]
+    LimitReached {
+        name: String,
+        max: i64,
+        used: i64,
+        requested: i64,
+        /// "this window, which resets at …" or "ever"
+        window: String,
+    },
+
     /// The object exists but is in a state that does not allow the operation.
     #[error("{0}")]
     WrongState(String),
@@ -95,6 +106,7 @@ impl BillingError {
             Unknown { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,             // 42704
             KeyReused { .. } => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,           // 23505
             InsufficientCredits { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,  // 23514
+            LimitReached { .. } => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,         // 23514
             WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             InvalidTenant(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,    // 22023
             TenantDenied { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,  // 42501
@@ -116,6 +128,7 @@ impl BillingError {
             Unknown { .. } => None,
             KeyReused { .. } => Some("Use a new key for a new request; a retry must repeat the original parameters exactly.".into()),
             InsufficientCredits { .. } => Some("Grant or top up credits, release holds, or call without strict to record the usage as debt.".into()),
+            LimitReached { .. } => Some("Wait for the limit's window to reset (billing.limits_status), raise it with billing.set_limit, or call without strict to record usage that was already incurred.".into()),
             WrongState(_) => None,
             LockWait { .. } => Some("A transaction that debited this account has not ended: billing calls hold the account's pool until their transaction commits. Keep them at the end of short transactions; for slow work, reserve in a short transaction, do the work outside it, then settle. To wait longer, raise lock_timeout or billing.lock_timeout (milliseconds; 0 waits without limit).".into()),
             Retry(_) => Some("Retry the transaction: a new transaction sees the credit.".into()),

@@ -8,7 +8,8 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
-use crate::{allowances, time};
+use crate::{allowances, limits, time};
+use pgrx::datum::TimestampWithTimeZone as Tstz;
 
 type CheckRow = (
     name!(allowed, bool),
@@ -18,16 +19,21 @@ type CheckRow = (
     name!(debt, i64),
     name!(floor, i64),
     name!(reason, String),
+    name!(resets_at, Option<Tstz>),
 );
 
-/// Would spending `amount` now keep the pool at or above its floor?
-/// `available = balance − held − debt`; allowed iff `available − amount ≥ floor`.
+/// Would spending `amount` now keep the pool at or above its floor, and
+/// within its limits (for `member`, too)? `available = balance − held −
+/// debt`; allowed iff `available − amount ≥ floor` and every limit's window
+/// has room for `amount`. A limit that refuses is named in `reason`
+/// (`limit:<name>`) with the instant its window resets.
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn check(
     account: Option<&str>,
     unit: Option<&str>,
     amount: default!(Option<i64>, "0"),
+    member: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -38,6 +44,7 @@ fn check(
         name!(debt, i64),
         name!(floor, i64),
         name!(reason, String),
+        name!(resets_at, Option<Tstz>),
     ),
 > {
     let result = (|| -> Result<CheckRow> {
@@ -48,14 +55,20 @@ fn check(
         input::name("unit", unit)?;
         input::non_negative("amount", amount)?;
         let tenant = current_tenant()?;
-        gate(&tenant, account, unit, amount)
+        gate(&tenant, account, unit, amount, member)
     })();
     TableIterator::once(result.or_raise())
 }
 
 /// A pool that exists answers from its rows alone (inside their cached
 /// windows, no statement runs); one that does not is empty if its unit is known.
-fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow> {
+fn gate(
+    tenant: &str,
+    account: &str,
+    unit: &str,
+    amount: i64,
+    member: Option<&str>,
+) -> Result<CheckRow> {
     let rows = pool_rows::read(tenant, account, unit)?;
     let mut figures = match ledger::figures_now(&rows)? {
         Some(figures) => figures,
@@ -72,7 +85,15 @@ fn gate(tenant: &str, account: &str, unit: &str, amount: i64) -> Result<CheckRow
             .saturating_add(allowances::due_credit(pool.id, now)?);
     }
     let mut row = decide(amount, &figures);
-    if !row.0 {
+    if let Some(pool) = rows.first().filter(|p| p.limited && row.0) {
+        let limits = limits::now_for(pool.id, member, now)?;
+        if let Some(l) = limits::blocking(&limits, amount) {
+            row.0 = false;
+            row.6 = format!("limit:{}", l.name);
+            row.7 = l.resets_at.map(time::to_sql);
+        }
+    }
+    if !row.0 && row.7.is_none() {
         // refused: a subscription holding back the plan credit of this unit says why
         if let Some(why) = Spi::connect(|client| held_back_by(client, tenant, account, unit))? {
             row.6 = why;
@@ -146,5 +167,6 @@ fn decide(amount: i64, f: &Figures) -> CheckRow {
         f.debt,
         f.floor,
         reason.into(),
+        None,
     )
 }

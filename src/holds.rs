@@ -16,6 +16,7 @@ use crate::ingest::{self, Event, Outcome};
 use crate::input::RESERVED_KEY_PREFIX;
 use crate::input::{self, JsonArg};
 use crate::ledger::{drains_json, Create, EntryKind, PoolLedger};
+use crate::limits::{self, Limits};
 use crate::metering::store::Metering;
 use crate::pricing;
 use crate::tenancy::current_tenant;
@@ -108,6 +109,15 @@ fn reserve(
             }
             if !ledger.allows(amount) {
                 return Err(ledger.insufficient(amount));
+            }
+            if ledger.limited {
+                let member = limits::member_of(metadata);
+                let mut limits = Limits::default();
+                if let Some(reached) =
+                    limits.blocking(client, ledger.id, member.as_deref(), amount, ledger.now)?
+                {
+                    return Err(reached);
+                }
             }
             let expires_at = ledger.now + ttl;
             let available = ledger.available() - amount;
@@ -384,6 +394,14 @@ fn settle(
             });
             metering.commit(&metered, prepared, ledger.now)?;
             metering.save()?;
+            if ledger.limited {
+                let properties: serde_json::Value = serde_json::from_str(&usage.properties_text)
+                    .map_err(|e| BillingError::Internal(format!("properties: {e}")))?;
+                let member = limits::member_of(&properties);
+                let mut limits = Limits::default();
+                limits.count(client, ledger.id, member.as_deref(), actual, ledger.now)?;
+                limits.save(client, &tenant)?;
+            }
             ingest::flush_with_usage(client, &mut ledger, event_id, usage, outcome)?;
             db::write(
                 client,

@@ -21,6 +21,7 @@ use crate::input::{self, JsonArg};
 use crate::ledger::{
     drains_json, flush_all, flush_checked, Create, EventRows, Flushed, PoolLedger,
 };
+use crate::limits::{self, Limits};
 use crate::metering::store::{Metering, Usage};
 use crate::pricing::{self, Charging, Meter};
 use crate::tenancy::current_tenant;
@@ -94,6 +95,13 @@ impl Event {
             exact,
         };
         Ok((usage, charging))
+    }
+
+    /// The member a limit counts this event for: its `member` property.
+    fn member(&self) -> Result<Option<String>> {
+        let properties: Value = serde_json::from_str(&self.properties_text)
+            .map_err(|e| BillingError::Internal(format!("properties: {e}")))?;
+        Ok(limits::member_of(&properties))
     }
 
     /// What must match for a replay: everything the caller said, except strict
@@ -464,6 +472,7 @@ fn ingest_events(
     // After the locks: any concurrent ingest of these keys has committed.
     let (stored, new_ids) = find_events(&tenant, &events)?;
     let mut metering = Metering::new(&tenant);
+    let mut limits = Limits::default();
     for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
         let unit = ledger.unit.clone();
         for i in indexes {
@@ -484,6 +493,16 @@ fn ingest_events(
             let (usage, charging) = event.metered(meter, ledger.id, ledger.now)?;
             let prepared = metering.prepare(meter, &usage, charging)?;
             let cost = prepared.cost;
+            let member = if ledger.limited {
+                event.member()?
+            } else {
+                None
+            };
+            let limit_reached = if ledger.limited {
+                limits.blocking(client, ledger.id, member.as_deref(), cost, ledger.now)?
+            } else {
+                None
+            };
             let mut outcome = rejected(event, &unit, cost, ledger);
             if on_share && !ledger.allows(cost) {
                 // its figures were written after this transaction began
@@ -492,12 +511,18 @@ fn ingest_events(
                     event.account
                 )));
             }
-            if event.strict && !ledger.allows(cost) {
+            if event.strict && (!ledger.allows(cost) || limit_reached.is_some()) {
                 if raise_rejection {
-                    return Err(ledger.insufficient(cost));
+                    return Err(match limit_reached {
+                        Some(reached) if ledger.allows(cost) => reached,
+                        _ => ledger.insufficient(cost),
+                    });
                 }
                 slots[i] = Slot::Done(outcome);
                 continue;
+            }
+            if ledger.limited {
+                limits.count(client, ledger.id, member.as_deref(), cost, ledger.now)?;
             }
             let price_version = prepared.version;
             metering.commit(meter, prepared, ledger.now)?;
@@ -541,6 +566,7 @@ fn ingest_events(
         return replay(&tenant, &events);
     }
     metering.save()?;
+    limits.save(client, &tenant)?;
     slots
         .into_iter()
         .map(|slot| match slot {

@@ -21,6 +21,7 @@ mod idempotency;
 mod ingest;
 mod input;
 mod ledger;
+mod limits;
 mod metering;
 mod pricing;
 mod reporting;
@@ -67,8 +68,8 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
-    "../sql/allowances.sql",
-    name = "allowances",
+    "../sql/windows.sql",
+    name = "windows",
     requires = ["schema"]
 );
 extension_sql_file!(

@@ -72,6 +72,8 @@ pub struct PoolLedger {
     next_in_order_until: Ts,
     /// The start of the first allowance window not granted yet (lane 0).
     pub allowance_next: Ts,
+    /// Whether limits cap its usage (lane 0).
+    pub limited: bool,
 }
 
 impl Deref for PoolLedger {
@@ -91,7 +93,7 @@ impl DerefMut for PoolLedger {
 macro_rules! locked_pool_columns {
     () => {
         "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
-         p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, \
+         p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, p.limited, \
          s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
     };
 }
@@ -254,6 +256,7 @@ struct Locked {
     /// Its grants with credit, when read with the locked version.
     grants: Option<PoolGrants>,
     allowance_next: Ts,
+    limited: bool,
 }
 
 /// The columns of a pool row that say where it stands, as stored.
@@ -272,6 +275,8 @@ pub struct PoolRow {
     pub cache_until: Ts,
     /// The start of the first allowance window not granted yet.
     pub allowance_next: Ts,
+    /// Whether limits cap its usage.
+    pub limited: bool,
 }
 
 impl PoolRow {
@@ -291,6 +296,7 @@ impl PoolRow {
             cache_from: instant(row.get("cache_from")?),
             cache_until: instant(row.get("cache_until")?),
             allowance_next: instant(row.get("allowance_next")?),
+            limited: row.get("limited")?,
         })
     }
 }
@@ -323,6 +329,7 @@ impl Locked {
             cached,
             grants: None,
             allowance_next: r.allowance_next,
+            limited: r.limited,
         }
     }
 
@@ -548,6 +555,7 @@ impl PoolLedger {
             } else {
                 Ts::MAX
             },
+            limited: l.limited,
         }
     }
 

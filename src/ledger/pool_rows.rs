@@ -32,5 +32,6 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         cache_from: t.get::<i64>(c"cache_from")?,
         cache_until: t.get::<i64>(c"cache_until")?,
         allowance_next: t.get::<i64>(c"allowance_next")?,
+        limited: t.get(c"limited")?,
     })
 }

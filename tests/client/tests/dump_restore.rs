@@ -34,7 +34,8 @@ fn figures(c: &mut Client) -> Vec<String> {
             .unwrap();
         for row in c
             .query(
-                "SELECT p.account, p.unit, ch.* FROM billing.pools p, billing.check(p.account, p.unit) ch \
+                "SELECT p.account, p.unit, ch.allowed, ch.available, ch.balance, ch.held, ch.debt, ch.floor, ch.reason \
+                 FROM billing.pools p, billing.check(p.account, p.unit) ch \
                  WHERE p.tenant_id = $1 ORDER BY p.account, p.unit",
                 &[&tenant],
             )

@@ -1,5 +1,5 @@
--- Allowance windows: the one place that cuts time into an allowance's
--- windows (src/allowances.rs reads them). A periodic window runs from one
+-- Windows: the one place that cuts time into the windows of allowances
+-- (src/allowances.rs) and limits (src/limits.rs). A periodic window runs from one
 -- local boundary (midnight, the hour, Monday, the 1st, in the rule's time
 -- zone, so a day across a DST change lasts 23 or 25 hours) to the next; the
 -- first runs from the rule's start to the next boundary. Each instant lies
@@ -74,7 +74,19 @@ RETURNS timestamptz
 LANGUAGE sql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT CASE WHEN every = 'never' THEN at
+    SELECT coalesce(w.ends_at, at) FROM billing.window_of(every, time_zone, at) w
+$$;
+
+-- The window of a limit that holds `at`: [starts_at, ends_at); 'never' is
+-- one window for all time (ends_at NULL: it never resets).
+CREATE FUNCTION billing.window_of(every text, time_zone text, at timestamptz)
+RETURNS TABLE (starts_at timestamptz, ends_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE WHEN every = 'never' THEN '-infinity'::timestamptz
+                ELSE date_trunc(every, at AT TIME ZONE time_zone) AT TIME ZONE time_zone END,
+           CASE WHEN every = 'never' THEN NULL
                 ELSE (date_trunc(every, at AT TIME ZONE time_zone) + ('1 ' || every)::interval)
                      AT TIME ZONE time_zone END
 $$;
