@@ -23,6 +23,7 @@ use crate::ledger::{
 };
 use crate::limits::{self, Limits};
 use crate::metering::store::{Metering, Usage};
+use crate::pricing::price::PriceError;
 use crate::pricing::{self, Charging, Meter};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
@@ -81,7 +82,10 @@ impl Event {
         let charging = meter.charging(now, self.cost)?;
         let exact = match charging {
             Charging::Priced { price, .. } if price.is_additive() => {
-                Some(price.event_exact(&properties)?)
+                Some(price.event_exact(&properties).map_err(|e| match e {
+                    PriceError::Invalid(problem) => BillingError::invalid("properties", problem),
+                    other => other.into(),
+                })?)
             }
             _ => None,
         };
