@@ -438,4 +438,79 @@ mod tests {
             "22023",
         );
     }
+
+    #[pg_test]
+    fn price_lines_show_each_tier_and_add_up_to_the_exact_total() {
+        let lines: String = one(&format!(
+            "SELECT string_agg(description || ' = ' || amount, '; ' ORDER BY line) \
+             FROM billing.price_lines('{TIERS}', 10001)"
+        ));
+        assert_eq!(
+            lines,
+            "tier 1 (0 to 1000] = 0; tier 2 (1000 to 10000] = 4500; tier 2 (1000 to 10000], flat = 100; tier 3 (above 10000) = 0.4"
+        );
+        assert_eq!(
+            one::<i64>(&format!("SELECT billing.price_total('{TIERS}', 10001)")),
+            4600
+        );
+    }
+
+    #[pg_test]
+    fn an_invoice_preview_prices_tiers_credits_and_what_is_due_and_its_lines_add_up() {
+        run(&format!(
+            "SELECT billing.define_meter('calls', 'mills', price => '{TIERS}')"
+        ));
+        run("SELECT billing.define_meter('ai', 'mills')");
+        grant("a", "mills", 3000, ", kind => 'plan'");
+        grant("a", "mills", 1000, ", kind => 'topup'");
+        ingest_q("a", "calls", "9000", "c1", "");
+        ingest_q("a", "calls", "1001", "c2", "");
+        ingest_q("a", "ai", "1", "x1", ", cost => 250");
+        let lines: String = one(
+            "SELECT string_agg(concat_ws('|', kind, coalesce(meter, '-'), description, amount), E'\n' ORDER BY line) \
+             FROM billing.invoice_preview('a')",
+        );
+        assert_eq!(
+            lines,
+            [
+                "usage|calls|tier 1 (0 to 1000]|0",
+                "usage|calls|tier 2 (1000 to 10000]|4500",
+                "usage|calls|tier 2 (1000 to 10000], flat|100",
+                "usage|calls|tier 3 (above 10000)|0.4",
+                "adjustment|calls|rounded once for the period, and any earlier price version|-0.4",
+                "usage|ai|costs passed with its events|250",
+            ]
+            .join("\n")
+                + "\n"
+                + &one::<String>(
+                    "SELECT string_agg(concat_ws('|', 'credit', '-', format('paid from grant %s (%s)', id, kind), -(amount - remaining)), E'\n' ORDER BY id) \
+                     FROM billing.grants WHERE account = 'a'"
+                )
+                + "\ndue|-|due|850"
+        );
+        let adds_up: bool = one(
+            "SELECT sum(amount) FILTER (WHERE kind <> 'due') = sum(amount) FILTER (WHERE kind = 'due') \
+             FROM billing.invoice_preview('a')",
+        );
+        assert!(adds_up, "the amount due is the sum of the lines");
+        let debt: i64 = one("SELECT debt FROM billing.check('a', 'mills')");
+        assert_eq!(debt, 850, "what credits did not pay became debt");
+        let projected: bool = one(
+            "SELECT sum(amount) FILTER (WHERE kind <> 'due') = sum(amount) FILTER (WHERE kind = 'due') \
+                    AND bool_and(kind <> 'credit') \
+             FROM billing.invoice_preview('a', projected => true)",
+        );
+        assert!(projected);
+        let sim: String = one(
+            r#"SELECT concat_ws('/', quantity, charged, simulated, difference)
+               FROM billing.simulate_price('a', 'calls', '{"model": "per_unit", "unit_price": "0.5"}')"#,
+        );
+        assert_eq!(sim, "10001/4600/5001/401");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.meter_prices WHERE meter = 'calls'"),
+            1,
+            "a simulation changes nothing"
+        );
+        assert_ledger_consistent();
+    }
 }

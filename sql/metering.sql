@@ -133,3 +133,142 @@ BEGIN
     ORDER BY e.id DESC LIMIT usage_log.page_size;
 END
 $$;
+
+-- The calendar month (UTC) holding `at`: the period priced meters charge in.
+CREATE FUNCTION billing.usage_period(at timestamptz)
+RETURNS TABLE (period_start timestamptz, period_end timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT date_trunc('month', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+           (date_trunc('month', at AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC'
+$$;
+
+-- An invoice for one account's period (the calendar month, UTC, holding
+-- period_at): per meter, the lines of its price at the period's quantity
+-- (each tier, package or unit, exactly) and an adjustment to what was
+-- charged (rounding once, earlier price versions); usage whose cost was
+-- passed in; the plan fee of a live subscription; the credit each grant
+-- paid; and, per unit, what is due: the sum of every other line of that
+-- unit. With projected, a period in progress is priced at the quantities
+-- its usage so far would reach at its end, at the same pace (no credits).
+CREATE FUNCTION billing.invoice_preview(account text, period_at timestamptz DEFAULT now(),
+                                        projected boolean DEFAULT false)
+RETURNS TABLE (line integer, kind text, description text, meter text, unit text,
+               quantity numeric, unit_price numeric, amount numeric)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    ps timestamptz;
+    pe timestamptz;
+    pace numeric := 1;
+BEGIN
+    IF invoice_preview.account IS NULL OR invoice_preview.period_at IS NULL OR invoice_preview.projected IS NULL THEN
+        RAISE EXCEPTION 'account, period_at and projected must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT p.period_start, p.period_end INTO ps, pe FROM billing.usage_period(invoice_preview.period_at) p;
+    IF invoice_preview.projected AND now() > ps AND now() < pe THEN
+        pace := extract(epoch FROM pe - ps) / extract(epoch FROM now() - ps);
+    END IF;
+    RETURN QUERY
+    WITH pools AS (
+        SELECT p.id, p.unit FROM billing.pools p
+        WHERE p.tenant_id = tenant AND p.account = invoice_preview.account
+    ), counted AS (
+        SELECT c.meter, p.unit, sum(c.events) AS events, sum(c.cost) AS cost
+        FROM pools p JOIN billing.usage_counters c ON c.pool_id = p.id
+        WHERE c.hour >= ps AND c.hour < pe
+        GROUP BY c.meter, p.unit
+    ), priced AS (
+        SELECT mp.meter, p.unit, mp.quantity * pace AS quantity, mp.charged, pr.price
+        FROM pools p JOIN billing.meter_periods mp ON mp.pool_id = p.id AND mp.period_start = ps
+        JOIN billing.meter_prices pr ON pr.tenant_id = tenant AND pr.meter = mp.meter AND pr.version = mp.version
+    ), tier_lines AS (
+        SELECT 1 AS part, pc.meter, pc.unit, l.line AS n, 'usage'::text AS kind, l.description,
+               l.quantity, l.unit_price, l.amount
+        FROM priced pc CROSS JOIN LATERAL billing.price_lines(pc.price, pc.quantity) l
+        WHERE pc.price ->> 'model' <> 'cost_card'
+    ), priced_totals AS (
+        SELECT pc.meter, pc.unit,
+               CASE WHEN pc.price ->> 'model' = 'cost_card' THEN round(pc.charged * pace)
+                    WHEN pace <> 1 THEN billing.price_total(pc.price, pc.quantity)::numeric
+                    ELSE pc.charged END AS total,
+               pc.price ->> 'model' = 'cost_card' AS by_card
+        FROM priced pc
+    ), adjustments AS (
+        SELECT 2 AS part, t.meter, t.unit, 1 AS n,
+               CASE WHEN t.by_card THEN 'usage' ELSE 'adjustment' END AS kind,
+               CASE WHEN t.by_card THEN 'priced per event by its cost card, rounded once for the period'
+                    ELSE 'rounded once for the period, and any earlier price version' END AS description,
+               NULL::numeric AS quantity, NULL::numeric AS unit_price,
+               t.total - coalesce((SELECT sum(tl.amount) FROM tier_lines tl
+                                   WHERE tl.meter = t.meter AND tl.unit = t.unit), 0) AS amount
+        FROM priced_totals t
+    ), passed_in AS (
+        SELECT 3 AS part, c.meter, c.unit, 1 AS n, 'usage'::text AS kind,
+               'costs passed with its events' AS description, c.events * pace AS quantity, NULL::numeric,
+               round((c.cost - coalesce(pc.charged, 0)) * pace) AS amount
+        FROM counted c LEFT JOIN priced pc ON pc.meter = c.meter AND pc.unit = c.unit
+        WHERE c.cost - coalesce(pc.charged, 0) <> 0
+    ), plan_fee AS (
+        SELECT 4 AS part, NULL::text AS meter, lower(pr ->> 'currency') AS unit, 1 AS n, 'plan_fee'::text AS kind,
+               format('plan %s, %s', pl.key, pr ->> 'interval') AS description, 1::numeric AS quantity,
+               (pr ->> 'amount')::numeric AS unit_price, (pr ->> 'amount')::numeric AS amount
+        FROM billing.subscriptions s
+        JOIN billing.plans pl ON pl.id = s.plan_id
+        CROSS JOIN LATERAL jsonb_array_elements(pl.prices) pr
+        WHERE s.tenant_id = tenant AND s.account = invoice_preview.account
+          AND billing.subscription_is_live(s.status) AND pr ->> 'price_id' = s.price_id
+          AND s.period_start < pe AND s.period_end > ps
+    ), credits AS (
+        SELECT 5 AS part, NULL::text AS meter, p.unit, min(g.id)::integer AS n, 'credit'::text AS kind,
+               format('paid from grant %s (%s)', g.id, g.kind) AS description, NULL::numeric, NULL::numeric,
+               sum(e.grant_amount)::numeric AS amount
+        FROM pools p JOIN billing.ledger_entries e ON e.pool_id = p.id
+        JOIN billing.grants g ON g.id = coalesce((SELECT x.parent_id FROM billing.grants x WHERE x.id = e.grant_id), e.grant_id)
+        WHERE NOT invoice_preview.projected AND e.kind IN ('debit', 'debt_repayment')
+          AND e.effective_at >= ps AND e.effective_at < pe AND e.grant_id IS NOT NULL
+        GROUP BY p.unit, g.id, g.kind
+    ), body AS (
+        SELECT * FROM tier_lines UNION ALL SELECT * FROM adjustments a WHERE a.amount <> 0
+        UNION ALL SELECT * FROM passed_in UNION ALL SELECT * FROM plan_fee UNION ALL SELECT * FROM credits
+    ), due AS (
+        SELECT 6 AS part, NULL::text AS meter, b.unit, 1 AS n, 'due'::text AS kind,
+               CASE WHEN invoice_preview.projected THEN 'projected for the period' ELSE 'due' END AS description,
+               NULL::numeric, NULL::numeric, sum(b.amount) AS amount
+        FROM body b GROUP BY b.unit
+    )
+    SELECT (row_number() OVER (ORDER BY x.unit, x.part, x.meter, x.n))::integer, x.kind, x.description,
+           x.meter, x.unit, trim_scale(x.quantity), trim_scale(x.unit_price), trim_scale(x.amount)
+    FROM (SELECT * FROM body UNION ALL SELECT * FROM due) x
+    ORDER BY x.unit, x.part, x.meter, x.n;
+END
+$$;
+
+-- What an account's usage of a meter in a period (the calendar month, UTC,
+-- holding period_at) would cost with a proposed price, beside what it was
+-- charged. Changes nothing.
+CREATE FUNCTION billing.simulate_price(account text, meter text, price jsonb, period_at timestamptz DEFAULT now())
+RETURNS TABLE (quantity numeric, charged bigint, simulated bigint, difference bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ps timestamptz;
+    pe timestamptz;
+    q numeric;
+    c bigint;
+    s bigint;
+BEGIN
+    IF simulate_price.price IS NULL OR simulate_price.period_at IS NULL THEN
+        RAISE EXCEPTION 'price and period_at must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT p.period_start, p.period_end INTO ps, pe FROM billing.usage_period(simulate_price.period_at) p;
+    SELECT u.quantity, u.cost INTO q, c
+    FROM billing.usage(simulate_price.account, simulate_price.meter, ps, pe, 'month') u LIMIT 1;
+    s := billing.price_total(simulate_price.price, q);
+    RETURN QUERY SELECT q, c, s, s - c;
+END
+$$;

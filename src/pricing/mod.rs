@@ -800,3 +800,58 @@ fn disable_meter(meter: Option<&str>) -> String {
 fn enable_meter(meter: Option<&str>) -> String {
     set_disabled(meter, false).or_raise()
 }
+
+fn price_arg(price: Option<pgrx::JsonB>) -> Result<Price> {
+    Ok(Price::from_json(&input::required("price", price)?.0)?)
+}
+
+fn quantity_arg(quantity: Option<AnyNumeric>) -> Result<Decimal> {
+    decimal("quantity", &input::required("quantity", quantity)?)
+}
+
+/// The invoice lines of `price` for a period's aggregate `quantity`: each
+/// tier, package or unit line with its exact amount (no rounding; the lines
+/// add up to the exact total). Reads nothing.
+#[pg_extern(immutable, parallel_safe)]
+fn price_lines(
+    price: Option<pgrx::JsonB>,
+    quantity: Option<AnyNumeric>,
+) -> TableIterator<
+    'static,
+    (
+        name!(line, i32),
+        name!(description, String),
+        name!(quantity, AnyNumeric),
+        name!(unit_price, AnyNumeric),
+        name!(amount, AnyNumeric),
+    ),
+> {
+    let result = (|| -> Result<Vec<_>> {
+        let lines = price_arg(price)?.lines(quantity_arg(quantity)?)?;
+        let numeric = |d: Decimal| {
+            AnyNumeric::try_from(d.to_string().as_str())
+                .map_err(|e| BillingError::Internal(format!("{d}: {e}")))
+        };
+        lines
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                Ok((
+                    i as i32 + 1,
+                    l.description,
+                    numeric(l.quantity)?,
+                    numeric(l.unit_price)?,
+                    numeric(l.amount)?,
+                ))
+            })
+            .collect()
+    })();
+    TableIterator::new(result.or_raise())
+}
+
+/// What `price` charges for a period's aggregate `quantity`, rounded once
+/// by its rule. Reads nothing.
+#[pg_extern(immutable, parallel_safe)]
+fn price_total(price: Option<pgrx::JsonB>, quantity: Option<AnyNumeric>) -> i64 {
+    (|| -> Result<i64> { Ok(price_arg(price)?.total(quantity_arg(quantity)?)?) })().or_raise()
+}

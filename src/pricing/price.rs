@@ -227,6 +227,73 @@ impl Price {
         self.rounded(self.exact(quantity)?)
     }
 
+    /// The lines of an invoice for a period whose aggregate quantity is
+    /// `quantity`: the included quantity (free), then each tier reached (or
+    /// the packages, or the units), each with its exact amount. They add up
+    /// to `exact(quantity)`. A cost card prices events, so it has none here.
+    pub fn lines(&self, quantity: Decimal) -> Result<Vec<Line>> {
+        self.validate()?;
+        require_non_negative("quantity", quantity)?;
+        let mut lines = Vec::new();
+        if !self.included.is_zero() {
+            lines.push(Line::new(
+                "included",
+                quantity.min(self.included),
+                Decimal::ZERO,
+            )?);
+        }
+        let billable = self.billable(quantity)?;
+        match &self.model {
+            Model::PerUnit { unit_price } => {
+                lines.push(Line::new("per unit", billable, *unit_price)?);
+            }
+            Model::Package { size, price } if !billable.is_zero() => {
+                let n = packages_needed(billable, *size)?;
+                let what = format!("packages of {}", size.normalize());
+                lines.push(Line::new(&what, n, *price)?);
+            }
+            Model::Package { .. } => {}
+            Model::Graduated { tiers } => {
+                for (i, (lower, tier)) in with_lower_bounds(tiers).enumerate() {
+                    if billable <= lower {
+                        break;
+                    }
+                    let top = tier.up_to.map_or(billable, |up_to| billable.min(up_to));
+                    let what = tier_name(i, lower, tier);
+                    lines.push(Line::new(&what, exact_sub(top, lower)?, tier.unit_price)?);
+                    if !tier.flat_price.is_zero() {
+                        lines.push(Line::new(
+                            &format!("{what}, flat"),
+                            Decimal::ONE,
+                            tier.flat_price,
+                        )?);
+                    }
+                }
+            }
+            Model::Volume { tiers } if !billable.is_zero() => {
+                let tier = volume_tier(billable, tiers)?;
+                let i = tiers.iter().position(|t| t == tier).unwrap_or(0);
+                let lower = if i == 0 {
+                    Decimal::ZERO
+                } else {
+                    tiers[i - 1].up_to.unwrap_or_default()
+                };
+                let what = format!("{}, every unit", tier_name(i, lower, tier));
+                lines.push(Line::new(&what, billable, tier.unit_price)?);
+                if !tier.flat_price.is_zero() {
+                    lines.push(Line::new(
+                        &format!("{what}, flat"),
+                        Decimal::ONE,
+                        tier.flat_price,
+                    )?);
+                }
+            }
+            Model::Volume { .. } => {}
+            Model::CostCard { .. } => {}
+        }
+        Ok(lines)
+    }
+
     /// Whether a period's cost is the sum of its events' costs. True only for
     /// a cost card: tiers, packages and allowances make the other models
     /// depend on the period's aggregate quantity, so they must be priced once
@@ -335,6 +402,40 @@ fn too_precise(what: String) -> PriceError {
         "{what} needs more than 28 significant digits to be exact; use a smaller \
          quantity or a price with fewer decimal places"
     ))
+}
+
+/// One line of an invoice: `quantity` at `unit_price`, exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub description: String,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    pub amount: Decimal,
+}
+
+impl Line {
+    fn new(description: &str, quantity: Decimal, unit_price: Decimal) -> Result<Line> {
+        Ok(Line {
+            description: description.to_string(),
+            quantity: quantity.normalize(),
+            unit_price: unit_price.normalize(),
+            amount: exact_mul(quantity, unit_price)?.normalize(),
+        })
+    }
+}
+
+/// "tier 2 (1000–10000]" as an invoice names it: units above `lower` up to
+/// and including its `up_to`.
+fn tier_name(i: usize, lower: Decimal, tier: &Tier) -> String {
+    match tier.up_to {
+        Some(up_to) => format!(
+            "tier {} ({} to {}]",
+            i + 1,
+            lower.normalize(),
+            up_to.normalize()
+        ),
+        None => format!("tier {} (above {})", i + 1, lower.normalize()),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1826,6 +1927,21 @@ mod tests {
             prop_assert_eq!(Price::from_json(&written).unwrap(), price.clone());
             let volume = Price { model: Model::Volume { tiers }, ..price };
             prop_assert_eq!(Price::from_json(&volume.to_json()).unwrap(), volume);
+        }
+
+        #[test]
+        fn invoice_lines_add_up_to_the_exact_total(
+            tiers in tier_lists(fractional_steps()),
+            included in decimal_below(1000),
+            quantity in decimal_below(100_000),
+        ) {
+            for price in [
+                graduated_price(tiers.clone(), included, Rounding::HalfUp),
+                Price { model: Model::Volume { tiers: tiers.clone() }, included, rounding: Rounding::HalfUp },
+            ] {
+                let sum: Decimal = price.lines(quantity).unwrap().iter().map(|l| l.amount).sum();
+                prop_assert_eq!(sum, price.exact(quantity).unwrap());
+            }
         }
 
         #[test]
