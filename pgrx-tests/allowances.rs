@@ -65,6 +65,15 @@ mod tests {
         let paris = |at| windows("day", "Europe/Paris", 1, "2026-03-01 00:00+01", at);
         assert_eq!(paris("2026-03-29 12:00+02"), "03-28 23:00..03-29 22:00");
         assert_eq!(paris("2026-10-25 12:00+01"), "10-24 22:00..10-25 23:00");
+        // New York falls back on 1 November 2026: 01:00-02:00 local happens twice, as two hour windows
+        let ny = |at| windows("hour", "America/New_York", 1, "2026-10-01 00:00-04", at);
+        assert_eq!(ny("2026-11-01 05:30+00"), "11-01 05:00..11-01 06:00");
+        assert_eq!(ny("2026-11-01 06:30+00"), "11-01 06:00..11-01 07:00");
+        let limit_window: String = one(
+            "SELECT to_char(starts_at AT TIME ZONE 'UTC', 'HH24:MI') || '..' || to_char(ends_at AT TIME ZONE 'UTC', 'HH24:MI') \
+             FROM billing.window_of('hour', 'America/New_York', '2026-11-01 05:30+00')",
+        );
+        assert_eq!(limit_window, "05:00..06:00", "the window holds the instant");
         // a day in UTC ignores the change
         let utc = |at| windows("day", "UTC", 1, "2026-03-01 00:00+00", at);
         assert_eq!(utc("2026-03-29 12:00+02"), "03-29 00:00..03-30 00:00");
@@ -240,5 +249,53 @@ mod tests {
             "the next day is the account's"
         );
         assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn replacing_a_rule_that_has_not_started_never_grants_a_window_twice() {
+        run("SELECT billing.set_allowance('a', 'requests', 20, every => 'day')");
+        run("SELECT billing.set_allowance('a', 'requests', 50, every => 'day')");
+        let again: String =
+            one("SELECT status FROM billing.set_allowance('a', 'requests', 50, every => 'day')");
+        assert_eq!(again, "unchanged", "the pending rule is the same");
+        let from_tomorrow: bool = one(
+            "SELECT starts_at = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' + interval '1 day' \
+             FROM billing.set_allowance('a', 'requests', 30, every => 'day')",
+        );
+        assert!(
+            from_tomorrow,
+            "it replaces the pending rule where it would have started"
+        );
+        assert_eq!(
+            available("a", "requests"),
+            20,
+            "today is still the first rule's"
+        );
+        travel("a", "1 day");
+        assert_eq!(available("a", "requests"), 30);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_replayed_call_that_opens_a_window_leaves_the_ledger_whole() {
+        run("SELECT billing.set_allowance('a', 'requests', 20, every => 'day')");
+        grant("a", "requests", 5, ", kind => 'topup', key => 'pi_1'");
+        travel("a", "1 day");
+        // the first call of the day is a replay: it returns early, the window's grant is still whole
+        grant("a", "requests", 5, ", kind => 'topup', key => 'pi_1'");
+        assert_eq!(available("a", "requests"), 25);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn allowances_and_split_pools_refuse_each_other() {
+        run("SELECT billing.set_allowance('a', 'requests', 20, every => 'day')");
+        assert_rejected("SELECT billing.set_lanes('a', 'requests', 4)", "55000");
+        grant("b", "requests", 100, "");
+        run("SELECT billing.set_lanes('b', 'requests', 4)");
+        assert_rejected(
+            "SELECT * FROM billing.set_allowance('b', 'requests', 20, every => 'day')",
+            "55000",
+        );
     }
 }

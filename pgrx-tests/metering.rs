@@ -513,4 +513,41 @@ mod tests {
         );
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn postpaid_usage_is_reported_as_deltas_once_per_key() {
+        run("SELECT billing.define_meter('calls', 'mills')");
+        grant("a", "mills", 1000, "");
+        for i in 0..3 {
+            run(&format!(
+                "SELECT * FROM billing.ingest('a', 'calls', 10, key => 'c{i}', cost => 1)"
+            ));
+        }
+        let pending = || -> String {
+            one(
+                "SELECT coalesce(string_agg(concat_ws('/', account, meter, quantity, reported, delta), ' '), '-') \
+                 FROM billing.usage_to_report()",
+            )
+        };
+        assert_eq!(pending(), "a/calls/30/0/30");
+        let key: String = one("SELECT report_key FROM billing.usage_to_report()");
+        let mark = |q: i64, key: &str, shadow: bool| -> String {
+            one(&format!(
+                "SELECT status FROM billing.mark_reported('a', 'calls', \
+                 (SELECT period_start FROM billing.usage_period(now())), {q}, '{key}', shadow => {shadow})"
+            ))
+        };
+        assert_eq!(mark(30, &key, true), "would_mark");
+        assert_eq!(pending(), "a/calls/30/0/30", "shadow mode marks nothing");
+        assert_eq!(mark(30, &key, false), "marked");
+        assert_eq!(pending(), "-");
+        assert_eq!(mark(30, &key, false), "duplicate", "a retried push");
+        run("SELECT * FROM billing.ingest('a', 'calls', 5, key => 'c9', cost => 1)");
+        assert_eq!(pending(), "a/calls/35/30/5", "only the delta is new");
+        assert_eq!(mark(20, "old", false), "stale");
+        assert_rejected(
+            "SELECT * FROM billing.mark_reported('a', 'calls', now(), 1, 'k')",
+            "22023",
+        );
+    }
 }

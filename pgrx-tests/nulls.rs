@@ -35,6 +35,8 @@ mod tests {
         "billing.simulate_price(?'a', ?'mills', ?'{\"model\": \"per_unit\", \"unit_price\": 1}', period_at => ?'2027-01-01'::timestamptz)",
         "billing.price_lines(?'{\"model\": \"per_unit\", \"unit_price\": 1}', ?5)",
         "billing.price_total(?'{\"model\": \"per_unit\", \"unit_price\": 1}', ?5)",
+        "billing.usage_to_report(period_at => ?'2027-01-01'::timestamptz, only_meter => ~NULL, max_rows => ?10)",
+        "billing.mark_reported(?'a', ?'mills', ?'2027-01-01'::timestamptz, ?1, ?'k1', shadow => ?true)",
         "billing.usage_log(?'a', only_meter => ~NULL, before_id => ~NULL, page_size => ?10)",
         "billing.usage(?'a', ?'mills', ?'2027-01-01'::timestamptz, ?'2027-01-02'::timestamptz, granularity => ?'day', group_by => ?'{}', time_zone => ?'UTC')",
         "billing.account(?'a', ~'n', ~'{}')",

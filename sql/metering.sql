@@ -272,3 +272,106 @@ BEGIN
     RETURN QUERY SELECT q, c, s, s - c;
 END
 $$;
+
+-- Postpaid usage for the payment provider: per account and meter with usage
+-- in the period (the calendar month, UTC, holding period_at), the quantity
+-- so far, what the provider was last told, the delta, and the key to send
+-- the report with (the provider's idempotency key: a retried push of the
+-- same delta is the same report). A worker pushes the delta (or, for a
+-- max or last meter, the quantity) and then marks it (mark_reported);
+-- reading this changes nothing, so a worker in shadow mode only reads.
+CREATE FUNCTION billing.usage_to_report(period_at timestamptz DEFAULT now(), only_meter text DEFAULT NULL,
+                                        max_rows integer DEFAULT 1000)
+RETURNS TABLE (account text, customer text, meter text, period_start timestamptz, quantity numeric,
+               reported numeric, delta numeric, report_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    ps timestamptz;
+    pe timestamptz;
+BEGIN
+    IF usage_to_report.period_at IS NULL OR usage_to_report.max_rows IS NULL THEN
+        RAISE EXCEPTION 'period_at and max_rows must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF usage_to_report.max_rows NOT BETWEEN 1 AND 100000 THEN
+        RAISE EXCEPTION 'invalid max_rows: % is not between 1 and 100000', usage_to_report.max_rows
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT p.period_start, p.period_end INTO ps, pe FROM billing.usage_period(usage_to_report.period_at) p;
+    RETURN QUERY
+    WITH used AS (
+        SELECT DISTINCT p.account, c.meter
+        FROM billing.pools p JOIN billing.usage_counters c ON c.pool_id = p.id
+        WHERE p.tenant_id = tenant AND c.hour >= ps AND c.hour < pe
+          AND (usage_to_report.only_meter IS NULL OR c.meter = usage_to_report.only_meter)
+    ), totals AS (
+        SELECT u.account, u.meter, t.quantity
+        FROM used u CROSS JOIN LATERAL billing.usage(u.account, u.meter, ps, pe, 'month') t
+    )
+    SELECT t.account, pc.customer, t.meter, ps, t.quantity, coalesce(r.reported, 0),
+           t.quantity - coalesce(r.reported, 0),
+           format('billing:report:%s:%s:%s:%s', t.account, t.meter,
+                  to_char(ps AT TIME ZONE 'UTC', 'YYYY-MM'), trim_scale(t.quantity))
+    FROM totals t
+    LEFT JOIN billing.usage_reports r ON r.tenant_id = tenant AND r.account = t.account
+         AND r.meter = t.meter AND r.period_start = ps
+    LEFT JOIN billing.provider_customers pc ON pc.tenant_id = tenant AND pc.account = t.account
+    WHERE t.quantity IS DISTINCT FROM r.reported
+    ORDER BY t.account, t.meter
+    LIMIT usage_to_report.max_rows;
+END
+$$;
+
+-- Record that the provider now has `quantity` of an account's meter for the
+-- period starting period_start, reported under `report_key`: once per key
+-- (again: duplicate), never backwards (a lower quantity than recorded:
+-- stale). With shadow, only says what it would do.
+CREATE FUNCTION billing.mark_reported(account text, meter text, period_start timestamptz, quantity numeric,
+                                      report_key text, shadow boolean DEFAULT false)
+RETURNS TABLE (status text, reported numeric)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    r billing.usage_reports;
+BEGIN
+    IF mark_reported.account IS NULL OR mark_reported.meter IS NULL OR mark_reported.period_start IS NULL
+       OR mark_reported.quantity IS NULL OR mark_reported.report_key IS NULL OR mark_reported.shadow IS NULL THEN
+        RAISE EXCEPTION 'account, meter, period_start, quantity, report_key and shadow must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF mark_reported.quantity < 0 THEN
+        RAISE EXCEPTION 'invalid quantity: must not be negative' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mark_reported.period_start <> (SELECT p.period_start FROM billing.usage_period(mark_reported.period_start) p) THEN
+        RAISE EXCEPTION 'invalid period_start: % does not start a period (the 1st of a month, UTC)', mark_reported.period_start
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO r FROM billing.usage_reports x
+    WHERE x.tenant_id = tenant AND x.account = mark_reported.account AND x.meter = mark_reported.meter
+      AND x.period_start = mark_reported.period_start
+    FOR UPDATE;
+    IF FOUND AND r.report_key = mark_reported.report_key THEN
+        RETURN QUERY SELECT 'duplicate'::text, r.reported;
+        RETURN;
+    END IF;
+    IF FOUND AND mark_reported.quantity <= r.reported THEN
+        RETURN QUERY SELECT 'stale'::text, r.reported;
+        RETURN;
+    END IF;
+    IF mark_reported.shadow THEN
+        RETURN QUERY SELECT 'would_mark'::text, mark_reported.quantity;
+        RETURN;
+    END IF;
+    INSERT INTO billing.usage_reports AS x (tenant_id, account, meter, period_start, reported, report_key)
+    VALUES (tenant, mark_reported.account, mark_reported.meter, mark_reported.period_start,
+            mark_reported.quantity, mark_reported.report_key)
+    ON CONFLICT ON CONSTRAINT usage_reports_pkey DO UPDATE
+    SET reported = EXCLUDED.reported, report_key = EXCLUDED.report_key, reported_at = now()
+    WHERE x.reported < EXCLUDED.reported;
+    RETURN QUERY SELECT 'marked'::text, mark_reported.quantity;
+END
+$$;

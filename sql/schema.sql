@@ -324,6 +324,20 @@ CREATE TABLE billing.allowances (
 );
 CREATE INDEX allowances_by_pool ON billing.allowances (pool_id, starts_at);
 
+-- What has been reported to the payment provider of each account's usage
+-- of a meter in a period (postpaid billing): the quantity the provider has,
+-- and the key of the report that brought it there.
+CREATE TABLE billing.usage_reports (
+    tenant_id    text        NOT NULL,
+    account      text        NOT NULL,
+    meter        text        NOT NULL,
+    period_start timestamptz NOT NULL,
+    reported     numeric     NOT NULL,
+    report_key   text        NOT NULL,
+    reported_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, account, meter, period_start)
+);
+
 -- Guests converted to accounts (src/allowances.rs): each guest once, to
 -- one account.
 CREATE TABLE billing.guest_conversions (
@@ -430,6 +444,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.holds', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_prices', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.allowances', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.limits', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_reports', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.guest_conversions', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.limit_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods', '');

@@ -48,6 +48,7 @@ BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'units', 'meters', 'pools', 'grants', 'usage_events', 'holds', 'meter_prices',
                              'meter_periods', 'meter_uniques', 'usage_counters', 'allowances',
                              'limits', 'limit_usage', 'guest_conversions',
+                             'usage_reports',
                              'ledger_entries', 'webhook_endpoints', 'webhook_currencies', 'webhook_events',
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
@@ -70,7 +71,8 @@ REVOKE ALL ON billing.tenant_roles FROM PUBLIC;
 GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, billing.grants,
                 billing.usage_events, billing.holds, billing.meter_prices, billing.meter_periods,
                 billing.meter_uniques, billing.usage_counters, billing.allowances,
-                billing.limits, billing.limit_usage, billing.guest_conversions, billing.ledger_entries,
+                billing.limits, billing.limit_usage, billing.guest_conversions, billing.usage_reports,
+                billing.ledger_entries,
                 billing.webhook_events,
                 billing.webhook_currencies, billing.webhook_objects, billing.webhook_handlers,
                 billing.stripe_reversals, billing.grant_balances, billing.ledger, billing.webhook_endpoint_settings,
@@ -144,6 +146,7 @@ GRANT EXECUTE ON FUNCTION
     billing.usage_log(text, text, bigint, integer),
     billing.invoice_preview(text, timestamptz, boolean),
     billing.simulate_price(text, text, jsonb, timestamptz),
+    billing.usage_to_report(timestamptz, text, integer),
     billing.price_lines(jsonb, numeric),
     billing.price_total(jsonb, numeric),
     billing.verify_ledger(),
@@ -175,7 +178,8 @@ GRANT EXECUTE ON FUNCTION
     billing.end_allowance(text, text),
     billing.set_limit(text, text, text, bigint, text, text, boolean),
     billing.remove_limit(text, text, text),
-    billing.convert_guest(text, text)
+    billing.convert_guest(text, text),
+    billing.mark_reported(text, text, timestamptz, numeric, text, boolean)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

@@ -1,11 +1,31 @@
 -- Windows: the one place that cuts time into the windows of allowances
--- (src/allowances.rs) and limits (src/limits.rs). A periodic window runs from one
+-- (src/allowances.rs) and limits (src/limits.rs). An hour window is an
+-- hour of real time starting on a local hour (so the hour repeated when
+-- clocks fall back is two windows); longer ones run between local
+-- boundaries. A periodic window runs from one
 -- local boundary (midnight, the hour, Monday, the 1st, in the rule's time
 -- zone, so a day across a DST change lasts 23 or 25 hours) to the next; the
 -- first runs from the rule's start to the next boundary. Each instant lies
 -- in exactly one window: a window contains its start and not its end. A
 -- window's credit expires keep_periods windows after its start; a 'never'
 -- window starts with the rule and lasts until the rule ends.
+
+-- The window of a limit that holds `at`: [starts_at, ends_at); 'never' is
+-- one window for all time (ends_at NULL: it never resets).
+CREATE FUNCTION billing.window_of(every text, time_zone text, at timestamptz)
+RETURNS TABLE (starts_at timestamptz, ends_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE WHEN every = 'never' THEN '-infinity'::timestamptz
+                ELSE date_trunc(every, at, time_zone) END,
+           CASE WHEN every = 'never' THEN NULL
+                -- an hour is 3600 seconds whatever the zone: an hour repeated
+                -- when clocks fall back is two windows
+                WHEN every = 'hour' THEN date_trunc('hour', at, time_zone) + interval '1 hour'
+                ELSE (date_trunc(every, at AT TIME ZONE time_zone) + ('1 ' || every)::interval)
+                     AT TIME ZONE time_zone END
+$$;
 
 -- The windows of allowance `a` that start in [since, at] and whose credit
 -- is still spendable at `at`, oldest first.
@@ -19,10 +39,21 @@ AS $$
       AND (a.ends_at IS NULL OR a.ends_at > at)
     UNION ALL
     SELECT w.starts_at, w.expires_at
+    FROM (SELECT interval '1 hour' AS step, date_trunc('hour', a.starts_at, a.time_zone) AS base,
+                 date_trunc('hour', at, a.time_zone) AS here
+          WHERE a.every = 'hour') s
+    CROSS JOIN LATERAL generate_series(greatest(s.base, s.here - a.keep_periods * s.step), s.here, s.step) l
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN l = s.base THEN a.starts_at ELSE l END AS starts_at,
+               l + a.keep_periods * s.step AS expires_at) w
+    WHERE w.starts_at >= since AND w.starts_at <= at AND w.expires_at > at
+      AND (a.ends_at IS NULL OR w.starts_at < a.ends_at)
+    UNION ALL
+    SELECT w.starts_at, w.expires_at
     FROM (SELECT ('1 ' || a.every)::interval AS step,
                  date_trunc(a.every, a.starts_at AT TIME ZONE a.time_zone) AS base,
                  date_trunc(a.every, at AT TIME ZONE a.time_zone) AS here
-          WHERE a.every <> 'never') s
+          WHERE a.every IN ('day', 'week', 'month')) s
     CROSS JOIN LATERAL generate_series(greatest(s.base, s.here - a.keep_periods * s.step), s.here, s.step) l
     CROSS JOIN LATERAL (
         SELECT CASE WHEN l = s.base THEN a.starts_at ELSE l AT TIME ZONE a.time_zone END AS starts_at,
@@ -61,8 +92,7 @@ AS $$
     CROSS JOIN LATERAL (
         SELECT CASE WHEN a.starts_at > at THEN a.starts_at
                     WHEN a.every = 'never' THEN NULL
-                    ELSE (date_trunc(a.every, at AT TIME ZONE a.time_zone) + ('1 ' || a.every)::interval)
-                         AT TIME ZONE a.time_zone END AS starts_at) n
+                    ELSE (SELECT w.ends_at FROM billing.window_of(a.every, a.time_zone, at) w) END AS starts_at) n
     WHERE a.pool_id = pool AND (a.ends_at IS NULL OR n.starts_at < a.ends_at)
 $$;
 
@@ -75,18 +105,4 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog
 AS $$
     SELECT coalesce(w.ends_at, at) FROM billing.window_of(every, time_zone, at) w
-$$;
-
--- The window of a limit that holds `at`: [starts_at, ends_at); 'never' is
--- one window for all time (ends_at NULL: it never resets).
-CREATE FUNCTION billing.window_of(every text, time_zone text, at timestamptz)
-RETURNS TABLE (starts_at timestamptz, ends_at timestamptz)
-LANGUAGE sql STABLE
-SET search_path = pg_catalog
-AS $$
-    SELECT CASE WHEN every = 'never' THEN '-infinity'::timestamptz
-                ELSE date_trunc(every, at AT TIME ZONE time_zone) AT TIME ZONE time_zone END,
-           CASE WHEN every = 'never' THEN NULL
-                ELSE (date_trunc(every, at AT TIME ZONE time_zone) + ('1 ' || every)::interval)
-                     AT TIME ZONE time_zone END
 $$;

@@ -9,6 +9,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::input::{self, JsonArg};
 use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
+use crate::time::Ts;
 
 static UPSERT_ACCOUNT: Sql = Sql {
     text: "INSERT INTO billing.accounts (tenant_id, account, name, metadata) \
@@ -120,9 +121,9 @@ fn set_lanes(account: Option<&str>, unit: Option<&str>, lanes: Option<i32>) -> i
             ));
         }
         set_pool(account, unit, &SET_LANES, lanes.into(), |ledger| {
-            if ledger.limited && lanes > 0 {
+            if (ledger.limited || ledger.allowance_next != Ts::MAX) && lanes > 0 {
                 return Err(BillingError::WrongState(format!(
-                    "the {} pool of account \"{}\" has limits: they need every debit to see the whole pool, so it cannot be split",
+                    "the {} pool of account \"{}\" has limits or an allowance: they need every debit to see the whole pool, so it cannot be split",
                     ledger.unit, ledger.account
                 )));
             }

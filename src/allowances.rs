@@ -64,6 +64,7 @@ pub fn grant_due(client: &mut SpiClient<'_>, ledger: &mut PoolLedger) -> Result<
             })
         })
         .collect::<Result<Vec<Window>>>()?;
+    let granted = !windows.is_empty();
     for w in windows {
         let id = grants::next_grant_id(client)?;
         let key = format!("billing:allowance:{}:{}", w.allowance, w.starts_at);
@@ -92,6 +93,11 @@ pub fn grant_due(client: &mut SpiClient<'_>, ledger: &mut PoolLedger) -> Result<
         .transpose()?
         .ok_or_else(|| BillingError::Internal("pool vanished".into()))?;
     ledger.allowance_next = time::instant(next);
+    // written at once: the caller may return without writing the pool (a
+    // replay), and the grant's row must never be without its entry
+    if granted {
+        ledger.flush(client)?;
+    }
     Ok(())
 }
 
@@ -114,11 +120,13 @@ pub fn due_credit(pool_id: i64, now: Ts) -> Result<i64> {
 
 const EVERY: [&str; 5] = ["hour", "day", "week", "month", "never"];
 
-/// The rule running on a pool now, or the next one to run.
+/// The rule running on a pool now, or the next one to run, and where a
+/// change takes over from it (its start, if it has not started).
 static CURRENT_RULE: Sql = Sql {
     text: "SELECT id, amount, every, time_zone, keep_periods, priority, starts_at, \
                   starts_at > now() AS pending, \
-                  billing.allowance_boundary(every, time_zone, greatest(now(), starts_at)) AS boundary \
+                  CASE WHEN starts_at > now() THEN starts_at \
+                       ELSE billing.allowance_boundary(every, time_zone, now()) END AS boundary \
            FROM billing.allowances WHERE pool_id = $1 AND (ends_at IS NULL OR ends_at > now()) \
            ORDER BY starts_at DESC LIMIT 1",
     args: &[INT8],
@@ -221,12 +229,13 @@ fn current_rule(
         .transpose()
 }
 
-/// End the running rule where the next one takes over (at once if it has
-/// not started); returns that instant.
+/// End the running rule where the next one takes over; returns that
+/// instant. A rule that has not started is dropped, and the next one takes
+/// its start (the rule running before it still owns the time until then).
 fn end_running(client: &mut SpiClient<'_>, id: i64, pending: bool, boundary: Ts) -> Result<Ts> {
     if pending {
         db::write(client, &DROP_PENDING_RULE, &[id.into()])?;
-        return Ok(time::now());
+        return Ok(boundary);
     }
     db::write(
         client,
@@ -292,8 +301,13 @@ fn set_allowance(
         Spi::connect_mut(|client| {
             db::write(client, &CHECK_TIME_ZONE, &[shape.time_zone.as_str().into()])?;
             let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::UnitAndPool)?;
+            if ledger.lanes > 0 {
+                return Err(BillingError::WrongState(format!(
+                    "the {unit} pool of account \"{account}\" is split across lanes: an allowance is granted when the whole pool is locked (billing.set_lanes(…, 0) first)"
+                )));
+            }
             let from = match current_rule(client, ledger.id)? {
-                Some((id, running, false, _)) if running == shape && starts_at.is_none() => {
+                Some((id, running, _, _)) if running == shape && starts_at.is_none() => {
                     return Ok((Some(id), None, "unchanged".to_string()))
                 }
                 Some((id, _, pending, boundary)) => end_running(client, id, pending, boundary)?,
@@ -408,10 +422,15 @@ static REVOKE: Sql = Sql {
 };
 
 /// The guest's running rules become the account's, windows already
-/// granted included, so none is granted again.
+/// granted included, so none is granted again; if the account has a rule
+/// of its own, the guest's end at their next boundary (one rule at a time).
 static MOVE_RULES: Sql = Sql {
-    text: "WITH moved AS (UPDATE billing.allowances SET pool_id = $2, account = $3 \
-                          WHERE pool_id = $1 AND (ends_at IS NULL OR ends_at > now()) RETURNING 1) \
+    text: "WITH moved AS (UPDATE billing.allowances a SET pool_id = $2, account = $3, \
+                                 ends_at = CASE WHEN EXISTS (SELECT 1 FROM billing.allowances o WHERE o.pool_id = $2 \
+                                                  AND (o.ends_at IS NULL OR o.ends_at > now())) \
+                                           THEN least(a.ends_at, billing.allowance_boundary(a.every, a.time_zone, now())) \
+                                           ELSE a.ends_at END \
+                          WHERE a.pool_id = $1 AND (a.ends_at IS NULL OR a.ends_at > now()) RETURNING 1) \
            UPDATE billing.pools p SET allowance_next = CASE WHEN p.id = $1 THEN 'infinity' \
                   ELSE least(p.allowance_next, g.allowance_next) END \
            FROM billing.pools g WHERE g.id = $1 AND p.id IN ($1, $2)",

@@ -85,15 +85,17 @@ fn gate(
             .saturating_add(allowances::due_credit(pool.id, now)?);
     }
     let mut row = decide(amount, &figures);
+    let mut refused_by_limit = false;
     if let Some(pool) = rows.first().filter(|p| p.limited && row.0) {
         let limits = limits::now_for(pool.id, member, now)?;
         if let Some(l) = limits::blocking(&limits, amount) {
+            refused_by_limit = true;
             row.0 = false;
             row.6 = format!("limit:{}", l.name);
             row.7 = l.resets_at.map(time::to_sql);
         }
     }
-    if !row.0 && row.7.is_none() {
+    if !row.0 && !refused_by_limit {
         // refused: a subscription holding back the plan credit of this unit says why
         if let Some(why) = Spi::connect(|client| held_back_by(client, tenant, account, unit))? {
             row.6 = why;

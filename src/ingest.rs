@@ -456,7 +456,6 @@ fn ingest_events(
             meters.insert(e.meter.clone(), m);
         }
         let m = &meters[&e.meter];
-        m.charging(time::now(), e.cost)?;
         by_pool
             .entry((e.account.clone(), m.unit.clone()))
             .or_default()

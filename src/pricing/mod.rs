@@ -427,7 +427,7 @@ static LOCK_METER: Sql = Sql {
                   filter, lateness, late_events, future_skew, description) \
            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11) \
            ON CONFLICT ON CONSTRAINT meters_pkey DO UPDATE SET meter = m.meter \
-           RETURNING (xmax = 0) AS created, m.aggregation, m.property, m.group_by, \
+           RETURNING (xmax = 0) AS created, m.unit, m.aggregation, m.property, m.group_by, \
                      EXISTS (SELECT 1 FROM billing.usage_counters c \
                              WHERE c.tenant_id = m.tenant_id AND c.meter = m.meter) AS used",
     args: &[
@@ -713,12 +713,13 @@ fn define_meter(
                 .ok_or_else(|| BillingError::Internal("meter not written".into()))?;
             let row = Row(&row);
             let created: bool = row.get("created")?;
-            let counted_the_same = row.get::<String>("aggregation")? == settings.aggregation.label()
+            let counted_the_same = row.get::<String>("unit")? == unit
+                && row.get::<String>("aggregation")? == settings.aggregation.label()
                 && row.opt::<String>("property")? == settings.property
                 && row.get::<Vec<String>>("group_by")? == settings.group_by;
             if !created && !counted_the_same && row.get::<bool>("used")? {
                 return Err(BillingError::WrongState(format!(
-                    "meter \"{meter}\" has counted usage: its aggregation, property and group_by stay; define a new meter to count differently"
+                    "meter \"{meter}\" has counted usage: its unit, aggregation, property and group_by stay; define a new meter to count differently"
                 )));
             }
             db::write(c, &UPDATE_METER, &args())?;

@@ -145,6 +145,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "limits",
     "limit_usage",
     "guest_conversions",
+    "usage_reports",
     "webhook_currencies",
     "plans",
     "plan_keys",
