@@ -95,6 +95,31 @@ mod tests {
         let used: i64 = one("SELECT used FROM billing.limits_status('a', 'mills')");
         assert_eq!(used, 70);
         assert_rejected("SELECT * FROM billing.reserve('a', 'mills', 31)", "23514");
+        // an open reservation counts; released or expired, it is given back
+        let h2: i64 = one("SELECT hold_id FROM billing.reserve('a', 'mills', 20)");
+        assert_eq!(
+            one::<i64>("SELECT used FROM billing.limits_status('a', 'mills')"),
+            90
+        );
+        assert_rejected(
+            "SELECT * FROM billing.ingest('a', 'mills', 1, key => 'x', cost => 11, strict => true)",
+            "23514",
+        );
+        run(&format!("SELECT * FROM billing.release({h2})"));
+        assert_eq!(
+            one::<i64>("SELECT used FROM billing.limits_status('a', 'mills')"),
+            70
+        );
+        run("SELECT hold_id FROM billing.reserve('a', 'mills', 30, ttl => '1 minute')");
+        assert_eq!(
+            one::<i64>("SELECT used FROM billing.limits_status('a', 'mills')"),
+            100
+        );
+        travel("a", "2 minutes");
+        // the next call that locks the pool records the expiry and gives the 30 back
+        run("SELECT * FROM billing.ingest('a', 'mills', 1, key => 'y', cost => 1, strict => true)");
+        let used: i64 = one("SELECT sum(used)::bigint FROM billing.limit_usage");
+        assert_eq!(used, 71);
         assert_ledger_consistent();
     }
 

@@ -107,9 +107,11 @@ pub fn travel(account: &str, interval: &str) {
         "UPDATE billing.allowances SET starts_at = starts_at - {shift}, ends_at = ends_at - {shift} \
          WHERE account = '{account}'"
     ));
-    run(&format!(
-        "UPDATE billing.limit_usage SET window_start = window_start - {shift} \
-         WHERE limit_id IN (SELECT id FROM billing.limits WHERE account = '{account}')"
-    ));
+    for table in ["limit_usage", "limit_holds"] {
+        run(&format!(
+            "UPDATE billing.{table} SET window_start = window_start - {shift} \
+             WHERE limit_id IN (SELECT id FROM billing.limits WHERE account = '{account}')"
+        ));
+    }
     run("SET LOCAL session_replication_role = origin");
 }

@@ -338,6 +338,20 @@ CREATE TABLE billing.usage_reports (
     PRIMARY KEY (tenant_id, account, meter, period_start)
 );
 
+-- What each open reservation counts in the limits of its pool (src/limits.rs):
+-- a reservation counts in the window it was made in until it is settled
+-- (then its actual cost replaces it there), released or expired (then it
+-- is given back).
+CREATE TABLE billing.limit_holds (
+    tenant_id    text        NOT NULL,
+    hold_id      bigint      NOT NULL,
+    limit_id     bigint      NOT NULL,
+    window_start timestamptz NOT NULL,
+    member       text        NOT NULL,
+    amount       bigint      NOT NULL,
+    PRIMARY KEY (hold_id, limit_id)
+);
+
 -- Guests converted to accounts (src/allowances.rs): each guest once, to
 -- one account.
 CREATE TABLE billing.guest_conversions (
@@ -445,6 +459,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.meter_prices', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.allowances', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.limits', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_reports', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.limit_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.guest_conversions', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.limit_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods', '');

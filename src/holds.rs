@@ -110,9 +110,9 @@ fn reserve(
             if !ledger.allows(amount) {
                 return Err(ledger.insufficient(amount));
             }
+            let member = limits::member_of(metadata);
+            let mut limits = Limits::default();
             if ledger.limited {
-                let member = limits::member_of(metadata);
-                let mut limits = Limits::default();
                 if let Some(reached) =
                     limits.blocking(client, ledger.id, member.as_deref(), amount, ledger.now)?
                 {
@@ -140,6 +140,26 @@ fn reserve(
             .first()
             .get_one()?
             .ok_or_else(|| BillingError::Internal("hold insert returned no id".into()))?;
+            if ledger.limited {
+                // the reservation counts in its window's limits until it is settled or given back
+                for (limit_id, window_start, member) in
+                    limits.count(client, ledger.id, member.as_deref(), amount, ledger.now)?
+                {
+                    db::write(
+                        client,
+                        &COUNT_HOLD_IN_LIMIT,
+                        &[
+                            tenant.as_str().into(),
+                            id.into(),
+                            limit_id.into(),
+                            time::to_sql(window_start).into(),
+                            member.as_str().into(),
+                            amount.into(),
+                        ],
+                    )?;
+                }
+                limits.save(client, &tenant)?;
+            }
             ledger.open_hold(id, amount, expires_at)?;
             ledger.flush(client)?;
             Ok((
@@ -196,9 +216,23 @@ static SETTLE_HOLD: Sql = Sql {
     args: &[INT8, INT8, TEXT, JSONB, BYTEA],
 };
 
+/// A released hold is closed and gives back what it counted in its pool's limits.
 static RELEASE_HOLD: Sql = Sql {
-    text: "UPDATE billing.holds SET status = 'released', closed_at = now() WHERE id = $1",
+    text: "WITH released AS (UPDATE billing.holds SET status = 'released', closed_at = now() \
+                             WHERE id = $1 RETURNING id) \
+           SELECT billing.give_back_limits(array_agg(id)) FROM released",
     args: &[INT8],
+};
+
+static COUNT_HOLD_IN_LIMIT: Sql = Sql {
+    text: "INSERT INTO billing.limit_holds (tenant_id, hold_id, limit_id, window_start, member, amount) \
+           VALUES ($1, $2, $3, $4, $5, $6)",
+    args: &[TEXT, INT8, INT8, TSTZ, TEXT, INT8],
+};
+
+static SETTLE_LIMITS: Sql = Sql {
+    text: "SELECT billing.settle_limits($1, $2) AS counted",
+    args: &[INT8, INT8],
 };
 
 struct HoldState {
@@ -394,7 +428,13 @@ fn settle(
             });
             metering.commit(&metered, prepared, ledger.now)?;
             metering.save()?;
-            if ledger.limited {
+            // the actual cost replaces what the reservation counted in its limits
+            let counted: i64 = db::write(client, &SETTLE_LIMITS, &[hold_id.into(), actual.into()])?
+                .next()
+                .map(|r| Row(&r).get::<i64>("counted"))
+                .transpose()?
+                .unwrap_or(0);
+            if ledger.limited && counted == 0 {
                 let properties: serde_json::Value = serde_json::from_str(&usage.properties_text)
                     .map_err(|e| BillingError::Internal(format!("properties: {e}")))?;
                 let member = limits::member_of(&properties);

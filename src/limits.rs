@@ -159,7 +159,8 @@ impl Limits {
         Ok(blocking(states, amount).map(|l| l.reached(amount)))
     }
 
-    /// Count `amount` used in every limit that applies.
+    /// Count `amount` used in every limit that applies; returns where it
+    /// counted: (limit, window start, member).
     pub fn count(
         &mut self,
         client: &SpiClient<'_>,
@@ -167,7 +168,7 @@ impl Limits {
         member: Option<&str>,
         amount: i64,
         at: Ts,
-    ) -> Result<()> {
+    ) -> Result<Vec<(i64, Ts, String)>> {
         let mut counted = Vec::new();
         for l in self.states(client, pool_id, member, at)?.iter_mut() {
             l.used = l
@@ -177,6 +178,7 @@ impl Limits {
             counted.push(((l.id, l.window_start, l.member.clone()), l.used));
         }
         // the account's own limits are shared by every member's view
+        let mut where_counted = Vec::new();
         for ((id, start, member), used) in counted {
             for states in self.loaded.values_mut() {
                 for s in states
@@ -186,9 +188,10 @@ impl Limits {
                     s.used = used;
                 }
             }
-            self.used.insert((id, start, member), used);
+            self.used.insert((id, start, member.clone()), used);
+            where_counted.push((id, start, member));
         }
-        Ok(())
+        Ok(where_counted)
     }
 
     pub fn save(&self, client: &mut SpiClient<'_>, tenant: &str) -> Result<()> {

@@ -212,8 +212,12 @@ static CREATE_POOLS: Sql = Sql {
     args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY],
 };
 
+/// Expired holds are closed, and what they counted in their pools' limits
+/// is given back (src/limits.rs).
 static EXPIRE_HOLDS: Sql = Sql {
-    text: "UPDATE billing.holds SET status = 'expired', closed_at = now() WHERE id = ANY($1)",
+    text: "WITH expired AS (UPDATE billing.holds SET status = 'expired', closed_at = now() \
+                            WHERE id = ANY($1) RETURNING id) \
+           SELECT billing.give_back_limits(array_agg(id)) FROM expired",
     args: &[INT8_ARRAY],
 };
 

@@ -146,6 +146,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "limit_usage",
     "guest_conversions",
     "usage_reports",
+    "limit_holds",
     "webhook_currencies",
     "plans",
     "plan_keys",

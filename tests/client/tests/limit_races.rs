@@ -74,3 +74,37 @@ fn concurrent_strict_spending_never_passes_a_limit() {
     assert!(total > 400, "the sessions pushed against the caps: {total}");
     assert!(ledger_problems(&mut admin).is_empty());
 }
+
+#[test]
+fn concurrent_reservations_never_pass_a_limit_together() {
+    let mut admin = fresh_db("pgb_limit_hold_races");
+    admin
+        .batch_execute(
+            "SELECT billing.grant('org', 'usd_mills', 1000000, kind => 'topup');
+             SELECT billing.set_limit('org', 'usd_mills', 'daily', 500);",
+        )
+        .unwrap();
+    let outcomes = run_sessions(SESSIONS, |_, start| {
+        let mut c = pg_billing_client_tests::connect("pgb_limit_hold_races");
+        start.wait();
+        match c.query_one(
+            "SELECT hold_id FROM billing.reserve('org', 'usd_mills', 100)",
+            &[],
+        ) {
+            Ok(_) => "open".to_string(),
+            Err(e) => sqlstate(&e).unwrap_or_else(|| panic!("{e}")),
+        }
+    });
+    let open = outcomes.iter().filter(|o| *o == "open").count();
+    assert_eq!(open, 5, "500 of reservations at most: {outcomes:?}");
+    assert!(outcomes.iter().all(|o| o == "open" || o == "23514"));
+    let used: i64 = admin
+        .query_one(
+            "SELECT used FROM billing.limits_status('org', 'usd_mills')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 500);
+    assert!(ledger_problems(&mut admin).is_empty());
+}
