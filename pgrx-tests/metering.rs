@@ -248,6 +248,10 @@ mod tests {
             "22023",
         );
         assert_rejected(
+            "SELECT * FROM billing.usage('org', 'tokens', now() - interval '1 day', now(), 'day', time_zone => 'Asia/Kolkata')",
+            "22023",
+        );
+        assert_rejected(
             "SELECT * FROM billing.usage('org', 'nope', now() - interval '1 day', now())",
             "42704",
         );

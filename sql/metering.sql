@@ -43,6 +43,14 @@ BEGIN
         RAISE EXCEPTION 'invalid time_zone: "%" is not a time zone PostgreSQL knows', usage.time_zone
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- counters are hourly (UTC hours): a zone whose offset is not a whole
+    -- number of hours in the range would cut hours in two
+    IF EXISTS (
+        SELECT 1 FROM generate_series(usage."from", usage."to", interval '1 day') t
+        WHERE extract(minute FROM (t AT TIME ZONE usage.time_zone) - (t AT TIME ZONE 'UTC')) <> 0) THEN
+        RAISE EXCEPTION 'invalid time_zone: "%" is not a whole number of hours from UTC; counters are hourly', usage.time_zone
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT x.aggregation, x.group_by INTO m FROM billing.meters x
     WHERE x.tenant_id = tenant AND x.meter = usage.meter;
     IF NOT FOUND THEN
