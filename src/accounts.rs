@@ -145,10 +145,7 @@ fn set_pool(
     value: DatumWithOid<'static>,
     allowed: impl Fn(&PoolLedger) -> Result<()>,
 ) -> Result<()> {
-    let account = input::required("account", account)?;
-    let unit = input::required("unit", unit)?;
-    input::account(account)?;
-    input::name("unit", unit)?;
+    let (account, unit) = input::pool(account, unit)?;
     let tenant = current_tenant()?;
     Spi::connect_mut(|client| {
         let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;

@@ -278,10 +278,7 @@ fn set_allowance(
     ),
 > {
     let result = (|| -> Result<AllowanceRow> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
+        let (account, unit) = input::pool(account, unit)?;
         let shape = Shape {
             amount: input::required("amount", amount)?,
             every: input::required("every", every)?.to_string(),
@@ -366,10 +363,7 @@ fn end_allowance(
     ),
 > {
     let result = (|| -> Result<AllowanceRow> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
+        let (account, unit) = input::pool(account, unit)?;
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
             let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;

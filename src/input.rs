@@ -16,6 +16,15 @@ pub fn required<T>(field: &'static str, v: Option<T>) -> Result<T> {
     v.ok_or(BillingError::NullArgument(field))
 }
 
+/// An account and a unit, both required and well-formed: the pool a call names.
+pub fn pool<'a>(account: Option<&'a str>, unit: Option<&'a str>) -> Result<(&'a str, &'a str)> {
+    let account = required("account", account)?;
+    let unit = required("unit", unit)?;
+    self::account(account)?;
+    name("unit", unit)?;
+    Ok((account, unit))
+}
+
 fn printable(s: &str) -> bool {
     !s.chars().any(|c| c.is_control())
 }

@@ -271,15 +271,12 @@ fn set_limit(
     ),
 > {
     let result = (|| -> Result<(i64, String, String)> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
+        let (account, unit) = input::pool(account, unit)?;
         let name = input::required("name", name)?;
         let max = input::required("max", max)?;
         let every = input::required("every", every)?;
         let time_zone = input::required("time_zone", time_zone)?;
         let per_member = input::required("per_member", per_member)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
         input::name("name", name)?;
         input::non_negative("max", max)?;
         if !EVERY.contains(&every) {
@@ -347,11 +344,8 @@ fn set_limit(
 #[search_path(pg_catalog, billing, pg_temp)]
 fn remove_limit(account: Option<&str>, unit: Option<&str>, name: Option<&str>) -> bool {
     (|| -> Result<bool> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
+        let (account, unit) = input::pool(account, unit)?;
         let name = input::required("name", name)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
         input::name("name", name)?;
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
@@ -393,10 +387,7 @@ fn limits_status(
     ),
 > {
     let result = (|| -> Result<Vec<_>> {
-        let account = input::required("account", account)?;
-        let unit = input::required("unit", unit)?;
-        input::account(account)?;
-        input::name("unit", unit)?;
+        let (account, unit) = input::pool(account, unit)?;
         let tenant = current_tenant()?;
         let now = time::now();
         let pool = Spi::connect(|client| -> Result<Option<i64>> {
