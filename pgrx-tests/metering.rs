@@ -554,4 +554,26 @@ mod tests {
             "22023",
         );
     }
+
+    #[pg_test]
+    fn a_settled_hold_is_recorded_under_its_meter_even_without_the_properties_new_usage_needs() {
+        run("SELECT billing.define_meter('users', 'mills', aggregation => 'unique_count', property => 'user')");
+        run(r#"SELECT billing.define_meter('eu', 'mills', filter => '{"region": "eu"}')"#);
+        grant("a", "mills", 1000, "");
+        for meter in ["users", "eu"] {
+            let h: i64 = one("SELECT hold_id FROM billing.reserve('a', 'mills', 100)");
+            let status: String = one(&format!(
+                "SELECT status FROM billing.settle({h}, 40, meter => '{meter}', quantity => 1)"
+            ));
+            assert_eq!(status, "settled", "{meter}: the cost was incurred");
+        }
+        let counted: String = one(
+            "SELECT string_agg(meter || ':' || events || ':' || quantity, ' ' ORDER BY meter) FROM billing.usage_counters",
+        );
+        assert_eq!(
+            counted, "eu:1:1 users:1:0",
+            "no value, no distinct value counted"
+        );
+        assert_ledger_consistent();
+    }
 }

@@ -74,7 +74,7 @@ WITH tenant_pools AS (
                WHEN 'count' THEN count(*)::numeric
                WHEN 'max' THEN max(f.quantity)
                WHEN 'last' THEN (array_agg(f.quantity ORDER BY f.at DESC, f.id DESC))[1]
-               ELSE count(*) FILTER (WHERE f.first_seen)::numeric END AS quantity
+               ELSE count(*) FILTER (WHERE f.first_seen AND f.value IS NOT NULL)::numeric END AS quantity
     FROM (SELECT m.*, row_number() OVER (PARTITION BY m.pool_id, m.meter, m.period, m.value
                                          ORDER BY m.id) = 1 AS first_seen
           FROM metered m) f

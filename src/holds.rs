@@ -394,7 +394,7 @@ fn settle(
                 ));
             }
             let mut metering = Metering::new(&tenant);
-            let (counted, charging) = usage.metered(&metered, ledger.id, ledger.now)?;
+            let (counted, charging) = usage.metered(&metered, ledger.id, ledger.now, true)?;
             let prepared = metering.prepare(&metered, &counted, charging)?;
             if hold.status == "open" {
                 ledger.close_hold(hold_id, hold.amount, EntryKind::Settle, true);

@@ -65,11 +65,15 @@ impl Event {
     /// The event as its meter counts and charges it, for a new event
     /// recorded at `now` in pool row `pool_id` (checked only after its key
     /// was looked up, so a replay returns its original outcome forever).
+    /// `incurred`: usage already paid for (a settled hold), recorded even
+    /// without the properties its meter asks of new usage (a filter's, a
+    /// unique_count's value, which it then does not count).
     pub fn metered<'a>(
         &'a self,
         meter: &'a Meter,
         pool_id: i64,
         now: Ts,
+        incurred: bool,
     ) -> Result<(Usage<'a>, Charging<'a>)> {
         let at = meter.counted_at(self.occurred_at, now)?;
         let properties = if meter.reads_properties(now) {
@@ -78,7 +82,9 @@ impl Event {
         } else {
             Value::Null
         };
-        meter.accepts(&properties)?;
+        if !incurred {
+            meter.accepts(&properties)?;
+        }
         let charging = meter.charging(now, self.cost)?;
         let exact = match charging {
             Charging::Priced { price, .. } if price.is_additive() => {
@@ -94,7 +100,10 @@ impl Event {
             account: &self.account,
             quantity: self.quantity,
             at,
-            unique: meter.unique_value(&properties)?,
+            unique: match meter.unique_value(&properties) {
+                Err(_) if incurred => None,
+                value => value?,
+            },
             groups: meter.groups(&properties),
             exact,
         };
@@ -493,7 +502,7 @@ fn ingest_events(
             }
             let meter = &meters[&event.meter];
             meter.enabled()?;
-            let (usage, charging) = event.metered(meter, ledger.id, ledger.now)?;
+            let (usage, charging) = event.metered(meter, ledger.id, ledger.now, false)?;
             let prepared = metering.prepare(meter, &usage, charging)?;
             let cost = prepared.cost;
             let member = if ledger.limited {
