@@ -54,5 +54,19 @@ SELECT balance, held, debt, available FROM billing.balance('org_42', 'usd_mills'
 SELECT grant_id, kind, priority, amount, remaining, state FROM billing.grant_balances ORDER BY grant_id;
 SELECT version, kind, amount, balance_after, held_after, grant_id, hold_id, event_id FROM billing.ledger ORDER BY version;
 
-\echo '== 10. Invariants: no rows means the ledger is consistent'
+\echo '== 10. A free tier: 20 requests a day, reset at midnight with no job; a per-member cap on spend'
+SELECT status FROM billing.set_allowance('user_7', 'ai_requests', 20, every => 'day');
+SELECT status, available FROM billing.ingest('user_7', 'ai_requests', 1, key => 'req_1', strict => true);
+SELECT name, status FROM billing.set_limit('org_42', 'usd_mills', 'member_daily', 2000, per_member => true);
+SELECT allowed, reason, resets_at FROM billing.check('org_42', 'usd_mills', 2500, member => 'ana');
+
+\echo '== 11. A tiered price: the first 100 calls a month included, then 2 mills, then 1 past 10,000'
+SELECT billing.define_meter('search', 'usd_mills', price => '{"model": "graduated", "included": 100,
+  "tiers": [{"up_to": 10000, "unit_price": 2}, {"up_to": null, "unit_price": 1}]}');
+SELECT key, cost FROM billing.ingest_batch('[
+  {"account": "org_42", "meter": "search", "quantity": 80, "key": "s1"},
+  {"account": "org_42", "meter": "search", "quantity": 30, "key": "s2"}]');
+SELECT kind, meter, description, amount FROM billing.invoice_preview('org_42');
+
+\echo '== 12. Invariants: no rows means the ledger is consistent'
 SELECT * FROM billing.verify_ledger();
