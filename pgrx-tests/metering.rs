@@ -477,12 +477,12 @@ mod tests {
         assert_eq!(
             lines,
             [
+                "usage|ai|costs passed with its events|250",
                 "usage|calls|tier 1 (0 to 1000]|0",
                 "usage|calls|tier 2 (1000 to 10000]|4500",
                 "usage|calls|tier 2 (1000 to 10000], flat|100",
                 "usage|calls|tier 3 (above 10000)|0.4",
                 "adjustment|calls|rounded once for the period, and any earlier price version|-0.4",
-                "usage|ai|costs passed with its events|250",
             ]
             .join("\n")
                 + "\n"

@@ -248,10 +248,10 @@ BEGIN
                NULL::numeric, NULL::numeric, sum(b.amount) AS amount
         FROM body b GROUP BY b.unit
     )
-    SELECT (row_number() OVER (ORDER BY x.unit, x.part, x.meter, x.n))::integer, x.kind, x.description,
+    SELECT (row_number() OVER (ORDER BY x.unit, x.part > 3, x.meter, x.part, x.n))::integer, x.kind, x.description,
            x.meter, x.unit, trim_scale(x.quantity), trim_scale(x.unit_price), trim_scale(x.amount)
     FROM (SELECT * FROM body UNION ALL SELECT * FROM due) x
-    ORDER BY x.unit, x.part, x.meter, x.n;
+    ORDER BY x.unit, x.part > 3, x.meter, x.part, x.n;
 END
 $$;
 
