@@ -140,7 +140,19 @@ mod tests {
             one::<i64>("SELECT count(*) FROM billing.usage_events WHERE meter = 'gpt3'"),
             1
         );
+        // the gate refuses it too, naming it, when the call says which meter it will use
+        assert_eq!(
+            sqlstate("SELECT * FROM billing.check('a', 'mills', 1, meter => 'gpt3')").as_deref(),
+            Some("55000")
+        );
+        assert_rejected(
+            "SELECT * FROM billing.check('a', 'credits', 1, meter => 'gpt3')",
+            "22023",
+        );
         run("SELECT billing.enable_meter('gpt3')");
+        let allowed: bool =
+            one("SELECT allowed FROM billing.check('a', 'mills', 1, meter => 'gpt3')");
+        assert!(allowed);
         assert_eq!(ingest_q("a", "gpt3", "1", "e2", ""), 1);
         assert_rejected("SELECT billing.disable_meter('nope')", "42704");
     }

@@ -16,7 +16,7 @@ mod tests {
         "billing.suspend_grant(?$grant)",
         "billing.resume_grant(?$grant)",
         "billing.reverse_grant(?$grant, ?1)",
-        "billing.check(?'a', ?'mills', ?1, member => ~NULL)",
+        "billing.check(?'a', ?'mills', ?1, member => ~NULL, meter => ~NULL)",
         "billing.limits_status(?'a', ?'mills', member => ~NULL)",
         "billing.set_limit(?'a', ?'mills', ?'daily', ?100, every => ?'day', time_zone => ?'UTC', per_member => ?false)",
         "billing.remove_limit(?'a', ?'mills', ?'daily')",

@@ -139,7 +139,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION billing.current_tenant(), billing.currency_exponent(text),
     billing.grant_state(text, bigint, timestamptz, timestamptz, timestamptz) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    billing."check"(text, text, bigint, text),
+    billing."check"(text, text, bigint, text, text),
     billing.limits_status(text, text, text),
     billing.balance(text, text, timestamptz),
     billing.usage(text, text, timestamptz, timestamptz, text, text[], text),

@@ -8,7 +8,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
 use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
-use crate::{allowances, limits, time};
+use crate::{allowances, limits, pricing, time};
 use pgrx::datum::TimestampWithTimeZone as Tstz;
 
 type CheckRow = (
@@ -26,7 +26,8 @@ type CheckRow = (
 /// within its limits (for `member`, too)? `available = balance − held −
 /// debt`; allowed iff `available − amount ≥ floor` and every limit's window
 /// has room for `amount`. A limit that refuses is named in `reason`
-/// (`limit:<name>`) with the instant its window resets.
+/// (`limit:<name>`) with the instant its window resets. With `meter`, the
+/// meter the call will use must charge `unit` and be enabled.
 #[pg_extern(security_definer, stable)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn check(
@@ -34,6 +35,7 @@ fn check(
     unit: Option<&str>,
     amount: default!(Option<i64>, "0"),
     member: default!(Option<&str>, "NULL"),
+    meter: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -55,9 +57,26 @@ fn check(
         input::name("unit", unit)?;
         input::non_negative("amount", amount)?;
         let tenant = current_tenant()?;
+        if let Some(meter) = meter {
+            usable_meter(&tenant, meter, unit)?;
+        }
         gate(&tenant, account, unit, amount, member)
     })();
     TableIterator::once(result.or_raise())
+}
+
+/// The meter a call is about to use: it must charge `unit` and be enabled
+/// (a retired model is refused here as ingest refuses it).
+fn usable_meter(tenant: &str, meter: &str, unit: &str) -> Result<()> {
+    input::name("meter", meter)?;
+    let found = Spi::connect_mut(|client| pricing::find_meter(client, tenant, meter))?;
+    if found.unit != unit {
+        return Err(BillingError::invalid(
+            "meter",
+            format!("\"{meter}\" charges {}, not {unit}", found.unit),
+        ));
+    }
+    found.enabled()
 }
 
 /// A pool that exists answers from its rows alone (inside their cached
