@@ -21,6 +21,7 @@ use crate::input;
 use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
+use crate::windows;
 
 static DUE: Sql = Sql {
     text: "SELECT allowance_id, starts_at, expires_at, amount, priority \
@@ -118,8 +119,6 @@ pub fn due_credit(pool_id: i64, now: Ts) -> Result<i64> {
     })
 }
 
-const EVERY: [&str; 5] = ["hour", "day", "week", "month", "never"];
-
 /// The rule running on a pool now, or the next one to run, and where a
 /// change takes over from it (its start, if it has not started).
 static CURRENT_RULE: Sql = Sql {
@@ -155,11 +154,6 @@ static RESTART: Sql = Sql {
     args: &[INT8, TSTZ],
 };
 
-static CHECK_TIME_ZONE: Sql = Sql {
-    text: "SELECT now() AT TIME ZONE $1 AS local",
-    args: &[TEXT],
-};
-
 /// An allowance rule as asked for.
 #[derive(PartialEq)]
 struct Shape {
@@ -173,16 +167,7 @@ struct Shape {
 impl Shape {
     fn validate(&self) -> Result<()> {
         input::positive("amount", self.amount)?;
-        if !EVERY.contains(&self.every.as_str()) {
-            return Err(BillingError::invalid(
-                "every",
-                format!(
-                    "\"{}\" is not one of {}",
-                    input::clip(&self.every),
-                    EVERY.join(", ")
-                ),
-            ));
-        }
+        windows::every(&self.every)?;
         if !(1..=366).contains(&self.keep_periods) {
             return Err(BillingError::invalid(
                 "keep_periods",
@@ -296,7 +281,7 @@ fn set_allowance(
         }
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
-            db::write(client, &CHECK_TIME_ZONE, &[shape.time_zone.as_str().into()])?;
+            windows::time_zone(client, &shape.time_zone)?;
             let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::UnitAndPool)?;
             if ledger.lanes > 0 {
                 return Err(BillingError::WrongState(format!(

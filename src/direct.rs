@@ -53,6 +53,21 @@ fn column_index(rel: pg_sys::Relation, column: &CStr) -> Result<usize> {
     Ok((attno - 1) as usize)
 }
 
+/// The row of `billing.<table>` whose leading `index` columns equal `keys`
+/// (an index on a unique key), read by `read`; None if there is none.
+pub fn find_one<T>(
+    table: &CStr,
+    index: &CStr,
+    keys: &[Key],
+    snapshot: Snapshot,
+    read: impl FnMut(&Tuple) -> Result<T>,
+) -> Result<Option<T>> {
+    let mut lookup = Lookup::open(table, index, keys.len(), snapshot)?;
+    let found = lookup.find(keys, read)?.into_iter().next();
+    lookup.close();
+    Ok(found)
+}
+
 /// Which snapshot a lookup reads with.
 pub enum Snapshot {
     /// The calling query's: what a read-only statement sees.

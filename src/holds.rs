@@ -394,8 +394,9 @@ fn settle(
                 ));
             }
             let mut metering = Metering::new(&tenant);
-            let (counted, charging) = usage.metered(&metered, ledger.id, ledger.now, true)?;
+            let (counted, charging) = usage.metered(&metered, &ledger, true)?;
             let prepared = metering.prepare(&metered, &counted, charging)?;
+            let member = counted.member.clone();
             if hold.status == "open" {
                 ledger.close_hold(hold_id, hold.amount, EntryKind::Settle, true);
             }
@@ -435,9 +436,6 @@ fn settle(
                 .transpose()?
                 .unwrap_or(0);
             if ledger.limited && counted == 0 {
-                let properties: serde_json::Value = serde_json::from_str(&usage.properties_text)
-                    .map_err(|e| BillingError::Internal(format!("properties: {e}")))?;
-                let member = limits::member_of(&properties);
                 let mut limits = Limits::default();
                 limits.count(client, ledger.id, member.as_deref(), actual, ledger.now)?;
                 limits.save(client, &tenant)?;

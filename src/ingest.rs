@@ -63,20 +63,21 @@ impl Event {
     }
 
     /// The event as its meter counts and charges it, for a new event
-    /// recorded at `now` in pool row `pool_id` (checked only after its key
-    /// was looked up, so a replay returns its original outcome forever).
+    /// debiting the locked pool row `ledger` (checked only after its key was
+    /// looked up, so a replay returns its original outcome forever); its
+    /// properties are read once, if its meter or the pool's limits need them.
     /// `incurred`: usage already paid for (a settled hold), recorded even
     /// without the properties its meter asks of new usage (a filter's, a
     /// unique_count's value, which it then does not count).
     pub fn metered<'a>(
         &'a self,
         meter: &'a Meter,
-        pool_id: i64,
-        now: Ts,
+        ledger: &PoolLedger,
         incurred: bool,
     ) -> Result<(Usage<'a>, Charging<'a>)> {
+        let now = ledger.now;
         let at = meter.counted_at(self.occurred_at, now)?;
-        let properties = if meter.reads_properties(now) {
+        let properties = if meter.reads_properties(now) || ledger.limited {
             serde_json::from_str(&self.properties_text)
                 .map_err(|e| BillingError::Internal(format!("properties: {e}")))?
         } else {
@@ -96,7 +97,7 @@ impl Event {
             _ => None,
         };
         let usage = Usage {
-            pool_id,
+            pool_id: ledger.id,
             account: &self.account,
             quantity: self.quantity,
             at,
@@ -105,16 +106,10 @@ impl Event {
                 value => value?,
             },
             groups: meter.groups(&properties),
+            member: limits::member_of(&properties),
             exact,
         };
         Ok((usage, charging))
-    }
-
-    /// The member a limit counts this event for: its `member` property.
-    fn member(&self) -> Result<Option<String>> {
-        let properties: Value = serde_json::from_str(&self.properties_text)
-            .map_err(|e| BillingError::Internal(format!("properties: {e}")))?;
-        Ok(limits::member_of(&properties))
     }
 
     /// What must match for a replay: everything the caller said, except strict
@@ -502,16 +497,11 @@ fn ingest_events(
             }
             let meter = &meters[&event.meter];
             meter.enabled()?;
-            let (usage, charging) = event.metered(meter, ledger.id, ledger.now, false)?;
+            let (usage, charging) = event.metered(meter, ledger, false)?;
             let prepared = metering.prepare(meter, &usage, charging)?;
             let cost = prepared.cost;
-            let member = if ledger.limited {
-                event.member()?
-            } else {
-                None
-            };
             let limit_reached = if ledger.limited {
-                limits.blocking(client, ledger.id, member.as_deref(), cost, ledger.now)?
+                limits.blocking(client, ledger.id, usage.member.as_deref(), cost, ledger.now)?
             } else {
                 None
             };
@@ -534,7 +524,7 @@ fn ingest_events(
                 continue;
             }
             if ledger.limited {
-                limits.count(client, ledger.id, member.as_deref(), cost, ledger.now)?;
+                limits.count(client, ledger.id, usage.member.as_deref(), cost, ledger.now)?;
             }
             let price_version = prepared.version;
             metering.commit(meter, prepared, ledger.now)?;

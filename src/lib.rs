@@ -31,6 +31,7 @@ mod subscriptions;
 mod tenancy;
 mod time;
 mod webhooks;
+mod windows;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -20,6 +20,7 @@ use crate::input;
 use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
 use crate::time::{self, Ts};
+use crate::windows;
 
 /// One limit as it stands in the window holding an instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,29 +122,43 @@ pub fn now_for(pool_id: i64, member: Option<&str>, now: Ts) -> Result<Vec<LimitS
     Spi::connect(|client| read_limits(client, pool_id, member, now))
 }
 
+/// Where a limit counts: (limit, window start, member).
+type LimitKey = (i64, Ts, String);
+
 /// The limits of the pools a call debits, read once per (pool, member) and
-/// counted as its debits apply; `save` writes what they used.
+/// counted as its debits apply; `save` writes what they used. Each limit's
+/// window is kept once, however many members' views include it (an
+/// account's own limit applies to every member).
 #[derive(Default)]
 pub struct Limits {
-    loaded: HashMap<(i64, Option<String>), Vec<LimitState>>,
-    /// (limit, window start, member) → used, for every limit a debit counted in
-    used: HashMap<(i64, Ts, String), i64>,
+    /// (pool, member) → the limits that apply to it
+    views: HashMap<(i64, Option<String>), Vec<LimitKey>>,
+    states: HashMap<LimitKey, LimitState>,
+    /// the windows a debit counted in, to write
+    counted: Vec<LimitKey>,
 }
 
 impl Limits {
-    fn states(
+    fn view(
         &mut self,
         client: &SpiClient<'_>,
         pool_id: i64,
         member: Option<&str>,
         at: Ts,
-    ) -> Result<&mut Vec<LimitState>> {
+    ) -> Result<Vec<LimitKey>> {
         let key = (pool_id, member.map(str::to_string));
-        if !self.loaded.contains_key(&key) {
-            let states = read_limits(client, pool_id, member, at)?;
-            self.loaded.insert(key.clone(), states);
+        if let Some(keys) = self.views.get(&key) {
+            return Ok(keys.clone());
         }
-        Ok(self.loaded.get_mut(&key).expect("loaded above"))
+        let mut keys = Vec::new();
+        for state in read_limits(client, pool_id, member, at)? {
+            let k = (state.id, state.window_start, state.member.clone());
+            // a window already counted in by this call keeps what it counted
+            self.states.entry(k.clone()).or_insert(state);
+            keys.push(k);
+        }
+        self.views.insert(key, keys.clone());
+        Ok(keys)
     }
 
     /// The limit `amount` more would pass, if any.
@@ -155,12 +170,16 @@ impl Limits {
         amount: i64,
         at: Ts,
     ) -> Result<Option<BillingError>> {
-        let states = self.states(client, pool_id, member, at)?;
-        Ok(blocking(states, amount).map(|l| l.reached(amount)))
+        let keys = self.view(client, pool_id, member, at)?;
+        Ok(keys
+            .iter()
+            .map(|k| &self.states[k])
+            .find(|l| !l.allows(amount))
+            .map(|l| l.reached(amount)))
     }
 
     /// Count `amount` used in every limit that applies; returns where it
-    /// counted: (limit, window start, member).
+    /// counted.
     pub fn count(
         &mut self,
         client: &SpiClient<'_>,
@@ -168,34 +187,24 @@ impl Limits {
         member: Option<&str>,
         amount: i64,
         at: Ts,
-    ) -> Result<Vec<(i64, Ts, String)>> {
-        let mut counted = Vec::new();
-        for l in self.states(client, pool_id, member, at)?.iter_mut() {
+    ) -> Result<Vec<LimitKey>> {
+        let keys = self.view(client, pool_id, member, at)?;
+        for k in &keys {
+            let l = self.states.get_mut(k).expect("read with its view");
             l.used = l
                 .used
                 .checked_add(amount)
                 .ok_or_else(|| BillingError::Overflow(format!("limit {} used", l.name)))?;
-            counted.push(((l.id, l.window_start, l.member.clone()), l.used));
-        }
-        // the account's own limits are shared by every member's view
-        let mut where_counted = Vec::new();
-        for ((id, start, member), used) in counted {
-            for states in self.loaded.values_mut() {
-                for s in states
-                    .iter_mut()
-                    .filter(|s| s.id == id && s.member == member && s.window_start == start)
-                {
-                    s.used = used;
-                }
+            if !self.counted.contains(k) {
+                self.counted.push(k.clone());
             }
-            self.used.insert((id, start, member.clone()), used);
-            where_counted.push((id, start, member));
         }
-        Ok(where_counted)
+        Ok(keys)
     }
 
     pub fn save(&self, client: &mut SpiClient<'_>, tenant: &str) -> Result<()> {
-        for ((id, start, member), used) in &self.used {
+        for k in &self.counted {
+            let (id, start, member) = k;
             db::write(
                 client,
                 &SAVE_USAGE,
@@ -204,15 +213,13 @@ impl Limits {
                     (*id).into(),
                     time::to_sql(*start).into(),
                     member.as_str().into(),
-                    (*used).into(),
+                    self.states[k].used.into(),
                 ],
             )?;
         }
         Ok(())
     }
 }
-
-const EVERY: [&str; 5] = ["hour", "day", "week", "month", "never"];
 
 static UPSERT_LIMIT: Sql = Sql {
     text: "INSERT INTO billing.limits AS l (tenant_id, pool_id, account, unit, name, max, every, time_zone, per_member) \
@@ -240,11 +247,6 @@ static MARK_LIMITED: Sql = Sql {
     text: "UPDATE billing.pools p SET limited = EXISTS (SELECT 1 FROM billing.limits l WHERE l.pool_id = p.id) \
            WHERE p.id = $1",
     args: &[INT8],
-};
-
-static CHECK_TIME_ZONE: Sql = Sql {
-    text: "SELECT now() AT TIME ZONE $1 AS local",
-    args: &[TEXT],
 };
 
 /// Cap how much of `unit` an account (or each of its members, with
@@ -279,19 +281,10 @@ fn set_limit(
         let per_member = input::required("per_member", per_member)?;
         input::name("name", name)?;
         input::non_negative("max", max)?;
-        if !EVERY.contains(&every) {
-            return Err(BillingError::invalid(
-                "every",
-                format!(
-                    "\"{}\" is not one of {}",
-                    input::clip(every),
-                    EVERY.join(", ")
-                ),
-            ));
-        }
+        windows::every(every)?;
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
-            db::write(client, &CHECK_TIME_ZONE, &[time_zone.into()])?;
+            windows::time_zone(client, time_zone)?;
             let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::UnitAndPool)?;
             if ledger.lanes > 0 {
                 return Err(BillingError::WrongState(format!(

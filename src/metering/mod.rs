@@ -23,7 +23,7 @@ use crate::pricing::price::Price;
 use crate::subscriptions::periods::month_start;
 use crate::time::Ts;
 
-const MICROS_PER_HOUR: i64 = 3_600_000_000;
+pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 /// How a meter's events combine into one quantity per hour and per period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

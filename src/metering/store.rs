@@ -15,13 +15,11 @@ use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::AnyNumeric;
 use rust_decimal::Decimal;
 
-use super::{hour_of, period_of, Aggregate, Observation, PeriodCharges};
-use crate::direct::{Key, Lookup, Sequence, Snapshot, Tuple, Writer};
+use super::{hour_of, period_of, Aggregate, Observation, PeriodCharges, MICROS_PER_HOUR};
+use crate::direct::{find_one, Key, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
 use crate::pricing::{Charging, Meter};
 use crate::time::{self, Ts};
-
-const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 type PeriodKey = (i64, String, Ts);
 type UniqueKey = (i64, String, Ts, String);
@@ -53,6 +51,8 @@ pub struct Usage<'a> {
     pub unique: Option<String>,
     /// The counter's group key (`Meter::groups`).
     pub groups: String,
+    /// The member limits count it for (its `member` property).
+    pub member: Option<String>,
     /// An additive price's exact cost of this event.
     pub exact: Option<Decimal>,
 }
@@ -183,18 +183,20 @@ impl Metering {
         if self.uniques.contains_key(key) {
             return Ok(false);
         }
-        let mut lookup = Lookup::open(c"meter_uniques", c"meter_uniques_pkey", 4, Snapshot::New)?;
-        let found = lookup.find(
-            &[
-                Key::Int8(key.0),
-                Key::Text(&key.1),
-                Key::Tstz(key.2),
-                Key::Text(&key.3),
-            ],
+        let keys = [
+            Key::Int8(key.0),
+            Key::Text(&key.1),
+            Key::Tstz(key.2),
+            Key::Text(&key.3),
+        ];
+        let found = find_one(
+            c"meter_uniques",
+            c"meter_uniques_pkey",
+            &keys,
+            Snapshot::New,
             |_| Ok(()),
         )?;
-        lookup.close();
-        if found.is_empty() {
+        if found.is_none() {
             return Ok(true);
         }
         self.uniques.insert(key.clone(), false);
@@ -203,32 +205,31 @@ impl Metering {
 
     fn period(&mut self, key: &PeriodKey) -> Result<&mut PeriodRow> {
         if !self.periods.contains_key(key) {
-            let mut lookup =
-                Lookup::open(c"meter_periods", c"meter_periods_key", 3, Snapshot::New)?;
-            let found = lookup
-                .find(
-                    &[Key::Int8(key.0), Key::Text(&key.1), Key::Tstz(key.2)],
-                    |t| {
-                        Ok(PeriodRow {
-                            id: Some(t.get(c"id")?),
-                            charges: PeriodCharges {
-                                aggregate: Aggregate {
-                                    events: 0,
-                                    quantity: numeric(t, c"quantity")?,
-                                    last_at: instant(t, c"last_at")?,
-                                },
-                                version: t.get(c"version")?,
-                                switch_quantity: numeric(t, c"switch_quantity")?,
-                                exact: numeric(t, c"exact")?,
-                                base: t.get(c"base")?,
-                                charged: t.get(c"charged")?,
+            let keys = [Key::Int8(key.0), Key::Text(&key.1), Key::Tstz(key.2)];
+            let found = find_one(
+                c"meter_periods",
+                c"meter_periods_key",
+                &keys,
+                Snapshot::New,
+                |t| {
+                    Ok(PeriodRow {
+                        id: Some(t.get(c"id")?),
+                        charges: PeriodCharges {
+                            aggregate: Aggregate {
+                                events: 0,
+                                quantity: numeric(t, c"quantity")?,
+                                last_at: instant(t, c"last_at")?,
                             },
-                            changed: false,
-                        })
-                    },
-                )?
-                .pop();
-            lookup.close();
+                            version: t.get(c"version")?,
+                            switch_quantity: numeric(t, c"switch_quantity")?,
+                            exact: numeric(t, c"exact")?,
+                            base: t.get(c"base")?,
+                            charged: t.get(c"charged")?,
+                        },
+                        changed: false,
+                    })
+                },
+            )?;
             let row = found.unwrap_or(PeriodRow {
                 id: None,
                 charges: PeriodCharges::new(),
@@ -241,33 +242,32 @@ impl Metering {
 
     fn counter(&mut self, key: CounterKey, account: &str) -> Result<&mut CounterRow> {
         if !self.counters.contains_key(&key) {
-            let mut lookup =
-                Lookup::open(c"usage_counters", c"usage_counters_key", 4, Snapshot::New)?;
-            let found = lookup
-                .find(
-                    &[
-                        Key::Int8(key.0),
-                        Key::Text(&key.1),
-                        Key::Tstz(key.2),
-                        Key::Text(&key.3),
-                    ],
-                    |t| {
-                        Ok(CounterRow {
-                            id: Some(t.get(c"id")?),
-                            account: t.get(c"account")?,
-                            aggregate: Aggregate {
-                                events: t.get(c"events")?,
-                                quantity: numeric(t, c"quantity")?,
-                                last_at: instant(t, c"last_at")?,
-                            },
-                            cost: t.get(c"cost")?,
-                            revised_at: instant(t, c"revised_at")?,
-                            changed: false,
-                        })
-                    },
-                )?
-                .pop();
-            lookup.close();
+            let keys = [
+                Key::Int8(key.0),
+                Key::Text(&key.1),
+                Key::Tstz(key.2),
+                Key::Text(&key.3),
+            ];
+            let found = find_one(
+                c"usage_counters",
+                c"usage_counters_key",
+                &keys,
+                Snapshot::New,
+                |t| {
+                    Ok(CounterRow {
+                        id: Some(t.get(c"id")?),
+                        account: t.get(c"account")?,
+                        aggregate: Aggregate {
+                            events: t.get(c"events")?,
+                            quantity: numeric(t, c"quantity")?,
+                            last_at: instant(t, c"last_at")?,
+                        },
+                        cost: t.get(c"cost")?,
+                        revised_at: instant(t, c"revised_at")?,
+                        changed: false,
+                    })
+                },
+            )?;
             let row = found.unwrap_or(CounterRow {
                 id: None,
                 account: account.to_string(),
