@@ -59,7 +59,7 @@ mod tests {
             one("SELECT event_id FROM billing.ingest('a', 'mills', 1, key => 'e1', cost => 45)");
         let entries: String = one(&format!(
             "SELECT string_agg(kind || ':' || grant_id || ':' || amount, ',' ORDER BY version) \
-             FROM billing.ledger_entries WHERE event_id = {event}"
+             FROM billing.ledger WHERE event_id = {event}"
         ));
         assert_eq!(entries, format!("debit:{g1}:-30,debit:{g2}:-15"));
         assert_ledger_consistent();

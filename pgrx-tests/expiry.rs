@@ -73,7 +73,7 @@ mod tests {
         grant("a", "mills", 10, ", kind => 'topup'");
         let expired: String = one(&format!(
             "SELECT kind || ':' || amount || ':' || (effective_at = (SELECT expires_at FROM billing.grants WHERE id = {g})) \
-             FROM billing.ledger_entries WHERE grant_id = {g} AND kind = 'expire'"
+             FROM billing.ledger WHERE grant_id = {g} AND kind = 'expire'"
         ));
         assert_eq!(
             expired, "expire:-70:true",
@@ -104,7 +104,7 @@ mod tests {
             "the sweep changes no balance"
         );
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM billing.ledger_entries WHERE kind = 'expire'"),
+            one::<i64>("SELECT count(*) FROM billing.ledger WHERE kind = 'expire'"),
             1
         );
         assert_eq!(

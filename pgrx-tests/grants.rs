@@ -19,7 +19,7 @@ mod tests {
         assert_eq!(g, "20,30,20", "the grant pays the 30 of debt first");
         let repayment: String = one(
             "SELECT kind || ':' || grant_amount || ':' || debt_amount || ':' || amount \
-                                     FROM billing.ledger_entries WHERE kind = 'debt_repayment'",
+                                     FROM billing.ledger WHERE kind = 'debt_repayment'",
         );
         assert_eq!(
             repayment, "debt_repayment:-30:-30:0",
@@ -75,7 +75,7 @@ mod tests {
         let again: String = one(&format!("SELECT status FROM billing.revoke_unused({g})"));
         assert_eq!(again, "duplicate", "revoking twice changes nothing");
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM billing.ledger_entries WHERE kind = 'revoke'"),
+            one::<i64>("SELECT count(*) FROM billing.ledger WHERE kind = 'revoke'"),
             1
         );
         assert_ledger_consistent();
@@ -129,7 +129,7 @@ mod tests {
         let _ = plan;
         // Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining
         let lhs: i64 = one("SELECT sum(amount)::bigint FROM billing.grants");
-        let out: i64 = one("SELECT (-sum(grant_amount) FILTER (WHERE kind <> 'grant'))::bigint FROM billing.ledger_entries");
+        let out: i64 = one("SELECT (-sum(grant_amount) FILTER (WHERE kind <> 'grant'))::bigint FROM billing.ledger");
         let rem: i64 = one("SELECT sum(remaining)::bigint FROM billing.grants");
         assert_eq!(lhs - out, rem);
         assert_ledger_consistent();

@@ -90,7 +90,7 @@ mod tests {
         let status: String = one(&format!("SELECT status FROM billing.holds WHERE id = {h}"));
         assert_eq!(status, "expired");
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM billing.ledger_entries WHERE kind = 'hold_expire'"),
+            one::<i64>("SELECT count(*) FROM billing.ledger WHERE kind = 'hold_expire'"),
             1
         );
         let released: String = one(&format!("SELECT status FROM billing.release({h})"));

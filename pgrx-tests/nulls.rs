@@ -54,6 +54,7 @@ mod tests {
         "billing.currency_exponent(~'usd')",
         "billing.grant_state(~'active', ~1, ~now(), ~NULL, ~now())",
         "billing.verify_ledger()",
+        "billing.grant_entry_totals(~'{1}'::bigint[])",
         "billing.define_plan(?'p1', ?'{\"mills\": {\"amount\": 1}}', ?'[]', ~NULL, ?10, ~NULL, ?0)",
         "billing.retire_plan(?'p1')",
         "billing.sync_subscription(?'{}', ?'2027-01-01'::timestamptz, ?'stripe', ?'poll')",

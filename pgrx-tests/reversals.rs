@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(remaining(g), 0);
         assert_eq!(
             one::<i64>(&format!(
-                "SELECT count(*) FROM billing.ledger_entries WHERE grant_id = {g} AND kind = 'expire'"
+                "SELECT count(*) FROM billing.ledger WHERE grant_id = {g} AND kind = 'expire'"
             )),
             1
         );

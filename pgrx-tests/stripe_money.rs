@@ -242,7 +242,7 @@ mod tests {
             "1,000 paid, 1,000 taken back at most: 200 used are owed"
         );
         let total: i64 = one(
-            "SELECT sum(-grant_amount + debt_amount)::bigint FROM billing.ledger_entries \
+            "SELECT sum(-grant_amount + debt_amount)::bigint FROM billing.ledger \
              WHERE grant_id = (SELECT id FROM billing.grants WHERE key = 'stripe:pi_1') \
                AND kind IN ('revoke', 'debt')",
         );

@@ -410,7 +410,7 @@ mod tests {
             "its expiry is recorded once it comes back"
         );
         let expired: i64 = one(&format!(
-            "SELECT -grant_amount FROM billing.ledger_entries WHERE grant_id = {first} AND kind = 'expire'"
+            "SELECT -grant_amount FROM billing.ledger WHERE grant_id = {first} AND kind = 'expire'"
         ));
         assert_eq!(expired, 1000);
         assert_ledger_consistent();
@@ -1087,7 +1087,7 @@ mod tests {
             "credit held back past its period is expired"
         );
         assert_eq!(
-            one::<String>(&format!("SELECT kind::text FROM billing.ledger_entries WHERE grant_id = {held} ORDER BY version DESC LIMIT 1")),
+            one::<String>(&format!("SELECT kind::text FROM billing.ledger WHERE grant_id = {held} ORDER BY version DESC LIMIT 1")),
             "expire"
         );
         assert_eq!(periodic(), "expiries=0,held_back=0,renewals=0");

@@ -48,7 +48,7 @@ pub fn footprint() -> String {
             (SELECT count(*) FROM billing.pools), (SELECT coalesce(sum(version), 0) FROM billing.pools), \
             (SELECT count(*) FROM billing.grants), (SELECT coalesce(sum(remaining), 0) FROM billing.grants), \
             (SELECT count(*) FROM billing.usage_events), (SELECT count(*) FROM billing.holds), \
-            (SELECT count(*) FROM billing.ledger_entries))",
+            (SELECT count(*) FROM billing.ledger))",
     )
 }
 
@@ -102,6 +102,11 @@ pub fn travel(account: &str, interval: &str) {
     run(&format!(
         "UPDATE billing.ledger_entries SET effective_at = effective_at - {shift}, \
              recorded_at = recorded_at - {shift} WHERE account = '{account}'"
+    ));
+    // the ledger entries usage events carry (schema.sql, usage_events)
+    run(&format!(
+        "UPDATE billing.usage_events SET entry_at = entry_at - {shift}, \
+             recorded_at = recorded_at - {shift} WHERE account = '{account}' AND entry_version IS NOT NULL"
     ));
     run(&format!(
         "UPDATE billing.allowances SET starts_at = starts_at - {shift}, ends_at = ends_at - {shift} \

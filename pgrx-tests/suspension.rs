@@ -49,7 +49,7 @@ mod tests {
         ingest("a", "mills", 10, "e4");
         assert_eq!(remaining(plan), 60, "spendable again, first in drain order");
         let kinds: String = one(&format!(
-            "SELECT string_agg(kind::text, ',' ORDER BY version) FROM billing.ledger_entries \
+            "SELECT string_agg(kind::text, ',' ORDER BY version) FROM billing.ledger \
              WHERE grant_id = {plan} AND kind IN ('suspend', 'resume')"
         ));
         assert_eq!(
@@ -57,7 +57,7 @@ mod tests {
             "each change is one entry; replays add none"
         );
         let moved: i64 = one(&format!(
-            "SELECT sum(abs(amount) + abs(grant_amount))::bigint FROM billing.ledger_entries \
+            "SELECT sum(abs(amount) + abs(grant_amount))::bigint FROM billing.ledger \
              WHERE grant_id = {plan} AND kind IN ('suspend', 'resume')"
         ));
         assert_eq!(moved, 0, "suspension moves no amount");
@@ -129,7 +129,7 @@ mod tests {
         );
         assert_eq!(resume(plan), "active,0,0", "resumed after its expiry: gone");
         let expired: i64 = one(&format!(
-            "SELECT -grant_amount FROM billing.ledger_entries WHERE grant_id = {plan} AND kind = 'expire'"
+            "SELECT -grant_amount FROM billing.ledger WHERE grant_id = {plan} AND kind = 'expire'"
         ));
         assert_eq!(expired, 70, "its expiry is in the ledger");
         assert_ledger_consistent();

@@ -33,7 +33,7 @@ mod tests {
              FROM billing.usage_events WHERE key = 'e1'"
         ));
         assert!(one::<bool>(
-            "SELECT bool_and(effective_at = now()) FROM billing.ledger_entries WHERE kind = 'debit'"
+            "SELECT bool_and(effective_at = now()) FROM billing.ledger WHERE kind = 'debit'"
         ));
         assert!(one::<bool>(
             "SELECT cache_until = '2031-02-03 04:05:06.789012+00'::timestamptz \
@@ -196,7 +196,7 @@ mod tests {
             format!("billing:hold:{h},gpt,mills,1234,250,250,0,u1,t")
         );
         let tagged: i64 = one(&format!(
-            "SELECT count(*) FROM billing.ledger_entries WHERE kind = 'debit' AND event_id = {event_id} AND hold_id = {h}"
+            "SELECT count(*) FROM billing.ledger WHERE kind = 'debit' AND event_id = {event_id} AND hold_id = {h}"
         ));
         assert_eq!(tagged, 1, "the debit names the event and the hold");
         let before = footprint();

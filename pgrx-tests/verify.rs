@@ -25,13 +25,22 @@ mod tests {
         run("SELECT * FROM billing.reserve('a', 'mills', 10)");
         assert_eq!(problems(), "");
 
-        tamper("UPDATE billing.ledger_entries SET balance_before = balance_before + 1, balance_after = balance_after + 1 WHERE version = 2");
+        // version 2, the debit of e1, is carried by its usage event
+        tamper("UPDATE billing.usage_events SET balance_after = balance_after + 1 WHERE entry_version = 2");
         assert!(
-            problems().contains("balance_before does not chain"),
+            problems().contains("entry version 2: balance_before does not chain"),
             "{}",
             problems()
         );
-        tamper("UPDATE billing.ledger_entries SET balance_before = balance_before - 1, balance_after = balance_after - 1 WHERE version = 2");
+        tamper("UPDATE billing.usage_events SET balance_after = balance_after - 1 WHERE entry_version = 2");
+        assert_eq!(problems(), "");
+        tamper("UPDATE billing.ledger_entries SET balance_before = balance_before + 1, balance_after = balance_after + 1 WHERE version = 3");
+        assert!(
+            problems().contains("entry version 3: balance_before does not chain"),
+            "{}",
+            problems()
+        );
+        tamper("UPDATE billing.ledger_entries SET balance_before = balance_before - 1, balance_after = balance_after - 1 WHERE version = 3");
         assert_eq!(problems(), "");
 
         tamper(&format!(
@@ -53,15 +62,32 @@ mod tests {
         assert!(problems().contains("its entries hold 10"), "{}", problems());
         tamper("UPDATE billing.holds SET status = 'open'");
 
-        tamper("UPDATE billing.ledger_entries SET event_id = 999999 WHERE event_id IS NOT NULL");
+        tamper("UPDATE billing.ledger_entries SET event_id = 999999 WHERE version = 3");
         assert!(
             problems().contains("names a missing usage event 999999"),
             "{}",
             problems()
         );
-        tamper("UPDATE billing.ledger_entries SET event_id = (SELECT id FROM billing.usage_events) WHERE event_id = 999999");
+        tamper("UPDATE billing.ledger_entries SET event_id = NULL WHERE event_id = 999999");
         assert_eq!(problems(), "");
-        tamper("DELETE FROM billing.ledger_entries WHERE version = 2");
+        tamper("UPDATE billing.usage_events SET entry_grant = 999999 WHERE entry_version = 2");
+        let p = problems();
+        assert!(
+            p.contains("entry version 2 names a missing grant 999999"),
+            "{p}"
+        );
+        assert!(
+            p.contains(&format!(
+                "grant {g}: remaining 70 but its entries sum to 100"
+            )),
+            "{p}"
+        );
+        tamper(&format!(
+            "UPDATE billing.usage_events SET entry_grant = {g} WHERE entry_version = 2"
+        ));
+        assert_eq!(problems(), "");
+        // an event that no longer carries its debit leaves a gap
+        tamper("UPDATE billing.usage_events SET entry_version = NULL WHERE entry_version = 2");
         assert!(problems().contains("version gap"), "{}", problems());
     }
 
@@ -95,13 +121,32 @@ mod tests {
         tamper(&format!(
             "UPDATE billing.usage_events SET covered = 30 WHERE id = {e}"
         ));
-        tamper("UPDATE billing.ledger_entries SET amount = amount + 1, balance_after = balance_after + 1 WHERE version = 2");
+        tamper("UPDATE billing.ledger_entries SET amount = amount + 1, balance_after = balance_after + 1 WHERE version = 1");
         assert!(
             problems().contains("amount differs from grant_amount - debt_amount"),
             "{}",
             problems()
         );
-        tamper("UPDATE billing.ledger_entries SET amount = amount - 1, balance_after = balance_after - 1 WHERE version = 2");
+        tamper("UPDATE billing.ledger_entries SET amount = amount - 1, balance_after = balance_after - 1 WHERE version = 1");
+        assert_eq!(problems(), "");
+        // the debit e1 carries must be a whole debit of one grant
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT entry_version FROM billing.usage_events WHERE id = {e}"
+            )),
+            2
+        );
+        tamper(&format!(
+            "UPDATE billing.usage_events SET debt_created = 1, cost = 31 WHERE id = {e}"
+        ));
+        assert!(
+            problems().contains("carries a ledger entry that is not a whole debit of one grant"),
+            "{}",
+            problems()
+        );
+        tamper(&format!(
+            "UPDATE billing.usage_events SET debt_created = 0, cost = 30 WHERE id = {e}"
+        ));
         assert_eq!(problems(), "");
         tamper(&format!(
             "UPDATE billing.usage_events SET pool_id = -1 WHERE id = {e}"

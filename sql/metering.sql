@@ -234,7 +234,7 @@ BEGIN
         SELECT 5 AS part, NULL::text AS meter, p.unit, min(g.id)::integer AS n, 'credit'::text AS kind,
                format('paid from grant %s (%s)', g.id, g.kind) AS description, NULL::numeric, NULL::numeric,
                sum(e.grant_amount)::numeric AS amount
-        FROM pools p JOIN billing.ledger_entries e ON e.pool_id = p.id
+        FROM pools p JOIN billing.ledger e ON e.pool_id = p.id
         JOIN billing.grants g ON g.id = coalesce((SELECT x.parent_id FROM billing.grants x WHERE x.id = e.grant_id), e.grant_id)
         WHERE NOT invoice_preview.projected AND e.kind IN ('debit', 'debt_repayment')
           AND e.effective_at >= ps AND e.effective_at < pe AND e.grant_id IS NOT NULL

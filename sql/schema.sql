@@ -12,6 +12,8 @@
 -- billing.verify_ledger(); pools and grants leave room on each page so the
 -- update of every event stays a HOT update (no index entry written). A ledger
 -- entry is identified by (pool_id, version); its id is unique but not indexed.
+-- A usage event paid in full by one grant carries its own ledger entry (see
+-- usage_events); billing.ledger reads both.
 
 -- What a ledger entry records: the one list, mirrored by EntryKind in
 -- src/ledger/core.rs (a test compares them).
@@ -210,6 +212,18 @@ CREATE TABLE billing.usage_events (
     recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     properties      jsonb       NOT NULL DEFAULT '{}',
     request_hash    bytea       NOT NULL,
+    -- A debit that one grant paid in full (most usage) is its own ledger
+    -- entry: the entry's columns are kept here instead of in a row of
+    -- ledger_entries, so such an event writes one row and one index entry
+    -- fewer. NULL when the event's entries are rows of ledger_entries. The
+    -- entry is of kind 'debit' with amount = grant_amount = -covered and no
+    -- debt or hold moved; billing.ledger shows both kinds of entries as one.
+    entry_version   bigint,
+    entry_grant     bigint,
+    balance_after   bigint,
+    debt_after      bigint,
+    held_after      bigint,
+    entry_at        timestamptz,
     UNIQUE (tenant_id, key)
 );
 -- Reports read the hourly counters (billing.usage_counters), so events need

@@ -150,6 +150,7 @@ GRANT EXECUTE ON FUNCTION
     billing.price_lines(jsonb, numeric),
     billing.price_total(jsonb, numeric),
     billing.verify_ledger(),
+    billing.grant_entry_totals(bigint[]),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)

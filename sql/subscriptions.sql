@@ -1397,11 +1397,11 @@ LEFT JOIN LATERAL (
     CROSS JOIN LATERAL (SELECT gr.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
                                                         WHERE c.parent_id = gr.id), 0) AS remaining) r) g ON true
 LEFT JOIN LATERAL (
-    SELECT -sum(e.grant_amount)::bigint AS used FROM billing.ledger_entries e
-    WHERE e.kind IN ('debit', 'debt_repayment')
-      AND e.grant_id IN (SELECT gid.id FROM unnest(sa.grant_ids) AS gid(id)
-                         UNION ALL
-                         SELECT c.id FROM billing.grants c WHERE c.parent_id = ANY (sa.grant_ids))) u ON true;
+    SELECT -sum(e.grant_amount)::bigint AS used
+    FROM billing.grant_entry_totals(ARRAY(SELECT gid.id FROM unnest(sa.grant_ids) AS gid(id)
+                                          UNION ALL
+                                          SELECT c.id FROM billing.grants c WHERE c.parent_id = ANY (sa.grant_ids))) e
+    WHERE e.kind IN ('debit', 'debt_repayment')) u ON true;
 
 -- What polls (a reconciliation pull, or an app that cannot receive webhooks)
 -- found changed that no event had delivered, per field: the drift between

@@ -13,12 +13,41 @@ CROSS JOIN LATERAL (SELECT g.remaining + coalesce((SELECT sum(c.remaining) FROM 
                                                    WHERE c.parent_id = g.id), 0)::bigint AS remaining) r
 WHERE g.parent_id IS NULL;
 
--- Ledger entries in pool order, with the grant, hold or event they concern.
+-- Every ledger entry, with the grant, hold or event it concerns: the rows of
+-- ledger_entries and the debits usage events carry themselves (schema.sql,
+-- usage_events; their entry_id is NULL). Every reader of entries reads this.
 CREATE VIEW billing.ledger WITH (security_invoker = true) AS
 SELECT e.account, e.unit, e.version, e.kind, e.amount, e.balance_after, e.debt_after,
        e.held_after, e.grant_id, e.hold_id, e.event_id, e.effective_at, e.recorded_at,
        e.grant_amount, e.debt_amount, e.hold_amount, e.balance_before, e.pool_id, e.id AS entry_id
-FROM billing.ledger_entries e;
+FROM billing.ledger_entries e
+UNION ALL
+SELECT u.account, u.unit, u.entry_version, 'debit'::billing.entry_kind, -u.covered, u.balance_after,
+       u.debt_after, u.held_after, u.entry_grant, NULL::bigint, u.id, u.entry_at, u.recorded_at,
+       -u.covered, 0::bigint, 0::bigint, u.balance_after + u.covered, u.pool_id, NULL::bigint
+FROM billing.usage_events u
+WHERE u.entry_version IS NOT NULL;
+
+-- The entries of some grants (or lane shares), summed by kind: the rows of
+-- ledger_entries that name them, and one 'debit' row per grant for the
+-- debits usage events carry, which is what those rows leave unexplained of
+-- its remaining (Σ grant_amount of a grant's entries = its remaining, rule 8).
+-- Read from the grants' own rows and entries, never by scanning a pool's events.
+CREATE FUNCTION billing.grant_entry_totals(grant_ids bigint[])
+RETURNS TABLE (grant_id bigint, kind billing.entry_kind, grant_amount bigint, debt_amount bigint)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, billing
+AS $$
+    SELECT e.grant_id, e.kind, sum(e.grant_amount)::bigint, sum(e.debt_amount)::bigint
+    FROM billing.ledger_entries e WHERE e.grant_id = ANY (grant_ids)
+    GROUP BY e.grant_id, e.kind
+    UNION ALL
+    SELECT g.id, 'debit', c.carried, 0
+    FROM billing.grants g
+    CROSS JOIN LATERAL (SELECT g.remaining - coalesce(sum(e.grant_amount), 0)::bigint AS carried
+                        FROM billing.ledger_entries e WHERE e.grant_id = g.id) c
+    WHERE g.id = ANY (grant_ids) AND c.carried <> 0
+$$;
 
 -- docs/architecture.md, rule 8, for every pool of the current tenant: returns one row per
 -- violation, so an empty result means the ledger is consistent.
@@ -53,8 +82,12 @@ WITH tenant_pools AS (
            lag(e.debt_after, 1, 0::bigint) OVER w + e.debt_amount AS expect_debt, e.debt_after,
            lag(e.held_after, 1, 0::bigint) OVER w + e.hold_amount AS expect_held, e.held_after,
            row_number() OVER w AS n
-    FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+    FROM billing.ledger e JOIN tenant_pools p ON p.id = e.pool_id
     WINDOW w AS (PARTITION BY e.pool_id ORDER BY e.version)
+), grant_sums AS (
+    SELECT e.grant_id, sum(e.grant_amount) AS total
+    FROM billing.ledger e JOIN tenant_pools p ON p.id = e.pool_id
+    WHERE e.grant_id IS NOT NULL GROUP BY e.grant_id
 ), metered AS (
     -- each event where its counters count it (src/metering)
     SELECT u.id, u.pool_id, u.account, u.unit, u.meter, u.quantity, u.cost, u.price_version,
@@ -93,7 +126,7 @@ UNION ALL
 SELECT g.pool_id, g.account, g.unit,
        format('grant %s: remaining %s but its entries sum to %s', g.id, g.remaining, coalesce(s.total, 0))
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
-LEFT JOIN LATERAL (SELECT sum(e.grant_amount) AS total FROM billing.ledger_entries e WHERE e.grant_id = g.id) s ON true
+LEFT JOIN grant_sums s ON s.grant_id = g.id
 WHERE g.remaining <> coalesce(s.total, 0)
 UNION ALL
 SELECT h.pool_id, h.account, h.unit,
@@ -106,7 +139,7 @@ SELECT e.pool_id, e.account, e.unit, format('entry version %s names a missing %s
        CASE WHEN e.grant_id IS NOT NULL AND g.id IS NULL THEN 'grant ' || e.grant_id
             WHEN e.hold_id IS NOT NULL AND h.id IS NULL THEN 'hold ' || e.hold_id
             ELSE 'usage event ' || e.event_id END)
-FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+FROM billing.ledger e JOIN tenant_pools p ON p.id = e.pool_id
 LEFT JOIN billing.grants g ON g.id = e.grant_id AND g.pool_id = e.pool_id
 LEFT JOIN billing.holds h ON h.id = e.hold_id AND h.pool_id = e.pool_id
 LEFT JOIN billing.usage_events u ON u.id = e.event_id AND u.pool_id = e.pool_id
@@ -118,7 +151,7 @@ SELECT p.id, p.account, p.unit,
               p.version, p.remaining, p.debt, p.held,
               coalesce(l.version, 0), coalesce(gr.total, 0), coalesce(l.debt_after, 0), coalesce(l.held_after, 0))
 FROM tenant_pools p
-LEFT JOIN LATERAL (SELECT e.version, e.debt_after, e.held_after, e.balance_after FROM billing.ledger_entries e
+LEFT JOIN LATERAL (SELECT e.version, e.debt_after, e.held_after, e.balance_after FROM billing.ledger e
                    WHERE e.pool_id = p.id ORDER BY e.version DESC LIMIT 1) l ON true
 LEFT JOIN LATERAL (SELECT sum(g.remaining) AS total FROM billing.grants g WHERE g.pool_id = p.id) gr ON true
 WHERE p.version <> coalesce(l.version, 0) OR p.remaining <> coalesce(gr.total, 0)
@@ -161,11 +194,14 @@ FROM billing.usage_events u JOIN tenant_pools p ON p.id = u.pool_id
 CROSS JOIN LATERAL (VALUES
     (u.quantity < 0, 'negative quantity'),
     (u.cost < 0 OR u.covered < 0 OR u.debt_created < 0, 'negative amount'),
-    (u.covered + u.debt_created <> u.cost, 'covered + debt_created differs from cost')) r(broken, rule)
+    (u.covered + u.debt_created <> u.cost, 'covered + debt_created differs from cost'),
+    (u.entry_version IS NOT NULL AND (u.debt_created <> 0 OR u.entry_grant IS NULL OR u.balance_after IS NULL
+                                      OR u.debt_after IS NULL OR u.held_after IS NULL OR u.entry_at IS NULL),
+     'carries a ledger entry that is not a whole debit of one grant')) r(broken, rule)
 WHERE r.broken
 UNION ALL
 SELECT e.pool_id, e.account, e.unit, format('entry version %s: %s', e.version, r.rule)
-FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+FROM billing.ledger e JOIN tenant_pools p ON p.id = e.pool_id
 CROSS JOIN LATERAL (VALUES
     (e.balance_before + e.amount <> e.balance_after, 'balance_before + amount differs from balance_after'),
     (e.amount <> e.grant_amount - e.debt_amount, 'amount differs from grant_amount - debt_amount'),

@@ -386,9 +386,9 @@ static GRANT_ROW: Sql = Sql {
 
 /// Its lane shares' entries count as its own (their transfers cancel out).
 static GRANT_ENTRIES: Sql = Sql {
-    text: "SELECT kind::text AS kind, grant_amount, debt_amount FROM billing.ledger_entries \
-           WHERE grant_id IN (SELECT $1 UNION ALL \
-                              SELECT c.id FROM billing.grants c WHERE c.parent_id = $1)",
+    text: "SELECT kind::text AS kind, grant_amount, debt_amount \
+           FROM billing.grant_entry_totals(ARRAY(SELECT $1 UNION ALL \
+                                                 SELECT c.id FROM billing.grants c WHERE c.parent_id = $1))",
     args: &[INT8],
 };
 

@@ -19,7 +19,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
 use crate::ledger::{
-    drains_json, flush_all, flush_checked, Create, EventRows, Flushed, PoolLedger,
+    drains_json, flush_all, flush_checked, CarriedEntries, Create, EventRows, Flushed, PoolLedger,
 };
 use crate::limits::{self, Limits};
 use crate::metering::store::{Metering, Usage};
@@ -722,7 +722,7 @@ impl EventRows for NewEvents<'_, '_> {
         self.0.len()
     }
 
-    fn write(&self, tenant: &str, w: &mut Writer) -> Result<()> {
+    fn write(&self, tenant: &str, w: &mut Writer, carried: &CarriedEntries) -> Result<()> {
         let now = time::now();
         for n in self.0 {
             let quantity = AnyNumeric::try_from(n.event.quantity.to_string().as_str())
@@ -751,6 +751,7 @@ impl EventRows for NewEvents<'_, '_> {
                 .set(c"recorded_at", time::clock_now())?
                 .set_made(c"properties", || direct::jsonb(&n.event.properties_text))?
                 .set(c"request_hash", n.hash.as_slice())?;
+            carried.set_columns(w, n.id)?;
             w.insert()?;
         }
         Ok(())

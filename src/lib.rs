@@ -54,6 +54,7 @@ extension_sql_file!(
     requires = [
         "schema",
         "webhooks",
+        "views",
         tenancy::current_tenant_sql,
         subscriptions::allowance_periods
     ]
@@ -76,7 +77,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/metering.sql",
     name = "metering",
-    requires = ["schema", tenancy::current_tenant_sql]
+    requires = ["schema", "views", tenancy::current_tenant_sql]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 

@@ -252,6 +252,39 @@ pub struct Entry {
     pub effective_at: Ts,
 }
 
+impl Entry {
+    /// A debit one grant paid in full, for a usage event, moving no debt
+    /// and no hold: all a usage event's row needs to be this entry itself.
+    fn is_plain_debit(&self) -> bool {
+        self.kind == EntryKind::Debit
+            && self.event_id.is_some()
+            && self.grant_id.is_some()
+            && self.hold_id.is_none()
+            && self.debt_amount == 0
+            && self.hold_amount == 0
+            && self.amount == self.grant_amount
+    }
+}
+
+/// The entries that usage events carry on their own rows rather than as rows
+/// of `ledger_entries`, by event id: a plain debit that is the only entry
+/// its event caused (the common case: one grant pays the whole cost).
+pub fn entries_events_carry<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+) -> std::collections::HashMap<i64, &'a Entry> {
+    let mut by_event: std::collections::HashMap<i64, (usize, &'a Entry)> = Default::default();
+    for e in entries {
+        if let Some(event) = e.event_id {
+            by_event.entry(event).or_insert((0, e)).0 += 1;
+        }
+    }
+    by_event
+        .into_iter()
+        .filter(|(_, (n, e))| *n == 1 && e.is_plain_debit())
+        .map(|(event, (_, e))| (event, e))
+        .collect()
+}
+
 /// How much one grant gave to a debit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drain {

@@ -225,7 +225,31 @@ static EXPIRE_HOLDS: Sql = Sql {
 /// ingest or settle, owns them): `write` inserts each, for `tenant`, through `w`.
 pub trait EventRows {
     fn count(&self) -> usize;
-    fn write(&self, tenant: &str, w: &mut Writer) -> Result<()>;
+    /// Each event's row carries its ledger entry if `carried` has one
+    /// (`CarriedEntries::set_columns`).
+    fn write(&self, tenant: &str, w: &mut Writer, carried: &CarriedEntries) -> Result<()>;
+}
+
+/// The ledger entries that usage events carry on their own rows
+/// (`core::entries_events_carry`), by event id; `write_entries` leaves them out.
+pub struct CarriedEntries<'a>(HashMap<i64, &'a Entry>);
+
+impl CarriedEntries<'_> {
+    /// The entry columns of event `event_id`'s row: its entry, or NULLs.
+    pub fn set_columns(&self, w: &mut Writer, event_id: i64) -> Result<()> {
+        let e = self.0.get(&event_id);
+        w.set(c"entry_version", e.map(|e| e.version))?
+            .set(c"entry_grant", e.and_then(|e| e.grant_id))?
+            .set(c"balance_after", e.map(|e| e.balance_after))?
+            .set(c"debt_after", e.map(|e| e.debt_after))?
+            .set(c"held_after", e.map(|e| e.held_after))?
+            .set(c"entry_at", e.map(|e| time::to_sql(e.effective_at)))?;
+        Ok(())
+    }
+
+    fn carries(&self, e: &Entry) -> bool {
+        e.event_id.is_some_and(|id| self.0.contains_key(&id))
+    }
 }
 
 /// Whether a pool that does not exist yet may be created by this call.
@@ -1103,10 +1127,13 @@ pub fn flush_checked(
         .first()
         .map(|l| l.tenant.clone())
         .ok_or_else(|| BillingError::Internal("events without a pool".into()))?;
+    let carried = CarriedEntries(self::core::entries_events_carry(
+        changed.iter().flat_map(|l| l.entries().iter()),
+    ));
     if let Some(events) = events {
         let write = || -> Result<()> {
             let mut w = Writer::open(c"usage_events")?;
-            events.write(&tenant, &mut w)?;
+            events.write(&tenant, &mut w, &carried)?;
             w.close();
             Ok(())
         };
@@ -1133,7 +1160,7 @@ pub fn flush_checked(
     if !expired.is_empty() {
         db::write(client, &EXPIRE_HOLDS, &[expired.into()])?;
     }
-    write_entries(&tenant, &changed)?;
+    write_entries(&tenant, &changed, &carried)?;
     let dirty: Vec<(i64, i64)> = changed.iter().flat_map(|l| l.dirty_grants()).collect();
     if !dirty.is_empty() {
         let mut grants = Writer::open(c"grants")?;
@@ -1153,11 +1180,12 @@ pub fn flush_checked(
     Ok(Flushed::All)
 }
 
-/// The ledger entries of some pools.
-fn write_entries(tenant: &str, pools: &[&PoolLedger]) -> Result<()> {
+/// The ledger entries of some pools that no usage event carries.
+fn write_entries(tenant: &str, pools: &[&PoolLedger], carried: &CarriedEntries) -> Result<()> {
     let entries: Vec<(&PoolLedger, &Entry)> = pools
         .iter()
         .flat_map(|l| l.entries().iter().map(move |e| (*l, e)))
+        .filter(|(_, e)| !carried.carries(e))
         .collect();
     if entries.is_empty() {
         return Ok(());

@@ -896,3 +896,47 @@ fn ties_break_by_age_and_inactive_grants_are_skipped() {
         "grant 5 becomes spendable next"
     );
 }
+
+#[test]
+fn an_event_carries_its_entry_only_when_one_grant_paid_it_all() {
+    let now = 1_000_000;
+    let grants = vec![
+        GrantState::new(1, 10, 10, 0, None),
+        GrantState::new(2, 50, 10, 0, None),
+    ];
+    let booked = Booked {
+        version: 2,
+        remaining: 20,
+        debt: 0,
+        held: 0,
+    };
+    let mut pool = Pool::open(
+        booked,
+        i64::MIN,
+        now - 1,
+        now,
+        grants,
+        Holds::Loaded(vec![]),
+    );
+    pool.current_event = Some(100);
+    pool.debit(4).unwrap(); // grant 1 alone
+    pool.current_event = Some(101);
+    pool.debit(10).unwrap(); // grants 1 and 2
+    pool.current_event = Some(102);
+    pool.debit(12).unwrap(); // grant 2, then debt
+    pool.current_event = Some(103);
+    pool.debit(0).unwrap(); // nothing to record
+    pool.current_event = None;
+    pool.debit(1).unwrap(); // not a usage event's
+    let carried = entries_events_carry(pool.entries().iter());
+    assert_eq!(carried.keys().copied().collect::<Vec<_>>(), vec![100]);
+    let e = carried[&100];
+    assert_eq!((e.version, e.grant_id, e.amount), (3, Some(1), -4));
+    assert_eq!(
+        pool.entries()
+            .iter()
+            .filter(|e| e.event_id == Some(101))
+            .count(),
+        2
+    );
+}

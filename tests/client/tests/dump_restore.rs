@@ -132,20 +132,21 @@ fn dump_and_restore_reproduce_balances_and_history() {
         .unwrap()
         .get(0);
     assert_eq!(dup, "duplicate", "idempotency keys survive");
-    let max_before: i64 = c
-        .query_one("SELECT max(id) FROM billing.ledger_entries", &[])
-        .unwrap()
-        .get(0);
-    r.batch_execute("SELECT * FROM billing.ingest('org_1', 'ai', 1, key => 'after-restore')")
-        .unwrap();
-    let max_after: i64 = r
-        .query_one("SELECT max(id) FROM billing.ledger_entries", &[])
-        .unwrap()
-        .get(0);
-    assert!(
-        max_after > max_before,
-        "sequences continue after the restored ids"
-    );
+    const MAX_IDS: &str = "SELECT (SELECT max(id) FROM billing.ledger_entries), \
+                                  (SELECT max(id) FROM billing.usage_events)";
+    let before_ids = c.query_one(MAX_IDS, &[]).unwrap();
+    r.batch_execute(
+        "SELECT * FROM billing.ingest('org_1', 'ai', 1, key => 'after-restore');
+         SELECT * FROM billing.grant('org_1', 'usd_mills', 5, kind => 'manual', key => 'after-restore')",
+    )
+    .unwrap();
+    let after_ids = r.query_one(MAX_IDS, &[]).unwrap();
+    for i in 0..2 {
+        assert!(
+            after_ids.get::<_, i64>(i) > before_ids.get::<_, i64>(i),
+            "sequences continue after the restored ids"
+        );
+    }
     let settled: String = r
         .query_one(
             "SELECT status FROM billing.settle((SELECT id FROM billing.holds WHERE key = 'h-open'), 1500)",

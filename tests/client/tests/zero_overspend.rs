@@ -185,7 +185,7 @@ fn never_overspend(db: &'static str, lanes: i32, credit: i64) {
             .query_one(
                 "SELECT count(*) FILTER (WHERE p.lane > 0 AND e.kind = 'debit'), \
                         count(*) FILTER (WHERE e.kind = 'transfer') \
-                 FROM billing.ledger_entries e JOIN billing.pools p ON p.id = e.pool_id",
+                 FROM billing.ledger e JOIN billing.pools p ON p.id = e.pool_id",
                 &[],
             )
             .unwrap();

@@ -53,7 +53,7 @@ BEGIN
         created_at = created_at - d, closed_at = closed_at - d;
     UPDATE billing.pools SET cache_from = cache_from - d, cache_until = cache_until - d;
     UPDATE billing.ledger_entries SET effective_at = effective_at - d, recorded_at = recorded_at - d;
-    UPDATE billing.usage_events SET occurred_at = occurred_at - d, recorded_at = recorded_at - d,
+    UPDATE billing.usage_events SET occurred_at = occurred_at - d, recorded_at = recorded_at - d, entry_at = entry_at - d,
         booked_at = booked_at - d;
     UPDATE billing.usage_counters SET hour = hour - d, last_at = last_at - d, revised_at = revised_at - d;
     -- a period is a calendar month, so moved events regroup: the scenario's
@@ -136,7 +136,7 @@ SELECT task, done > 0 AS did_something FROM billing.run_periodic() ORDER BY task
 
 -- The whole life in the ledger and in the subscription's history.
 SELECT e.kind, count(*) AS entries, sum(e.grant_amount) AS credit_moved
-FROM billing.ledger_entries e JOIN billing.pools p ON p.id = e.pool_id
+FROM billing.ledger e JOIN billing.pools p ON p.id = e.pool_id
 WHERE p.account = 'org_life' GROUP BY e.kind ORDER BY e.kind;
 SELECT source, (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(changes) k) AS changed, credit
 FROM billing.subscription_changes c JOIN billing.subscriptions s ON s.id = c.subscription_id
