@@ -65,6 +65,40 @@ mod tests {
         assert_ledger_consistent();
     }
 
+    // A debit one grant paid in full is carried by its usage event: one row,
+    // no row of ledger_entries, the same entry in billing.ledger, and a
+    // replay answers its drains (a lane's share named by its grant).
+    #[pg_test]
+    fn an_event_paid_by_one_grant_carries_its_entry() {
+        let g = grant("a", "mills", 100, "");
+        let first = ingest("a", "mills", 30, "k1");
+        assert_eq!(first, format!("[{{\"amount\": 30, \"grant_id\": {g}}}]"));
+        let row: String = one(
+            "SELECT concat_ws(',', entry_version, entry_grant, balance_after, debt_after, held_after, \
+                    drains IS NULL, (SELECT count(*) FROM billing.ledger_entries e WHERE e.event_id = u.id)) \
+             FROM billing.usage_events u WHERE key = 'k1'",
+        );
+        assert_eq!(row, format!("2,{g},70,0,0,t,0"));
+        let entry: String = one(
+            "SELECT concat_ws(',', version, kind, amount, grant_amount, balance_before, balance_after, entry_id IS NULL) \
+             FROM billing.ledger WHERE event_id = (SELECT id FROM billing.usage_events WHERE key = 'k1')",
+        );
+        assert_eq!(entry, "2,debit,-30,-30,100,70,t");
+        assert_eq!(ingest("a", "mills", 30, "k1"), first, "a replay answers the drains");
+        let b = grant("b", "mills", 1000, "");
+        run("SELECT billing.set_lanes('b', 'mills', 2)");
+        ingest("b", "mills", 10, "k0"); // the pool deals its lanes their shares
+        let on_lane = ingest("b", "mills", 10, "k2");
+        assert_eq!(
+            one::<i32>("SELECT p.lane::int FROM billing.usage_events u JOIN billing.pools p ON p.id = u.pool_id WHERE key = 'k2'") > 0,
+            true,
+            "a lane paid it"
+        );
+        assert_eq!(on_lane, format!("[{{\"amount\": 10, \"grant_id\": {b}}}]"));
+        assert_eq!(ingest("b", "mills", 10, "k2"), on_lane);
+        assert_ledger_consistent();
+    }
+
     #[pg_test]
     fn pending_and_voided_grants_are_never_drained() {
         let pending = grant(

@@ -202,7 +202,8 @@ CREATE TABLE billing.usage_events (
     covered         bigint      NOT NULL,
     debt_created    bigint      NOT NULL,
     strict          boolean     NOT NULL,
-    drains          jsonb       NOT NULL,
+    -- the grants that paid it; NULL when it carries its debit (below)
+    drains          jsonb,
     available_after bigint      NOT NULL,
     entitled_after  boolean     NOT NULL,
     occurred_at     timestamptz NOT NULL,

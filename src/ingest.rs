@@ -14,12 +14,13 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::db::{self, Sql, TEXT};
-use crate::direct::{self, Key, Lookup, Sequence, Snapshot, Tuple, Writer};
+use crate::direct::{self, find_one, Key, Lookup, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
 use crate::ledger::{
-    drains_json, flush_all, flush_checked, CarriedEntries, Create, EventRows, Flushed, PoolLedger,
+    drains_json, flush_all, flush_checked, CarriedEntries, Create, Drain, EventRows, Flushed,
+    PoolLedger,
 };
 use crate::limits::{self, Limits};
 use crate::metering::store::{Metering, Usage};
@@ -683,8 +684,11 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
             .find(&[Key::Text(tenant), Key::Text(key)], stored_event)?
             .pop()
         {
-            Some(stored) => {
-                found.insert(key.to_string(), stored);
+            Some((hash, mut outcome, carried_grant)) => {
+                if let Some(grant) = carried_grant {
+                    outcome.drains = carried_drains(grant, outcome.covered)?;
+                }
+                found.insert(key.to_string(), (hash, outcome));
             }
             None => {
                 new_ids.insert(key.to_string(), ids.next()?);
@@ -695,9 +699,31 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
     Ok((found, new_ids))
 }
 
-/// A stored event: its request fingerprint and the outcome a replay returns.
-fn stored_event(t: &Tuple) -> Result<(Vec<u8>, Outcome)> {
-    let drains: JsonB = t.get(c"drains")?;
+/// The drains of an event that carries its debit (schema.sql, usage_events):
+/// its grant paid the whole cost; a lane's share is named by its grant.
+fn carried_drains(grant: i64, covered: i64) -> Result<Value> {
+    let parent = find_one(
+        c"grants",
+        c"grants_pkey",
+        &[Key::Int8(grant)],
+        Snapshot::New,
+        |t| t.opt::<i64>(c"parent_id"),
+    )?
+    .flatten();
+    Ok(drains_json(&[Drain {
+        grant_id: parent.unwrap_or(grant),
+        amount: covered,
+    }]))
+}
+
+/// A stored event: its request fingerprint, the outcome a replay returns,
+/// and the grant of the debit it carries, whose drain it does not store.
+fn stored_event(t: &Tuple) -> Result<(Vec<u8>, Outcome, Option<i64>)> {
+    let drains: Option<JsonB> = t.opt(c"drains")?;
+    let carried_grant = match drains {
+        Some(_) => None,
+        None => Some(t.get(c"entry_grant")?),
+    };
     let outcome = Outcome {
         key: t.get(c"key")?,
         event_id: Some(t.get(c"id")?),
@@ -707,11 +733,11 @@ fn stored_event(t: &Tuple) -> Result<(Vec<u8>, Outcome)> {
         cost: t.get(c"cost")?,
         covered: t.get(c"covered")?,
         debt_created: t.get(c"debt_created")?,
-        drains: drains.0,
+        drains: drains.map_or(Value::Null, |d| d.0),
         available: t.get(c"available_after")?,
         entitled: t.get(c"entitled_after")?,
     };
-    Ok((t.get(c"request_hash")?, outcome))
+    Ok((t.get(c"request_hash")?, outcome, carried_grant))
 }
 
 /// New events, written with their pools' changes (see ledger::EventRows).
@@ -740,7 +766,11 @@ impl EventRows for NewEvents<'_, '_> {
                 .set(c"covered", n.outcome.covered)?
                 .set(c"debt_created", n.outcome.debt_created)?
                 .set(c"strict", n.event.strict)?
-                .set(c"drains", JsonB(n.outcome.drains.clone()))?
+                // a carried debit's drain is its entry (`stored_event` rebuilds it)
+                .set(
+                    c"drains",
+                    (!carried.carries_event(n.id)).then(|| JsonB(n.outcome.drains.clone())),
+                )?
                 .set(c"available_after", n.outcome.available)?
                 .set(c"entitled_after", n.outcome.entitled)?
                 .set(

@@ -248,7 +248,11 @@ impl CarriedEntries<'_> {
     }
 
     fn carries(&self, e: &Entry) -> bool {
-        e.event_id.is_some_and(|id| self.0.contains_key(&id))
+        e.event_id.is_some_and(|id| self.carries_event(id))
+    }
+
+    pub fn carries_event(&self, event_id: i64) -> bool {
+        self.0.contains_key(&event_id)
     }
 }
 
