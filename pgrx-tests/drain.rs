@@ -84,7 +84,11 @@ mod tests {
              FROM billing.ledger WHERE event_id = (SELECT id FROM billing.usage_events WHERE key = 'k1')",
         );
         assert_eq!(entry, "2,debit,-30,-30,100,70,t");
-        assert_eq!(ingest("a", "mills", 30, "k1"), first, "a replay answers the drains");
+        assert_eq!(
+            ingest("a", "mills", 30, "k1"),
+            first,
+            "a replay answers the drains"
+        );
         let b = grant("b", "mills", 1000, "");
         run("SELECT billing.set_lanes('b', 'mills', 2)");
         ingest("b", "mills", 10, "k0"); // the pool deals its lanes their shares

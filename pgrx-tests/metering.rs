@@ -171,7 +171,7 @@ mod tests {
         );
         let revised: bool = one(
             "SELECT revised_at = now() AND hour = date_trunc('hour', (now() - interval '1 hour') AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' \
-             FROM billing.usage_counters",
+             FROM billing.hourly_usage WHERE hour < date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
         );
         assert!(revised);
         // beyond 48 hours: refused, naming the meter and the window
@@ -201,7 +201,7 @@ mod tests {
             "the event keeps when it occurred and records when it counts"
         );
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM billing.usage_counters"),
+            one::<i64>("SELECT count(*) FROM billing.hourly_usage"),
             2,
             "the late hour and the current one"
         );
@@ -227,7 +227,7 @@ mod tests {
                  properties => '{{\"model\": \"{model}\", \"member\": \"{member}\", \"other\": {i}}}')"
             ));
         }
-        assert_eq!(one::<i64>("SELECT count(*) FROM billing.usage_counters"), 4);
+        assert_eq!(one::<i64>("SELECT count(*) FROM billing.hourly_usage"), 4);
         // per day over three days ending today: the empty day shows 0
         let days: String = one(
             "SELECT string_agg(events || ':' || quantity || ':' || cost, ' ' ORDER BY period_start) \
@@ -407,15 +407,100 @@ mod tests {
         run("SELECT billing.define_meter('calls', 'mills', aggregation => 'max', unit_price => 2, description => 'x')");
     }
 
+    /// Where each hourly counter is: (meter, hours ago, events) of the
+    /// counter the pool row keeps, then of each usage_counters row.
+    fn counter_homes() -> String {
+        const AGO: &str = "extract(hour FROM date_trunc('hour', now()) - h)::int";
+        one(&format!(
+            "SELECT concat_ws(' | ', \
+               (SELECT string_agg(counter_meter || ':' || {} || ':' || counter_events, ',') \
+                FROM billing.pools CROSS JOIN LATERAL (SELECT counter_hour AS h) x WHERE counter_meter IS NOT NULL), \
+               (SELECT string_agg(meter || ':' || {} || ':' || events, ',' ORDER BY meter, hour) \
+                FROM billing.usage_counters CROSS JOIN LATERAL (SELECT hour AS h) x))",
+            AGO, AGO
+        ))
+    }
+
+    /// Every stored instant of usage moves back an hour (test only).
+    fn an_hour_passes() {
+        run("SET LOCAL session_replication_role = replica");
+        run("UPDATE billing.usage_events SET occurred_at = occurred_at - interval '1 hour', \
+                 recorded_at = recorded_at - interval '1 hour', entry_at = entry_at - interval '1 hour'");
+        run("UPDATE billing.usage_counters SET hour = hour - interval '1 hour'");
+        run("UPDATE billing.pools SET counter_hour = counter_hour - interval '1 hour'");
+        run("SET LOCAL session_replication_role = origin");
+    }
+
+    // The current hour's counter of one meter is kept on the pool row every
+    // event updates anyway; another meter's, or another hour's, is a row of
+    // its own; once its hour has ended, the kept counter goes back to its
+    // row and the current hour's takes its place. Reports and verify read both.
+    #[pg_test]
+    fn the_pool_row_keeps_the_current_hours_counter() {
+        run("SELECT billing.define_meter('calls', 'mills', unit_price => 1)");
+        run("SELECT billing.define_meter('files', 'mills', unit_price => 2)");
+        grant("a", "mills", 1000, "");
+        ingest_q("a", "calls", "1", "c1", "");
+        ingest_q("a", "calls", "1", "c2", "");
+        assert_eq!(counter_homes(), "calls:0:2");
+        ingest_q("a", "files", "1", "f1", "");
+        ingest_q(
+            "a",
+            "calls",
+            "1",
+            "late",
+            ", occurred_at => now() - interval '3 hours'",
+        );
+        assert_eq!(counter_homes(), "calls:0:2 | calls:3:1,files:0:1");
+        assert_ledger_consistent();
+        an_hour_passes();
+        ingest_q("a", "files", "1", "f2", "");
+        assert_eq!(
+            counter_homes(),
+            "files:0:1 | calls:4:1,calls:1:2,files:1:1",
+            "the ended hour's counter went back to a row"
+        );
+        ingest_q("a", "calls", "1", "c3", "");
+        ingest_q("a", "files", "1", "f3", "");
+        assert_eq!(
+            counter_homes(),
+            "files:0:2 | calls:4:1,calls:1:2,calls:0:1,files:1:1"
+        );
+        let report: String = one(
+            "SELECT string_agg(meter || ':' || events, ',' ORDER BY meter) FROM (\
+               SELECT meter, sum(events) AS events FROM billing.hourly_usage GROUP BY meter) x",
+        );
+        assert_eq!(report, "calls:4,files:3");
+        let today: i64 = one(
+            "SELECT sum(events)::bigint FROM billing.usage('a', 'files', now() - interval '1 day', now() + interval '1 hour')",
+        );
+        assert_eq!(today, 3);
+        assert_ledger_consistent();
+    }
+
     #[pg_test]
     fn verify_ledger_reports_a_counter_that_differs_from_its_events() {
         run("SELECT billing.define_meter('calls', 'mills', unit_price => 1)");
         grant("a", "mills", 100, "");
         ingest_q("a", "calls", "3", "e1", "");
+        // an earlier hour's counter is a row of usage_counters
+        ingest_q(
+            "a",
+            "calls",
+            "2",
+            "e2",
+            ", occurred_at => now() - interval '2 hours'",
+        );
         assert_ledger_consistent();
         run("UPDATE billing.usage_counters SET quantity = 4");
         let problem: String = one("SELECT problem FROM billing.verify_ledger()");
         assert!(problem.starts_with("meter calls, hour"), "{problem}");
+        run("UPDATE billing.usage_counters SET quantity = 2");
+        assert_ledger_consistent();
+        // the current hour's is kept on the pool row
+        run("UPDATE billing.pools SET counter_quantity = 4 WHERE counter_meter = 'calls'");
+        let problem: String = one("SELECT problem FROM billing.verify_ledger()");
+        assert!(problem.contains("quantity 4"), "{problem}");
     }
 
     #[pg_test]
@@ -580,7 +665,7 @@ mod tests {
             assert_eq!(status, "settled", "{meter}: the cost was incurred");
         }
         let counted: String = one(
-            "SELECT string_agg(meter || ':' || events || ':' || quantity, ' ' ORDER BY meter) FROM billing.usage_counters",
+            "SELECT string_agg(meter || ':' || events || ':' || quantity, ' ' ORDER BY meter) FROM billing.hourly_usage",
         );
         assert_eq!(
             counted, "eu:1:1 users:1:0",

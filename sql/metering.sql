@@ -1,4 +1,4 @@
--- Usage reports, read from the hourly counters (billing.usage_counters)
+-- Usage reports, read from the hourly counters (billing.hourly_usage)
 -- rather than from events: a month of one account's usage is at most 744
 -- counter rows per group, however many events it had.
 
@@ -77,7 +77,7 @@ BEGIN
                         '{}'::jsonb) AS groups,
                c.events, c.quantity, c.last_at, c.cost
         FROM billing.pools p
-        JOIN billing.usage_counters c ON c.pool_id = p.id
+        JOIN billing.hourly_usage c ON c.pool_id = p.id
         WHERE p.tenant_id = tenant AND p.account = usage.account AND c.meter = usage.meter
           AND c.hour >= date_trunc('hour', usage."from") AND c.hour < usage."to"
     ), summed AS (
@@ -186,7 +186,7 @@ BEGIN
         WHERE p.tenant_id = tenant AND p.account = invoice_preview.account
     ), counted AS (
         SELECT c.meter, p.unit, sum(c.events) AS events, sum(c.cost) AS cost
-        FROM pools p JOIN billing.usage_counters c ON c.pool_id = p.id
+        FROM pools p JOIN billing.hourly_usage c ON c.pool_id = p.id
         WHERE c.hour >= ps AND c.hour < pe
         GROUP BY c.meter, p.unit
     ), priced AS (
@@ -311,7 +311,7 @@ BEGIN
     RETURN QUERY
     WITH used AS (
         SELECT DISTINCT p.account, c.meter
-        FROM billing.pools p JOIN billing.usage_counters c ON c.pool_id = p.id
+        FROM billing.pools p JOIN billing.hourly_usage c ON c.pool_id = p.id
         WHERE p.tenant_id = tenant AND c.hour >= ps AND c.hour < pe
           AND (usage_to_report.only_meter IS NULL OR c.meter = usage_to_report.only_meter)
     ), totals AS (

@@ -140,11 +140,25 @@ CREATE TABLE billing.pools (
     held             bigint      NOT NULL DEFAULT 0,
     active_held      bigint      NOT NULL DEFAULT 0,
     cache_until      timestamptz NOT NULL DEFAULT 'infinity',
+    -- The hourly usage counter of one (meter, hour, groups) key (see
+    -- counter_meter below), kept on the pool row that every event of the
+    -- pool updates anyway instead of in a row of usage_counters of its own;
+    -- written back to usage_counters when another hour's counter takes its
+    -- place. billing.hourly_usage reads both.
+    counter_events   bigint,
+    counter_quantity numeric,
+    counter_cost     bigint,
+    counter_last_at  timestamptz,
+    counter_revised_at timestamptz,
     -- the start of the first allowance window not granted yet (infinity:
     -- none); on lane 0 (src/allowances.rs)
     allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
     -- on lane 0: whether limits cap its usage (src/limits.rs)
     limited          boolean     NOT NULL DEFAULT false,
+    -- the key of the counter above (NULL: none)
+    counter_meter    text,
+    counter_hour     timestamptz,
+    counter_groups   text,
     UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)

@@ -28,6 +28,22 @@ SELECT u.account, u.unit, u.entry_version, 'debit'::billing.entry_kind, -u.cover
 FROM billing.usage_events u
 WHERE u.entry_version IS NOT NULL;
 
+-- The hourly usage counters (src/metering): the rows of usage_counters, and
+-- the counter each pool row keeps (pools.counter_*), which stands for the
+-- row of the same key, if there is one, until it is written back there.
+CREATE VIEW billing.hourly_usage WITH (security_invoker = true) AS
+SELECT c.tenant_id, c.pool_id, c.account, c.meter, c.hour, c.groups, c.events, c.quantity,
+       c.last_at, c.cost, c.revised_at
+FROM billing.usage_counters c
+WHERE NOT EXISTS (SELECT 1 FROM billing.pools p
+                  WHERE p.id = c.pool_id AND p.counter_meter = c.meter AND p.counter_hour = c.hour
+                    AND p.counter_groups = c.groups)
+UNION ALL
+SELECT p.tenant_id, p.id, p.account, p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events,
+       p.counter_quantity, p.counter_last_at, p.counter_cost, p.counter_revised_at
+FROM billing.pools p
+WHERE p.counter_meter IS NOT NULL;
+
 -- The entries of some grants (or lane shares), summed by kind: the rows of
 -- ledger_entries that name them, and one 'debit' row per grant for the
 -- debits usage events carry, which is what those rows leave unexplained of
@@ -163,7 +179,7 @@ SELECT coalesce(r.pool_id, c.pool_id), coalesce(r.account, c.account), coalesce(
               coalesce(r.meter, c.meter), coalesce(r.hour, c.hour), coalesce(r.groups, c.groups::jsonb),
               c.events, c.quantity, c.cost, r.events, r.quantity, r.cost)
 FROM recount r
-FULL JOIN (SELECT c.* FROM billing.usage_counters c JOIN tenant_pools p ON p.id = c.pool_id) c
+FULL JOIN (SELECT c.* FROM billing.hourly_usage c JOIN tenant_pools p ON p.id = c.pool_id) c
   ON c.pool_id = r.pool_id AND c.meter = r.meter AND c.hour = r.hour AND c.groups::jsonb = r.groups
 LEFT JOIN tenant_pools p ON p.id = c.pool_id
 WHERE r.pool_id IS NULL OR c.pool_id IS NULL

@@ -394,6 +394,7 @@ fn settle(
                 ));
             }
             let mut metering = Metering::new(&tenant);
+            metering.know_pool(&ledger);
             let (counted, charging) = usage.metered(&metered, &ledger, true)?;
             let prepared = metering.prepare(&metered, &counted, charging)?;
             let member = counted.member.clone();
@@ -428,6 +429,8 @@ fn settle(
                 "event_id": event_id,
             });
             metering.commit(&metered, prepared, ledger.now)?;
+            let now = ledger.now;
+            metering.keep_counters(std::slice::from_mut(&mut ledger), now);
             metering.save()?;
             // the actual cost replaces what the reservation counted in its limits
             let counted: i64 = db::write(client, &SETTLE_LIMITS, &[hold_id.into(), actual.into()])?

@@ -481,6 +481,9 @@ fn ingest_events(
     let (stored, new_ids) = find_events(&tenant, &events)?;
     let mut metering = Metering::new(&tenant);
     let mut limits = Limits::default();
+    for ledger in &ledgers {
+        metering.know_pool(ledger);
+    }
     for (ledger, indexes) in ledgers.iter_mut().zip(by_pool.into_values()) {
         let unit = ledger.unit.clone();
         for i in indexes {
@@ -557,6 +560,7 @@ fn ingest_events(
         ledger.deal_shares(client)?;
     }
 
+    metering.keep_counters(&mut ledgers, time::now());
     let flushed = flush_checked(
         client,
         &mut ledgers,

@@ -27,6 +27,7 @@ use serde_json::json;
 use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::direct::{self, EnumType, Key, Lookup, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
+use crate::metering::store::KeptCounter;
 use crate::time::{self, instant, Ts};
 
 pub use self::core::{cache_valid, Figures};
@@ -74,6 +75,9 @@ pub struct PoolLedger {
     pub allowance_next: Ts,
     /// Whether limits cap its usage (lane 0).
     pub limited: bool,
+    /// The hourly usage counter its row keeps, and whether to write it.
+    pub counter: Option<KeptCounter>,
+    pub counter_changed: bool,
 }
 
 impl Deref for PoolLedger {
@@ -94,6 +98,8 @@ macro_rules! locked_pool_columns {
     () => {
         "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
          p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, p.limited, \
+         p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
+         p.counter_last_at, p.counter_cost, p.counter_revised_at, \
          s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
     };
 }
@@ -289,6 +295,7 @@ struct Locked {
     grants: Option<PoolGrants>,
     allowance_next: Ts,
     limited: bool,
+    counter: Option<KeptCounter>,
 }
 
 /// The columns of a pool row that say where it stands, as stored.
@@ -309,6 +316,8 @@ pub struct PoolRow {
     pub allowance_next: Ts,
     /// Whether limits cap its usage.
     pub limited: bool,
+    /// The hourly usage counter it keeps (read when the row is locked).
+    pub counter: Option<KeptCounter>,
 }
 
 impl PoolRow {
@@ -329,6 +338,7 @@ impl PoolRow {
             cache_until: instant(row.get("cache_until")?),
             allowance_next: instant(row.get("allowance_next")?),
             limited: row.get("limited")?,
+            counter: KeptCounter::from_row(row)?,
         })
     }
 }
@@ -362,6 +372,7 @@ impl Locked {
             grants: None,
             allowance_next: r.allowance_next,
             limited: r.limited,
+            counter: r.counter.clone(),
         }
     }
 
@@ -588,6 +599,8 @@ impl PoolLedger {
                 Ts::MAX
             },
             limited: l.limited,
+            counter: l.counter,
+            counter_changed: false,
         }
     }
 
@@ -618,7 +631,7 @@ impl PoolLedger {
                     Key::Text(unit),
                     Key::Int2(lane),
                 ];
-                for row in pools.find_locked(&key, pool_rows::pool_row)? {
+                for row in pools.find_locked(&key, pool_rows::locked_pool_row)? {
                     found.insert(k.clone(), Locked::from_pool_row(&row, now));
                 }
             }
@@ -1122,7 +1135,11 @@ pub fn flush_checked(
         .iter()
         .flat_map(|l| std::iter::once(l).chain(l.shares.iter()))
         .collect();
-    let changed: Vec<&PoolLedger> = all.iter().copied().filter(|l| l.is_changed()).collect();
+    let changed: Vec<&PoolLedger> = all
+        .iter()
+        .copied()
+        .filter(|l| l.is_changed() || l.counter_changed)
+        .collect();
     let events = events.filter(|e| e.count() > 0);
     if changed.is_empty() && events.is_none() {
         return Ok(Flushed::All);
@@ -1177,8 +1194,10 @@ pub fn flush_checked(
     write_pools(&changed)?;
     for l in ledgers.iter_mut() {
         l.pool.written();
+        l.counter_changed = false;
         for s in l.shares.iter_mut() {
             s.pool.written();
+            s.counter_changed = false;
         }
     }
     Ok(Flushed::All)
@@ -1245,6 +1264,9 @@ fn write_pools(pools: &[&PoolLedger]) -> Result<()> {
                 time::sql_instant(l.cache_until().min(l.next_in_order_until)),
             )?
             .set(c"updated_at", now)?;
+        if l.counter_changed {
+            KeptCounter::set_columns(l.counter.as_ref(), &mut w)?;
+        }
         w.update(c"pools_pkey", l.id)?;
     }
     w.close();

@@ -4,6 +4,7 @@
 use super::PoolRow;
 use crate::direct::{Key, Lookup, Snapshot, Tuple};
 use crate::error::Result;
+use crate::metering::store::KeptCounter;
 
 /// The rows of the (tenant, account, unit) pool, in lane order (the pool's
 /// own row first), with the calling query's snapshot; empty if the pool does
@@ -33,5 +34,15 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         cache_until: t.get::<i64>(c"cache_until")?,
         allowance_next: t.get::<i64>(c"allowance_next")?,
         limited: t.get(c"limited")?,
+        // the gate never needs it
+        counter: None,
+    })
+}
+
+/// A pool row locked for a change: with the usage counter it keeps.
+pub fn locked_pool_row(t: &Tuple) -> Result<PoolRow> {
+    Ok(PoolRow {
+        counter: KeptCounter::from_tuple(t)?,
+        ..pool_row(t)?
     })
 }

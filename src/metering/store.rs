@@ -16,8 +16,10 @@ use pgrx::AnyNumeric;
 use rust_decimal::Decimal;
 
 use super::{hour_of, period_of, Aggregate, Observation, PeriodCharges, MICROS_PER_HOUR};
+use crate::db::Row;
 use crate::direct::{find_one, Key, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
+use crate::ledger::PoolLedger;
 use crate::pricing::{Charging, Meter};
 use crate::time::{self, Ts};
 
@@ -31,6 +33,7 @@ struct PeriodRow {
     changed: bool,
 }
 
+#[derive(Clone)]
 struct CounterRow {
     id: Option<i64>,
     account: String,
@@ -38,6 +41,86 @@ struct CounterRow {
     cost: i64,
     revised_at: Option<Ts>,
     changed: bool,
+}
+
+/// The hourly counter a pool row keeps (`pools.counter_*`, schema.sql): the
+/// counter of one key, updated with the pool row every event of the pool
+/// writes anyway, instead of in a `usage_counters` row of its own. It stands
+/// for the row of the same key until it is written back there, when a
+/// counter of a later hour takes its place (`Metering::keep_counters`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptCounter {
+    pub meter: String,
+    pub hour: Ts,
+    pub groups: String,
+    pub aggregate: Aggregate,
+    pub cost: i64,
+    pub revised_at: Option<Ts>,
+}
+
+impl KeptCounter {
+    /// From a pool row read straight (`direct`).
+    pub fn from_tuple(t: &Tuple) -> Result<Option<KeptCounter>> {
+        let Some(meter) = t.opt::<String>(c"counter_meter")? else {
+            return Ok(None);
+        };
+        Ok(Some(KeptCounter {
+            meter,
+            hour: t.get::<i64>(c"counter_hour")?,
+            groups: t.get(c"counter_groups")?,
+            aggregate: Aggregate {
+                events: t.get(c"counter_events")?,
+                quantity: numeric(t, c"counter_quantity")?,
+                last_at: instant(t, c"counter_last_at")?,
+            },
+            cost: t.get(c"counter_cost")?,
+            revised_at: instant(t, c"counter_revised_at")?,
+        }))
+    }
+
+    /// From a pool row read by a statement.
+    pub fn from_row(row: &Row<'_, '_>) -> Result<Option<KeptCounter>> {
+        let Some(meter) = row.opt::<String>("counter_meter")? else {
+            return Ok(None);
+        };
+        let quantity: AnyNumeric = row.get("counter_quantity")?;
+        Ok(Some(KeptCounter {
+            meter,
+            hour: time::instant(row.get::<Tstz>("counter_hour")?),
+            groups: row.get("counter_groups")?,
+            aggregate: Aggregate {
+                events: row.get("counter_events")?,
+                quantity: decimal(&quantity)?,
+                last_at: row.opt::<Tstz>("counter_last_at")?.map(time::instant),
+            },
+            cost: row.get("counter_cost")?,
+            revised_at: row.opt::<Tstz>("counter_revised_at")?.map(time::instant),
+        }))
+    }
+
+    /// Set the pool row's counter columns to `kept` (NULLs for none).
+    pub fn set_columns(kept: Option<&KeptCounter>, w: &mut Writer) -> Result<()> {
+        let quantity = kept.map(|k| to_numeric(k.aggregate.quantity)).transpose()?;
+        w.set(c"counter_meter", kept.map(|k| k.meter.as_str()))?
+            .set(c"counter_hour", kept.map(|k| time::to_sql(k.hour)))?
+            .set(c"counter_groups", kept.map(|k| k.groups.as_str()))?
+            .set(c"counter_events", kept.map(|k| k.aggregate.events))?
+            .set(c"counter_quantity", quantity)?
+            .set(
+                c"counter_last_at",
+                kept.and_then(|k| k.aggregate.last_at).map(time::to_sql),
+            )?
+            .set(c"counter_cost", kept.map(|k| k.cost))?
+            .set(
+                c"counter_revised_at",
+                kept.and_then(|k| k.revised_at).map(time::to_sql),
+            )?;
+        Ok(())
+    }
+
+    fn key(&self, pool_id: i64) -> CounterKey {
+        (pool_id, self.meter.clone(), self.hour, self.groups.clone())
+    }
 }
 
 /// One event as metering needs it.
@@ -75,10 +158,17 @@ pub struct Metering {
     /// value → whether this call saw it first (and must write it)
     uniques: HashMap<UniqueKey, bool>,
     counters: HashMap<CounterKey, CounterRow>,
+    /// The counter each locked pool row keeps, as locked (`know_pool`).
+    kept: HashMap<i64, Option<KeptCounter>>,
+    /// Kept counters that another took the place of, to write back.
+    evicted: Vec<(i64, String, KeptCounter)>,
 }
 
 fn numeric(t: &Tuple, column: &std::ffi::CStr) -> Result<Decimal> {
-    let n: AnyNumeric = t.get(column)?;
+    decimal(&t.get::<AnyNumeric>(column)?)
+}
+
+fn decimal(n: &AnyNumeric) -> Result<Decimal> {
     Decimal::from_str(&n.to_string())
         .map_err(|e| BillingError::Internal(format!("stored quantity: {e}")))
 }
@@ -99,7 +189,15 @@ impl Metering {
             periods: HashMap::new(),
             uniques: HashMap::new(),
             counters: HashMap::new(),
+            kept: HashMap::new(),
+            evicted: Vec::new(),
         }
+    }
+
+    /// A pool whose events this call counts, locked, with the counter its
+    /// row keeps: every pool an event is counted in must be known first.
+    pub fn know_pool(&mut self, ledger: &PoolLedger) {
+        self.kept.insert(ledger.id, ledger.counter.clone());
     }
 
     /// What an event of `meter` would be charged and count.
@@ -241,6 +339,26 @@ impl Metering {
     }
 
     fn counter(&mut self, key: CounterKey, account: &str) -> Result<&mut CounterRow> {
+        let kept = match self.kept.get(&key.0) {
+            Some(kept) => kept.as_ref().filter(|k| k.key(key.0) == key),
+            None => {
+                return Err(BillingError::Internal(format!(
+                    "usage counted in pool {} before it was known",
+                    key.0
+                )))
+            }
+        };
+        if let (Some(k), false) = (kept, self.counters.contains_key(&key)) {
+            let row = CounterRow {
+                id: None,
+                account: account.to_string(),
+                aggregate: k.aggregate,
+                cost: k.cost,
+                revised_at: k.revised_at,
+                changed: false,
+            };
+            self.counters.insert(key.clone(), row);
+        }
         if !self.counters.contains_key(&key) {
             let keys = [
                 Key::Int8(key.0),
@@ -279,6 +397,50 @@ impl Metering {
             self.counters.insert(key.clone(), row);
         }
         Ok(self.counters.get_mut(&key).expect("inserted above"))
+    }
+
+    /// Decide which counter each known pool row keeps, before the pools
+    /// are written: the one it kept, if this call changed it; else, if it
+    /// keeps none or one of an hour that has ended, a counter of the current
+    /// hour this call changed (the one it kept is written back by `save`).
+    /// Every other changed counter is written to its row by `save`; so at
+    /// most one counter per pool and hour moves between the two homes.
+    pub fn keep_counters(&mut self, ledgers: &mut [PoolLedger], now: Ts) {
+        let this_hour = hour_of(now);
+        for l in ledgers.iter_mut() {
+            let Some(kept) = self.kept.get(&l.id) else {
+                continue;
+            };
+            let keep = match kept {
+                Some(k) if self.counters.get(&k.key(l.id)).is_some_and(|r| r.changed) => {
+                    Some(k.key(l.id))
+                }
+                Some(k) if k.hour >= this_hour => None,
+                _ => self
+                    .counters
+                    .iter()
+                    .filter(|(key, r)| key.0 == l.id && key.2 == this_hour && r.changed)
+                    .map(|(key, _)| key.clone())
+                    .min(),
+            };
+            let Some(key) = keep else {
+                continue;
+            };
+            if let Some(k) = kept.as_ref().filter(|k| k.key(l.id) != key) {
+                self.evicted.push((l.id, l.account.clone(), k.clone()));
+            }
+            let row = self.counters.get_mut(&key).expect("chosen among them");
+            row.changed = false; // written with the pool row
+            l.counter = Some(KeptCounter {
+                meter: key.1.clone(),
+                hour: key.2,
+                groups: key.3.clone(),
+                aggregate: row.aggregate,
+                cost: row.cost,
+                revised_at: row.revised_at,
+            });
+            l.counter_changed = true;
+        }
     }
 
     /// Write every row this call changed.
@@ -339,7 +501,45 @@ impl Metering {
     }
 
     fn save_counters(&self) -> Result<()> {
-        let changed: Vec<_> = self.counters.iter().filter(|(_, r)| r.changed).collect();
+        let mut changed: Vec<(CounterKey, CounterRow)> = self
+            .counters
+            .iter()
+            .filter(|(_, r)| r.changed)
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        for (key, _) in &changed {
+            let kept = self.kept.get(&key.0).and_then(Option::as_ref);
+            if kept.is_some_and(|k| k.key(key.0) == *key) {
+                // its row would be written and still be stood for by the pool's
+                return Err(BillingError::Internal(
+                    "a counter its pool row keeps was written to usage_counters (keep_counters was not called)".into(),
+                ));
+            }
+        }
+        for (pool, account, k) in &self.evicted {
+            let key = k.key(*pool);
+            let id = find_one(
+                c"usage_counters",
+                c"usage_counters_key",
+                &[
+                    Key::Int8(*pool),
+                    Key::Text(&k.meter),
+                    Key::Tstz(k.hour),
+                    Key::Text(&k.groups),
+                ],
+                Snapshot::New,
+                |t| t.get::<i64>(c"id"),
+            )?;
+            let row = CounterRow {
+                id,
+                account: account.clone(),
+                aggregate: k.aggregate,
+                cost: k.cost,
+                revised_at: k.revised_at,
+                changed: true,
+            };
+            changed.push((key, row));
+        }
         if changed.is_empty() {
             return Ok(());
         }
@@ -357,10 +557,10 @@ impl Metering {
                 None => {
                     w.set(c"id", ids.next()?)?
                         .set(c"tenant_id", self.tenant.as_str())?
-                        .set(c"pool_id", *pool)?
+                        .set(c"pool_id", pool)?
                         .set(c"account", row.account.as_str())?
                         .set(c"meter", meter.as_str())?
-                        .set(c"hour", time::to_sql(*hour))?
+                        .set(c"hour", time::to_sql(hour))?
                         .set(c"groups", groups.as_str())?;
                     w.insert()?
                 }

@@ -428,7 +428,7 @@ static LOCK_METER: Sql = Sql {
            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11) \
            ON CONFLICT ON CONSTRAINT meters_pkey DO UPDATE SET meter = m.meter \
            RETURNING (xmax = 0) AS created, m.unit, m.aggregation, m.property, m.group_by, \
-                     EXISTS (SELECT 1 FROM billing.usage_counters c \
+                     EXISTS (SELECT 1 FROM billing.hourly_usage c \
                              WHERE c.tenant_id = m.tenant_id AND c.meter = m.meter) AS used",
     args: &[
         TEXT, TEXT, TEXT, TEXT, TEXT, TEXT_ARRAY, TEXT, INTERVAL, TEXT, INTERVAL, TEXT,

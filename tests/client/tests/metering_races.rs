@@ -43,8 +43,8 @@ fn racing_first_events_leave_one_counter_per_key_and_charge_the_period_price() {
     assert!(ledger_problems(&mut admin).is_empty());
     let row = admin
         .query_one(
-            "SELECT (SELECT count(*) FROM billing.usage_counters), \
-                    (SELECT count(DISTINCT (pool_id, meter, hour, groups)) FROM billing.usage_counters), \
+            "SELECT (SELECT count(*) FROM billing.hourly_usage), \
+                    (SELECT count(DISTINCT (pool_id, meter, hour, groups)) FROM billing.hourly_usage), \
                     (SELECT count(DISTINCT (date_trunc('hour', occurred_at), properties ->> 'model')) FROM billing.usage_events), \
                     (SELECT sum(quantity)::text FROM billing.usage_events), \
                     (SELECT sum(cost)::bigint FROM billing.usage_events), \

@@ -51,7 +51,9 @@ BEGIN
     PERFORM set_config('session_replication_role', 'replica', true); -- the ledger refuses UPDATE otherwise
     UPDATE billing.grants SET effective_at = effective_at - d, expires_at = expires_at - d,
         created_at = created_at - d, closed_at = closed_at - d;
-    UPDATE billing.pools SET cache_from = cache_from - d, cache_until = cache_until - d;
+    UPDATE billing.pools SET cache_from = cache_from - d, cache_until = cache_until - d,
+        counter_hour = counter_hour - d, counter_last_at = counter_last_at - d,
+        counter_revised_at = counter_revised_at - d;
     UPDATE billing.ledger_entries SET effective_at = effective_at - d, recorded_at = recorded_at - d;
     UPDATE billing.usage_events SET occurred_at = occurred_at - d, recorded_at = recorded_at - d, entry_at = entry_at - d,
         booked_at = booked_at - d;
