@@ -30,7 +30,7 @@ mod tests {
             "SELECT string_agg(to_char(w.starts_at AT TIME ZONE 'UTC', 'MM-DD HH24:MI') || '..' || \
                                coalesce(to_char(w.expires_at AT TIME ZONE 'UTC', 'MM-DD HH24:MI'), 'never'), ' ') \
              FROM billing.allowance_windows(ROW(1, 'default', 1, 'a', 'requests', 5, '{every}', '{tz}', {keep}, 10, \
-                  '{starts}'::timestamptz, NULL, now())::billing.allowances, '-infinity', '{at}'::timestamptz) w"
+                  '{starts}'::timestamptz, NULL, now(), NULL)::billing.allowances, '-infinity', '{at}'::timestamptz) w"
         ))
     }
 

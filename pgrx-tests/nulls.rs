@@ -56,6 +56,7 @@ mod tests {
         "billing.verify_ledger()",
         "billing.grant_entry_totals(~'{1}'::bigint[])",
         "billing.define_plan(?'p1', ?'{\"mills\": {\"amount\": 1}}', ?'[]', ~NULL, ?10, ~NULL, ?0)",
+        "billing.set_default_plan(?'p1')",
         "billing.retire_plan(?'p1')",
         "billing.sync_subscription(?'{}', ?'2027-01-01'::timestamptz, ?'stripe', ?'poll')",
         "billing.run_periodic(?10)",

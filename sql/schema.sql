@@ -349,6 +349,9 @@ CREATE TABLE billing.allowances (
     starts_at    timestamptz NOT NULL,
     ends_at      timestamptz,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- the tenant's default plan that made this rule (billing.apply_default_plan);
+    -- NULL for a rule the application set
+    default_plan bigint,
     CHECK (ends_at > starts_at)
 );
 CREATE INDEX allowances_by_pool ON billing.allowances (pool_id, starts_at);

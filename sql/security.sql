@@ -53,7 +53,7 @@ BEGIN
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
-                             'subscription_changes', 'invoice_payments'] LOOP
+                             'subscription_changes', 'invoice_payments', 'default_plans'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -80,7 +80,7 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
                 billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
-                billing.subscription_drift
+                billing.subscription_drift, billing.default_plans
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -200,5 +200,6 @@ GRANT EXECUTE ON FUNCTION
     billing.revoke_tenant(text, name),
     billing.define_plan(text, jsonb, jsonb, text, integer, bigint, integer),
     billing.run_periodic(integer),
-    billing.retire_plan(text)
+    billing.retire_plan(text),
+    billing.set_default_plan(text)
     TO billing_admin;

@@ -590,6 +590,15 @@ BEGIN
     LOOP
         used := used + billing.revoke_plan_grants(a.grant_ids);
     END LOOP;
+    -- the default plan's windows granted by now that run past `at` (billing.apply_default_plan)
+    used := used + billing.revoke_plan_grants(ARRAY(
+        SELECT g.id FROM billing.allowances da
+        JOIN billing.grants g ON g.pool_id = da.pool_id AND g.parent_id IS NULL
+                             AND g.key LIKE 'billing:allowance:' || da.id || ':%'
+        WHERE da.tenant_id = tenant AND da.account = close_overlapping_allowances.account
+          AND da.unit = close_overlapping_allowances.unit AND da.default_plan IS NOT NULL
+          AND g.effective_at <= now() AND (g.expires_at IS NULL OR at < g.expires_at)
+        ORDER BY g.id));
     RETURN used;
 END
 $$;
@@ -706,6 +715,8 @@ BEGIN
                 CASE WHEN access = 'open' AND billing.subscription_paid(s) THEN plan.floor ELSE 0 END);
         END LOOP;
     END IF;
+    -- the default plan runs while, and only while, the account has no live subscription
+    PERFORM billing.apply_default_plan(s.tenant_id, s.account);
     RETURN jsonb_build_object('granted', granted, 'suspended', suspended, 'resumed', resumed, 'revoked', revoked);
 END
 $$;
@@ -1058,6 +1069,10 @@ BEGIN
     WHERE c.tenant_id = tenant AND c.provider = sync_subscription.provider AND c.provider_id = v_id
       AND c.resolved_at IS NULL;
     given := billing.subscription_credit(cur);
+    IF old.account IS DISTINCT FROM cur.account AND old.account IS NOT NULL THEN
+        -- moved: the account it left may have the default plan again
+        PERFORM billing.apply_default_plan(tenant, old.account);
+    END IF;
     PERFORM billing.record_subscription_change(cur, sync_subscription.source, sync_subscription.observed_at,
                                                diff, given);
     RETURN QUERY SELECT cur.id, cur.account, cur.status,
@@ -1415,6 +1430,195 @@ CROSS JOIN LATERAL jsonb_each(c.changes) d
 WHERE c.source = 'poll' AND d.key <> 'created';
 
 -- ----- periodic work (pg_cron, or by hand) ---------------------------------------
+
+-- ----- the default plan ----------------------------------------------------------
+
+-- A tenant's default (free) plan: every account with no live subscription
+-- has its allowance of each unit every calendar month (UTC), as an
+-- allowance rule of its pool made by billing.apply_default_plan and granted
+-- lazily like any other (exact at the boundary, no job). A live
+-- subscription, a delinquent one included (no silent fallback to the free
+-- plan), ends it; when the subscription ends, it applies again from then.
+-- An allowance the application sets on a pool itself takes precedence, and
+-- a pool split across lanes has none (the two refuse each other).
+CREATE TABLE billing.default_plans (
+    tenant_id text        PRIMARY KEY,
+    plan_id   bigint      NOT NULL REFERENCES billing.plans (id),
+    set_at    timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('billing.default_plans', '');
+
+-- Whether an account holds its one live place (billing.subscription_is_live),
+-- read through the index that keeps it one.
+CREATE FUNCTION billing.has_live_subscription(tenant text, account text) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT EXISTS (SELECT 1 FROM billing.subscriptions s
+                   WHERE s.tenant_id = tenant AND s.account = has_live_subscription.account
+                     AND billing.subscription_is_live(s.status))
+$$;
+
+-- What the default plan gives an account of `unit` each month now: its
+-- allowance, unless the account has a live subscription. The gate counts it
+-- for a pool that does not exist yet (its first window is owed as soon as
+-- the pool is made).
+CREATE FUNCTION billing.default_plan_credit(tenant text, account text, unit text) RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT coalesce((SELECT (pl.allowances -> unit ->> 'amount')::bigint
+                     FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
+                     WHERE d.tenant_id = tenant
+                       AND NOT billing.has_live_subscription(tenant, account)), 0)
+$$;
+
+-- Bring an account's default-plan rules to what its state says (one unit
+-- with `only_unit`): with no live subscription, each pool (lane 0, not
+-- split) of a unit of the default plan runs its rule, unless the
+-- application set a rule of its own there; a rule of another plan or amount
+-- hands over at its next window boundary (the running window keeps its
+-- credit, as set_allowance does). With a live subscription no default rule
+-- runs: each ends now, and what is left of its current window is revoked
+-- (the paid plan's allowance replaces it, counting what was used of it,
+-- billing.close_overlapping_allowances). Returns how many rules started or ended.
+CREATE FUNCTION billing.apply_default_plan(tenant text, account text, only_unit text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    plan billing.plans;
+    live boolean := billing.has_live_subscription(tenant, account);
+    r record;
+    p record;
+    amount bigint;
+    starts timestamptz;
+    changed integer := 0;
+BEGIN
+    SELECT pl.* INTO plan FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
+    WHERE d.tenant_id = tenant;
+    FOR r IN
+        SELECT a.* FROM billing.allowances a
+        WHERE a.tenant_id = tenant AND a.account = apply_default_plan.account
+          AND a.default_plan IS NOT NULL AND (a.ends_at IS NULL OR a.ends_at > now())
+          AND (only_unit IS NULL OR a.unit = only_unit)
+        ORDER BY a.id
+    LOOP
+        amount := (plan.allowances -> r.unit ->> 'amount')::bigint;
+        CONTINUE WHEN NOT live AND r.default_plan = plan.id AND r.amount = amount;
+        IF live THEN
+            PERFORM billing.revoke_unused(g.id)
+            FROM billing.grants g
+            WHERE g.pool_id = r.pool_id AND g.parent_id IS NULL AND g.status IN ('active', 'suspended')
+              AND g.key LIKE 'billing:allowance:' || r.id || ':%'
+              AND (g.expires_at IS NULL OR g.expires_at > now());
+        END IF;
+        IF r.starts_at > now() OR (live AND r.starts_at = now()) THEN
+            -- it covers no time: not started, or started at this very instant
+            DELETE FROM billing.allowances a WHERE a.id = r.id;
+        ELSIF live THEN
+            UPDATE billing.allowances a SET ends_at = now() WHERE a.id = r.id;
+        ELSE
+            UPDATE billing.allowances a SET ends_at = billing.allowance_boundary(a.every, a.time_zone, now())
+            WHERE a.id = r.id;
+        END IF;
+        changed := changed + 1;
+    END LOOP;
+    IF live OR plan.id IS NULL THEN
+        RETURN changed;
+    END IF;
+    FOR p IN
+        SELECT po.id, po.unit, (plan.allowances -> po.unit ->> 'amount')::bigint AS amount
+        FROM billing.pools po
+        WHERE po.tenant_id = tenant AND po.account = apply_default_plan.account AND po.lane = 0
+          AND po.lanes = 0 AND plan.allowances ? po.unit AND (only_unit IS NULL OR po.unit = only_unit)
+          -- one rule at a time: the application's own, or this plan's already running
+          AND NOT EXISTS (SELECT 1 FROM billing.allowances a
+                          WHERE a.pool_id = po.id AND (a.ends_at IS NULL OR a.ends_at > now())
+                            AND (a.default_plan IS NULL OR (a.default_plan = plan.id AND a.ends_at IS NULL)))
+        ORDER BY po.unit
+    LOOP
+        -- after a rule that hands over at its boundary, or now
+        SELECT coalesce(max(a.ends_at), now()) INTO starts FROM billing.allowances a
+        WHERE a.pool_id = p.id AND a.ends_at > now();
+        INSERT INTO billing.allowances (tenant_id, pool_id, account, unit, amount, every, time_zone,
+                                        keep_periods, priority, starts_at, default_plan)
+        VALUES (tenant, p.id, apply_default_plan.account, p.unit, p.amount, 'month', 'UTC', 1,
+                plan.priority, starts, plan.id);
+        UPDATE billing.pools po SET allowance_next = least(po.allowance_next, starts) WHERE po.id = p.id;
+        changed := changed + 1;
+    END LOOP;
+    RETURN changed;
+END
+$$;
+
+-- A new pool of an account with no live subscription gets the default plan's rule.
+CREATE FUNCTION billing.enroll_new_pool() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.default_plans d WHERE d.tenant_id = NEW.tenant_id) THEN
+        PERFORM billing.apply_default_plan(NEW.tenant_id, NEW.account, NEW.unit);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER pools_default_plan AFTER INSERT ON billing.pools
+    FOR EACH ROW WHEN (NEW.lane = 0) EXECUTE FUNCTION billing.enroll_new_pool();
+
+-- Make plan `key` (its latest version) the tenant's default plan, and bring
+-- every account to it: a plan whose allowance is per seat is refused
+-- (members never multiply a free allowance), and so is a retired one.
+CREATE FUNCTION billing.set_default_plan(key text)
+RETURNS TABLE (plan_id bigint, plan_key text, version integer, accounts integer, status text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE
+    tenant text := billing.current_tenant();
+    plan billing.plans;
+    previous bigint;
+    n integer := 0;
+    acct record;
+BEGIN
+    IF key IS NULL THEN
+        RAISE EXCEPTION 'key may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM 1 FROM billing.plan_keys k WHERE k.tenant_id = tenant AND k.key = set_default_plan.key FOR UPDATE;
+    SELECT pl.* INTO plan FROM billing.plans pl WHERE pl.tenant_id = tenant AND pl.key = set_default_plan.key
+    ORDER BY pl.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown plan "%"', key USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'define it first with billing.define_plan';
+    END IF;
+    IF plan.retired_at IS NOT NULL THEN
+        RAISE EXCEPTION 'plan "%" is retired', key USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_each(plan.allowances) e WHERE (e.value ->> 'per_seat')::boolean) THEN
+        RAISE EXCEPTION 'plan "%" has a per-seat allowance: a default plan''s allowance is the account''s, whatever its members', key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT d.plan_id INTO previous FROM billing.default_plans d WHERE d.tenant_id = tenant FOR UPDATE;
+    IF previous = plan.id THEN
+        RETURN QUERY SELECT plan.id, plan.key, plan.version, 0, 'unchanged'::text;
+        RETURN;
+    END IF;
+    INSERT INTO billing.default_plans AS d (tenant_id, plan_id) VALUES (tenant, plan.id)
+    ON CONFLICT (tenant_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, set_at = now();
+    FOR acct IN
+        SELECT DISTINCT po.account FROM billing.pools po WHERE po.tenant_id = tenant AND po.lane = 0
+        ORDER BY po.account
+    LOOP
+        IF billing.apply_default_plan(tenant, acct.account) > 0 THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT plan.id, plan.key, plan.version, n, 'set'::text;
+END
+$$;
+
 
 -- One pass of the periodic work, across all tenants, at most `batch` items of
 -- each kind; idempotent, and safe to run in several sessions at once (rows

@@ -92,8 +92,15 @@ fn gate(
     let mut figures = match ledger::figures_now(&rows)? {
         Some(figures) => figures,
         None => {
-            Spi::connect(|client| unit_is_known(client, tenant, unit))?;
-            Figures::default()
+            // a pool not made yet: the default plan's first window is owed to it
+            let owed = Spi::connect(|client| {
+                unit_is_known(client, tenant, unit)?;
+                default_plan_credit(client, tenant, account, unit)
+            })?;
+            Figures {
+                balance: owed,
+                ..Figures::default()
+            }
         }
     };
     // an allowance window not granted yet is owed all the same
@@ -161,6 +168,29 @@ fn held_back_by(
         .next()
         .map(|r| Row(&r).get::<String>("reason"))
         .transpose()
+}
+
+static DEFAULT_PLAN_CREDIT: Sql = Sql {
+    text: "SELECT billing.default_plan_credit($1, $2, $3) AS owed",
+    args: &[TEXT, TEXT, TEXT],
+};
+
+fn default_plan_credit(
+    client: &SpiClient<'_>,
+    tenant: &str,
+    account: &str,
+    unit: &str,
+) -> Result<i64> {
+    db::read(
+        client,
+        &DEFAULT_PLAN_CREDIT,
+        &[tenant.into(), account.into(), unit.into()],
+    )?
+    .into_iter()
+    .next()
+    .map(|r| Row(&r).get::<i64>("owed"))
+    .transpose()
+    .map(Option::unwrap_or_default)
 }
 
 fn unit_is_known(client: &SpiClient<'_>, tenant: &str, unit: &str) -> Result<()> {

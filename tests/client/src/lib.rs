@@ -160,6 +160,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "seat_pushes",
     "subscription_changes",
     "invoice_payments",
+    "default_plans",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
