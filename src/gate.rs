@@ -186,7 +186,6 @@ fn default_plan_credit(
         &DEFAULT_PLAN_CREDIT,
         &[tenant.into(), account.into(), unit.into()],
     )?
-    .into_iter()
     .next()
     .map(|r| Row(&r).get::<i64>("owed"))
     .transpose()
