@@ -64,17 +64,23 @@ impl KeptCounter {
         let Some(meter) = t.opt::<String>(c"counter_meter")? else {
             return Ok(None);
         };
+        let (aggregate, cost, revised_at) = counted(
+            t,
+            [
+                c"counter_events",
+                c"counter_quantity",
+                c"counter_last_at",
+                c"counter_cost",
+                c"counter_revised_at",
+            ],
+        )?;
         Ok(Some(KeptCounter {
             meter,
             hour: t.get::<i64>(c"counter_hour")?,
             groups: t.get(c"counter_groups")?,
-            aggregate: Aggregate {
-                events: t.get(c"counter_events")?,
-                quantity: numeric(t, c"counter_quantity")?,
-                last_at: instant(t, c"counter_last_at")?,
-            },
-            cost: t.get(c"counter_cost")?,
-            revised_at: instant(t, c"counter_revised_at")?,
+            aggregate,
+            cost,
+            revised_at,
         }))
     }
 
@@ -162,6 +168,18 @@ pub struct Metering {
     kept: HashMap<i64, Option<KeptCounter>>,
     /// Kept counters that another took the place of, to write back.
     evicted: Vec<(i64, String, KeptCounter)>,
+}
+
+/// An hourly counter's figures (aggregate, cost, revised_at) from a row
+/// whose columns for events, quantity, last_at, cost and revised_at are named `columns`.
+fn counted(t: &Tuple, columns: [&std::ffi::CStr; 5]) -> Result<(Aggregate, i64, Option<Ts>)> {
+    let [events, quantity, last_at, cost, revised_at] = columns;
+    let aggregate = Aggregate {
+        events: t.get(events)?,
+        quantity: numeric(t, quantity)?,
+        last_at: instant(t, last_at)?,
+    };
+    Ok((aggregate, t.get(cost)?, instant(t, revised_at)?))
 }
 
 fn numeric(t: &Tuple, column: &std::ffi::CStr) -> Result<Decimal> {
@@ -372,16 +390,16 @@ impl Metering {
                 &keys,
                 Snapshot::New,
                 |t| {
+                    let (aggregate, cost, revised_at) = counted(
+                        t,
+                        [c"events", c"quantity", c"last_at", c"cost", c"revised_at"],
+                    )?;
                     Ok(CounterRow {
                         id: Some(t.get(c"id")?),
                         account: t.get(c"account")?,
-                        aggregate: Aggregate {
-                            events: t.get(c"events")?,
-                            quantity: numeric(t, c"quantity")?,
-                            last_at: instant(t, c"last_at")?,
-                        },
-                        cost: t.get(c"cost")?,
-                        revised_at: instant(t, c"revised_at")?,
+                        aggregate,
+                        cost,
+                        revised_at,
                         changed: false,
                     })
                 },

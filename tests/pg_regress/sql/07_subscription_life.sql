@@ -1,9 +1,10 @@
 -- A subscription's life, end to end, through the poll path (what an app that
 -- cannot receive webhooks calls; webhooks go through the same projection):
 -- a trial, its first paid period, an upgrade to a per-seat plan, seats added
--- and removed, a renewal whose payment fails and recovers, a cancellation at
--- the period end. Time passes by moving every stored instant back (as a
--- test-only helper does below); the objects carry Stripe's field names.
+-- and removed, a renewal whose payment fails and recovers, eight more paid
+-- months, a cancellation at the period end, then the tenant's free plan.
+-- Time passes by moving every stored instant back (as a test-only helper
+-- does below); the objects carry Stripe's field names.
 SELECT * FROM billing.define_unit('life_credits');
 SELECT plan_key, version, status FROM billing.define_plan('life_starter',
     '{"life_credits": {"amount": 1000}}', '[{"price_id": "price_life_starter", "interval": "month", "amount": 900}]');
@@ -125,6 +126,27 @@ SELECT * FROM pg_temp.state();
 SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28));
 SELECT * FROM pg_temp.state();
 
+-- 6b. Eight more months, each renewed and paid on time, each using 1,200
+-- of its 1,500 (3 seats of 500): every month opens its allowance whole, and
+-- what a month left expires with it.
+CREATE TEMP TABLE life_months (month integer, status text, allowance bigint, used bigint,
+                               allowance_left bigint, available bigint);
+DO $$
+BEGIN
+    FOR m IN 1..8 LOOP
+        PERFORM pg_temp.days_pass(30);
+        PERFORM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28));
+        PERFORM billing.sync_invoice(pg_temp.inv('in_life_month_' || m, 'paid', 4500, -2, 28));
+        PERFORM billing.ingest('org_life', 'life_credits', 1, key => 'life:month:' || m, cost => 1200);
+        INSERT INTO life_months
+        SELECT m, s.status, s.allowance, s.allowance_used, s.allowance_left, c.available
+        FROM billing.subscription_status s, billing."check"('org_life', 'life_credits') c
+        WHERE s.subscription = 'sub_life';
+    END LOOP;
+END
+$$;
+SELECT * FROM life_months ORDER BY month;
+
 -- 7. Cancelled at the period end: kept until then; then it ends.
 SELECT outcome, changes ->> 'ends_at' IS NOT NULL AS ends_at_set, credit
 FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28, '{"cancel_at_period_end": true}'));
@@ -132,6 +154,11 @@ SELECT * FROM pg_temp.state();
 SELECT pg_temp.days_pass(28);
 SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('canceled', 'price_life_team', 3, -28, 0));
 SELECT * FROM pg_temp.state();
+
+-- 8. The tenant's free plan applies from then on (and never while the subscription lived).
+SELECT plan_key, version, status FROM billing.define_plan('life_free', '{"life_credits": {"amount": 100}}');
+SELECT plan_key, accounts, status FROM billing.set_default_plan('life_free');
+SELECT allowed, available, reason FROM billing."check"('org_life', 'life_credits', 100);
 
 -- The periodic work records the expiry of the last period's unused credit.
 SELECT task, done > 0 AS did_something FROM billing.run_periodic() ORDER BY task;
