@@ -161,6 +161,104 @@ mod tests {
         set_default("free");
         assert_eq!(credits("org"), 5);
         assert_eq!(default_rules("org"), "");
+        // set on a pool it makes: no default month beside it
+        run("SELECT * FROM billing.set_allowance('guest_1', 'credits', 3, every => 'never')");
+        assert_eq!(credits("guest_1"), 3);
+        assert_eq!(default_rules("guest_1"), "");
+        // set on a pool running the default plan: the application's rule runs from now
+        // (the running month's default credit stays, not the default rule)
+        ingest("member", "credits", 10, "m1");
+        run("SELECT * FROM billing.set_allowance('member', 'credits', 5, every => 'day')");
+        assert_eq!(credits("member"), 95);
+        assert_eq!(default_rules("member"), "");
+        // the default plan's rule is not the application's to end; ending its
+        // own hands over to the default plan when it ends
+        ingest("other", "credits", 1, "o1");
+        assert_rejected(
+            "SELECT * FROM billing.end_allowance('other', 'credits')",
+            "55000",
+        );
+        run("SELECT * FROM billing.end_allowance('member', 'credits')");
+        let queued: String = one(
+            "SELECT amount || ':' || (starts_at = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' + interval '1 day') \
+             FROM billing.allowances WHERE account = 'member' AND default_plan IS NOT NULL AND starts_at > now()",
+        );
+        assert_eq!(
+            queued, "100:true",
+            "the default plan takes over when the day's rule ends"
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_unit_the_default_plan_gives_nothing_of_has_no_rule() {
+        plans();
+        run("SELECT billing.define_unit('tokens')");
+        run(
+            r#"SELECT * FROM billing.define_plan('free2', '{"credits": {"amount": 100}, "tokens": {"amount": 0}}')"#,
+        );
+        set_default("free2");
+        assert_eq!(available("org", "tokens"), 0);
+        grant("org", "tokens", 5, ", kind => 'topup'");
+        assert_eq!(available("org", "tokens"), 5);
+        assert_eq!(default_rules("org"), "");
+        assert_eq!(credits("org"), 100);
+        assert_rejected("SELECT * FROM billing.retire_plan('free2')", "55000");
+    }
+
+    // The month the account subscribes in is not owed by the default plan,
+    // granted or not: here a new month began and no call locked the pool
+    // before the subscription's first observation, which is delinquent.
+    #[pg_test]
+    fn a_subscription_ends_a_month_not_granted_yet() {
+        plans();
+        set_default("free");
+        ingest("org_1", "credits", 10, "u1");
+        travel("org_1", "32 days");
+        assert_eq!(credits("org_1"), 100, "the new month is owed");
+        let t = now_unix();
+        let s = subscription(
+            "sub_1",
+            "org_1",
+            "past_due",
+            "price_basic_m",
+            1,
+            t - 10 * DAY,
+            t + 20 * DAY,
+        );
+        run(&format!(
+            "SELECT * FROM billing.sync_subscription('{}'::jsonb)",
+            s.to_string().replace('\'', "''")
+        ));
+        assert_eq!(credits("org_1"), 0);
+        assert_eq!(reason("org_1"), "subscription_past_due");
+        ingest("org_1", "credits", 1, "u2");
+        assert_eq!(credits("org_1"), -1, "a debit grants no free month either");
+        assert_ledger_consistent();
+    }
+
+    // A guest converted to an account: the account has the default plan, the
+    // guest's free credit stays where it was, and the guest gets no more.
+    #[pg_test]
+    fn a_converted_guest_leaves_the_default_plan_to_its_account() {
+        plans();
+        run("SELECT billing.define_unit('tokens')");
+        run(
+            r#"SELECT * FROM billing.define_plan('free', '{"credits": {"amount": 100}, "tokens": {"amount": 9}}')"#,
+        );
+        set_default("free");
+        run("SELECT * FROM billing.set_allowance('guest', 'credits', 3, every => 'never')");
+        ingest("guest", "credits", 1, "g1");
+        run("SELECT * FROM billing.convert_guest('guest', 'org')");
+        assert_eq!(credits("org"), 102, "its own month and the guest's 2 left");
+        assert_eq!(default_rules("org"), "100");
+        assert_eq!(
+            available("guest", "tokens"),
+            0,
+            "nothing more for the guest"
+        );
+        assert_eq!(available("org", "tokens"), 9);
+        assert_ledger_consistent();
     }
 
     #[pg_test]

@@ -149,6 +149,27 @@ mod tests {
         ));
         assert_eq!(problems(), "");
         tamper(&format!(
+            "UPDATE billing.usage_events SET drains = '[]' WHERE id = {e}"
+        ));
+        assert!(
+            problems().contains("has both its drains and a ledger entry, or neither"),
+            "{}",
+            problems()
+        );
+        tamper(&format!(
+            "UPDATE billing.usage_events SET drains = NULL WHERE id = {e}"
+        ));
+        tamper(&format!(
+            "UPDATE billing.ledger_entries SET event_id = {e} WHERE version = 1"
+        ));
+        assert!(
+            problems().contains("carries its debit and has entries too"),
+            "{}",
+            problems()
+        );
+        tamper("UPDATE billing.ledger_entries SET event_id = NULL WHERE version = 1");
+        assert_eq!(problems(), "");
+        tamper(&format!(
             "UPDATE billing.usage_events SET pool_id = -1 WHERE id = {e}"
         ));
         assert!(

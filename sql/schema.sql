@@ -355,6 +355,7 @@ CREATE TABLE billing.allowances (
     CHECK (ends_at > starts_at)
 );
 CREATE INDEX allowances_by_pool ON billing.allowances (pool_id, starts_at);
+CREATE INDEX allowances_of_default_plan ON billing.allowances (tenant_id, account) WHERE default_plan IS NOT NULL;
 
 -- What has been reported to the payment provider of each account's usage
 -- of a meter in a period (postpaid billing): the quantity the provider has,

@@ -407,6 +407,11 @@ BEGIN
     IF n = 0 THEN
         RAISE EXCEPTION 'unknown plan %', key USING ERRCODE = 'undefined_object';
     END IF;
+    IF at IS NULL AND EXISTS (SELECT 1 FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
+                              WHERE d.tenant_id = tenant AND pl.key = retire_plan.key) THEN
+        RAISE EXCEPTION 'plan % is the tenant''s default plan', key USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Make another plan the default first (billing.set_default_plan).';
+    END IF;
     IF at IS NULL THEN
         at := now();
         UPDATE billing.plans pl SET retired_at = at WHERE pl.tenant_id = tenant AND pl.key = retire_plan.key;
@@ -590,14 +595,14 @@ BEGIN
     LOOP
         used := used + billing.revoke_plan_grants(a.grant_ids);
     END LOOP;
-    -- the default plan's windows granted by now that run past `at` (billing.apply_default_plan)
+    -- the default plan's window running now (billing.apply_default_plan)
     used := used + billing.revoke_plan_grants(ARRAY(
         SELECT g.id FROM billing.allowances da
         JOIN billing.grants g ON g.pool_id = da.pool_id AND g.parent_id IS NULL
                              AND g.key LIKE 'billing:allowance:' || da.id || ':%'
         WHERE da.tenant_id = tenant AND da.account = close_overlapping_allowances.account
           AND da.unit = close_overlapping_allowances.unit AND da.default_plan IS NOT NULL
-          AND g.effective_at <= now() AND (g.expires_at IS NULL OR at < g.expires_at)
+          AND g.effective_at <= now() AND (g.expires_at IS NULL OR greatest(at, now()) < g.expires_at)
         ORDER BY g.id));
     RETURN used;
 END
@@ -1459,29 +1464,43 @@ AS $$
                      AND billing.subscription_is_live(s.status))
 $$;
 
--- What the default plan gives an account of `unit` each month now: its
--- allowance, unless the account has a live subscription. The gate counts it
--- for a pool that does not exist yet (its first window is owed as soon as
--- the pool is made).
+-- Whether an account has no claim to the default plan of its own: it has a
+-- live subscription, or it was a guest converted to another account (whose
+-- own pools have the plan).
+CREATE FUNCTION billing.default_plan_excluded(tenant text, account text) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT billing.has_live_subscription(tenant, account)
+        OR EXISTS (SELECT 1 FROM billing.guest_conversions c
+                   WHERE c.tenant_id = tenant AND c.guest = default_plan_excluded.account)
+$$;
+
+-- What the default plan gives an account of `unit` each month now (0 when
+-- excluded). The gate counts it for a pool that does not exist yet: its
+-- first window is owed as soon as the pool is made.
 CREATE FUNCTION billing.default_plan_credit(tenant text, account text, unit text) RETURNS bigint
 LANGUAGE sql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce((SELECT (pl.allowances -> unit ->> 'amount')::bigint
+    SELECT coalesce((SELECT greatest((pl.allowances -> unit ->> 'amount')::bigint, 0)
                      FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
                      WHERE d.tenant_id = tenant
-                       AND NOT billing.has_live_subscription(tenant, account)), 0)
+                       AND NOT billing.default_plan_excluded(tenant, account)), 0)
 $$;
 
 -- Bring an account's default-plan rules to what its state says (one unit
--- with `only_unit`): with no live subscription, each pool (lane 0, not
--- split) of a unit of the default plan runs its rule, unless the
--- application set a rule of its own there; a rule of another plan or amount
--- hands over at its next window boundary (the running window keeps its
--- credit, as set_allowance does). With a live subscription no default rule
--- runs: each ends now, and what is left of its current window is revoked
--- (the paid plan's allowance replaces it, counting what was used of it,
--- billing.close_overlapping_allowances). Returns how many rules started or ended.
+-- with `only_unit`); the one place that decides them. Not excluded (above):
+-- each pool (lane 0, not split) of a unit the plan gives a positive amount
+-- runs the plan's rule, unless the application set a rule of its own there
+-- (after that rule ends, if it ends); a rule of another plan or amount
+-- hands over at its month's boundary (the running month keeps its credit,
+-- as set_allowance does). Excluded: no default rule runs. With a live
+-- subscription, under each pool's lock, the running window's unused credit
+-- is revoked and the rule ends where that window starts, so the window is
+-- not owed even if it was never granted (what was used of it counts against
+-- the paid allowance, billing.close_overlapping_allowances); a converted
+-- guest's rule ends at its boundary. Returns how many rules started or ended.
 CREATE FUNCTION billing.apply_default_plan(tenant text, account text, only_unit text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
@@ -1490,56 +1509,68 @@ AS $$
 DECLARE
     plan billing.plans;
     live boolean := billing.has_live_subscription(tenant, account);
+    excluded boolean := billing.default_plan_excluded(tenant, account);
     r record;
     p record;
     amount bigint;
+    window_start timestamptz;
     starts timestamptz;
     changed integer := 0;
 BEGIN
     SELECT pl.* INTO plan FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
     WHERE d.tenant_id = tenant;
+    IF plan.id IS NULL THEN
+        RETURN 0;
+    END IF;
     FOR r IN
         SELECT a.* FROM billing.allowances a
         WHERE a.tenant_id = tenant AND a.account = apply_default_plan.account
           AND a.default_plan IS NOT NULL AND (a.ends_at IS NULL OR a.ends_at > now())
           AND (only_unit IS NULL OR a.unit = only_unit)
-        ORDER BY a.id
+        ORDER BY a.unit COLLATE "C", a.id
     LOOP
         amount := (plan.allowances -> r.unit ->> 'amount')::bigint;
-        CONTINUE WHEN NOT live AND r.default_plan = plan.id AND r.amount = amount;
+        CONTINUE WHEN NOT excluded AND r.default_plan = plan.id AND r.amount = amount
+            -- and no rule of the application's runs open-ended beside it (one moved in)
+            AND NOT EXISTS (SELECT 1 FROM billing.allowances o
+                            WHERE o.pool_id = r.pool_id AND o.default_plan IS NULL AND o.ends_at IS NULL);
         IF live THEN
+            -- no window is granted meanwhile: the pool is locked as a debit locks it
+            PERFORM 1 FROM billing.pools po WHERE po.id = r.pool_id FOR UPDATE;
             PERFORM billing.revoke_unused(g.id)
             FROM billing.grants g
             WHERE g.pool_id = r.pool_id AND g.parent_id IS NULL AND g.status IN ('active', 'suspended')
               AND g.key LIKE 'billing:allowance:' || r.id || ':%'
               AND (g.expires_at IS NULL OR g.expires_at > now());
-        END IF;
-        IF r.starts_at > now() OR (live AND r.starts_at = now()) THEN
-            -- it covers no time: not started, or started at this very instant
+            SELECT w.starts_at INTO window_start FROM billing.window_of(r.every, r.time_zone, now()) w;
+            IF r.starts_at >= window_start THEN
+                -- it began in this window, which is gone: it covers nothing
+                DELETE FROM billing.allowances a WHERE a.id = r.id;
+            ELSE
+                UPDATE billing.allowances a SET ends_at = window_start WHERE a.id = r.id;
+            END IF;
+        ELSIF r.starts_at > now() THEN
             DELETE FROM billing.allowances a WHERE a.id = r.id;
-        ELSIF live THEN
-            UPDATE billing.allowances a SET ends_at = now() WHERE a.id = r.id;
         ELSE
             UPDATE billing.allowances a SET ends_at = billing.allowance_boundary(a.every, a.time_zone, now())
             WHERE a.id = r.id;
         END IF;
         changed := changed + 1;
     END LOOP;
-    IF live OR plan.id IS NULL THEN
+    IF excluded THEN
         RETURN changed;
     END IF;
     FOR p IN
         SELECT po.id, po.unit, (plan.allowances -> po.unit ->> 'amount')::bigint AS amount
         FROM billing.pools po
         WHERE po.tenant_id = tenant AND po.account = apply_default_plan.account AND po.lane = 0
-          AND po.lanes = 0 AND plan.allowances ? po.unit AND (only_unit IS NULL OR po.unit = only_unit)
-          -- one rule at a time: the application's own, or this plan's already running
-          AND NOT EXISTS (SELECT 1 FROM billing.allowances a
-                          WHERE a.pool_id = po.id AND (a.ends_at IS NULL OR a.ends_at > now())
-                            AND (a.default_plan IS NULL OR (a.default_plan = plan.id AND a.ends_at IS NULL)))
-        ORDER BY po.unit
+          AND po.lanes = 0 AND (only_unit IS NULL OR po.unit = only_unit)
+          AND (plan.allowances -> po.unit ->> 'amount')::bigint > 0
+          -- one rule at a time: none runs open-ended (the application's, or this plan's)
+          AND NOT EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = po.id AND a.ends_at IS NULL)
+        ORDER BY po.unit COLLATE "C"
     LOOP
-        -- after a rule that hands over at its boundary, or now
+        -- after the rules that hand over later, or now
         SELECT coalesce(max(a.ends_at), now()) INTO starts FROM billing.allowances a
         WHERE a.pool_id = p.id AND a.ends_at > now();
         INSERT INTO billing.allowances (tenant_id, pool_id, account, unit, amount, every, time_zone,
@@ -1553,20 +1584,31 @@ BEGIN
 END
 $$;
 
--- A new pool of an account with no live subscription gets the default plan's rule.
-CREATE FUNCTION billing.enroll_new_pool() RETURNS trigger
+-- Pools just made (lane 0; src/ledger, PoolLedger::create) get the default
+-- plan. Their accounts are taken as a subscription's projection takes them
+-- (a share lock against its update lock), so either sees the other's work:
+-- a subscription that went live meanwhile, or the pools and rules made here.
+CREATE FUNCTION billing.enroll_new_pools(tenant text, accounts text[], units text[]) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
+DECLARE
+    x record;
 BEGIN
-    IF EXISTS (SELECT 1 FROM billing.default_plans d WHERE d.tenant_id = NEW.tenant_id) THEN
-        PERFORM billing.apply_default_plan(NEW.tenant_id, NEW.account, NEW.unit);
+    IF NOT EXISTS (SELECT 1 FROM billing.default_plans d WHERE d.tenant_id = tenant) THEN
+        RETURN;
     END IF;
-    RETURN NULL;
+    PERFORM 1 FROM billing.accounts a
+    WHERE a.tenant_id = tenant AND a.account = ANY (accounts)
+    ORDER BY a.account COLLATE "C" FOR SHARE;
+    FOR x IN
+        SELECT k.account, k.unit FROM unnest(accounts, units) AS k(account, unit)
+        ORDER BY k.account COLLATE "C", k.unit COLLATE "C"
+    LOOP
+        PERFORM billing.apply_default_plan(tenant, x.account, x.unit);
+    END LOOP;
 END
 $$;
-CREATE TRIGGER pools_default_plan AFTER INSERT ON billing.pools
-    FOR EACH ROW WHEN (NEW.lane = 0) EXECUTE FUNCTION billing.enroll_new_pool();
 
 -- Make plan `key` (its latest version) the tenant's default plan, and bring
 -- every account to it: a plan whose allowance is per seat is refused
@@ -1600,6 +1642,12 @@ BEGIN
         RAISE EXCEPTION 'plan "%" has a per-seat allowance: a default plan''s allowance is the account''s, whatever its members', key
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- pools of its units made meanwhile wait (their foreign key's share lock
+    -- on the unit) until this commits, and then enroll themselves; those
+    -- made before are committed by the time the loop below reads them
+    PERFORM 1 FROM billing.units u
+    WHERE u.tenant_id = tenant AND u.unit IN (SELECT jsonb_object_keys(plan.allowances))
+    ORDER BY u.unit COLLATE "C" FOR UPDATE;
     SELECT d.plan_id INTO previous FROM billing.default_plans d WHERE d.tenant_id = tenant FOR UPDATE;
     IF previous = plan.id THEN
         RETURN QUERY SELECT plan.id, plan.key, plan.version, 0, 'unchanged'::text;
@@ -1608,8 +1656,9 @@ BEGIN
     INSERT INTO billing.default_plans AS d (tenant_id, plan_id) VALUES (tenant, plan.id)
     ON CONFLICT (tenant_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, set_at = now();
     FOR acct IN
-        SELECT DISTINCT po.account FROM billing.pools po WHERE po.tenant_id = tenant AND po.lane = 0
-        ORDER BY po.account
+        SELECT DISTINCT po.account COLLATE "C" AS account FROM billing.pools po
+        WHERE po.tenant_id = tenant AND po.lane = 0
+        ORDER BY 1
     LOOP
         IF billing.apply_default_plan(tenant, acct.account) > 0 THEN
             n := n + 1;

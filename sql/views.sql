@@ -211,10 +211,18 @@ CROSS JOIN LATERAL (VALUES
     (u.quantity < 0, 'negative quantity'),
     (u.cost < 0 OR u.covered < 0 OR u.debt_created < 0, 'negative amount'),
     (u.covered + u.debt_created <> u.cost, 'covered + debt_created differs from cost'),
-    (u.entry_version IS NOT NULL AND (u.debt_created <> 0 OR u.entry_grant IS NULL OR u.balance_after IS NULL
-                                      OR u.debt_after IS NULL OR u.held_after IS NULL OR u.entry_at IS NULL),
-     'carries a ledger entry that is not a whole debit of one grant')) r(broken, rule)
+    (u.entry_version IS NOT NULL AND (u.debt_created <> 0 OR u.covered <= 0 OR u.entry_grant IS NULL
+                                      OR u.balance_after IS NULL OR u.debt_after IS NULL
+                                      OR u.held_after IS NULL OR u.entry_at IS NULL),
+     'carries a ledger entry that is not a whole debit of one grant'),
+    ((u.entry_version IS NULL) = (u.drains IS NULL), 'has both its drains and a ledger entry, or neither')) r(broken, rule)
 WHERE r.broken
+UNION ALL
+SELECT u.pool_id, u.account, u.unit, format('usage event %s: carries its debit and has entries too', u.id)
+FROM billing.usage_events u JOIN tenant_pools p ON p.id = u.pool_id
+JOIN (SELECT DISTINCT e.pool_id, e.event_id FROM billing.ledger_entries e JOIN tenant_pools p ON p.id = e.pool_id
+      WHERE e.event_id IS NOT NULL) x ON x.pool_id = u.pool_id AND x.event_id = u.id
+WHERE u.entry_version IS NOT NULL
 UNION ALL
 SELECT e.pool_id, e.account, e.unit, format('entry version %s: %s', e.version, r.rule)
 FROM billing.ledger e JOIN tenant_pools p ON p.id = e.pool_id

@@ -121,14 +121,25 @@ pub fn due_credit(pool_id: i64, now: Ts) -> Result<i64> {
 
 /// The rule running on a pool now, or the next one to run, and where a
 /// change takes over from it (its start, if it has not started).
+/// A rule the tenant's default plan made (sql/subscriptions.sql) gives way
+/// at once to one the application sets: it takes over now, and a default
+/// rule that began at this very instant covers nothing.
 static CURRENT_RULE: Sql = Sql {
     text: "SELECT id, amount, every, time_zone, keep_periods, priority, starts_at, \
-                  starts_at > now() AS pending, \
+                  default_plan IS NOT NULL AS from_default_plan, \
+                  CASE WHEN default_plan IS NOT NULL THEN starts_at >= now() \
+                       ELSE starts_at > now() END AS pending, \
                   CASE WHEN starts_at > now() THEN starts_at \
+                       WHEN default_plan IS NOT NULL THEN now() \
                        ELSE billing.allowance_boundary(every, time_zone, now()) END AS boundary \
            FROM billing.allowances WHERE pool_id = $1 AND (ends_at IS NULL OR ends_at > now()) \
            ORDER BY starts_at DESC LIMIT 1",
     args: &[INT8],
+};
+
+static APPLY_DEFAULT_PLAN: Sql = Sql {
+    text: "SELECT billing.apply_default_plan($1, $2, $3)",
+    args: &[TEXT, TEXT, TEXT],
 };
 
 static END_RULE: Sql = Sql {
@@ -194,22 +205,30 @@ impl Shape {
     }
 }
 
-/// The rule running now: its id, shape, whether it has not started yet,
-/// and the boundary at which a change takes over from it.
-fn current_rule(
-    client: &mut SpiClient<'_>,
-    pool_id: i64,
-) -> Result<Option<(i64, Shape, bool, Ts)>> {
+/// A pool's running (or next) rule, as `CURRENT_RULE` reads it.
+struct Running {
+    id: i64,
+    shape: Shape,
+    /// It has not started yet (a change drops it).
+    pending: bool,
+    /// Where a change takes over from it.
+    boundary: Ts,
+    /// The tenant's default plan made it.
+    from_default_plan: bool,
+}
+
+fn current_rule(client: &mut SpiClient<'_>, pool_id: i64) -> Result<Option<Running>> {
     db::write(client, &CURRENT_RULE, &[pool_id.into()])?
         .next()
         .map(|r| {
             let r = Row(&r);
-            Ok((
-                r.get("id")?,
-                Shape::stored(&r)?,
-                r.get("pending")?,
-                r.get::<Tstz>("boundary")?.into(),
-            ))
+            Ok(Running {
+                id: r.get("id")?,
+                shape: Shape::stored(&r)?,
+                pending: r.get("pending")?,
+                boundary: r.get::<Tstz>("boundary")?.into(),
+                from_default_plan: r.get("from_default_plan")?,
+            })
         })
         .transpose()
 }
@@ -282,17 +301,23 @@ fn set_allowance(
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
             windows::time_zone(client, &shape.time_zone)?;
-            let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::UnitAndPool)?;
+            let mut ledger = PoolLedger::open(
+                client,
+                &tenant,
+                account,
+                unit,
+                Create::UnitAndPoolWithOwnRule,
+            )?;
             if ledger.lanes > 0 {
                 return Err(BillingError::WrongState(format!(
                     "the {unit} pool of account \"{account}\" is split across lanes: an allowance is granted when the whole pool is locked (billing.set_lanes(…, 0) first)"
                 )));
             }
             let from = match current_rule(client, ledger.id)? {
-                Some((id, running, _, _)) if running == shape && starts_at.is_none() => {
-                    return Ok((Some(id), None, "unchanged".to_string()))
+                Some(r) if r.shape == shape && starts_at.is_none() && !r.from_default_plan => {
+                    return Ok((Some(r.id), None, "unchanged".to_string()))
                 }
-                Some((id, _, pending, boundary)) => end_running(client, id, pending, boundary)?,
+                Some(r) => end_running(client, r.id, r.pending, r.boundary)?,
                 None => ledger.now,
             };
             let begins = starts_at.map_or(from, |s| s.max(from));
@@ -352,14 +377,26 @@ fn end_allowance(
         let tenant = current_tenant()?;
         Spi::connect_mut(|client| {
             let mut ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
-            let Some((id, _, pending, boundary)) = current_rule(client, ledger.id)? else {
+            let Some(r) = current_rule(client, ledger.id)? else {
                 return Ok((None, None, "none".to_string()));
             };
-            let ends = end_running(client, id, pending, boundary)?;
+            if r.from_default_plan {
+                return Err(BillingError::WrongState(format!(
+                    "the {unit} allowance of account \"{account}\" is the tenant's default plan's: it ends when the account subscribes (or set another with billing.set_allowance)"
+                )));
+            }
+            let id = r.id;
+            let ends = end_running(client, id, r.pending, r.boundary)?;
             db::write(
                 client,
                 &ADVANCE,
                 &[ledger.id.into(), time::to_sql(ledger.now).into()],
+            )?;
+            // the tenant's default plan, if any, takes over where it ends
+            db::write(
+                client,
+                &APPLY_DEFAULT_PLAN,
+                &[tenant.as_str().into(), account.into(), unit.into()],
             )?;
             ledger.flush(client)?;
             Ok((Some(id), Some(time::to_sql(ends)), "ended".to_string()))
@@ -380,7 +417,7 @@ static CLAIM_GUEST: Sql = Sql {
 /// The units in which a guest has allowances, rules or granted windows.
 static GUEST_UNITS: Sql = Sql {
     text: "SELECT p.unit FROM billing.pools p WHERE p.tenant_id = $1 AND p.account = $2 AND p.lane = 0 \
-             AND EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = p.id) \
+             AND EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = p.id AND a.default_plan IS NULL) \
            ORDER BY p.unit",
     args: &[TEXT, TEXT],
 };
@@ -391,6 +428,8 @@ static GUEST_CREDIT: Sql = Sql {
            FROM billing.grants g \
            WHERE g.pool_id = $1 AND g.parent_id IS NULL AND g.status = 'active' \
              AND g.key LIKE 'billing:allowance:%' AND (g.expires_at IS NULL OR g.expires_at > now()) \
+             AND NOT EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = g.pool_id \
+                               AND a.default_plan IS NOT NULL AND g.key LIKE 'billing:allowance:' || a.id || ':%') \
            ORDER BY g.id",
     args: &[INT8],
 };
@@ -406,10 +445,12 @@ static REVOKE: Sql = Sql {
 static MOVE_RULES: Sql = Sql {
     text: "WITH moved AS (UPDATE billing.allowances a SET pool_id = $2, account = $3, \
                                  ends_at = CASE WHEN EXISTS (SELECT 1 FROM billing.allowances o WHERE o.pool_id = $2 \
+                                                  AND o.default_plan IS NULL \
                                                   AND (o.ends_at IS NULL OR o.ends_at > now())) \
                                            THEN least(a.ends_at, billing.allowance_boundary(a.every, a.time_zone, now())) \
                                            ELSE a.ends_at END \
-                          WHERE a.pool_id = $1 AND (a.ends_at IS NULL OR a.ends_at > now()) RETURNING 1) \
+                          WHERE a.pool_id = $1 AND a.default_plan IS NULL \
+                            AND (a.ends_at IS NULL OR a.ends_at > now()) RETURNING 1) \
            UPDATE billing.pools p SET allowance_next = CASE WHEN p.id = $1 THEN 'infinity' \
                   ELSE least(p.allowance_next, g.allowance_next) END \
            FROM billing.pools g WHERE g.id = $1 AND p.id IN ($1, $2)",
@@ -479,6 +520,16 @@ fn convert_guest(
             for unit in units {
                 let moved = convert_pool(client, &tenant, guest, account, &unit)?;
                 out.push((Some(unit), moved, "converted".to_string()));
+            }
+            // the default plan is the account's now, never the guest's too
+            // (its credit does not move: the account's pools have their own),
+            // and gives way to the rules that moved
+            for who in [guest, account] {
+                db::write(
+                    client,
+                    &APPLY_DEFAULT_PLAN,
+                    &[tenant.as_str().into(), who.into(), None::<&str>.into()],
+                )?;
             }
             Ok(out)
         })

@@ -214,8 +214,15 @@ static CREATE_POOLS: Sql = Sql {
                       SELECT DISTINCT $1, account FROM k ON CONFLICT DO NOTHING) \
            INSERT INTO billing.pools (tenant_id, account, unit, lane) \
            SELECT $1, account, unit, lane FROM k \
-           ON CONFLICT DO NOTHING",
+           ON CONFLICT DO NOTHING \
+           RETURNING account, unit, lane",
     args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY, INT4_ARRAY],
+};
+
+/// Pools this call made get the tenant's default plan (sql/subscriptions.sql).
+static ENROLL_NEW_POOLS: Sql = Sql {
+    text: "SELECT billing.enroll_new_pools($1, $2, $3)",
+    args: &[TEXT, TEXT_ARRAY, TEXT_ARRAY],
 };
 
 /// Expired holds are closed, and what they counted in their pools' limits
@@ -269,6 +276,9 @@ pub enum Create {
     UnitAndPool,
     /// Create the pool if the unit is known; an unknown unit is an error.
     Pool,
+    /// As `UnitAndPool`, for a pool the caller gives an allowance rule of
+    /// its own: a pool made now does not get the tenant's default plan.
+    UnitAndPoolWithOwnRule,
 }
 
 /// A pool row's spendable figures as of its last write, valid until `until`.
@@ -655,7 +665,7 @@ impl PoolLedger {
     ) -> Result<()> {
         let (accounts, units, lanes) = key_columns(keys);
         match create {
-            Create::UnitAndPool => {
+            Create::UnitAndPool | Create::UnitAndPoolWithOwnRule => {
                 db::write(
                     client,
                     &CREATE_UNITS,
@@ -670,12 +680,33 @@ impl PoolLedger {
                 }
             }
         }
-        db::write_waiting_for(
+        let made = db::write_waiting_for(
             client,
             &CREATE_POOLS,
             &[tenant.into(), accounts.into(), units.into(), lanes.into()],
             what,
-        )?;
+        )?
+        .map(|r| {
+            let r = Row(&r);
+            Ok((
+                r.get::<String>("account")?,
+                r.get::<String>("unit")?,
+                r.get::<i32>("lane")?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let (accounts, units): (Vec<String>, Vec<String>) = made
+            .into_iter()
+            .filter(|(_, _, lane)| *lane == 0)
+            .map(|(a, u, _)| (a, u))
+            .unzip();
+        if !accounts.is_empty() && create != Create::UnitAndPoolWithOwnRule {
+            db::write(
+                client,
+                &ENROLL_NEW_POOLS,
+                &[tenant.into(), accounts.into(), units.into()],
+            )?;
+        }
         Ok(())
     }
 
