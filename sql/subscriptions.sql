@@ -602,7 +602,9 @@ BEGIN
                              AND g.key LIKE 'billing:allowance:' || da.id || ':%'
         WHERE da.tenant_id = tenant AND da.account = close_overlapping_allowances.account
           AND da.unit = close_overlapping_allowances.unit AND da.default_plan IS NOT NULL
-          AND g.effective_at <= now() AND (g.expires_at IS NULL OR greatest(at, now()) < g.expires_at)
+          -- (a window granted by a transaction that began after this one is
+          -- still this month's: its effective_at may be later than now())
+          AND (g.expires_at IS NULL OR greatest(at, now()) < g.expires_at)
         ORDER BY g.id));
     RETURN used;
 END
