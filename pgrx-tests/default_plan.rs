@@ -27,6 +27,14 @@ mod tests {
         ))
     }
 
+    /// Apply Stripe's subscription object `s` as observed now (the poll path).
+    fn sync(s: &serde_json::Value) {
+        run(&format!(
+            "SELECT * FROM billing.sync_subscription('{}'::jsonb)",
+            s.to_string().replace('\'', "''")
+        ));
+    }
+
     fn credits(account: &str) -> i64 {
         available(account, "credits")
     }
@@ -94,10 +102,7 @@ mod tests {
         let (start, end) = (t - 10 * DAY, t + 20 * DAY);
         let sub = |status: &str| {
             let s = subscription("sub_1", "org_1", status, "price_basic_m", 1, start, end);
-            run(&format!(
-                "SELECT * FROM billing.sync_subscription('{}'::jsonb)",
-                s.to_string().replace('\'', "''")
-            ));
+            sync(&s);
         };
         sub("active");
         assert_eq!(
@@ -133,10 +138,7 @@ mod tests {
             t - DAY,
             t + 29 * DAY,
         );
-        run(&format!(
-            "SELECT * FROM billing.sync_subscription('{}'::jsonb)",
-            s.to_string().replace('\'', "''")
-        ));
+        sync(&s);
         assert_eq!(credits("org_2"), 1000);
         assert_eq!(default_rules("org_2"), "");
         run("SELECT billing.define_unit('tokens')");
@@ -226,10 +228,7 @@ mod tests {
             t - 10 * DAY,
             t + 20 * DAY,
         );
-        run(&format!(
-            "SELECT * FROM billing.sync_subscription('{}'::jsonb)",
-            s.to_string().replace('\'', "''")
-        ));
+        sync(&s);
         assert_eq!(credits("org_1"), 0);
         assert_eq!(reason("org_1"), "subscription_past_due");
         ingest("org_1", "credits", 1, "u2");
