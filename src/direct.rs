@@ -11,8 +11,11 @@
 //! pass the tenant `tenancy::current_tenant` authorised as the first key,
 //! which is all the policies would admit. Columns are found by name.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CStr;
 
+use pgrx::pg_guard;
 use pgrx::pg_sys;
 use pgrx::{FromDatum, IntoDatum};
 
@@ -38,8 +41,40 @@ fn writing(what: &CStr) {
     }
 }
 
+thread_local! {
+    /// Attribute numbers found by name, per (relation, column name): the
+    /// names are static, so their address names them. Emptied for a
+    /// relation whenever its relcache entry is invalidated (its columns may
+    /// have changed), by `forget_columns`.
+    static COLUMNS: RefCell<HashMap<(pg_sys::Oid, usize), usize>> = RefCell::new(HashMap::new());
+}
+
+/// Follow relcache invalidations (from `_PG_init`).
+pub fn watch_column_changes() {
+    // SAFETY: called from _PG_init; the callback only empties thread-local state.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_columns), pg_sys::Datum::from(0)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_columns(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    COLUMNS.with(|c| {
+        let mut c = c.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            c.clear();
+        } else {
+            c.retain(|(rel, _), _| *rel != relid);
+        }
+    });
+}
+
 /// The attribute number of `column` of `rel`, from 0; an unknown column is an error.
-fn column_index(rel: pg_sys::Relation, column: &CStr) -> Result<usize> {
+fn column_index(rel: pg_sys::Relation, column: &'static CStr) -> Result<usize> {
+    // SAFETY: the relation is open.
+    let relid = unsafe { (*rel).rd_id };
+    let key = (relid, column.as_ptr() as usize);
+    if let Some(i) = COLUMNS.with(|c| c.borrow().get(&key).copied()) {
+        return Ok(i);
+    }
     // SAFETY: the relation is open; attnameAttNum returns 0 (InvalidAttrNumber)
     // for a name it does not know.
     let attno = unsafe { pg_sys::attnameAttNum(rel, column.as_ptr(), false) };
@@ -50,7 +85,9 @@ fn column_index(rel: pg_sys::Relation, column: &CStr) -> Result<usize> {
             column.to_string_lossy()
         )));
     }
-    Ok((attno - 1) as usize)
+    let i = (attno - 1) as usize;
+    COLUMNS.with(|c| c.borrow_mut().insert(key, i));
+    Ok(i)
 }
 
 /// The row of `billing.<table>` whose leading `index` columns equal `keys`
@@ -337,7 +374,7 @@ pub struct Tuple<'a> {
 
 impl Tuple<'_> {
     /// A column that may be NULL.
-    pub fn opt<T: FromDatum>(&self, name: &CStr) -> Result<Option<T>> {
+    pub fn opt<T: FromDatum>(&self, name: &'static CStr) -> Result<Option<T>> {
         let i = column_index(self.rel, name)?;
         // SAFETY: the datum belongs to the slot's current tuple, of the
         // column's own type, which the caller names.
@@ -345,7 +382,7 @@ impl Tuple<'_> {
     }
 
     /// A column that is never NULL.
-    pub fn get<T: FromDatum>(&self, name: &CStr) -> Result<T> {
+    pub fn get<T: FromDatum>(&self, name: &'static CStr) -> Result<T> {
         self.opt(name)?.ok_or_else(|| {
             BillingError::Internal(format!(
                 "unexpected NULL in column {}",
@@ -439,7 +476,7 @@ impl Writer {
     }
 
     /// Set a column of the next row (`None` for NULL).
-    pub fn set<T: IntoDatum>(&mut self, column: &CStr, value: T) -> Result<&mut Self> {
+    pub fn set<T: IntoDatum>(&mut self, column: &'static CStr, value: T) -> Result<&mut Self> {
         // SAFETY: the datum lives in the row's memory until the row is written.
         let datum = unsafe { self.row_memory.switch_to(|_| value.into_datum()) };
         self.put(column, datum)
@@ -449,7 +486,7 @@ impl Writer {
     /// made by `make` in the row's memory.
     pub fn set_made(
         &mut self,
-        column: &CStr,
+        column: &'static CStr,
         make: impl FnOnce() -> Result<pg_sys::Datum>,
     ) -> Result<&mut Self> {
         // SAFETY: as `set`.
@@ -457,7 +494,7 @@ impl Writer {
         self.put(column, Some(datum))
     }
 
-    fn put(&mut self, column: &CStr, datum: Option<pg_sys::Datum>) -> Result<&mut Self> {
+    fn put(&mut self, column: &'static CStr, datum: Option<pg_sys::Datum>) -> Result<&mut Self> {
         let i = column_index(self.rel, column)?;
         self.values[i] = datum.unwrap_or(pg_sys::Datum::from(0));
         self.nulls[i] = datum.is_none();

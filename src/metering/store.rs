@@ -172,7 +172,10 @@ pub struct Metering {
 
 /// An hourly counter's figures (aggregate, cost, revised_at) from a row
 /// whose columns for events, quantity, last_at, cost and revised_at are named `columns`.
-fn counted(t: &Tuple, columns: [&std::ffi::CStr; 5]) -> Result<(Aggregate, i64, Option<Ts>)> {
+fn counted(
+    t: &Tuple,
+    columns: [&'static std::ffi::CStr; 5],
+) -> Result<(Aggregate, i64, Option<Ts>)> {
     let [events, quantity, last_at, cost, revised_at] = columns;
     let aggregate = Aggregate {
         events: t.get(events)?,
@@ -182,7 +185,7 @@ fn counted(t: &Tuple, columns: [&std::ffi::CStr; 5]) -> Result<(Aggregate, i64, 
     Ok((aggregate, t.get(cost)?, instant(t, revised_at)?))
 }
 
-fn numeric(t: &Tuple, column: &std::ffi::CStr) -> Result<Decimal> {
+fn numeric(t: &Tuple, column: &'static std::ffi::CStr) -> Result<Decimal> {
     decimal(&t.get::<AnyNumeric>(column)?)
 }
 
@@ -196,7 +199,7 @@ fn to_numeric(d: Decimal) -> Result<AnyNumeric> {
         .map_err(|e| BillingError::Internal(format!("quantity {d}: {e}")))
 }
 
-fn instant(t: &Tuple, column: &std::ffi::CStr) -> Result<Option<Ts>> {
+fn instant(t: &Tuple, column: &'static std::ffi::CStr) -> Result<Option<Ts>> {
     Ok(t.opt::<Tstz>(column)?.map(time::instant))
 }
 
