@@ -15,6 +15,7 @@ mod lanes;
 mod limits;
 mod metering;
 mod nulls;
+mod quotes;
 mod reversals;
 mod stripe;
 mod stripe_money;

@@ -426,6 +426,28 @@ CREATE TABLE billing.limit_usage (
     PRIMARY KEY (limit_id, window_start, member)
 );
 
+-- Top-up quotes (src/quotes): the card fee of each card kind per currency,
+-- and each currency's top-up limits and conversion surcharge.
+CREATE TABLE billing.topup_fees (
+    tenant_id  text        NOT NULL,
+    currency   text        NOT NULL,
+    card_kind  text        NOT NULL,
+    percent    numeric     NOT NULL CHECK (percent >= 0 AND percent < 100),
+    fixed      bigint      NOT NULL CHECK (fixed >= 0),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, currency, card_kind)
+);
+CREATE TABLE billing.topup_limits (
+    tenant_id          text        NOT NULL,
+    currency           text        NOT NULL,
+    min_credit         bigint      NOT NULL CHECK (min_credit > 0),
+    max_credit         bigint      NOT NULL,
+    conversion_percent numeric     NOT NULL DEFAULT 0 CHECK (conversion_percent >= 0 AND conversion_percent < 100),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, currency),
+    CHECK (max_credit >= min_credit)
+);
+
 -- The append-only ledger. One row per change of a pool; version is the pool's
 -- version after the entry, and the chain balance_before + amount = balance_after
 -- runs over the net booked balance (Σ remaining of grants − debt).
@@ -499,6 +521,8 @@ SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.meter_uniques', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.topup_fees', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.topup_limits', '');
 -- and so must the identity sequences, or restored ids would be handed out again
 -- (one call per statement: each call rewrites the extension's catalog row)
 SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');

@@ -53,7 +53,8 @@ BEGIN
                              'webhook_objects', 'webhook_handlers', 'stripe_reversals', 'plans', 'plan_keys', 'plan_prices',
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
-                             'subscription_changes', 'invoice_payments', 'default_plans'] LOOP
+                             'subscription_changes', 'invoice_payments', 'default_plans',
+                             'topup_fees', 'topup_limits'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -80,7 +81,7 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
                 billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
-                billing.subscription_drift, billing.default_plans
+                billing.subscription_drift, billing.default_plans, billing.topup_fees, billing.topup_limits
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -152,6 +153,7 @@ GRANT EXECUTE ON FUNCTION
     billing.price_total(jsonb, numeric),
     billing.verify_ledger(),
     billing.grant_entry_totals(bigint[]),
+    billing.quote(bigint, text, text, boolean),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)
@@ -201,5 +203,7 @@ GRANT EXECUTE ON FUNCTION
     billing.define_plan(text, jsonb, jsonb, text, integer, bigint, integer),
     billing.run_periodic(integer),
     billing.retire_plan(text),
-    billing.set_default_plan(text)
+    billing.set_default_plan(text),
+    billing.set_topup_fee(text, text, numeric, bigint),
+    billing.set_topup_limits(text, bigint, bigint, numeric)
     TO billing_admin;

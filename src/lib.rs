@@ -24,6 +24,7 @@ mod ledger;
 mod limits;
 mod metering;
 mod pricing;
+mod quotes;
 mod reporting;
 mod reversal;
 mod signatures;

@@ -161,6 +161,8 @@ pub const BILLING_TABLES: &[&str] = &[
     "subscription_changes",
     "invoice_payments",
     "default_plans",
+    "topup_fees",
+    "topup_limits",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
