@@ -73,6 +73,7 @@ mod tests {
             "billing.set_topup_limits('usd', 500, 499)",
             "billing.set_topup_limits('usd', 0, 499)",
             "billing.set_topup_limits('usd', 500, 1000, conversion_percent => 100)",
+            "billing.set_topup_fee('usd', 'domestic', 2.90001, 30)",
         ] {
             assert_rejected(&format!("SELECT * FROM {bad}"), "22023");
         }
@@ -80,6 +81,17 @@ mod tests {
             quote("1000, 'usd', 'domestic'"),
             "1000 61 1061 2.9 30",
             "a refused change changes nothing"
+        );
+        // a currency with fees but no limits row: any credit, and a
+        // converted card is never quoted as if conversion were free
+        run("SELECT * FROM billing.set_topup_fee('eur', 'domestic', 1.5, 25)");
+        assert_eq!(
+            quote("1000000, 'eur', 'domestic'"),
+            "1000000 15254 1015254 1.5 25"
+        );
+        assert_rejected(
+            "SELECT * FROM billing.quote(1000, 'eur', 'domestic', converted => true)",
+            "22023",
         );
     }
 }

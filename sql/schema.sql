@@ -432,7 +432,7 @@ CREATE TABLE billing.topup_fees (
     tenant_id  text        NOT NULL,
     currency   text        NOT NULL,
     card_kind  text        NOT NULL,
-    percent    numeric     NOT NULL CHECK (percent >= 0 AND percent < 100),
+    percent    numeric     NOT NULL CHECK (percent >= 0 AND percent < 100 AND scale(trim_scale(percent)) <= 4),
     fixed      bigint      NOT NULL CHECK (fixed >= 0),
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, currency, card_kind)
@@ -442,7 +442,9 @@ CREATE TABLE billing.topup_limits (
     currency           text        NOT NULL,
     min_credit         bigint      NOT NULL CHECK (min_credit > 0),
     max_credit         bigint      NOT NULL,
-    conversion_percent numeric     NOT NULL DEFAULT 0 CHECK (conversion_percent >= 0 AND conversion_percent < 100),
+    conversion_percent numeric     NOT NULL DEFAULT 0
+                       CHECK (conversion_percent >= 0 AND conversion_percent < 100
+                              AND scale(trim_scale(conversion_percent)) <= 4),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, currency),
     CHECK (max_credit >= min_credit)

@@ -178,7 +178,7 @@ fn set_topup_limits(
 /// A card kind's fee in a currency, with the currency's limits if set.
 static SCHEDULE: Sql = Sql {
     text: "SELECT f.percent::text AS percent, f.fixed, l.min_credit, l.max_credit, \
-                  coalesce(l.conversion_percent, 0)::text AS conversion_percent, \
+                  l.conversion_percent::text AS conversion_percent, \
                   (SELECT string_agg(k.card_kind, ', ' ORDER BY k.card_kind) FROM billing.topup_fees k \
                    WHERE k.tenant_id = $1 AND k.currency = $2) AS kinds \
            FROM (SELECT 1) one \
@@ -256,10 +256,18 @@ fn quote(
                     },
                 ));
             };
-            let surcharge = if converted {
-                parse_percent(&r.get::<String>("conversion_percent")?)?
-            } else {
-                Decimal::ZERO
+            let surcharge = match (converted, r.opt::<String>("conversion_percent")?) {
+                (false, _) => Decimal::ZERO,
+                (true, Some(p)) => parse_percent(&p)?,
+                // a converted card's worst case is unknown: never quote it as none
+                (true, None) => {
+                    return Err(BillingError::invalid(
+                        "converted",
+                        format!(
+                            "no currency conversion surcharge is set in {currency} (billing.set_topup_limits)"
+                        ),
+                    ))
+                }
             };
             let fee = Fee {
                 percent: parse_percent(&percent)? + surcharge,

@@ -27,9 +27,14 @@ pub struct Quote {
     pub total: i64,
 }
 
+/// A fee's percentage has at most this many decimal places, so every product
+/// below is exact in `Decimal` (28 significant digits).
+pub const PERCENT_SCALE: u32 = 4;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuoteError {
-    /// The percentage leaves nothing of a charge (100% or more), or is negative.
+    /// The percentage leaves nothing of a charge (100% or more), is
+    /// negative, or has more than `PERCENT_SCALE` decimal places.
     Percent(Decimal),
     /// The fixed fee is negative.
     Fixed(i64),
@@ -42,7 +47,10 @@ pub enum QuoteError {
 impl std::fmt::Display for QuoteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QuoteError::Percent(p) => write!(f, "a fee of {p}% must be at least 0 and below 100"),
+            QuoteError::Percent(p) => write!(
+                f,
+                "a fee of {p}% must be at least 0 and below 100, with at most {PERCENT_SCALE} decimal places"
+            ),
             QuoteError::Fixed(x) => write!(f, "a fixed fee of {x} must not be negative"),
             QuoteError::Credit(c) => write!(f, "a credit of {c} must be positive"),
             QuoteError::Overflow => write!(f, "the total does not fit in a bigint"),
@@ -52,7 +60,10 @@ impl std::fmt::Display for QuoteError {
 
 impl Fee {
     pub fn validate(&self) -> Result<(), QuoteError> {
-        if self.percent < Decimal::ZERO || self.percent >= Decimal::ONE_HUNDRED {
+        if self.percent < Decimal::ZERO
+            || self.percent >= Decimal::ONE_HUNDRED
+            || self.percent.normalize().scale() > PERCENT_SCALE
+        {
             return Err(QuoteError::Percent(self.percent));
         }
         if self.fixed < 0 {
@@ -84,7 +95,9 @@ pub fn quote(credit: i64, fee: Fee) -> Result<Quote, QuoteError> {
     // the exact solution of t − t·p − fixed = credit, rounded up; the
     // rounding of the fee can leave it a unit short, or a unit over
     let share = Decimal::ONE - fee.percent / Decimal::ONE_HUNDRED;
-    let exact = (Decimal::from(credit) + Decimal::from(fee.fixed)) / share;
+    let exact = (Decimal::from(credit) + Decimal::from(fee.fixed))
+        .checked_div(share)
+        .ok_or(QuoteError::Overflow)?;
     let mut total = exact.ceil().to_i64().ok_or(QuoteError::Overflow)?;
     while fee.net(total)? < credit {
         total = total.checked_add(1).ok_or(QuoteError::Overflow)?;
@@ -141,7 +154,7 @@ mod tests {
             ("3.9", 30),
             ("3.5", 30),
             ("4.4", 30),
-            ("3.9", 30),
+            ("4.5", 30),
             ("4.9", 30),
             ("5.4", 30),
             ("0", 0),
@@ -186,6 +199,21 @@ mod tests {
         assert_eq!(quote(100, fee("1", -1)), Err(QuoteError::Fixed(-1)));
         assert_eq!(
             quote(i64::MAX - 10, fee("2.9", 30)),
+            Err(QuoteError::Overflow)
+        );
+        // a percentage with more places than the arithmetic keeps exact
+        assert!(matches!(
+            quote(100, fee("2.90001", 0)),
+            Err(QuoteError::Percent(_))
+        ));
+        assert_eq!(
+            quote(100, fee("2.9000", 0)).unwrap().total,
+            103,
+            "trailing zeros are no places"
+        );
+        // the largest percentage below 100 overflows cleanly, never panics
+        assert_eq!(
+            quote(i64::MAX / 2, fee("99.9999", 0)),
             Err(QuoteError::Overflow)
         );
     }
