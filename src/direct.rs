@@ -47,6 +47,9 @@ thread_local! {
     /// relation whenever its relcache entry is invalidated (its columns may
     /// have changed), by `forget_columns`.
     static COLUMNS: RefCell<HashMap<(pg_sys::Oid, usize), usize>> = RefCell::new(HashMap::new());
+    /// The OIDs of billing.<name> by the (static) name's address, forgotten
+    /// with the relation's relcache entry (it was dropped, or altered).
+    static RELATIONS: RefCell<HashMap<usize, pg_sys::Oid>> = RefCell::new(HashMap::new());
 }
 
 /// Follow relcache invalidations (from `_PG_init`).
@@ -63,6 +66,14 @@ unsafe extern "C-unwind" fn forget_columns(_arg: pg_sys::Datum, relid: pg_sys::O
             c.clear();
         } else {
             c.retain(|(rel, _), _| *rel != relid);
+        }
+    });
+    RELATIONS.with(|r| {
+        let mut r = r.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            r.clear();
+        } else {
+            r.retain(|_, oid| *oid != relid);
         }
     });
 }
@@ -93,8 +104,8 @@ fn column_index(rel: pg_sys::Relation, column: &'static CStr) -> Result<usize> {
 /// The row of `billing.<table>` whose leading `index` columns equal `keys`
 /// (an index on a unique key), read by `read`; None if there is none.
 pub fn find_one<T>(
-    table: &CStr,
-    index: &CStr,
+    table: &'static CStr,
+    index: &'static CStr,
     keys: &[Key],
     snapshot: Snapshot,
     read: impl FnMut(&Tuple) -> Result<T>,
@@ -138,20 +149,29 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    pub fn open(table: &CStr, index: &CStr, nkeys: usize, snapshot: Snapshot) -> Result<Lookup> {
+    pub fn open(
+        table: &'static CStr,
+        index: &'static CStr,
+        nkeys: usize,
+        snapshot: Snapshot,
+    ) -> Result<Lookup> {
         Lookup::open_with(table, index, nkeys, snapshot, pg_sys::AccessShareLock)
     }
 
     /// A lookup whose rows `find_locked` locks, as `SELECT … FOR UPDATE`
     /// would (the table opened in RowShareLock, a new snapshot).
-    pub fn open_for_update(table: &CStr, index: &CStr, nkeys: usize) -> Result<Lookup> {
+    pub fn open_for_update(
+        table: &'static CStr,
+        index: &'static CStr,
+        nkeys: usize,
+    ) -> Result<Lookup> {
         writing(c"SELECT FOR UPDATE");
         Lookup::open_with(table, index, nkeys, Snapshot::New, pg_sys::RowShareLock)
     }
 
     fn open_with(
-        table: &CStr,
-        index: &CStr,
+        table: &'static CStr,
+        index: &'static CStr,
         nkeys: usize,
         snapshot: Snapshot,
         table_lock: u32,
@@ -331,7 +351,11 @@ fn relation_name(rel: pg_sys::Relation) -> String {
 }
 
 /// The oid of `billing.<name>`, a table, index or sequence.
-fn relation(name: &CStr) -> Result<pg_sys::Oid> {
+fn relation(name: &'static CStr) -> Result<pg_sys::Oid> {
+    let key = name.as_ptr() as usize;
+    if let Some(oid) = RELATIONS.with(|r| r.borrow().get(&key).copied()) {
+        return Ok(oid);
+    }
     // SAFETY: catalog lookups inside a transaction.
     let oid = unsafe {
         let schema = pg_sys::get_namespace_oid(SCHEMA.as_ptr(), false);
@@ -343,6 +367,7 @@ fn relation(name: &CStr) -> Result<pg_sys::Oid> {
             name.to_string_lossy()
         )));
     }
+    RELATIONS.with(|r| r.borrow_mut().insert(key, oid));
     Ok(oid)
 }
 
@@ -396,7 +421,7 @@ impl Tuple<'_> {
 pub struct Sequence(pg_sys::Oid);
 
 impl Sequence {
-    pub fn named(name: &CStr) -> Result<Sequence> {
+    pub fn named(name: &'static CStr) -> Result<Sequence> {
         Ok(Sequence(relation(name)?))
     }
 
@@ -518,7 +543,7 @@ impl Writer {
 
     /// Update the row whose `id` is `id`: the columns set so far change,
     /// the others keep their values. The row must exist.
-    pub fn update(&mut self, pkey: &CStr, id: i64) -> Result<()> {
+    pub fn update(&mut self, pkey: &'static CStr, id: i64) -> Result<()> {
         if self.by_id.is_none() {
             // a BEFORE row trigger on UPDATE would need a recheck state this
             // writer does not build (the append-only tables, which have one,
