@@ -15,6 +15,18 @@
 -- A usage event paid in full by one grant carries its own ledger entry (see
 -- usage_events); billing.ledger reads both.
 
+-- What billing.check answers (src/gate.rs).
+CREATE TYPE billing.check_result AS (
+    allowed   boolean,
+    available bigint,
+    balance   bigint,
+    held      bigint,
+    debt      bigint,
+    floor     bigint,
+    reason    text,
+    resets_at timestamptz
+);
+
 -- What a ledger entry records: the one list, mirrored by EntryKind in
 -- src/ledger/core.rs (a test compares them).
 CREATE TYPE billing.entry_kind AS ENUM (

@@ -351,7 +351,8 @@ fn relation_name(rel: pg_sys::Relation) -> String {
 }
 
 /// The oid of `billing.<name>`, a table, index or sequence.
-fn relation(name: &'static CStr) -> Result<pg_sys::Oid> {
+/// The OID of relation `billing.<name>`.
+pub fn relation(name: &'static CStr) -> Result<pg_sys::Oid> {
     let key = name.as_ptr() as usize;
     if let Some(oid) = RELATIONS.with(|r| r.borrow().get(&key).copied()) {
         return Ok(oid);

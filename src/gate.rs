@@ -1,11 +1,13 @@
 //! The gate: may this account spend `amount` now? One indexed read, no write.
 
 use pgrx::prelude::*;
+use pgrx::{AllocatedByRust, IntoDatum, PgTupleDesc};
 use pgrx::spi::SpiClient;
 
 use crate::db::{self, Row, Sql, TEXT};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
+use crate::direct;
 use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
 use crate::{allowances, limits, pricing, time};
@@ -36,19 +38,7 @@ fn check(
     amount: default!(Option<i64>, "0"),
     member: default!(Option<&str>, "NULL"),
     meter: default!(Option<&str>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(allowed, bool),
-        name!(available, i64),
-        name!(balance, i64),
-        name!(held, i64),
-        name!(debt, i64),
-        name!(floor, i64),
-        name!(reason, String),
-        name!(resets_at, Option<Tstz>),
-    ),
-> {
+) -> pgrx::composite_type!('static, "billing.check_result") {
     let result = (|| -> Result<CheckRow> {
         let account = input::required("account", account)?;
         let unit = input::required("unit", unit)?;
@@ -62,7 +52,47 @@ fn check(
         }
         gate(&tenant, account, unit, amount, member)
     })();
-    TableIterator::once(result.or_raise())
+    check_result(result.or_raise()).or_raise()
+}
+
+thread_local! {
+    /// billing.check_result's relation and type OIDs, found once per
+    /// backend (the relation's is forgotten with its relcache entry, so a
+    /// re-created type is found again).
+    static CHECK_RESULT: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// A check's row as a `billing.check_result`: one composite value, which
+/// costs less per call than a set of records (whose row descriptor is built
+/// from the function's catalog entry on every call).
+fn check_result(row: CheckRow) -> Result<PgHeapTuple<'static, AllocatedByRust>> {
+    let relid = direct::relation(c"check_result")?;
+    let oid = match CHECK_RESULT.with(|c| c.get()) {
+        Some((rel, oid)) if rel == relid => oid,
+        _ => {
+            // SAFETY: a catalog lookup inside a transaction.
+            let oid = unsafe { pg_sys::get_rel_type_id(relid) };
+            CHECK_RESULT.with(|c| c.set(Some((relid, oid))));
+            oid
+        }
+    };
+    let tupdesc = PgTupleDesc::for_composite_type_by_oid(oid)
+        .ok_or_else(|| BillingError::Internal("billing.check_result is missing".into()))?;
+    let (allowed, available, balance, held, debt, floor, reason, resets_at) = row;
+    let datums = [
+        allowed.into_datum(),
+        available.into_datum(),
+        balance.into_datum(),
+        held.into_datum(),
+        debt.into_datum(),
+        floor.into_datum(),
+        reason.into_datum(),
+        resets_at.into_datum(),
+    ];
+    // SAFETY: one datum per attribute of billing.check_result, of its type.
+    unsafe { PgHeapTuple::from_datums(tupdesc, datums) }
+        .map_err(|e| BillingError::Internal(format!("check_result: {e}")))
 }
 
 /// The meter a call is about to use: it must charge `unit` and be enabled
