@@ -1,13 +1,13 @@
 //! The gate: may this account spend `amount` now? One indexed read, no write.
 
 use pgrx::prelude::*;
-use pgrx::{AllocatedByRust, IntoDatum, PgTupleDesc};
 use pgrx::spi::SpiClient;
+use pgrx::{AllocatedByRust, IntoDatum, PgTupleDesc};
 
 use crate::db::{self, Row, Sql, TEXT};
+use crate::direct;
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
-use crate::direct;
 use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
 use crate::{allowances, limits, pricing, time};
