@@ -599,7 +599,7 @@ BEGIN
     used := used + billing.revoke_plan_grants(ARRAY(
         SELECT g.id FROM billing.allowances da
         JOIN billing.grants g ON g.pool_id = da.pool_id AND g.parent_id IS NULL
-                             AND g.key LIKE 'billing:allowance:' || da.id || ':%'
+                             AND billing.allowance_rule_of(g.key) = da.id
         WHERE da.tenant_id = tenant AND da.account = close_overlapping_allowances.account
           AND da.unit = close_overlapping_allowances.unit AND da.default_plan IS NOT NULL
           -- (a window granted by a transaction that began after this one is
@@ -1510,8 +1510,9 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     plan billing.plans;
-    live boolean := billing.has_live_subscription(tenant, account);
     excluded boolean := billing.default_plan_excluded(tenant, account);
+    -- (asked again only of an excluded account: the common case probes once)
+    live boolean := excluded AND billing.has_live_subscription(tenant, account);
     r record;
     p record;
     amount bigint;
@@ -1542,7 +1543,7 @@ BEGIN
             PERFORM billing.revoke_unused(g.id)
             FROM billing.grants g
             WHERE g.pool_id = r.pool_id AND g.parent_id IS NULL AND g.status IN ('active', 'suspended')
-              AND g.key LIKE 'billing:allowance:' || r.id || ':%'
+              AND billing.allowance_rule_of(g.key) = r.id
               AND (g.expires_at IS NULL OR g.expires_at > now());
             SELECT w.starts_at INTO window_start FROM billing.window_of(r.every, r.time_zone, now()) w;
             IF r.starts_at >= window_start THEN

@@ -10,6 +10,16 @@
 -- window's credit expires keep_periods windows after its start; a 'never'
 -- window starts with the rule and lasts until the rule ends.
 
+-- The allowance rule a grant is a window of, from the grant's key
+-- (`billing:allowance:<rule>:<window start>`, made by src/allowances.rs,
+-- grant_due; `billing:` keys are reserved), or NULL for any other grant.
+CREATE FUNCTION billing.allowance_rule_of(key text) RETURNS bigint
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT CASE WHEN key LIKE 'billing:allowance:%' THEN split_part(key, ':', 3)::bigint END
+$$;
+
 -- The window of a limit that holds `at`: [starts_at, ends_at); 'never' is
 -- one window for all time (ends_at NULL: it never resets).
 CREATE FUNCTION billing.window_of(every text, time_zone text, at timestamptz)

@@ -427,9 +427,10 @@ static GUEST_CREDIT: Sql = Sql {
     text: "SELECT g.id, g.priority, g.expires_at \
            FROM billing.grants g \
            WHERE g.pool_id = $1 AND g.parent_id IS NULL AND g.status = 'active' \
-             AND g.key LIKE 'billing:allowance:%' AND (g.expires_at IS NULL OR g.expires_at > now()) \
-             AND NOT EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = g.pool_id \
-                               AND a.default_plan IS NOT NULL AND g.key LIKE 'billing:allowance:' || a.id || ':%') \
+             AND billing.allowance_rule_of(g.key) IS NOT NULL \
+             AND (g.expires_at IS NULL OR g.expires_at > now()) \
+             AND NOT EXISTS (SELECT 1 FROM billing.allowances a \
+                             WHERE a.id = billing.allowance_rule_of(g.key) AND a.default_plan IS NOT NULL) \
            ORDER BY g.id",
     args: &[INT8],
 };

@@ -170,6 +170,17 @@ pub struct Metering {
     evicted: Vec<(i64, String, KeptCounter)>,
 }
 
+/// The values of a (pool, meter, instant, text) key, the leading columns of
+/// the indexes of meter_uniques and usage_counters.
+fn index_keys(key: &(i64, String, Ts, String)) -> [Key<'_>; 4] {
+    [
+        Key::Int8(key.0),
+        Key::Text(&key.1),
+        Key::Tstz(key.2),
+        Key::Text(&key.3),
+    ]
+}
+
 /// An hourly counter's figures (aggregate, cost, revised_at) from a row
 /// whose columns for events, quantity, last_at, cost and revised_at are named `columns`.
 fn counted(
@@ -302,16 +313,10 @@ impl Metering {
         if self.uniques.contains_key(key) {
             return Ok(false);
         }
-        let keys = [
-            Key::Int8(key.0),
-            Key::Text(&key.1),
-            Key::Tstz(key.2),
-            Key::Text(&key.3),
-        ];
         let found = find_one(
             c"meter_uniques",
             c"meter_uniques_pkey",
-            &keys,
+            &index_keys(key),
             Snapshot::New,
             |_| Ok(()),
         )?;
@@ -381,16 +386,10 @@ impl Metering {
             self.counters.insert(key.clone(), row);
         }
         if !self.counters.contains_key(&key) {
-            let keys = [
-                Key::Int8(key.0),
-                Key::Text(&key.1),
-                Key::Tstz(key.2),
-                Key::Text(&key.3),
-            ];
             let found = find_one(
                 c"usage_counters",
                 c"usage_counters_key",
-                &keys,
+                &index_keys(&key),
                 Snapshot::New,
                 |t| {
                     let (aggregate, cost, revised_at) = counted(
@@ -542,12 +541,7 @@ impl Metering {
             let id = find_one(
                 c"usage_counters",
                 c"usage_counters_key",
-                &[
-                    Key::Int8(*pool),
-                    Key::Text(&k.meter),
-                    Key::Tstz(k.hour),
-                    Key::Text(&k.groups),
-                ],
+                &index_keys(&key),
                 Snapshot::New,
                 |t| t.get::<i64>(c"id"),
             )?;

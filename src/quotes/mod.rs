@@ -6,6 +6,7 @@ pub mod price;
 
 use std::str::FromStr;
 
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 use rust_decimal::Decimal;
@@ -39,6 +40,11 @@ fn currency(c: Option<&str>) -> Result<&str> {
         ));
     }
     Ok(c)
+}
+
+/// Write one row of the schedule (an insert, or the replacement of its values).
+fn upsert(sql: &'static Sql, args: &[DatumWithOid<'_>]) -> Result<()> {
+    Spi::connect_mut(|client| db::write(client, sql, args).map(|_| ()))
 }
 
 static SET_FEE: Sql = Sql {
@@ -79,20 +85,16 @@ fn set_topup_fee(
         };
         fee.validate()?;
         let tenant = current_tenant()?;
-        Spi::connect_mut(|client| {
-            db::write(
-                client,
-                &SET_FEE,
-                &[
-                    tenant.as_str().into(),
-                    currency.into(),
-                    card_kind.into(),
-                    fee.percent.to_string().as_str().into(),
-                    fee.fixed.into(),
-                ],
-            )
-            .map(|_| ())
-        })?;
+        upsert(
+            &SET_FEE,
+            &[
+                tenant.as_str().into(),
+                currency.into(),
+                card_kind.into(),
+                fee.percent.to_string().as_str().into(),
+                fee.fixed.into(),
+            ],
+        )?;
         Ok((
             currency.to_string(),
             card_kind.to_string(),
@@ -156,20 +158,16 @@ fn set_topup_limits(
             )
         })?;
         let tenant = current_tenant()?;
-        Spi::connect_mut(|client| {
-            db::write(
-                client,
-                &SET_LIMITS,
-                &[
-                    tenant.as_str().into(),
-                    currency.into(),
-                    min.into(),
-                    max.into(),
-                    surcharge.to_string().as_str().into(),
-                ],
-            )
-            .map(|_| ())
-        })?;
+        upsert(
+            &SET_LIMITS,
+            &[
+                tenant.as_str().into(),
+                currency.into(),
+                min.into(),
+                max.into(),
+                surcharge.to_string().as_str().into(),
+            ],
+        )?;
         Ok((currency.to_string(), min, max, conversion))
     })();
     TableIterator::once(result.or_raise())
