@@ -27,6 +27,7 @@ mod pricing;
 mod quotes;
 mod reporting;
 mod reversal;
+mod rights;
 mod signatures;
 mod subscriptions;
 mod tenancy;

@@ -134,6 +134,11 @@ fn tenant_granted(role: Oid, tenant: &str) -> Result<bool> {
 
 /// May `role` act for `tenant`? A role that no longer exists may not.
 fn authorize(role: Oid, tenant: &str) -> Result<()> {
+    // SAFETY: a catalog lookup (cached for the last role asked); a role
+    // that no longer exists is not a superuser.
+    if unsafe { pg_sys::superuser_arg(role) } {
+        return Ok(());
+    }
     let Some(name) = role_name(role) else {
         return Err(BillingError::TenantDenied {
             tenant: tenant.to_string(),
@@ -141,9 +146,6 @@ fn authorize(role: Oid, tenant: &str) -> Result<()> {
         });
     };
     // SAFETY: plain catalog lookups on an existing role.
-    if unsafe { pg_sys::superuser_arg(role) } {
-        return Ok(());
-    }
     let admin = unsafe { pg_sys::get_role_oid(c"billing_admin".as_ptr(), true) };
     if admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, admin) } {
         return Ok(());

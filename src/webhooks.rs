@@ -13,6 +13,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use crate::db::{self, Row, Sql, OID};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input::{self, JsonArg};
+use crate::rights::RunAs;
 use crate::signatures::{self, Endpoint, Headers, Scheme};
 use crate::tenancy;
 use crate::time;
@@ -98,40 +99,6 @@ static HANDLER_INFO: Sql = Sql {
     args: &[OID],
 };
 
-/// Runs as another role until dropped, as PostgreSQL itself runs index
-/// expressions and materialized view refreshes: a local user change that the
-/// code running cannot undo (no SET ROLE), in a restricted operation (no temp
-/// objects, no session state that outlives the call). Dropping restores the
-/// caller's role, also when an error unwinds through the call.
-struct RunAs {
-    user: pg_sys::Oid,
-    context: i32,
-}
-
-impl RunAs {
-    fn new(role: pg_sys::Oid) -> Self {
-        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-        // SAFETY: reads and sets backend globals; restored in Drop.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            pg_sys::SetUserIdAndSecContext(
-                role,
-                context
-                    | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-            );
-        }
-        RunAs { user, context }
-    }
-}
-
-impl Drop for RunAs {
-    fn drop(&mut self) {
-        // SAFETY: puts back exactly what `new` read.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) }
-    }
-}
-
 /// Call a registered webhook handler on a verified event, with the rights of
 /// the handler's owner and never more: as that role, in a restricted
 /// operation, and with every billing call and row-level-security check held to
@@ -165,7 +132,7 @@ fn run_webhook_handler(
             .composite_type_oid()
             .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
         let _tenant = tenancy::pin_tenant(&tenant, owner)?;
-        let _owner = RunAs::new(owner);
+        let _owner = RunAs::restricted(owner);
         Spi::connect_mut(|c| -> Result<Option<pgrx::JsonB>> {
             let call = handler_call(c, handler, &name, type_oid)?;
             // SAFETY: the datum is the composite the statement's $1 is declared as.

@@ -386,6 +386,16 @@ impl Locked {
         }
     }
 
+    /// Its figures from the row alone, inside the row's cached window.
+    fn cached_figures(&self) -> Option<Figures> {
+        self.cached.as_ref().map(|c| Figures {
+            balance: c.active_remaining,
+            held: c.active_held,
+            debt: self.booked.debt,
+            floor: self.floor,
+        })
+    }
+
     /// The grants a lane statement read with the row, if they are those of the locked version.
     fn with_locked_grants(mut self, row: &Row<'_, '_>) -> Result<Locked> {
         if row.get::<i64>("seen_version")? != self.booked.version {
@@ -1093,14 +1103,21 @@ pub fn figures_now(rows: &[PoolRow]) -> Result<Option<Figures>> {
     Ok(total)
 }
 
+/// The pool's figures now from its rows alone, when every row is inside its
+/// cached window (the common case, and the only one that needs no statement);
+/// None when the pool has no row or a row's window has passed.
+pub fn cached_figures(rows: &[PoolRow], now: Ts) -> Option<Figures> {
+    let mut total: Option<Figures> = None;
+    for row in rows {
+        let f = Locked::from_pool_row(row, now).cached_figures()?;
+        total = Some(total.map_or(f, |t| t.plus(f)));
+    }
+    total
+}
+
 fn row_figures_now(l: Locked, now: Ts) -> Result<Figures> {
-    if let Some(c) = l.cached {
-        return Ok(Figures {
-            balance: c.active_remaining,
-            held: c.active_held,
-            debt: l.booked.debt,
-            floor: l.floor,
-        });
+    if let Some(f) = l.cached_figures() {
+        return Ok(f);
     }
     // the pool row and its holds are read with the query's snapshot: so are its grants
     let grants = load_grants(&[l.id], Snapshot::Query)?

@@ -392,3 +392,79 @@ fn no_lock_another_role_can_take_stalls_the_webhook_intake() {
     assert_eq!(available, 500);
     attacker.batch_execute("ROLLBACK").unwrap();
 }
+
+/// `check` runs as its caller (it is the one billing function that is not
+/// SECURITY DEFINER, for speed); what it answers with SQL runs as the
+/// extension's owner with the pinned search path. A caller that puts its own
+/// `=` for text before the catalog's must not get it called, whichever way the
+/// gate answers: from the pool row alone, a refusal that looks up why, a pool
+/// not made yet, or a meter to vet.
+#[test]
+fn the_gate_never_runs_the_callers_operators_with_the_owners_rights() {
+    let mut admin = fresh_db(DB);
+    setup(&mut admin);
+    admin
+        .batch_execute(
+            "SELECT * FROM billing.grant('acct_a', 'usd_cents', 500, key => 'gate_a');
+             SELECT billing.define_meter('calls', 'usd_cents', unit_price => 1);",
+        )
+        .unwrap();
+    let mut app = login("pgb_hook_app", "a");
+    app.batch_execute(
+        "CREATE TABLE app.ran (who text);
+         CREATE FUNCTION app.eq_evil(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $f$
+         BEGIN
+           INSERT INTO app.ran VALUES (current_user);
+           IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+             ALTER ROLE pgb_hook_app SUPERUSER;
+           END IF;
+           RETURN a OPERATOR(pg_catalog.=) b;
+         END $f$;
+         CREATE OPERATOR app.= (LEFTARG = text, RIGHTARG = text, FUNCTION = app.eq_evil);
+         SET search_path = app, pg_catalog;",
+    )
+    .unwrap();
+    // the hijack is live for the caller's own SQL
+    let own: bool = app
+        .query_one("SELECT 'x'::text = 'x'::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(own);
+    app.batch_execute("TRUNCATE app.ran").unwrap();
+
+    let gate = |c: &mut Client, sql: &str| -> (bool, i64, String) {
+        let row = c
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        (row.get(0), row.get(1), row.get(2))
+    };
+    let cases = [
+        ("SELECT allowed, available, reason FROM billing.check('acct_a', 'usd_cents', 100)", (true, 500, "ok")),
+        ("SELECT allowed, available, reason FROM billing.check('acct_a', 'usd_cents', 501)", (false, 500, "insufficient_credits")),
+        ("SELECT allowed, available, reason FROM billing.check('nobody_yet', 'usd_cents', 1)", (false, 0, "insufficient_credits")),
+        ("SELECT allowed, available, reason FROM billing.check('acct_a', 'usd_cents', 1, meter => 'calls')", (true, 500, "ok")),
+    ];
+    for (sql, (allowed, available, reason)) in cases {
+        assert_eq!(
+            gate(&mut app, sql),
+            (allowed, available, reason.to_string()),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        attempt(
+            &mut app,
+            "SELECT billing.check('acct_a', 'no_such_unit', 1)"
+        ),
+        "42704"
+    );
+    let ran: i64 = app
+        .query_one("SELECT count(*) FROM app.ran", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(ran, 0, "the caller's operator ran inside the gate");
+    assert!(!is_superuser(&mut admin, "pgb_hook_app"));
+    // and the caller's own setting is what it was after the call
+    let path: String = app.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(path, "app, pg_catalog");
+}
