@@ -3,8 +3,8 @@
 //! Every statement pg_billing runs is a `static Sql`; the first execution in a
 //! backend prepares it with `SPI_keepplan`, later ones only bind and execute.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
@@ -48,7 +48,7 @@ struct Cached {
 }
 
 thread_local! {
-    static PLANS: RefCell<HashMap<(usize, bool), Cached>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<FxHashMap<(usize, bool), Cached>> = RefCell::new(FxHashMap::default());
 }
 
 /// A statement's address and whether it runs as a write identify its cached plan.

@@ -11,8 +11,8 @@
 //! pass the tenant `tenancy::current_tenant` authorised as the first key,
 //! which is all the policies would admit. Columns are found by name.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::CStr;
 
 use pgrx::pg_guard;
@@ -46,10 +46,10 @@ thread_local! {
     /// names are static, so their address names them. Emptied for a
     /// relation whenever its relcache entry is invalidated (its columns may
     /// have changed), by `forget_columns`.
-    static COLUMNS: RefCell<HashMap<(pg_sys::Oid, usize), usize>> = RefCell::new(HashMap::new());
+    static COLUMNS: RefCell<FxHashMap<(pg_sys::Oid, usize), usize>> = RefCell::new(FxHashMap::default());
     /// The OIDs of billing.<name> by the (static) name's address, forgotten
     /// with the relation's relcache entry (it was dropped, or altered).
-    static RELATIONS: RefCell<HashMap<usize, pg_sys::Oid>> = RefCell::new(HashMap::new());
+    static RELATIONS: RefCell<FxHashMap<usize, pg_sys::Oid>> = RefCell::new(FxHashMap::default());
 }
 
 /// Follow relcache invalidations (from `_PG_init`).

@@ -271,8 +271,8 @@ impl Entry {
 /// its event caused (the common case: one grant pays the whole cost).
 pub fn entries_events_carry<'a>(
     entries: impl Iterator<Item = &'a Entry>,
-) -> std::collections::HashMap<i64, &'a Entry> {
-    let mut by_event: std::collections::HashMap<i64, (usize, &'a Entry)> = Default::default();
+) -> rustc_hash::FxHashMap<i64, &'a Entry> {
+    let mut by_event: rustc_hash::FxHashMap<i64, (usize, &'a Entry)> = Default::default();
     for e in entries {
         if let Some(event) = e.event_id {
             by_event.entry(event).or_insert((0, e)).0 += 1;

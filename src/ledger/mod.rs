@@ -18,6 +18,8 @@ const POOLS_KEY: &std::ffi::CStr = c"pools_tenant_id_account_unit_lane_key";
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+
+use rustc_hash::FxHashMap;
 use std::ops::{Deref, DerefMut};
 
 use pgrx::datum::TimestampWithTimeZone as Tstz;
@@ -63,7 +65,7 @@ pub struct PoolLedger {
     pool: Pool,
     shares: Vec<PoolLedger>,
     /// Each lane share grant of this pool → the grant it is a share of.
-    parents: HashMap<i64, i64>,
+    parents: FxHashMap<i64, i64>,
     others: Option<Figures>,
     /// On a lane: the instant its credit stops being what the pool drains
     /// next (the pool row's next change of state by the clock when it was
@@ -245,7 +247,7 @@ pub trait EventRows {
 
 /// The ledger entries that usage events carry on their own rows
 /// (`core::entries_events_carry`), by event id; `write_entries` leaves them out.
-pub struct CarriedEntries<'a>(HashMap<i64, &'a Entry>);
+pub struct CarriedEntries<'a>(FxHashMap<i64, &'a Entry>);
 
 impl CarriedEntries<'_> {
     /// The entry columns of event `event_id`'s row: its entry, or NULLs.
@@ -439,7 +441,7 @@ impl Locked {
 }
 
 /// Share grant → parent grant, for the grants that are lane shares.
-fn share_parents(ids: &[i64], parents: &[Option<i64>]) -> HashMap<i64, i64> {
+fn share_parents(ids: &[i64], parents: &[Option<i64>]) -> FxHashMap<i64, i64> {
     ids.iter()
         .zip(parents)
         .filter_map(|(id, parent)| parent.map(|p| (*id, p)))
@@ -863,7 +865,7 @@ impl PoolLedger {
             return Ok(());
         }
         let pools: Vec<i64> = self.shares.iter().map(|s| s.id).collect();
-        let mut share_ids: HashMap<i64, i64> = HashMap::new();
+        let mut share_ids: FxHashMap<i64, i64> = FxHashMap::default();
         for row in db::write(client, &SHARES_OF_GRANT, &[head.into(), pools.into()])? {
             let row = Row(&row);
             share_ids.insert(row.get("pool_id")?, row.get("id")?);
@@ -1027,14 +1029,14 @@ fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState)> {
 #[derive(Default)]
 struct PoolGrants {
     grants: Vec<GrantState>,
-    parents: HashMap<i64, i64>,
+    parents: FxHashMap<i64, i64>,
 }
 
 /// The grants with credit of `pools`, from the index of open grants in
 /// drain order: with a new snapshot after a lock (it sees what the lock's
 /// previous holder committed), with the query's for a pure read.
-fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<HashMap<i64, PoolGrants>> {
-    let mut by_pool: HashMap<i64, PoolGrants> = HashMap::new();
+fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<FxHashMap<i64, PoolGrants>> {
+    let mut by_pool: FxHashMap<i64, PoolGrants> = FxHashMap::default();
     if pools.is_empty() {
         return Ok(by_pool);
     }
@@ -1058,9 +1060,9 @@ fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<HashMap<i64, PoolGra
 fn load_open_holds(
     client: &mut SpiClient<'_>,
     pools: &[i64],
-) -> Result<HashMap<i64, Vec<OpenHold>>> {
+) -> Result<FxHashMap<i64, Vec<OpenHold>>> {
     if pools.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(FxHashMap::default());
     }
     holds_by_pool(db::write(
         client,
@@ -1069,8 +1071,8 @@ fn load_open_holds(
     )?)
 }
 
-fn holds_by_pool(rows: SpiTupleTable<'_>) -> Result<HashMap<i64, Vec<OpenHold>>> {
-    let mut by_pool: HashMap<i64, Vec<OpenHold>> = HashMap::new();
+fn holds_by_pool(rows: SpiTupleTable<'_>) -> Result<FxHashMap<i64, Vec<OpenHold>>> {
+    let mut by_pool: FxHashMap<i64, Vec<OpenHold>> = FxHashMap::default();
     for row in rows {
         let row = Row(&row);
         let expires_at: Tstz = row.get("expires_at")?;

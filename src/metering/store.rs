@@ -9,6 +9,8 @@
 //! then `commit`ted if it applies; `save` writes what changed.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::str::FromStr;
 
 use pgrx::datum::TimestampWithTimeZone as Tstz;
@@ -165,7 +167,7 @@ pub struct Metering {
     uniques: HashMap<UniqueKey, bool>,
     counters: HashMap<CounterKey, CounterRow>,
     /// The counter each locked pool row keeps, as locked (`know_pool`).
-    kept: HashMap<i64, Option<KeptCounter>>,
+    kept: FxHashMap<i64, Option<KeptCounter>>,
     /// Kept counters that another took the place of, to write back.
     evicted: Vec<(i64, String, KeptCounter)>,
 }
@@ -221,7 +223,7 @@ impl Metering {
             periods: HashMap::new(),
             uniques: HashMap::new(),
             counters: HashMap::new(),
-            kept: HashMap::new(),
+            kept: FxHashMap::default(),
             evicted: Vec::new(),
         }
     }
