@@ -16,6 +16,7 @@ mod limits;
 mod metering;
 mod nulls;
 mod quotes;
+mod reloads;
 mod reversals;
 mod stripe;
 mod stripe_money;

@@ -167,6 +167,10 @@ CREATE TABLE billing.pools (
     allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
     -- on lane 0: whether limits cap its usage (src/limits.rs)
     limited          boolean     NOT NULL DEFAULT false,
+    -- on lane 0: the auto-reload threshold while its rule is armed (active,
+    -- no request open): a debit leaving available below it calls
+    -- billing.request_reload (sql/reloads.sql); NULL otherwise
+    reload_below     bigint,
     -- the key of the counter above (NULL: none)
     counter_meter    text,
     counter_hour     timestamptz,
@@ -462,6 +466,81 @@ CREATE TABLE billing.topup_limits (
     CHECK (max_credit >= min_credit)
 );
 
+-- Auto-reload (sql/reloads.sql): one rule per pool, and the requests that
+-- debits write when they take the pool below the rule's threshold. A request
+-- is open while pending or claimed; a pool has at most one open request.
+CREATE TABLE billing.reload_rules (
+    tenant_id      text        NOT NULL,
+    account        text        NOT NULL,
+    unit           text        NOT NULL,
+    pool_id        bigint      NOT NULL REFERENCES billing.pools (id),
+    threshold      bigint      NOT NULL,
+    -- reload up to this available, or by this fixed amount (exactly one)
+    reload_to      bigint,
+    reload_amount  bigint      CHECK (reload_amount > 0),
+    min_amount     bigint      NOT NULL DEFAULT 1 CHECK (min_amount > 0),
+    max_amount     bigint      CHECK (max_amount > 0),
+    min_interval   interval    NOT NULL DEFAULT '0' CHECK (min_interval >= '0'),
+    max_per_day    integer     NOT NULL DEFAULT 10 CHECK (max_per_day > 0),
+    requires_subscription boolean NOT NULL DEFAULT false,
+    -- how the card is charged: the quote of each request (src/quotes)
+    currency       text        NOT NULL,
+    card_kind      text        NOT NULL,
+    converted      boolean     NOT NULL DEFAULT false,
+    credits_per_minor_unit bigint NOT NULL DEFAULT 1 CHECK (credits_per_minor_unit > 0),
+    max_failures   integer     NOT NULL DEFAULT 3 CHECK (max_failures > 0),
+    status         text        NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'suspended', 'disabled')),
+    status_reason  text,
+    failures       integer     NOT NULL DEFAULT 0,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, account, unit),
+    CHECK ((reload_to IS NULL) <> (reload_amount IS NULL)),
+    CHECK (reload_to IS NULL OR reload_to > threshold),
+    CHECK (max_amount IS NULL OR max_amount >= min_amount)
+);
+CREATE UNIQUE INDEX reload_rules_of_pool ON billing.reload_rules (pool_id);
+
+CREATE TABLE billing.reload_requests (
+    id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id      text        NOT NULL,
+    account        text        NOT NULL,
+    unit           text        NOT NULL,
+    pool_id        bigint      NOT NULL REFERENCES billing.pools (id),
+    status         text        NOT NULL DEFAULT 'pending'
+                   CHECK (status IN ('pending', 'claimed', 'completed', 'failed')),
+    -- what the debit saw, and the credit asked for, in the pool's unit
+    available_at_request bigint NOT NULL,
+    credits        bigint      NOT NULL CHECK (credits > 0),
+    -- the quote: credit in the currency's minor units, the worst-case fee
+    -- on top, and the total to charge
+    currency       text        NOT NULL,
+    card_kind      text        NOT NULL,
+    credits_per_minor_unit bigint NOT NULL,
+    credit_minor   bigint      NOT NULL,
+    fee            bigint      NOT NULL,
+    total          bigint      NOT NULL,
+    fee_percent    numeric     NOT NULL,
+    fee_fixed      bigint      NOT NULL,
+    attempts       integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    claimed_by     text,
+    lease_until    timestamptz,
+    payment_ref    text,
+    amount_paid    bigint,
+    grant_id       bigint      REFERENCES billing.grants (id),
+    failure_reason text,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    closed_at      timestamptz
+);
+CREATE UNIQUE INDEX reload_requests_one_open ON billing.reload_requests (pool_id)
+    WHERE status IN ('pending', 'claimed');
+CREATE INDEX reload_requests_due ON billing.reload_requests (next_attempt_at)
+    WHERE status IN ('pending', 'claimed');
+CREATE INDEX reload_requests_of_pool ON billing.reload_requests (pool_id, created_at);
+CREATE UNIQUE INDEX reload_requests_payment ON billing.reload_requests (tenant_id, payment_ref);
+
 -- The append-only ledger. One row per change of a pool; version is the pool's
 -- version after the entry, and the chain balance_before + amount = balance_after
 -- runs over the net booked balance (Σ remaining of grants − debt).
@@ -537,6 +616,8 @@ SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.ledger_entries', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.topup_fees', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.topup_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.reload_rules', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.reload_requests', '');
 -- and so must the identity sequences, or restored ids would be handed out again
 -- (one call per statement: each call rewrites the extension's catalog row)
 SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');
@@ -548,6 +629,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.meter_periods_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.allowances_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.limits_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.reload_requests_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by
 -- billing_admin through billing.grant_tenant / billing.revoke_tenant. A role

@@ -54,7 +54,7 @@ BEGIN
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
                              'subscription_changes', 'invoice_payments', 'default_plans',
-                             'topup_fees', 'topup_limits'] LOOP
+                             'topup_fees', 'topup_limits', 'reload_rules', 'reload_requests'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -81,7 +81,8 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.plans, billing.plan_keys, billing.plan_prices, billing.provider_customers, billing.subscriptions,
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
                 billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
-                billing.subscription_drift, billing.default_plans, billing.topup_fees, billing.topup_limits
+                billing.subscription_drift, billing.default_plans, billing.topup_fees, billing.topup_limits,
+                billing.reload_rules, billing.reload_requests
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -154,6 +155,7 @@ GRANT EXECUTE ON FUNCTION
     billing.verify_ledger(),
     billing.grant_entry_totals(bigint[]),
     billing.quote(bigint, text, text, boolean),
+    billing.paid_credit(bigint, numeric, bigint, bigint, bigint),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)
@@ -183,7 +185,14 @@ GRANT EXECUTE ON FUNCTION
     billing.set_limit(text, text, text, bigint, text, text, boolean),
     billing.remove_limit(text, text, text),
     billing.convert_guest(text, text),
-    billing.mark_reported(text, text, timestamptz, numeric, text, boolean)
+    billing.mark_reported(text, text, timestamptz, numeric, text, boolean),
+    billing.set_reload(text, text, bigint, text, text, bigint, bigint, bigint, bigint, interval, integer,
+                       boolean, boolean, bigint, integer),
+    billing.disable_reload(text, text),
+    billing.resume_reload(text, text),
+    billing.claim_reloads(text, interval, integer),
+    billing.complete_reload(bigint, text, bigint, text),
+    billing.fail_reload(bigint, text, boolean)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

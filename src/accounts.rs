@@ -120,6 +120,9 @@ fn set_lanes(account: Option<&str>, unit: Option<&str>, lanes: Option<i32>) -> i
                 format!("{lanes} is not between 0 and {MAX_LANES}"),
             ));
         }
+        if lanes > 0 {
+            crate::reloads::refuse_split(account, unit)?;
+        }
         set_pool(account, unit, &SET_LANES, lanes.into(), |ledger| {
             if (ledger.limited || ledger.allowance_next != Ts::MAX) && lanes > 0 {
                 return Err(BillingError::WrongState(format!(

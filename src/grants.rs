@@ -235,6 +235,9 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     )?;
     let (repaid, remaining, available) = (added.repaid, added.remaining, added.available);
     ledger.flush(client)?;
+    if req.kind == "topup" {
+        db::write(client, &RELOAD_AFTER_TOPUP, &[ledger.id.into()])?;
+    }
     Ok((
         id,
         "applied".into(),
@@ -248,6 +251,12 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
         available,
     ))
 }
+
+/// A manual top-up makes an auto-reload rule suspended by failed charges active again.
+static RELOAD_AFTER_TOPUP: Sql = Sql {
+    text: "SELECT billing.reload_after_topup($1)",
+    args: &[INT8],
+};
 
 /// A grant to add to a pool this call holds locked.
 pub struct NewGrant<'a> {

@@ -25,6 +25,7 @@ mod limits;
 mod metering;
 mod pricing;
 mod quotes;
+mod reloads;
 mod reporting;
 mod reversal;
 mod rights;
@@ -81,6 +82,20 @@ extension_sql_file!(
     "../sql/metering.sql",
     name = "metering",
     requires = ["schema", "views", tenancy::current_tenant_sql]
+);
+extension_sql_file!(
+    "../sql/reloads.sql",
+    name = "reloads",
+    requires = [
+        "schema",
+        "subscriptions",
+        tenancy::current_tenant_sql,
+        reloads::reload_pool,
+        quotes::quote,
+        quotes::paid_credit,
+        grants::grant_credits,
+        gate::check
+    ]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 

@@ -77,6 +77,9 @@ pub struct PoolLedger {
     pub allowance_next: Ts,
     /// Whether limits cap its usage (lane 0).
     pub limited: bool,
+    /// Below what available a debit asks for an auto-reload (lane 0; None:
+    /// no rule, or one that is waiting on a request or suspended).
+    pub reload_below: Option<i64>,
     /// The hourly usage counter its row keeps, and whether to write it.
     pub counter: Option<KeptCounter>,
     pub counter_changed: bool,
@@ -100,7 +103,7 @@ macro_rules! locked_pool_columns {
     () => {
         "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
          p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, p.limited, \
-         p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
+         p.reload_below, p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
          p.counter_last_at, p.counter_cost, p.counter_revised_at, \
          s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
     };
@@ -307,6 +310,7 @@ struct Locked {
     grants: Option<PoolGrants>,
     allowance_next: Ts,
     limited: bool,
+    reload_below: Option<i64>,
     counter: Option<KeptCounter>,
 }
 
@@ -328,6 +332,8 @@ pub struct PoolRow {
     pub allowance_next: Ts,
     /// Whether limits cap its usage.
     pub limited: bool,
+    /// The armed auto-reload threshold (`billing.request_reload`).
+    pub reload_below: Option<i64>,
     /// The hourly usage counter it keeps (read when the row is locked).
     pub counter: Option<KeptCounter>,
 }
@@ -350,6 +356,7 @@ impl PoolRow {
             cache_until: instant(row.get("cache_until")?),
             allowance_next: instant(row.get("allowance_next")?),
             limited: row.get("limited")?,
+            reload_below: row.opt("reload_below")?,
             counter: KeptCounter::from_row(row)?,
         })
     }
@@ -384,6 +391,7 @@ impl Locked {
             grants: None,
             allowance_next: r.allowance_next,
             limited: r.limited,
+            reload_below: r.reload_below,
             counter: r.counter.clone(),
         }
     }
@@ -621,6 +629,7 @@ impl PoolLedger {
                 Ts::MAX
             },
             limited: l.limited,
+            reload_below: if l.lane == 0 { l.reload_below } else { None },
             counter: l.counter,
             counter_changed: false,
         }
@@ -923,6 +932,15 @@ impl PoolLedger {
         self.shares
             .iter()
             .fold(pool, |f, lane| f.plus(lane.figures()))
+    }
+
+    /// Whether this change spent credit (a debit, debt or a hold), on the
+    /// pool or its lanes.
+    fn spent(&self) -> bool {
+        std::iter::once(self)
+            .chain(self.shares.iter())
+            .flat_map(|l| l.entries().iter())
+            .any(|e| matches!(e.kind, EntryKind::Debit | EntryKind::Debt | EntryKind::Hold))
     }
 
     pub fn pool_available(&self) -> i64 {
@@ -1242,6 +1260,7 @@ pub fn flush_checked(
         grants.close();
     }
     write_pools(&changed)?;
+    request_reloads(client, ledgers)?;
     for l in ledgers.iter_mut() {
         l.pool.written();
         l.counter_changed = false;
@@ -1252,6 +1271,30 @@ pub fn flush_checked(
     }
     Ok(Flushed::All)
 }
+
+/// Ask for an auto-reload (`billing.request_reload`, which decides by the
+/// pool's rule whether and how much) for each pool that spending has taken
+/// below its armed threshold, in the spending's own transaction: a debit
+/// that rolls back leaves no request. The threshold is armed only while the
+/// rule is active and no request is open, so this costs a statement once per
+/// crossing, not once per debit.
+fn request_reloads(client: &mut SpiClient<'_>, ledgers: &[PoolLedger]) -> Result<()> {
+    for l in ledgers {
+        let Some(threshold) = l.reload_below else {
+            continue;
+        };
+        let available = l.pool_available();
+        if available < threshold && l.spent() {
+            db::write(client, &REQUEST_RELOAD, &[l.id.into(), available.into()])?;
+        }
+    }
+    Ok(())
+}
+
+static REQUEST_RELOAD: Sql = Sql {
+    text: "SELECT billing.request_reload($1, $2)",
+    args: &[INT8, INT8],
+};
 
 /// The ledger entries of some pools that no usage event carries.
 fn write_entries(tenant: &str, pools: &[&PoolLedger], carried: &CarriedEntries) -> Result<()> {

@@ -34,6 +34,7 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         cache_until: t.get::<i64>(c"cache_until")?,
         allowance_next: t.get::<i64>(c"allowance_next")?,
         limited: t.get(c"limited")?,
+        reload_below: t.opt(c"reload_below")?,
         // the gate never needs it
         counter: None,
     })

@@ -309,3 +309,29 @@ fn parse_percent(text: &str) -> Result<Decimal> {
     Decimal::from_str(text)
         .map_err(|e| BillingError::Internal(format!("stored percent {text}: {e}")))
 }
+
+/// The credit (minor units) that a charge quoted at `quoted_total` for
+/// `quoted_credit`, under a fee of `percent` + `fixed`, buys when `paid` was
+/// actually paid (`price::credit_for_paid`). Used by `billing.complete_reload`.
+#[pg_extern(immutable)]
+fn paid_credit(
+    paid: i64,
+    percent: AnyNumeric,
+    fixed: i64,
+    quoted_total: i64,
+    quoted_credit: i64,
+) -> i64 {
+    (|| -> Result<i64> {
+        let fee = Fee {
+            percent: parse_percent(&percent.to_string())?,
+            fixed,
+        };
+        let quoted = Quote {
+            credit: quoted_credit,
+            fee: quoted_total - quoted_credit,
+            total: quoted_total,
+        };
+        Ok(price::credit_for_paid(paid, fee, quoted)?)
+    })()
+    .or_raise()
+}

@@ -81,7 +81,7 @@ impl Fee {
     }
 
     /// What a charge of `total` leaves after its worst-case fee.
-    fn net(&self, total: i64) -> Result<i64, QuoteError> {
+    pub fn net(&self, total: i64) -> Result<i64, QuoteError> {
         Ok(total - self.of(total)?)
     }
 }
@@ -112,6 +112,18 @@ pub fn quote(credit: i64, fee: Fee) -> Result<Quote, QuoteError> {
     })
 }
 
+/// The credit, in minor units, of a charge quoted as `quoted` for which
+/// `paid` was actually paid: the quoted credit when the quoted total was
+/// paid; otherwise what was paid, net of the worst-case fee (less than the
+/// quoted credit when less was paid, since the quote is the least total that
+/// covers it), and nothing when the fee takes it all.
+pub fn credit_for_paid(paid: i64, fee: Fee, quoted: Quote) -> Result<i64, QuoteError> {
+    if paid == quoted.total {
+        return Ok(quoted.credit);
+    }
+    Ok(fee.net(paid)?.max(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +134,21 @@ mod tests {
             percent: Decimal::from_str(percent).unwrap(),
             fixed,
         }
+    }
+
+    #[test]
+    fn a_reload_credits_the_quote_when_paid_in_full_and_what_was_paid_net_otherwise() {
+        let card = fee("2.9", 30);
+        let q = quote(1000, card).unwrap();
+        assert_eq!(credit_for_paid(q.total, card, q).unwrap(), 1000);
+        // one cent less: the net of what was paid, below the credit asked for
+        let short = credit_for_paid(q.total - 1, card, q).unwrap();
+        assert!(short < 1000, "{short}");
+        assert_eq!(short, (q.total - 1) - card.of(q.total - 1).unwrap());
+        // more than the total: the net of it, at least the credit
+        assert!(credit_for_paid(q.total + 100, card, q).unwrap() >= 1000);
+        // the fixed fee takes all of a tiny payment
+        assert_eq!(credit_for_paid(20, card, q).unwrap(), 0);
     }
 
     #[test]

@@ -163,6 +163,8 @@ pub const BILLING_TABLES: &[&str] = &[
     "default_plans",
     "topup_fees",
     "topup_limits",
+    "reload_rules",
+    "reload_requests",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released

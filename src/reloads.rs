@@ -1,0 +1,65 @@
+//! Auto-reload: the pool side. The rules, requests and the worker's calls
+//! are SQL (`sql/reloads.sql`); a debit that leaves a pool below its armed
+//! threshold asks for a request in its own transaction
+//! (`ledger::request_reloads`).
+
+use pgrx::prelude::*;
+
+use crate::db::{self, Row, Sql, TEXT};
+use crate::error::{BillingError, OrRaise, Result};
+use crate::input;
+use crate::ledger::{Create, PoolLedger};
+use crate::tenancy::current_tenant;
+
+/// The pool a reload rule is set on, made if missing (its unit must be
+/// known): its id. A split pool is refused: a debit on one lane does not see
+/// the whole pool's available, which the threshold is about.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn reload_pool(account: Option<&str>, unit: Option<&str>) -> i64 {
+    (|| -> Result<i64> {
+        let (account, unit) = input::pool(account, unit)?;
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| {
+            let ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
+            if ledger.lanes > 0 {
+                return Err(BillingError::WrongState(format!(
+                    "the {unit} pool of account \"{account}\" is split across lanes: an auto-reload needs every debit to see the whole pool (billing.set_lanes(…, 0) first)"
+                )));
+            }
+            Ok(ledger.id)
+        })
+    })()
+    .or_raise()
+}
+
+static HAS_RULE: Sql = Sql {
+    text: "SELECT EXISTS (SELECT 1 FROM billing.reload_rules r \
+                          WHERE r.tenant_id = $1 AND r.account = $2 AND r.unit = $3 \
+                            AND r.status <> 'disabled') AS ruled",
+    args: &[TEXT, TEXT, TEXT],
+};
+
+/// A pool with an auto-reload rule may not be split (see `reload_pool`).
+pub fn refuse_split(account: Option<&str>, unit: Option<&str>) -> Result<()> {
+    let (account, unit) = input::pool(account, unit)?;
+    let tenant = current_tenant()?;
+    let ruled = Spi::connect(|client| -> Result<bool> {
+        let rows = db::read(
+            client,
+            &HAS_RULE,
+            &[tenant.as_str().into(), account.into(), unit.into()],
+        )?;
+        rows.into_iter()
+            .next()
+            .map(|r| Row(&r).get::<bool>("ruled"))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    })?;
+    if ruled {
+        return Err(BillingError::WrongState(format!(
+            "the {unit} pool of account \"{account}\" has an auto-reload rule: a debit on one lane would not see the whole pool's available (billing.disable_reload first)"
+        )));
+    }
+    Ok(())
+}
