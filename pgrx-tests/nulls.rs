@@ -73,6 +73,12 @@ mod tests {
         "billing.set_allowance(?'a', ?'mills', ?5, every => ?'day', time_zone => ?'UTC', keep_periods => ?1, priority => ?10, starts_at => ~NULL)",
         "billing.end_allowance(?'a', ?'mills')",
         "billing.convert_guest(?'guest:n', ?'a')",
+        "billing.set_reload(?'a', ?'mills', ?500, ?'usd', ?'domestic', reload_to => ~NULL, reload_amount => ~100, min_amount => ?1, max_amount => ~NULL, min_interval => ?'0', max_per_day => ?10, requires_subscription => ?false, converted => ?false, credits_per_minor_unit => ?1, max_failures => ?3)",
+        "billing.disable_reload(?'a', ?'mills')",
+        "billing.resume_reload(?'a', ?'mills')",
+        "billing.claim_reloads(?'w', lease => ?'1 minute', max_requests => ?1)",
+        "billing.complete_reload(?1, ?'pi', ?100, ?'usd')",
+        "billing.fail_reload(?1, ?'declined', retry => ?true)",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -9,6 +9,7 @@
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::pgrx_tests::stripe;
     use crate::pgrx_tests::support::*;
 
     /// 1,000 cents of top-up on `a`, a 2.9% + 30¢ card, and a rule that
@@ -312,6 +313,76 @@ mod tests {
             "SELECT * FROM billing.set_reload('a', 'no_such_unit', 500, 'usd', 'card', reload_amount => 100)",
             "42704",
         );
+    }
+
+    /// A Stripe PaymentIntent of the reload worker's charge: the request's id in its metadata.
+    fn reload_payment(pi: &str, amount: i64, request: i64) -> String {
+        let mut object = stripe::payment_intent(pi, amount, "usd", "a");
+        object["metadata"]["reload_request"] = serde_json::json!(request.to_string());
+        stripe::event(
+            &format!("evt_{pi}"),
+            "payment_intent.succeeded",
+            stripe::now_unix(),
+            object,
+        )
+    }
+
+    #[pg_test]
+    fn a_reload_charged_through_stripe_credits_once_whoever_reports_it_first() {
+        stripe::setup();
+        run("SELECT * FROM billing.set_topup_fee('usd', 'card', 2.9, 30)");
+        grant(
+            "a",
+            "usd_cents",
+            1000,
+            ", kind => 'topup', key => 'pi_first'",
+        );
+        run("SELECT billing.define_meter('calls', 'usd_cents', unit_price => 1)");
+        run("SELECT * FROM billing.set_reload('a', 'usd_cents', 500, 'usd', 'card', reload_to => 2000)");
+        let spend = |amount: i64, key: &str| {
+            run(&format!(
+                "SELECT * FROM billing.ingest('a', 'calls', {amount}, key => '{key}')"
+            ))
+        };
+        // the webhook first, then the worker
+        spend(600, "e1");
+        let first = last_request();
+        assert_eq!(
+            stripe::deliver(&reload_payment("pi_rl1", 1679, first)),
+            "applied|"
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT concat_ws(' ', status, payment_ref, amount_paid) FROM billing.reload_requests WHERE id = {first}"
+            )),
+            "completed pi_rl1 1679"
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT status FROM billing.complete_reload({first}, 'pi_rl1', 1679, 'usd')"
+            )),
+            "duplicate"
+        );
+        // the worker first, then the webhook
+        spend(1600, "e2");
+        let second = last_request();
+        assert_ne!(second, first);
+        run(&format!(
+            "SELECT * FROM billing.complete_reload({second}, 'pi_rl2', 1679, 'usd')"
+        ));
+        assert_eq!(
+            stripe::deliver(&reload_payment("pi_rl2", 1679, second)),
+            "applied|"
+        );
+        // two reloads of 1,600 and no top-up credited for their payments
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(kind || ':' || amount, ' ' ORDER BY id) FROM billing.grants WHERE account = 'a'"
+            ),
+            "topup:1000 reload:1600 reload:1600"
+        );
+        assert_eq!(available("a", "usd_cents"), 1000 - 600 + 1600 - 1600 + 1600);
+        assert_ledger_consistent();
     }
 
     #[pg_test]

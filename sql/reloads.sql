@@ -114,6 +114,9 @@ SET search_path = pg_catalog
 AS $$
 DECLARE pool bigint;
 BEGIN
+    IF account IS NULL OR unit IS NULL THEN
+        RAISE EXCEPTION 'account and unit may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT r.pool_id INTO pool FROM billing.reload_rules r
     WHERE r.tenant_id = billing.current_tenant() AND r.account = rule_pool.account AND r.unit = rule_pool.unit;
     IF NOT FOUND THEN
@@ -219,7 +222,10 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
 BEGIN
-    IF worker IS NULL OR worker = '' OR lease IS NULL OR lease <= '0' OR max_requests IS NULL OR max_requests <= 0 THEN
+    IF worker IS NULL OR lease IS NULL OR max_requests IS NULL THEN
+        RAISE EXCEPTION 'worker, lease and max_requests may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF worker = '' OR lease <= '0' OR max_requests <= 0 THEN
         RAISE EXCEPTION 'worker must be named, lease and max_requests positive'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;

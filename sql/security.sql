@@ -155,7 +155,6 @@ GRANT EXECUTE ON FUNCTION
     billing.verify_ledger(),
     billing.grant_entry_totals(bigint[]),
     billing.quote(bigint, text, text, boolean),
-    billing.paid_credit(bigint, numeric, bigint, bigint, bigint),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)

@@ -592,6 +592,7 @@ DECLARE
     account text;
     credit record;
     g record;
+    r record;
 BEGIN
     -- a subscription's payments buy its plan, not credits; its checkout says
     -- whose customer it is (Stripe does not copy client_reference_id onto
@@ -621,6 +622,15 @@ BEGIN
     ELSE
         paid := (obj ->> 'amount_received')::bigint;
         payment := obj ->> 'id';
+    END IF;
+    -- an auto-reload charge (the worker put the request's id in the payment's
+    -- metadata) is credited through its request: once, whether this event or
+    -- the worker's billing.complete_reload comes first, as what was paid
+    IF obj #>> '{metadata,reload_request}' IS NOT NULL AND paid > 0 AND payment IS NOT NULL THEN
+        SELECT * INTO r FROM billing.complete_reload((obj #>> '{metadata,reload_request}')::bigint,
+                                                    payment, paid, obj ->> 'currency');
+        RETURN jsonb_build_object('credited', r.status = 'completed', 'reload_request', r.request_id,
+                                  'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
     END IF;
     account := coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id');
     IF account IS NULL THEN
