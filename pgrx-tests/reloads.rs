@@ -242,33 +242,131 @@ mod tests {
         );
     }
 
-    #[pg_test]
-    fn the_interval_the_daily_cap_and_the_subscription_hold_requests_back() {
-        funded_with_rule(", min_interval => '1 hour', max_per_day => 2");
-        spend(600, "e1");
-        let first = last_request();
+    /// Complete the last request as paid in full (1,679 for 1,600).
+    fn pay_last(payment: &str) {
         run(&format!(
-            "SELECT * FROM billing.complete_reload({first}, 'pi_r1', 1679, 'usd')"
-        ));
-        spend(1700, "e2");
-        assert_eq!(requests(), 1, "within the hour of the last request");
-        assert_eq!(armed(), Some(500), "still armed: a later debit asks again");
-        run("UPDATE billing.reload_requests SET created_at = created_at - interval '2 hours'");
-        spend(1, "e3");
-        assert_eq!(requests(), 2);
-        run(&format!(
-            "SELECT * FROM billing.complete_reload({}, 'pi_r2', 1679, 'usd')",
+            "SELECT * FROM billing.complete_reload({}, '{payment}', 1679, 'usd')",
             last_request()
         ));
-        run("UPDATE billing.reload_requests SET created_at = created_at - interval '2 hours'");
-        spend(1700, "e4");
-        assert_eq!(requests(), 2, "two in 24 hours is the cap");
+    }
+
+    /// How long after now the last request becomes due.
+    fn last_due_in() -> String {
+        one(
+            "SELECT (next_attempt_at - now())::text FROM billing.reload_requests \
+             WHERE id = (SELECT max(id) FROM billing.reload_requests)",
+        )
+    }
+
+    #[pg_test]
+    fn the_interval_and_the_daily_cap_defer_a_request_and_the_subscription_holds_it_back() {
+        funded_with_rule(", min_interval => '1 hour', max_per_day => 2");
+        spend(600, "e1");
+        pay_last("pi_r1");
+        // a crossing within the hour: written now, due an hour after the last
+        spend(1700, "e2");
+        assert_eq!(requests(), 2);
+        assert_eq!(last_due_in(), "01:00:00");
+        assert_eq!(armed(), None, "disarmed: the deferred request is open");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.claim_reloads('w1')"),
+            0,
+            "not due yet"
+        );
+        // the worker completes it when due; a third in the same day waits for the cap
+        run("UPDATE billing.reload_requests SET due_at = due_at - interval '1 hour', \
+             next_attempt_at = next_attempt_at - interval '1 hour', created_at = created_at - interval '1 hour'");
+        pay_last("pi_r2");
+        spend(1700, "e3");
+        assert_eq!(requests(), 3);
+        // two were due in the last 24 hours: the first of them leaves the day in 23 hours
+        assert_eq!(last_due_in(), "23:00:00");
         // a rule that needs a live subscription asks for nothing without one
+        pay_last("pi_r3");
         run("SELECT * FROM billing.set_reload('a', 'cents', 500, 'usd', 'card', reload_to => 2000, \
              requires_subscription => true)");
-        run("UPDATE billing.reload_requests SET created_at = created_at - interval '2 days'");
-        spend(1, "e5");
-        assert_eq!(requests(), 2);
+        spend(1700, "e4");
+        assert_eq!(requests(), 3);
+        assert_eq!(
+            armed(),
+            Some(500),
+            "still armed: a debit once subscribed asks"
+        );
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_charge_key_survives_an_abandoned_claim_and_changes_after_a_failure() {
+        funded_with_rule("");
+        spend(600, "e1");
+        let id = last_request();
+        let key = |worker: &str| -> String {
+            one(&format!(
+                "SELECT charge_key FROM billing.claim_reloads('{worker}')"
+            ))
+        };
+        let first = key("w1");
+        assert_eq!(first, format!("pg_billing_reload_{id}_1"));
+        run("UPDATE billing.reload_requests SET lease_until = now() - interval '1 second'");
+        assert_eq!(key("w2"), first, "the same charge: the provider dedups it");
+        run(&format!(
+            "SELECT * FROM billing.fail_reload({id}, 'card_declined')"
+        ));
+        make_due();
+        assert_eq!(key("w2"), format!("pg_billing_reload_{id}_2"));
+        // a second payment for a request already paid is credited, once
+        run(&format!(
+            "SELECT * FROM billing.complete_reload({id}, 'pi_a', 1679, 'usd')"
+        ));
+        let extra = format!("SELECT concat_ws(' ', status, credited) FROM billing.complete_reload({id}, 'pi_b', 1679, 'usd')");
+        assert_eq!(one::<String>(&extra), "extra_payment 1600");
+        assert_eq!(one::<String>(&extra), "duplicate 1600");
+        assert_eq!(available("a", "cents"), 400 + 1600 + 1600);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn disabling_fails_a_pending_request_and_a_failure_never_revives_a_disabled_rule() {
+        funded_with_rule(", max_failures => 1");
+        spend(600, "e1");
+        let pending = last_request();
+        run("SELECT * FROM billing.disable_reload('a', 'cents')");
+        assert_eq!(request(pending), "failed 1600 1600 79 1679 400");
+        // a claimed request is finished by its worker; its failure ends it
+        run("SELECT * FROM billing.resume_reload('a', 'cents')");
+        spend(1, "e2");
+        let claimed = last_request();
+        run("SELECT * FROM billing.claim_reloads('w1')");
+        run("SELECT * FROM billing.disable_reload('a', 'cents')");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT concat_ws(' ', status, rule_status) FROM billing.fail_reload({claimed}, 'card_declined')"
+            )),
+            "failed disabled"
+        );
+        // and a top-up does not turn it back on
+        grant("a", "cents", 100, ", kind => 'topup', key => 'pi_manual'");
+        assert_eq!(
+            one::<String>("SELECT status FROM billing.reload_rules"),
+            "disabled"
+        );
+        assert_eq!(armed(), None);
+    }
+
+    #[pg_test]
+    fn a_rule_is_vetted_with_what_it_will_ask_for() {
+        run("SELECT * FROM billing.set_topup_fee('usd', 'card', 2.9, 30)");
+        run("SELECT * FROM billing.set_topup_limits('usd', 500, 5000)");
+        grant("a", "cents", 1000, "");
+        // reloading to 2,000 below 500 asks at least 1,501: within the limits
+        run(
+            "SELECT * FROM billing.set_reload('a', 'cents', 500, 'usd', 'card', reload_to => 2000)",
+        );
+        // a fixed 6,000 never could be charged
+        assert_rejected(
+            "SELECT * FROM billing.set_reload('a', 'cents', 500, 'usd', 'card', reload_amount => 6000)",
+            "22023",
+        );
     }
 
     #[pg_test]
@@ -382,6 +480,16 @@ mod tests {
             "topup:1000 reload:1600 reload:1600"
         );
         assert_eq!(available("a", "usd_cents"), 1000 - 600 + 1600 - 1600 + 1600);
+        // refunding the first reload's payment takes its credit back: the 400
+        // left of it, and the 1,200 used of it becomes debt
+        let refund = stripe::event(
+            "evt_refund_rl1",
+            "charge.refunded",
+            stripe::now_unix(),
+            stripe::charge("pi_rl1", 1679, 1679, "usd"),
+        );
+        assert_eq!(stripe::deliver(&refund), "applied|");
+        assert_eq!(available("a", "usd_cents"), 1600 - 1200);
         assert_ledger_consistent();
     }
 

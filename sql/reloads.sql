@@ -69,9 +69,11 @@ BEGIN
     pool := billing.reload_pool(account, unit);
     -- the smallest charge the rule can ask for must be quotable now (fee set,
     -- within the currency's top-up limits): refused here, not at the first debit
-    smallest := (greatest(min_amount, least(coalesce(reload_amount, min_amount), coalesce(max_amount, min_amount)))
-                 + credits_per_minor_unit - 1) / credits_per_minor_unit;
-    PERFORM billing.quote(smallest, currency, card_kind, converted);
+    -- (a fixed amount, or what the first crossing below the threshold asks)
+    smallest := greatest(min_amount, coalesce(reload_amount, reload_to - threshold + 1));
+    smallest := least(smallest, coalesce(max_amount, smallest));
+    PERFORM billing.quote((smallest + credits_per_minor_unit - 1) / credits_per_minor_unit,
+                          currency, card_kind, converted);
     INSERT INTO billing.reload_rules AS r (tenant_id, account, unit, pool_id, threshold, reload_to,
         reload_amount, min_amount, max_amount, min_interval, max_per_day, requires_subscription,
         currency, card_kind, converted, credits_per_minor_unit, max_failures)
@@ -97,15 +99,16 @@ $$;
 -- auto-reload off), 'active' again (a new card, a manual top-up), or
 -- 'suspended' with the reason the application shows.
 CREATE FUNCTION billing.set_reload_status(pool bigint, new_status text, reason text) RETURNS SETOF billing.reload_rules
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
-    WITH r AS (
-        UPDATE billing.reload_rules r SET status = new_status, status_reason = reason,
-            failures = CASE WHEN new_status = 'active' THEN 0 ELSE r.failures END, updated_at = now()
-        WHERE r.pool_id = pool RETURNING r.*),
-    armed AS (SELECT billing.arm_reload(pool))
-    SELECT r.* FROM r, armed
+BEGIN
+    UPDATE billing.reload_rules r SET status = new_status, status_reason = reason,
+        failures = CASE WHEN new_status = 'active' THEN 0 ELSE r.failures END, updated_at = now()
+    WHERE r.pool_id = pool;
+    PERFORM billing.arm_reload(pool);
+    RETURN QUERY SELECT * FROM billing.reload_rules r WHERE r.pool_id = pool;
+END
 $$;
 
 CREATE FUNCTION billing.rule_pool(account text, unit text) RETURNS bigint
@@ -127,12 +130,20 @@ BEGIN
 END
 $$;
 
--- Turn a pool's auto-reload off; an open request stays for the worker to finish.
+-- Turn a pool's auto-reload off. A pending request is failed (nothing is
+-- charged after the customer said no); one a worker has claimed may be
+-- charging already, and is finished by it (its failure is not retried).
 CREATE FUNCTION billing.disable_reload(account text, unit text) RETURNS SETOF billing.reload_rules
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-    SELECT * FROM billing.set_reload_status(billing.rule_pool(account, unit), 'disabled', 'disabled by the application')
+DECLARE pool bigint := billing.rule_pool(account, unit);
+BEGIN
+    RETURN QUERY SELECT * FROM billing.set_reload_status(pool, 'disabled', 'disabled by the application');
+    UPDATE billing.reload_requests x SET status = 'failed', failure_reason = 'auto-reload disabled',
+        closed_at = now(), updated_at = now()
+    WHERE x.pool_id = pool AND x.status = 'pending';
+END
 $$;
 
 -- Make a suspended or disabled rule active again (say, the customer added a new card).
@@ -170,6 +181,7 @@ DECLARE
     minor bigint;
     q record;
     new_id bigint;
+    due timestamptz;
 BEGIN
     SELECT * INTO r FROM billing.reload_rules x WHERE x.pool_id = pool AND x.status = 'active';
     IF NOT FOUND OR EXISTS (SELECT 1 FROM billing.reload_requests x
@@ -177,36 +189,45 @@ BEGIN
         PERFORM billing.arm_reload(pool);
         RETURN NULL;
     END IF;
-    -- not now: too soon after the last request, the day's cap reached, or no live subscription
-    -- (the threshold stays armed: a later debit asks again)
-    IF EXISTS (SELECT 1 FROM billing.reload_requests x
-               WHERE x.pool_id = pool AND x.created_at > now() - r.min_interval)
-       OR (SELECT count(*) FROM billing.reload_requests x
-           WHERE x.pool_id = pool AND x.created_at > now() - interval '1 day') >= r.max_per_day
-       OR (r.requires_subscription AND NOT billing.has_live_subscription(r.tenant_id, r.account)) THEN
+    -- no live subscription when the rule needs one: nothing (the threshold
+    -- stays armed, so a debit after the subscription starts asks)
+    IF r.requires_subscription AND NOT billing.has_live_subscription(r.tenant_id, r.account) THEN
         RETURN NULL;
     END IF;
-    credits := coalesce(r.reload_amount, r.reload_to - available);
-    credits := greatest(credits, r.min_amount);
-    credits := least(credits, coalesce(r.max_amount, credits));
-    -- whole minor units of the currency: the credit granted when paid in full
-    minor := (credits + r.credits_per_minor_unit - 1) / r.credits_per_minor_unit;
+    -- too soon after the last request, or the day's cap reached: the request
+    -- is written now, due when the rule allows (so a pool that stops being
+    -- debited still gets it), and the threshold is disarmed meanwhile
+    due := greatest(now(),
+        (SELECT max(x.due_at) + r.min_interval FROM billing.reload_requests x WHERE x.pool_id = pool),
+        (SELECT d.due_at + interval '1 day' FROM billing.reload_requests d
+         WHERE d.pool_id = pool AND d.due_at > now() - interval '1 day'
+         ORDER BY d.due_at DESC OFFSET r.max_per_day - 1 LIMIT 1));
     BEGIN
+        credits := coalesce(r.reload_amount, r.reload_to - available);
+        credits := greatest(credits, r.min_amount);
+        credits := least(credits, coalesce(r.max_amount, credits));
+        -- whole minor units of the currency: the credit granted when paid in full
+        minor := (credits + r.credits_per_minor_unit - 1) / r.credits_per_minor_unit;
         SELECT * INTO q FROM billing.quote(minor, r.currency, r.card_kind, r.converted);
-    EXCEPTION WHEN invalid_parameter_value THEN
-        -- the fee schedule or the limits changed since the rule was set: say so
+    EXCEPTION WHEN invalid_parameter_value OR numeric_value_out_of_range THEN
+        -- the fee schedule or the limits changed since the rule was set, or
+        -- the amount is beyond any charge: say so, and never fail the debit
         PERFORM billing.set_reload_status(pool, 'suspended', 'cannot quote the reload: ' || SQLERRM);
         RETURN NULL;
     END;
     INSERT INTO billing.reload_requests (tenant_id, account, unit, pool_id, available_at_request,
-        credits, currency, card_kind, credits_per_minor_unit, credit_minor, fee, total, fee_percent, fee_fixed)
+        credits, currency, card_kind, credits_per_minor_unit, credit_minor, fee, total, fee_percent, fee_fixed,
+        due_at, next_attempt_at)
     VALUES (r.tenant_id, r.account, r.unit, pool, available, minor * r.credits_per_minor_unit,
-        r.currency, r.card_kind, r.credits_per_minor_unit, q.credit, q.fee, q.total, q.percent, q.fixed)
+        r.currency, r.card_kind, r.credits_per_minor_unit, q.credit, q.fee, q.total, q.percent, q.fixed,
+        due, due)
     ON CONFLICT (pool_id) WHERE status IN ('pending', 'claimed') DO NOTHING
     RETURNING id INTO new_id;
     PERFORM billing.arm_reload(pool);
     IF new_id IS NOT NULL THEN
-        PERFORM pg_notify('billing_reload', json_build_object('id', new_id, 'tenant', r.tenant_id)::text);
+        -- any role may LISTEN: the payload is the id alone, which only a
+        -- worker of the tenant can claim
+        PERFORM pg_notify('billing_reload', new_id::text);
     END IF;
     RETURN new_id;
 END
@@ -217,7 +238,8 @@ $$;
 -- those another worker is taking, and holds them for `lease`.
 CREATE FUNCTION billing.claim_reloads(worker text, lease interval DEFAULT '5 minutes', max_requests integer DEFAULT 10)
 RETURNS TABLE (request_id bigint, account text, unit text, credits bigint, currency text, card_kind text,
-               total bigint, fee bigint, credit_minor bigint, attempt integer, lease_until timestamptz)
+               total bigint, fee bigint, credit_minor bigint, attempt integer, lease_until timestamptz,
+               charge_key text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
@@ -242,7 +264,8 @@ BEGIN
         lease_until = clock_timestamp() + lease, attempts = x.attempts + 1, updated_at = now()
     FROM due WHERE x.id = due.id
     RETURNING x.id, x.account, x.unit, x.credits, x.currency, x.card_kind, x.total, x.fee,
-              x.credit_minor, x.attempts, x.lease_until;
+              x.credit_minor, x.attempts, x.lease_until,
+              'pg_billing_reload_' || x.id || '_' || x.charge_attempt;
 END
 $$;
 
@@ -294,8 +317,26 @@ BEGIN
                 (SELECT c.available FROM billing."check"(q.account, q.unit) c);
             RETURN;
         END IF;
-        RAISE EXCEPTION 'idempotency key reused with different parameters: reload request % was completed by payment % of %',
-            q.id, q.payment_ref, q.amount_paid USING ERRCODE = 'unique_violation';
+        IF q.payment_ref = complete_reload.payment_ref OR q.currency <> complete_reload.currency THEN
+            RAISE EXCEPTION 'idempotency key reused with different parameters: reload request % was completed by payment % of % %',
+                q.id, q.payment_ref, q.amount_paid, q.currency USING ERRCODE = 'unique_violation';
+        END IF;
+        -- a second charge for a request already paid (a worker charged without
+        -- the request's charge_key): the money was taken, so it is credited too,
+        -- once per payment (the grant's key)
+        minor := billing.paid_credit(amount_paid, q.fee_percent, q.fee_fixed, q.total, q.credit_minor);
+        IF minor <= 0 THEN
+            RETURN QUERY SELECT q.id, 'extra_payment'::text, NULL::bigint, 0::bigint,
+                (SELECT c.available FROM billing."check"(q.account, q.unit) c);
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT q.id, CASE WHEN g.status = 'applied' THEN 'extra_payment' ELSE 'duplicate' END,
+                g.grant_id, g.amount, g.available
+            FROM billing."grant"(q.account, q.unit, minor * q.credits_per_minor_unit,
+                kind => 'reload', key => complete_reload.payment_ref,
+                metadata => jsonb_build_object('reload_request', q.id, 'amount_paid', amount_paid,
+                                               'currency', complete_reload.currency, 'extra_payment', true)) g;
+        RETURN;
     END IF;
     IF q.currency <> complete_reload.currency THEN
         RAISE EXCEPTION 'reload request % was quoted in %, not %', q.id, q.currency, complete_reload.currency
@@ -306,6 +347,9 @@ BEGIN
         RAISE EXCEPTION 'payment % already completed another reload request', payment_ref
             USING ERRCODE = 'unique_violation';
     END IF;
+    -- a charge that went through ends the run of failures (the rule's row
+    -- before the pool's, as disable_reload and fail_reload take them)
+    UPDATE billing.reload_rules r SET failures = 0, updated_at = now() WHERE r.pool_id = q.pool_id AND r.failures > 0;
     minor := billing.paid_credit(amount_paid, q.fee_percent, q.fee_fixed, q.total, q.credit_minor);
     IF minor > 0 THEN
         SELECT g.grant_id INTO new_grant FROM billing."grant"(q.account, q.unit, minor * q.credits_per_minor_unit,
@@ -318,8 +362,6 @@ BEGIN
         failure_reason = CASE WHEN minor > 0 THEN NULL ELSE 'the amount paid does not cover the card fee' END,
         closed_at = now(), updated_at = now()
     WHERE x.id = q.id;
-    -- a charge that went through ends the run of failures
-    UPDATE billing.reload_rules r SET failures = 0, updated_at = now() WHERE r.pool_id = q.pool_id AND r.failures > 0;
     PERFORM billing.arm_reload(q.pool_id);
     RETURN QUERY SELECT q.id, 'completed'::text, new_grant, minor * q.credits_per_minor_unit,
         (SELECT c.available FROM billing."check"(q.account, q.unit) c);
@@ -346,9 +388,13 @@ BEGIN
     IF q.status NOT IN ('pending', 'claimed') THEN
         RAISE EXCEPTION 'reload request % is %', q.id, q.status USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
+    -- counted against an active rule only; a rule disabled or suspended
+    -- meanwhile asks for no more charges, so the request ends here
     UPDATE billing.reload_rules x SET failures = x.failures + 1, updated_at = now()
-    WHERE x.pool_id = q.pool_id RETURNING * INTO r;
-    IF r.failures >= r.max_failures THEN
+    WHERE x.pool_id = q.pool_id AND x.status = 'active' RETURNING * INTO r;
+    IF NOT FOUND THEN
+        retry := false;
+    ELSIF r.failures >= r.max_failures THEN
         PERFORM billing.set_reload_status(q.pool_id, 'suspended',
             format('%s failed charges in a row; last: %s', r.failures, left(reason, 500)));
         retry := false;
@@ -356,8 +402,9 @@ BEGIN
     UPDATE billing.reload_requests x SET
         status = CASE WHEN retry THEN 'pending' ELSE 'failed' END,
         next_attempt_at = CASE WHEN retry
-            THEN now() + least(interval '1 minute' * power(2, greatest(x.attempts, 1) - 1), interval '6 hours')
+            THEN now() + least(interval '1 minute' * power(2, least(greatest(x.attempts, 1) - 1, 12)), interval '6 hours')
             ELSE x.next_attempt_at END,
+        charge_attempt = x.charge_attempt + CASE WHEN retry THEN 1 ELSE 0 END,
         claimed_by = NULL, lease_until = NULL, failure_reason = left(reason, 500),
         closed_at = CASE WHEN retry THEN NULL ELSE now() END, updated_at = now()
     WHERE x.id = q.id

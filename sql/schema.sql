@@ -523,6 +523,12 @@ CREATE TABLE billing.reload_requests (
     fee_percent    numeric     NOT NULL,
     fee_fixed      bigint      NOT NULL,
     attempts       integer     NOT NULL DEFAULT 0,
+    -- which charge this is: the same for every claim until a failure, so a
+    -- worker whose lease ran out and the one after it charge with one
+    -- idempotency key (claim_reloads' charge_key)
+    charge_attempt integer     NOT NULL DEFAULT 1,
+    -- when it first became due (the rule's interval and daily cap count these)
+    due_at         timestamptz NOT NULL DEFAULT now(),
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     claimed_by     text,
     lease_until    timestamptz,

@@ -627,8 +627,11 @@ BEGIN
     -- metadata) is credited through its request: once, whether this event or
     -- the worker's billing.complete_reload comes first, as what was paid
     IF obj #>> '{metadata,reload_request}' IS NOT NULL AND paid > 0 AND payment IS NOT NULL THEN
+        PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
         SELECT * INTO r FROM billing.complete_reload((obj #>> '{metadata,reload_request}')::bigint,
                                                     payment, paid, obj ->> 'currency');
+        -- a refund or dispute that arrived before the payment applies now
+        PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
         RETURN jsonb_build_object('credited', r.status = 'completed', 'reload_request', r.request_id,
                                   'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
     END IF;
@@ -734,6 +737,11 @@ BEGIN
         RETURN NULL; -- nothing was ever taken back from this payment
     END IF;
     SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
+    IF g.id IS NULL THEN
+        -- an auto-reload charge: its grant is its request's
+        SELECT x.* INTO g FROM billing.reload_requests q JOIN billing.grants x ON x.id = q.grant_id
+        WHERE q.tenant_id = billing.current_tenant() AND q.payment_ref = stripe_apply_reversals.payment;
+    END IF;
     IF g.id IS NULL THEN
         RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', total,
                                   'why', 'the payment has not been credited yet');

@@ -1277,7 +1277,8 @@ pub fn flush_checked(
 /// below its armed threshold, in the spending's own transaction: a debit
 /// that rolls back leaves no request. The threshold is armed only while the
 /// rule is active and no request is open, so this costs a statement once per
-/// crossing, not once per debit.
+/// crossing, not once per debit (except while the rule needs a live
+/// subscription the account lacks: then each debit below the threshold asks).
 fn request_reloads(client: &mut SpiClient<'_>, ledgers: &[PoolLedger]) -> Result<()> {
     for l in ledgers {
         let Some(threshold) = l.reload_below else {
