@@ -120,15 +120,16 @@ fn set_lanes(account: Option<&str>, unit: Option<&str>, lanes: Option<i32>) -> i
                 format!("{lanes} is not between 0 and {MAX_LANES}"),
             ));
         }
-        if lanes > 0 {
-            crate::reloads::refuse_split(account, unit)?;
-        }
         set_pool(account, unit, &SET_LANES, lanes.into(), |ledger| {
             if (ledger.limited || ledger.allowance_next != Ts::MAX) && lanes > 0 {
                 return Err(BillingError::WrongState(format!(
                     "the {} pool of account \"{}\" has limits or an allowance: they need every debit to see the whole pool, so it cannot be split",
                     ledger.unit, ledger.account
                 )));
+            }
+            if lanes > 0 {
+                // asked with the pool locked: a rule set meanwhile has committed
+                crate::reloads::refuse_split(ledger)?;
             }
             Ok(())
         })?;

@@ -40,15 +40,19 @@ static HAS_RULE: Sql = Sql {
     args: &[TEXT, TEXT, TEXT],
 };
 
-/// A pool with an auto-reload rule may not be split (see `reload_pool`).
-pub fn refuse_split(account: Option<&str>, unit: Option<&str>) -> Result<()> {
-    let (account, unit) = input::pool(account, unit)?;
-    let tenant = current_tenant()?;
+/// A pool with an auto-reload rule may not be split (see `reload_pool`);
+/// asked while the pool is locked, so a rule set meanwhile is seen.
+pub fn refuse_split(pool: &PoolLedger) -> Result<()> {
+    let (tenant, account, unit) = (&pool.tenant, &pool.account, &pool.unit);
     let ruled = Spi::connect(|client| -> Result<bool> {
         let rows = db::read(
             client,
             &HAS_RULE,
-            &[tenant.as_str().into(), account.into(), unit.into()],
+            &[
+                tenant.as_str().into(),
+                account.as_str().into(),
+                unit.as_str().into(),
+            ],
         )?;
         rows.into_iter()
             .next()
