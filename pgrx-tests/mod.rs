@@ -2,6 +2,7 @@
 // `#[pg_schema] mod tests`, the schema pgrx calls the tests in.
 
 mod allowances;
+mod checkouts;
 mod default_plan;
 mod drain;
 mod expiry;

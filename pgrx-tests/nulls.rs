@@ -79,6 +79,11 @@ mod tests {
         "billing.claim_reloads(?'w', lease => ?'1 minute', max_requests => ?1)",
         "billing.complete_reload(?1, ?'pi', ?100, ?'usd')",
         "billing.fail_reload(?1, ?'declined', retry => ?true)",
+        "billing.open_checkout(?'a', ?'mills', ?1000, ?'usd', ?'domestic', ?'k1', expires_in => ?'1 hour', converted => ?false, credits_per_minor_unit => ?1)",
+        "billing.attach_checkout(?1, ?'cs_1')",
+        "billing.confirm_checkout(?1, ?'pi', ?100, ?'usd')",
+        "billing.fail_checkout(?1, ?'expired')",
+        "billing.checkout_status(~1)",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -48,6 +48,16 @@ pub fn payment_intent(pi: &str, amount: i64, currency: &str, account: &str) -> V
     )
 }
 
+/// A completed, paid Checkout Session `cs` whose PaymentIntent `pi` took `amount`.
+pub fn checkout_session(cs: &str, pi: &str, amount: i64, currency: &str, metadata: Value) -> Value {
+    with(
+        fixture("checkout_session"),
+        json!({"id": cs, "payment_intent": pi, "amount_total": amount, "amount_subtotal": amount,
+               "currency": currency, "payment_status": "paid", "status": "complete",
+               "metadata": metadata}),
+    )
+}
+
 /// A charge of `pi` for `amount`, of which `refunded` has been refunded so far.
 pub fn charge(pi: &str, amount: i64, refunded: i64, currency: &str) -> Value {
     with(

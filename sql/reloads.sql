@@ -298,16 +298,12 @@ SET search_path = pg_catalog, billing, pg_temp
 AS $$
 DECLARE
     q billing.reload_requests;
-    minor bigint;
-    new_grant bigint;
+    g record;
 BEGIN
-    IF request IS NULL OR payment_ref IS NULL OR btrim(payment_ref) = '' OR amount_paid IS NULL OR currency IS NULL THEN
-        RAISE EXCEPTION 'request_id, payment_ref, amount_paid and currency are required'
-            USING ERRCODE = 'null_value_not_allowed';
+    IF request IS NULL THEN
+        RAISE EXCEPTION 'request may not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF amount_paid <= 0 THEN
-        RAISE EXCEPTION 'amount_paid must be positive, got %', amount_paid USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM billing.require_payment(payment_ref, amount_paid, currency);
     q := billing.locked_reload_request(request);
     IF q.status = 'completed' THEN
         IF q.payment_ref = complete_reload.payment_ref AND q.amount_paid = complete_reload.amount_paid
@@ -324,18 +320,11 @@ BEGIN
         -- a second charge for a request already paid (a worker charged without
         -- the request's charge_key): the money was taken, so it is credited too,
         -- once per payment (the grant's key)
-        minor := billing.paid_credit(amount_paid, q.fee_percent, q.fee_fixed, q.total, q.credit_minor);
-        IF minor <= 0 THEN
-            RETURN QUERY SELECT q.id, 'extra_payment'::text, NULL::bigint, 0::bigint,
-                (SELECT c.available FROM billing."check"(q.account, q.unit) c);
-            RETURN;
-        END IF;
-        RETURN QUERY SELECT q.id, CASE WHEN g.status = 'applied' THEN 'extra_payment' ELSE 'duplicate' END,
-                g.grant_id, g.amount, g.available
-            FROM billing."grant"(q.account, q.unit, minor * q.credits_per_minor_unit,
-                kind => 'reload', key => complete_reload.payment_ref,
-                metadata => jsonb_build_object('reload_request', q.id, 'amount_paid', amount_paid,
-                                               'currency', complete_reload.currency, 'extra_payment', true)) g;
+        SELECT * INTO g FROM billing.grant_payment(q.account, q.unit, 'reload', payment_ref, amount_paid,
+            currency, q.fee_percent, q.fee_fixed, q.total, q.credit_minor, q.credits_per_minor_unit,
+            jsonb_build_object('reload_request', q.id, 'extra_payment', true));
+        RETURN QUERY SELECT q.id, CASE WHEN g.status = 'duplicate' THEN 'duplicate' ELSE 'extra_payment' END,
+            g.grant_id, g.credited, (SELECT c.available FROM billing."check"(q.account, q.unit) c);
         RETURN;
     END IF;
     IF q.currency <> complete_reload.currency THEN
@@ -350,20 +339,16 @@ BEGIN
     -- a charge that went through ends the run of failures (the rule's row
     -- before the pool's, as disable_reload and fail_reload take them)
     UPDATE billing.reload_rules r SET failures = 0, updated_at = now() WHERE r.pool_id = q.pool_id AND r.failures > 0;
-    minor := billing.paid_credit(amount_paid, q.fee_percent, q.fee_fixed, q.total, q.credit_minor);
-    IF minor > 0 THEN
-        SELECT g.grant_id INTO new_grant FROM billing."grant"(q.account, q.unit, minor * q.credits_per_minor_unit,
-            kind => 'reload', key => complete_reload.payment_ref,
-            metadata => jsonb_build_object('reload_request', q.id, 'amount_paid', amount_paid,
-                                           'currency', complete_reload.currency)) g;
-    END IF;
+    SELECT * INTO g FROM billing.grant_payment(q.account, q.unit, 'reload', payment_ref, amount_paid,
+        currency, q.fee_percent, q.fee_fixed, q.total, q.credit_minor, q.credits_per_minor_unit,
+        jsonb_build_object('reload_request', q.id));
     UPDATE billing.reload_requests x SET status = 'completed', payment_ref = complete_reload.payment_ref,
-        amount_paid = complete_reload.amount_paid, grant_id = new_grant, lease_until = NULL,
-        failure_reason = CASE WHEN minor > 0 THEN NULL ELSE 'the amount paid does not cover the card fee' END,
+        amount_paid = complete_reload.amount_paid, grant_id = g.grant_id, lease_until = NULL,
+        failure_reason = CASE WHEN g.credited > 0 THEN NULL ELSE 'the amount paid does not cover the card fee' END,
         closed_at = now(), updated_at = now()
     WHERE x.id = q.id;
     PERFORM billing.arm_reload(q.pool_id);
-    RETURN QUERY SELECT q.id, 'completed'::text, new_grant, minor * q.credits_per_minor_unit,
+    RETURN QUERY SELECT q.id, 'completed'::text, g.grant_id, g.credited,
         (SELECT c.available FROM billing."check"(q.account, q.unit) c);
 END
 $$;

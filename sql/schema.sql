@@ -547,6 +547,40 @@ CREATE INDEX reload_requests_due ON billing.reload_requests (next_attempt_at)
 CREATE INDEX reload_requests_of_pool ON billing.reload_requests (pool_id, created_at);
 CREATE UNIQUE INDEX reload_requests_payment ON billing.reload_requests (tenant_id, payment_ref);
 
+-- Checkout intents (sql/checkouts.sql): a top-up the application confirms by
+-- polling its payment provider. status is pending, paid or failed; a pending
+-- intent past expires_at reads as expired (billing.checkout_state).
+CREATE TABLE billing.checkout_intents (
+    id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id      text        NOT NULL,
+    account        text        NOT NULL,
+    unit           text        NOT NULL,
+    key            text        NOT NULL,
+    currency       text        NOT NULL,
+    card_kind      text        NOT NULL,
+    converted      boolean     NOT NULL,
+    credits_per_minor_unit bigint NOT NULL CHECK (credits_per_minor_unit > 0),
+    credits        bigint      NOT NULL CHECK (credits > 0),
+    credit_minor   bigint      NOT NULL,
+    fee            bigint      NOT NULL,
+    total          bigint      NOT NULL,
+    fee_percent    numeric     NOT NULL,
+    fee_fixed      bigint      NOT NULL,
+    status         text        NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'paid', 'failed')),
+    status_reason  text,
+    provider_session text,
+    payment_ref    text,
+    amount_paid    bigint,
+    grant_id       bigint      REFERENCES billing.grants (id),
+    expires_at     timestamptz NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    paid_at        timestamptz,
+    UNIQUE (tenant_id, key)
+);
+CREATE UNIQUE INDEX checkout_intents_payment ON billing.checkout_intents (tenant_id, payment_ref);
+CREATE UNIQUE INDEX checkout_intents_session ON billing.checkout_intents (tenant_id, provider_session);
+
 -- The append-only ledger. One row per change of a pool; version is the pool's
 -- version after the entry, and the chain balance_before + amount = balance_after
 -- runs over the net booked balance (Σ remaining of grants − debt).
@@ -624,6 +658,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.topup_fees', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.topup_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.reload_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.reload_requests', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.checkout_intents', '');
 -- and so must the identity sequences, or restored ids would be handed out again
 -- (one call per statement: each call rewrites the extension's catalog row)
 SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');
@@ -636,6 +671,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.allowances_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.limits_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.reload_requests_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.checkout_intents_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by
 -- billing_admin through billing.grant_tenant / billing.revoke_tenant. A role

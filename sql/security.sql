@@ -54,7 +54,8 @@ BEGIN
                              'provider_customers', 'subscriptions', 'subscription_conflicts',
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
                              'subscription_changes', 'invoice_payments', 'default_plans',
-                             'topup_fees', 'topup_limits', 'reload_rules', 'reload_requests'] LOOP
+                             'topup_fees', 'topup_limits', 'reload_rules', 'reload_requests',
+                             'checkout_intents'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -82,7 +83,7 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
                 billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
                 billing.subscription_drift, billing.default_plans, billing.topup_fees, billing.topup_limits,
-                billing.reload_rules, billing.reload_requests
+                billing.reload_rules, billing.reload_requests, billing.checkout_intents
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -155,6 +156,7 @@ GRANT EXECUTE ON FUNCTION
     billing.verify_ledger(),
     billing.grant_entry_totals(bigint[]),
     billing.quote(bigint, text, text, boolean),
+    billing.checkout_status(bigint),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)
@@ -191,7 +193,11 @@ GRANT EXECUTE ON FUNCTION
     billing.resume_reload(text, text),
     billing.claim_reloads(text, interval, integer),
     billing.complete_reload(bigint, text, bigint, text),
-    billing.fail_reload(bigint, text, boolean)
+    billing.fail_reload(bigint, text, boolean),
+    billing.open_checkout(text, text, bigint, text, text, text, interval, boolean, bigint),
+    billing.attach_checkout(bigint, text),
+    billing.confirm_checkout(bigint, text, bigint, text),
+    billing.fail_checkout(bigint, text)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

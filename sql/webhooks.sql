@@ -593,6 +593,7 @@ DECLARE
     credit record;
     g record;
     r record;
+    intent bigint;
 BEGIN
     -- a subscription's payments buy its plan, not credits; its checkout says
     -- whose customer it is (Stripe does not copy client_reference_id onto
@@ -626,6 +627,16 @@ BEGIN
     -- an auto-reload charge (the worker put the request's id in the payment's
     -- metadata) is credited through its request: once, whether this event or
     -- the worker's billing.complete_reload comes first, as what was paid
+    -- a checkout intent's payment (polled by the application) is credited
+    -- through the intent the same way
+    intent := billing.stripe_checkout_intent(obj);
+    IF intent IS NOT NULL AND paid > 0 AND payment IS NOT NULL THEN
+        PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
+        SELECT * INTO r FROM billing.confirm_checkout(intent, payment, paid, obj ->> 'currency');
+        PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
+        RETURN jsonb_build_object('credited', r.status = 'paid', 'checkout_intent', r.intent_id,
+                                  'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
+    END IF;
     IF obj #>> '{metadata,reload_request}' IS NOT NULL AND paid > 0 AND payment IS NOT NULL THEN
         PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
         SELECT * INTO r FROM billing.complete_reload((obj #>> '{metadata,reload_request}')::bigint,
@@ -738,9 +749,10 @@ BEGIN
     END IF;
     SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
     IF g.id IS NULL THEN
-        -- an auto-reload charge: its grant is its request's
-        SELECT x.* INTO g FROM billing.reload_requests q JOIN billing.grants x ON x.id = q.grant_id
-        WHERE q.tenant_id = billing.current_tenant() AND q.payment_ref = stripe_apply_reversals.payment;
+        -- a payment credited through an auto-reload request or a checkout
+        -- intent: its grant is keyed by the payment itself
+        SELECT * INTO g FROM billing.grants x
+        WHERE x.tenant_id = billing.current_tenant() AND x.key = stripe_apply_reversals.payment;
     END IF;
     IF g.id IS NULL THEN
         RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', total,

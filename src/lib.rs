@@ -84,16 +84,32 @@ extension_sql_file!(
     requires = ["schema", "views", tenancy::current_tenant_sql]
 );
 extension_sql_file!(
+    "../sql/payments.sql",
+    name = "payments",
+    requires = ["schema", quotes::paid_credit, grants::grant_credits]
+);
+extension_sql_file!(
     "../sql/reloads.sql",
     name = "reloads",
     requires = [
         "schema",
         "subscriptions",
+        "payments",
         tenancy::current_tenant_sql,
         reloads::reload_pool,
         quotes::quote,
-        quotes::paid_credit,
-        grants::grant_credits,
+        gate::check
+    ]
+);
+extension_sql_file!(
+    "../sql/checkouts.sql",
+    name = "checkouts",
+    requires = [
+        "schema",
+        "payments",
+        tenancy::current_tenant_sql,
+        quotes::quote,
+        accounts::account,
         gate::check
     ]
 );

@@ -165,6 +165,7 @@ pub const BILLING_TABLES: &[&str] = &[
     "topup_limits",
     "reload_rules",
     "reload_requests",
+    "checkout_intents",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released

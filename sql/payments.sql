@@ -1,0 +1,47 @@
+-- Money in from a quoted charge (an auto-reload request, a checkout intent):
+-- the rules both share, in one place.
+
+-- A payment reported by the application or the provider: a reference, a
+-- positive amount and a currency, or a clear error.
+CREATE FUNCTION billing.require_payment(payment_ref text, amount_paid bigint, currency text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    IF payment_ref IS NULL OR amount_paid IS NULL OR currency IS NULL THEN
+        RAISE EXCEPTION 'payment_ref, amount_paid and currency may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF btrim(payment_ref) = '' OR length(payment_ref) > 255 THEN
+        RAISE EXCEPTION 'payment_ref must be 1 to 255 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF amount_paid <= 0 THEN
+        RAISE EXCEPTION 'amount_paid must be positive, got %', amount_paid USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- Credit a payment of `amount_paid` against its quote (fee_percent +
+-- fee_fixed, quoted at `total` for `credit_minor`): the quoted credit when the
+-- quoted total was paid, otherwise what was paid net of the worst-case fee
+-- (billing.paid_credit), in credits of the pool (`per_minor` each), as a
+-- grant of `kind` keyed by the payment reference, so a payment credits once
+-- whoever reports it. Nothing is granted when the fee takes it all.
+CREATE FUNCTION billing.grant_payment(account text, unit text, kind text, payment_ref text, amount_paid bigint,
+    currency text, fee_percent numeric, fee_fixed bigint, total bigint, credit_minor bigint, per_minor bigint,
+    metadata jsonb)
+RETURNS TABLE (grant_id bigint, status text, credited bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+DECLARE
+    minor bigint := billing.paid_credit(amount_paid, fee_percent, fee_fixed, total, credit_minor);
+BEGIN
+    IF minor <= 0 THEN
+        RETURN QUERY SELECT NULL::bigint, 'uncredited'::text, 0::bigint;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT g.grant_id, g.status, g.amount
+        FROM billing."grant"(account, unit, minor * per_minor, kind => kind, key => payment_ref,
+             metadata => metadata || jsonb_build_object('amount_paid', amount_paid, 'currency', currency)) g;
+END
+$$;
