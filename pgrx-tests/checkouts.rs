@@ -96,7 +96,7 @@ mod tests {
         assert_eq!(confirm(first, "pi_1", 1061), "paid 1000 1100");
         assert_eq!(
             one::<String>(
-                "SELECT concat_ws(' ', kind, amount) FROM billing.grants WHERE key = 'pi_1'"
+                "SELECT concat_ws(' ', kind, amount) FROM billing.grants WHERE key = 'stripe:pi_1'"
             ),
             "topup 1000"
         );
@@ -222,11 +222,29 @@ mod tests {
             json!({"checkout_intent": second.to_string()}),
         );
         assert_eq!(stripe::deliver(&event), "applied|");
+        // the PaymentIntent's own event first, naming the account and no intent:
+        // a plain top-up of what was paid, which the poll then adopts
+        let third = open("co_3");
+        let pi = stripe::payment_intent("pi_3", 1061, "usd", "a");
+        assert_eq!(
+            stripe::deliver(&stripe::event(
+                "evt_5",
+                "payment_intent.succeeded",
+                stripe::now_unix(),
+                pi
+            )),
+            "applied|"
+        );
+        assert_eq!(confirm(third, "pi_3", 1061), "paid 1061 3161");
+        assert_eq!(
+            status(third),
+            "paid 1061 credited by the provider's webhook as a top-up of what was paid"
+        );
         assert_eq!(
             one::<String>(
                 "SELECT string_agg(kind || ':' || amount, ' ' ORDER BY id) FROM billing.grants"
             ),
-            "manual:100 topup:1000 topup:1000"
+            "manual:100 topup:1000 topup:1000 topup:1061"
         );
         // a refund of the first payment takes its credit back
         let refund = stripe::event(
@@ -236,7 +254,38 @@ mod tests {
             stripe::charge("pi_1", 1061, 1061, "usd"),
         );
         assert_eq!(stripe::deliver(&refund), "applied|");
-        assert_eq!(available("a", "usd_cents"), 1100);
+        assert_eq!(available("a", "usd_cents"), 2161);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn a_refund_is_taken_back_in_the_intents_own_credits() {
+        stripe::setup();
+        setup();
+        run("SELECT billing.define_unit('usd_mills')");
+        // the endpoint credits usd as usd_cents; this intent buys 10 mills per cent
+        let intent: i64 = one(
+            "SELECT intent_id FROM billing.open_checkout('a', 'usd_mills', 1000, 'usd', 'card', 'co_m', \
+             credits_per_minor_unit => 10)",
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT concat_ws(' ', status, credited) FROM billing.confirm_checkout({intent}, 'pi_m', 1061, 'usd')"
+            )),
+            "paid 10000"
+        );
+        let refund = stripe::event(
+            "evt_refund_m",
+            "charge.refunded",
+            stripe::now_unix(),
+            stripe::charge("pi_m", 1061, 1061, "usd"),
+        );
+        assert_eq!(stripe::deliver(&refund), "applied|");
+        assert_eq!(
+            available("a", "usd_mills"),
+            0,
+            "all 10,000 mills taken back"
+        );
         assert_ledger_consistent();
     }
 }

@@ -116,7 +116,7 @@ mod tests {
             one::<String>(&format!(
                 "SELECT concat_ws(' ', kind, amount, key) FROM billing.grants WHERE id = {g}"
             )),
-            "reload 1600 pi_r1"
+            "reload 1600 stripe:pi_r1"
         );
         // the same completion again changes nothing
         assert_eq!(one::<String>(&done), "duplicate 1600 2000");

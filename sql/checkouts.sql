@@ -68,7 +68,14 @@ BEGIN
     VALUES (tenant, open_checkout.account, open_checkout.unit, open_checkout.key, open_checkout.currency,
         card_kind, converted, open_checkout.credits_per_minor_unit, q.credit * open_checkout.credits_per_minor_unit,
         q.credit, q.fee, q.total, q.percent, q.fixed, now() + expires_in)
+    ON CONFLICT ON CONSTRAINT checkout_intents_tenant_id_key_key DO NOTHING
     RETURNING * INTO i;
+    IF NOT FOUND THEN
+        -- the same key opened by a call that committed meanwhile: answered as a retry
+        RETURN QUERY SELECT * FROM billing.open_checkout(account, unit, credit_amount, open_checkout.currency,
+            card_kind, key, expires_in, converted, open_checkout.credits_per_minor_unit);
+        RETURN;
+    END IF;
     RETURN QUERY SELECT i.id, i.status, i.credits, i.credit_minor, i.fee, i.total, i.expires_at,
         'opened'::text;
 END
@@ -159,7 +166,9 @@ BEGIN
     SELECT * INTO g FROM billing.grant_payment(i.account, i.unit, 'topup', payment_ref, amount_paid, currency,
         i.fee_percent, i.fee_fixed, i.total, i.credit_minor, i.credits_per_minor_unit,
         jsonb_build_object('checkout_intent', i.id));
-    late := concat_ws('; ', late, CASE WHEN g.credited = 0 THEN 'the amount paid does not cover the card fee' END);
+    late := concat_ws('; ', late,
+        CASE WHEN g.status = 'adopted' THEN 'credited by the provider''s webhook as a top-up of what was paid'
+             WHEN g.credited = 0 THEN 'the amount paid does not cover the card fee' END);
     UPDATE billing.checkout_intents x SET status = 'paid', payment_ref = confirm_checkout.payment_ref,
         amount_paid = confirm_checkout.amount_paid, grant_id = g.grant_id, status_reason = nullif(late, ''),
         paid_at = now(), updated_at = now()

@@ -657,8 +657,17 @@ BEGIN
     END IF;
     credit := billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', paid);
     PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
+    -- already credited through a checkout intent or a reload request (whose
+    -- own report came first): that was the credit
+    SELECT * INTO g FROM billing.grants x
+    WHERE x.tenant_id = ev.tenant_id AND x.key = billing.payment_key(payment)
+      AND (x.metadata ? 'checkout_intent' OR x.metadata ? 'reload_request');
+    IF FOUND THEN
+        RETURN jsonb_build_object('credited', false, 'grant_id', g.id, 'payment', payment,
+            'why', 'credited through its checkout intent or reload request');
+    END IF;
     SELECT * INTO g FROM billing."grant"(account, credit.unit, credit.credits,
-        kind => 'topup', key => 'stripe:' || payment,
+        kind => 'topup', key => billing.payment_key(payment),
         -- the same for every event type that reports this payment, so it credits once
         metadata => jsonb_build_object('source', 'stripe', 'payment', payment));
     PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
@@ -694,7 +703,7 @@ BEGIN
     v_subscription := EXISTS (SELECT 1 FROM billing.subscription_invoices i
                               WHERE i.tenant_id = ev.tenant_id AND i.provider = 'stripe'
                                 AND i.payment_intent = v_payment);
-    IF NOT v_subscription THEN
+    IF NOT v_subscription AND billing.quoted_payment_per_minor(ev.tenant_id, v_payment) IS NULL THEN
         PERFORM billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', 0);
     END IF;
     IF ev.event_type = 'charge.refunded' THEN
@@ -737,22 +746,23 @@ AS $$
 DECLARE
     g billing.grants;
     total bigint := 0;
+    per_minor bigint;
     s record;
     r record;
 BEGIN
+    -- a checkout intent's or reload request's payment is taken back in its own credits per minor unit
+    per_minor := billing.quoted_payment_per_minor(billing.current_tenant(), stripe_apply_reversals.payment);
     FOR s IN SELECT * FROM billing.stripe_reversals x
              WHERE x.endpoint_id = stripe_apply_reversals.endpoint_id AND x.payment = stripe_apply_reversals.payment LOOP
-        total := total + (billing.stripe_credits(stripe_apply_reversals.endpoint_id, s.currency, s.amount)).credits;
+        total := total + coalesce(s.amount * per_minor,
+            (billing.stripe_credits(stripe_apply_reversals.endpoint_id, s.currency, s.amount)).credits);
     END LOOP;
     IF NOT FOUND THEN
         RETURN NULL; -- nothing was ever taken back from this payment
     END IF;
-    SELECT * INTO g FROM billing.grants WHERE tenant_id = billing.current_tenant() AND key = 'stripe:' || stripe_apply_reversals.payment;
+    SELECT * INTO g FROM billing.grants
+    WHERE tenant_id = billing.current_tenant() AND key = billing.payment_key(stripe_apply_reversals.payment);
     IF g.id IS NULL THEN
-        -- a payment credited through an auto-reload request or a checkout
-        -- intent: its grant is keyed by the payment itself
-        SELECT * INTO g FROM billing.grants x
-        WHERE x.tenant_id = billing.current_tenant() AND x.key = stripe_apply_reversals.payment;
     END IF;
     IF g.id IS NULL THEN
         RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', total,
