@@ -1,6 +1,7 @@
 // The in-database test suites, run by `cargo pgrx test`. Each suite file holds a
 // `#[pg_schema] mod tests`, the schema pgrx calls the tests in.
 
+mod alerts;
 mod allowances;
 mod checkouts;
 mod default_plan;

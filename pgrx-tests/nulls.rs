@@ -84,6 +84,9 @@ mod tests {
         "billing.confirm_checkout(?1, ?'pi', ?100, ?'usd')",
         "billing.fail_checkout(?1, ?'expired')",
         "billing.checkout_status(~1)",
+        "billing.set_alert(?'a', ?'mills', ?'low', ?'low_balance', ~100)",
+        "billing.remove_alert(?'a', ?'mills', ?'low')",
+        "billing.ack_alert(?1, ~'ops')",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -171,6 +171,12 @@ CREATE TABLE billing.pools (
     -- no request open): a debit leaving available below it calls
     -- billing.request_reload (sql/reloads.sql); NULL otherwise
     reload_below     bigint,
+    -- on lane 0: the bounds of its balance alerts (sql/alerts.sql): a debit
+    -- leaving available below alert_below fires the armed alerts it
+    -- crossed; a credit bringing it to alert_above or more re-arms those it
+    -- passed (NULL: no alert waits on that side)
+    alert_below      bigint,
+    alert_above      bigint,
     -- the key of the counter above (NULL: none)
     counter_meter    text,
     counter_hour     timestamptz,
@@ -547,6 +553,43 @@ CREATE INDEX reload_requests_due ON billing.reload_requests (next_attempt_at)
 CREATE INDEX reload_requests_of_pool ON billing.reload_requests (pool_id, created_at);
 CREATE UNIQUE INDEX reload_requests_payment ON billing.reload_requests (tenant_id, payment_ref);
 
+-- Balance alerts (sql/alerts.sql): named rules per pool, and the alerts they
+-- fire, one per crossing, in the debit's own transaction.
+CREATE TABLE billing.alert_rules (
+    id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id  text        NOT NULL,
+    account    text        NOT NULL,
+    unit       text        NOT NULL,
+    pool_id    bigint      NOT NULL REFERENCES billing.pools (id),
+    name       text        NOT NULL CHECK (name ~ '^[A-Za-z0-9_.:-]{1,63}$'),
+    -- low_balance: available below threshold; zero: available at or below
+    -- 0 (threshold 1); debt: the account owes (threshold 0)
+    kind       text        NOT NULL CHECK (kind IN ('low_balance', 'zero', 'debt')),
+    threshold  bigint      NOT NULL,
+    armed      boolean     NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, account, unit, name)
+);
+CREATE INDEX alert_rules_of_pool ON billing.alert_rules (pool_id);
+
+CREATE TABLE billing.alerts (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id       text        NOT NULL,
+    account         text        NOT NULL,
+    unit            text        NOT NULL,
+    rule_id         bigint      NOT NULL REFERENCES billing.alert_rules (id) ON DELETE CASCADE,
+    name            text        NOT NULL,
+    kind            text        NOT NULL,
+    threshold       bigint      NOT NULL,
+    -- the pool when it fired
+    available       bigint      NOT NULL,
+    debt            bigint      NOT NULL,
+    fired_at        timestamptz NOT NULL DEFAULT now(),
+    acknowledged_at timestamptz,
+    acknowledged_by text
+);
+CREATE INDEX alerts_open ON billing.alerts (tenant_id, fired_at) WHERE acknowledged_at IS NULL;
+
 -- Checkout intents (sql/checkouts.sql): a top-up the application confirms by
 -- polling its payment provider. status is pending, paid or failed; a pending
 -- intent past expires_at reads as expired (billing.checkout_state).
@@ -659,6 +702,8 @@ SELECT pg_catalog.pg_extension_config_dump('billing.topup_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.reload_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.reload_requests', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.checkout_intents', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.alert_rules', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.alerts', '');
 -- and so must the identity sequences, or restored ids would be handed out again
 -- (one call per statement: each call rewrites the extension's catalog row)
 SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');
@@ -672,6 +717,8 @@ SELECT pg_catalog.pg_extension_config_dump('billing.limits_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_counters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.reload_requests_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.checkout_intents_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.alert_rules_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.alerts_id_seq', '');
 
 -- Which roles may act for which tenant (see src/tenancy.rs). Managed by
 -- billing_admin through billing.grant_tenant / billing.revoke_tenant. A role

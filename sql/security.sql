@@ -55,7 +55,7 @@ BEGIN
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
                              'subscription_changes', 'invoice_payments', 'default_plans',
                              'topup_fees', 'topup_limits', 'reload_rules', 'reload_requests',
-                             'checkout_intents'] LOOP
+                             'checkout_intents', 'alert_rules', 'alerts'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -83,7 +83,8 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.subscription_conflicts, billing.subscription_allowances, billing.subscription_invoices,
                 billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
                 billing.subscription_drift, billing.default_plans, billing.topup_fees, billing.topup_limits,
-                billing.reload_rules, billing.reload_requests, billing.checkout_intents
+                billing.reload_rules, billing.reload_requests, billing.checkout_intents,
+                billing.alert_rules, billing.alerts
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -197,7 +198,10 @@ GRANT EXECUTE ON FUNCTION
     billing.open_checkout(text, text, bigint, text, text, text, interval, boolean, bigint),
     billing.attach_checkout(bigint, text),
     billing.confirm_checkout(bigint, text, bigint, text),
-    billing.fail_checkout(bigint, text)
+    billing.fail_checkout(bigint, text),
+    billing.set_alert(text, text, text, text, bigint),
+    billing.remove_alert(text, text, text),
+    billing.ack_alert(bigint, text)
     TO billing_app;
 GRANT EXECUTE ON FUNCTION
     billing.define_unit(text, text),

@@ -102,6 +102,11 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!(
+    "../sql/alerts.sql",
+    name = "alerts",
+    requires = ["schema", tenancy::current_tenant_sql, reloads::reload_pool]
+);
+extension_sql_file!(
     "../sql/checkouts.sql",
     name = "checkouts",
     requires = [

@@ -11,9 +11,9 @@ use crate::input;
 use crate::ledger::{Create, PoolLedger};
 use crate::tenancy::current_tenant;
 
-/// The pool a reload rule is set on, made if missing (its unit must be
-/// known): its id. A split pool is refused: a debit on one lane does not see
-/// the whole pool's available, which the threshold is about.
+/// The pool a reload rule or a balance alert is set on, made if missing (its
+/// unit must be known): its id. A split pool is refused: a debit on one lane
+/// does not see the whole pool's available, which their thresholds are about.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn reload_pool(account: Option<&str>, unit: Option<&str>) -> i64 {
@@ -24,7 +24,7 @@ fn reload_pool(account: Option<&str>, unit: Option<&str>) -> i64 {
             let ledger = PoolLedger::open(client, &tenant, account, unit, Create::Pool)?;
             if ledger.lanes > 0 {
                 return Err(BillingError::WrongState(format!(
-                    "the {unit} pool of account \"{account}\" is split across lanes: an auto-reload needs every debit to see the whole pool (billing.set_lanes(…, 0) first)"
+                    "the {unit} pool of account \"{account}\" is split across lanes: an auto-reload or a balance alert needs every debit to see the whole pool (billing.set_lanes(…, 0) first)"
                 )));
             }
             Ok(ledger.id)
@@ -36,11 +36,13 @@ fn reload_pool(account: Option<&str>, unit: Option<&str>) -> i64 {
 static HAS_RULE: Sql = Sql {
     text: "SELECT EXISTS (SELECT 1 FROM billing.reload_rules r \
                           WHERE r.tenant_id = $1 AND r.account = $2 AND r.unit = $3 \
-                            AND r.status <> 'disabled') AS ruled",
+                            AND r.status <> 'disabled') \
+               OR EXISTS (SELECT 1 FROM billing.alert_rules a \
+                          WHERE a.tenant_id = $1 AND a.account = $2 AND a.unit = $3) AS ruled",
     args: &[TEXT, TEXT, TEXT],
 };
 
-/// A pool with an auto-reload rule may not be split (see `reload_pool`);
+/// A pool with an auto-reload rule or a balance alert may not be split (see `reload_pool`);
 /// asked while the pool is locked, so a rule set meanwhile is seen.
 pub fn refuse_split(pool: &PoolLedger) -> Result<()> {
     let (tenant, account, unit) = (&pool.tenant, &pool.account, &pool.unit);
@@ -62,7 +64,7 @@ pub fn refuse_split(pool: &PoolLedger) -> Result<()> {
     })?;
     if ruled {
         return Err(BillingError::WrongState(format!(
-            "the {unit} pool of account \"{account}\" has an auto-reload rule: a debit on one lane would not see the whole pool's available (billing.disable_reload first)"
+            "the {unit} pool of account \"{account}\" has an auto-reload rule or a balance alert: a debit on one lane would not see the whole pool's available (billing.disable_reload or billing.remove_alert first)"
         )));
     }
     Ok(())

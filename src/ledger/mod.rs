@@ -80,6 +80,9 @@ pub struct PoolLedger {
     /// Below what available a debit asks for an auto-reload (lane 0; None:
     /// no rule, or one that is waiting on a request or suspended).
     pub reload_below: Option<i64>,
+    /// The pool's balance alerts (lane 0): below what available a debit
+    /// fires one, and from what available a credit re-arms one.
+    pub alerts: AlertBounds,
     /// The hourly usage counter its row keeps, and whether to write it.
     pub counter: Option<KeptCounter>,
     pub counter_changed: bool,
@@ -103,7 +106,7 @@ macro_rules! locked_pool_columns {
     () => {
         "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
          p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, p.limited, \
-         p.reload_below, p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
+         p.reload_below, p.alert_below, p.alert_above, p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
          p.counter_last_at, p.counter_cost, p.counter_revised_at, \
          s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
     };
@@ -311,6 +314,7 @@ struct Locked {
     allowance_next: Ts,
     limited: bool,
     reload_below: Option<i64>,
+    alerts: AlertBounds,
     counter: Option<KeptCounter>,
 }
 
@@ -334,6 +338,8 @@ pub struct PoolRow {
     pub limited: bool,
     /// The armed auto-reload threshold (`billing.request_reload`).
     pub reload_below: Option<i64>,
+    /// The balance alerts' bounds (`billing.pool_alerts`).
+    pub alerts: AlertBounds,
     /// The hourly usage counter it keeps (read when the row is locked).
     pub counter: Option<KeptCounter>,
 }
@@ -357,6 +363,10 @@ impl PoolRow {
             allowance_next: instant(row.get("allowance_next")?),
             limited: row.get("limited")?,
             reload_below: row.opt("reload_below")?,
+            alerts: AlertBounds {
+                below: row.opt("alert_below")?,
+                above: row.opt("alert_above")?,
+            },
             counter: KeptCounter::from_row(row)?,
         })
     }
@@ -392,6 +402,7 @@ impl Locked {
             allowance_next: r.allowance_next,
             limited: r.limited,
             reload_below: r.reload_below,
+            alerts: r.alerts,
             counter: r.counter.clone(),
         }
     }
@@ -630,6 +641,11 @@ impl PoolLedger {
             },
             limited: l.limited,
             reload_below: if l.lane == 0 { l.reload_below } else { None },
+            alerts: if l.lane == 0 {
+                l.alerts
+            } else {
+                AlertBounds::default()
+            },
             counter: l.counter,
             counter_changed: false,
         }
@@ -1281,16 +1297,42 @@ pub fn flush_checked(
 /// subscription the account lacks: then each debit below the threshold asks).
 fn request_reloads(client: &mut SpiClient<'_>, ledgers: &[PoolLedger]) -> Result<()> {
     for l in ledgers {
-        let Some(threshold) = l.reload_below else {
+        if l.reload_below.is_none() && l.alerts == AlertBounds::default() {
             continue;
-        };
+        }
         let available = l.pool_available();
-        if available < threshold && l.spent() {
+        let spent = l.spent();
+        if spent && l.reload_below.is_some_and(|t| available < t) {
             db::write(client, &REQUEST_RELOAD, &[l.id.into(), available.into()])?;
+        }
+        let fell = spent && l.alerts.below.is_some_and(|t| available < t);
+        let rose = !spent && l.alerts.above.is_some_and(|t| available >= t);
+        if fell || rose {
+            let debt = l.pool_figures().debt;
+            db::write(
+                client,
+                &POOL_ALERTS,
+                &[l.id.into(), available.into(), debt.into()],
+            )?;
         }
     }
     Ok(())
 }
+
+/// The bounds of a pool's balance alerts, kept on its row by
+/// `billing.arm_alerts`: a debit that leaves available below `below`
+/// fires the armed alerts it crossed; a credit that brings it to `above` or
+/// more re-arms those it passed. None: no alert waits on that side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AlertBounds {
+    pub below: Option<i64>,
+    pub above: Option<i64>,
+}
+
+static POOL_ALERTS: Sql = Sql {
+    text: "SELECT billing.pool_alerts($1, $2, $3)",
+    args: &[INT8, INT8, INT8],
+};
 
 static REQUEST_RELOAD: Sql = Sql {
     text: "SELECT billing.request_reload($1, $2)",

@@ -35,6 +35,10 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         allowance_next: t.get::<i64>(c"allowance_next")?,
         limited: t.get(c"limited")?,
         reload_below: t.opt(c"reload_below")?,
+        alerts: super::AlertBounds {
+            below: t.opt(c"alert_below")?,
+            above: t.opt(c"alert_above")?,
+        },
         // the gate never needs it
         counter: None,
     })

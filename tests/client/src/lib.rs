@@ -166,6 +166,8 @@ pub const BILLING_TABLES: &[&str] = &[
     "reload_rules",
     "reload_requests",
     "checkout_intents",
+    "alert_rules",
+    "alerts",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
