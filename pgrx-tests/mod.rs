@@ -18,6 +18,7 @@ mod limits;
 mod metering;
 mod nulls;
 mod quotes;
+mod reconcile;
 mod reloads;
 mod reversals;
 mod stripe;

@@ -158,6 +158,7 @@ GRANT EXECUTE ON FUNCTION
     billing.grant_entry_totals(bigint[]),
     billing.quote(bigint, text, text, boolean),
     billing.checkout_status(bigint),
+    billing.reconcile_usage(text[], timestamptz, timestamptz, text, text),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)

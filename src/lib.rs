@@ -118,6 +118,11 @@ extension_sql_file!(
         gate::check
     ]
 );
+extension_sql_file!(
+    "../sql/reconcile.sql",
+    name = "reconcile",
+    requires = ["schema", tenancy::current_tenant_sql]
+);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 /// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.

@@ -1,0 +1,69 @@
+// Reconciliation with the provider's records (sql/reconcile.sql).
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::pgrx_tests::support::*;
+
+    /// "key:missing" of a reconciliation, in its order.
+    fn report(args: &str) -> String {
+        opt::<String>(&format!(
+            "SELECT string_agg(key || ':' || missing, ' ') FROM billing.reconcile_usage({args})"
+        ))
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn orphan_usage_is_found_on_both_sides() {
+        grant("a", "cents", 1000, "");
+        grant("b", "cents", 1000, "");
+        run("SELECT billing.define_meter('calls', 'cents', unit_price => 1)");
+        run("SELECT billing.define_meter('chat', 'cents', unit_price => 1)");
+        for (account, meter, key, at) in [
+            ("a", "calls", "req_1", "50 minutes"),
+            ("a", "calls", "req_2", "30 minutes"),
+            ("b", "chat", "req_3", "1 microsecond"),
+            // the end of the period is not in it
+            ("a", "calls", "req_4", "0"),
+        ] {
+            run(&format!(
+                "SELECT * FROM billing.ingest('{account}', '{meter}', 1, key => '{key}', \
+                 occurred_at => now() - interval '{at}', cost => 5)"
+            ));
+        }
+        let period = "now() - interval '1 hour', now()";
+        // the provider saw req_1, req_3 (twice) and req_9; it never saw req_2
+        assert_eq!(
+            report(&format!("'{{req_1,req_3,req_3,req_9,NULL}}', {period}")),
+            "req_9:here req_2:there"
+        );
+        assert_eq!(
+            report(&format!("'{{req_1}}', {period}, only_meter => 'chat'")),
+            "req_3:there"
+        );
+        assert_eq!(
+            report(&format!("'{{}}', {period}, only_account => 'a'")),
+            "req_1:there req_2:there"
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT concat_ws(' ', account, meter, cost) FROM billing.reconcile_usage('{{}}', {period}) \
+                 WHERE key = 'req_3'"
+            )),
+            "b chat 5"
+        );
+        // a key re-ingested after the report is no longer missing
+        run("SELECT * FROM billing.ingest('a', 'calls', 1, key => 'req_9', occurred_at => now() - interval '10 minutes', cost => 5)");
+        assert_eq!(
+            report(&format!("'{{req_1,req_3,req_9}}', {period}")),
+            "req_2:there"
+        );
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.reconcile_usage('{{}}', now(), now() - interval '1 hour')"
+            ),
+            "22023",
+        );
+    }
+}
