@@ -60,9 +60,7 @@ mod tests {
             "req_2:there"
         );
         assert_rejected(
-            &format!(
-                "SELECT * FROM billing.reconcile_usage('{{}}', now(), now() - interval '1 hour')"
-            ),
+            "SELECT * FROM billing.reconcile_usage('{}', now(), now() - interval '1 hour')",
             "22023",
         );
     }
