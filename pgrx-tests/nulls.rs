@@ -88,6 +88,7 @@ mod tests {
         "billing.remove_alert(?'a', ?'mills', ?'low')",
         "billing.ack_alert(?1, ~'ops')",
         "billing.reconcile_usage(?'{k}', ?'2027-01-01'::timestamptz, ?'2027-01-02'::timestamptz, only_meter => ~NULL, only_account => ~NULL)",
+        "billing.reconcile_payments(?'[]', ?0)",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -4,6 +4,7 @@
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::pgrx_tests::stripe;
     use crate::pgrx_tests::support::*;
 
     /// "key:missing" of a reconciliation, in its order.
@@ -63,5 +64,59 @@ mod tests {
             "SELECT * FROM billing.reconcile_usage('{}', now(), now() - interval '1 hour')",
             "22023",
         );
+    }
+
+    #[pg_test]
+    fn payments_that_drifted_from_the_providers_list_are_reported() {
+        stripe::setup();
+        let paid = |pi: &str, amount: i64| {
+            let object = stripe::payment_intent(pi, amount, "usd", "a");
+            let event = stripe::event(
+                &format!("evt_{pi}"),
+                "payment_intent.succeeded",
+                stripe::now_unix(),
+                object,
+            );
+            assert_eq!(stripe::deliver(&event), "applied|");
+        };
+        paid("pi_1", 1000);
+        paid("pi_2", 500);
+        let refund = stripe::event(
+            "evt_refund_1",
+            "charge.refunded",
+            stripe::now_unix(),
+            stripe::charge("pi_1", 1000, 300, "usd"),
+        );
+        assert_eq!(stripe::deliver(&refund), "applied|");
+        let drift = |list: &str, epsilon: i64| -> String {
+            opt::<String>(&format!(
+                "SELECT string_agg(concat_ws(':', payment, problem, credited, refunded_here), ' ') \
+                 FROM billing.reconcile_payments('{list}', {epsilon})"
+            ))
+            .unwrap_or_default()
+        };
+        // the provider agrees on pi_1 (300 refunded) and pi_2: no drift
+        assert_eq!(
+            drift(
+                r#"[{"payment": "pi_1", "account": "a", "paid": 1000, "refunded": 300},
+                    {"payment": "pi_2", "account": "a", "paid": 500}]"#,
+                0
+            ),
+            ""
+        );
+        // a payment never credited here, one credited to another account,
+        // and a refund of 500 where 300 was recorded (outside and inside epsilon)
+        let list = r#"[{"payment": "pi_1", "account": "a", "paid": 1000, "refunded": 500},
+                       {"payment": "pi_2", "account": "b", "paid": 500},
+                       {"payment": "pi_3", "account": "a", "paid": 700}]"#;
+        assert_eq!(
+            drift(list, 0),
+            "pi_1:refund_drift:1000:300 pi_2:other_account:500:0 pi_3:not_credited:0"
+        );
+        assert_eq!(
+            drift(list, 200),
+            "pi_2:other_account:500:0 pi_3:not_credited:0"
+        );
+        assert_rejected("SELECT * FROM billing.reconcile_payments('{}', 0)", "22023");
     }
 }

@@ -159,6 +159,7 @@ GRANT EXECUTE ON FUNCTION
     billing.quote(bigint, text, text, boolean),
     billing.checkout_status(bigint),
     billing.reconcile_usage(text[], timestamptz, timestamptz, text, text),
+    billing.reconcile_payments(jsonb, bigint),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)

@@ -121,7 +121,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/reconcile.sql",
     name = "reconcile",
-    requires = ["schema", tenancy::current_tenant_sql]
+    requires = [
+        "schema",
+        "webhooks",
+        "payments",
+        tenancy::current_tenant_sql
+    ]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
