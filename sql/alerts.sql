@@ -88,7 +88,7 @@ BEGIN
         RAISE EXCEPTION 'a low_balance alert needs a threshold, and only it takes one'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    pool := billing.reload_pool(account, unit);
+    pool := billing.unsplit_pool(account, unit);
     INSERT INTO billing.alert_rules AS r (tenant_id, account, unit, pool_id, name, kind, threshold)
     VALUES (tenant, set_alert.account, set_alert.unit, pool, set_alert.name, set_alert.kind, bound)
     ON CONFLICT ON CONSTRAINT alert_rules_tenant_id_account_unit_name_key

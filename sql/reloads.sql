@@ -66,7 +66,7 @@ BEGIN
         RAISE EXCEPTION 'amounts, max_per_day, credits_per_minor_unit and max_failures must be positive, max_amount at least min_amount, min_interval not negative'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    pool := billing.reload_pool(account, unit);
+    pool := billing.unsplit_pool(account, unit);
     -- the smallest charge the rule can ask for must be quotable now (fee set,
     -- within the currency's top-up limits): refused here, not at the first debit
     -- (a fixed amount, or what the first crossing below the threshold asks)
@@ -152,7 +152,7 @@ LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
     -- (a pool split since the rule was disabled may not take it back)
-    SELECT r.* FROM billing.reload_pool(account, unit) p,
+    SELECT r.* FROM billing.unsplit_pool(account, unit) p,
                     billing.set_reload_status(billing.rule_pool(account, unit), 'active', NULL) r
 $$;
 

@@ -8,7 +8,7 @@ use crate::db::{self, Row, Sql, TEXT};
 use crate::direct;
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
-use crate::ledger::{self, pool_rows, Figures, KNOWN_UNITS};
+use crate::ledger::{self, pool_rows, Figures, PoolRow, KNOWN_UNITS};
 use crate::tenancy::current_tenant;
 use crate::{allowances, limits, pricing, rights, time};
 use pgrx::datum::TimestampWithTimeZone as Tstz;
@@ -51,8 +51,9 @@ fn check(
         input::name("unit", unit)?;
         input::non_negative("amount", amount)?;
         let tenant = current_tenant()?;
+        let rows = pool_rows::read(&tenant, account, unit)?;
         if meter.is_none() {
-            if let Some(row) = allowed_from_pool_rows(&tenant, account, unit, amount)? {
+            if let Some(row) = allowed_from_pool_rows(&rows, amount) {
                 return Ok(row);
             }
         }
@@ -60,7 +61,7 @@ fn check(
             if let Some(meter) = meter {
                 usable_meter(&tenant, meter, unit)?;
             }
-            gate(&tenant, account, unit, amount, member)
+            gate(&tenant, account, unit, &rows, amount, member)
         })
     })();
     check_result(result.or_raise()).or_raise()
@@ -123,36 +124,29 @@ fn usable_meter(tenant: &str, meter: &str, unit: &str) -> Result<()> {
 /// The gate's answer when it allows `amount` from the pool's rows alone:
 /// the pool exists, every row is inside its cached window, no allowance
 /// window is due and no limit applies. None means the full gate must decide.
-fn allowed_from_pool_rows(
-    tenant: &str,
-    account: &str,
-    unit: &str,
-    amount: i64,
-) -> Result<Option<CheckRow>> {
-    let rows = pool_rows::read(tenant, account, unit)?;
+fn allowed_from_pool_rows(rows: &[PoolRow], amount: i64) -> Option<CheckRow> {
     let now = time::now();
-    let Some(pool) = rows.first() else {
-        return Ok(None);
-    };
+    let pool = rows.first()?;
     if pool.limited || pool.allowance_next <= now {
-        return Ok(None);
+        return None;
     }
-    Ok(ledger::cached_figures(&rows, now)
+    ledger::cached_figures(rows, now)
         .map(|figures| decide(amount, &figures))
-        .filter(|row| row.0))
+        .filter(|row| row.0)
 }
 
-/// A pool that exists answers from its rows alone (inside their cached
-/// windows, no statement runs); one that does not is empty if its unit is known.
+/// The full gate on the pool's `rows` (`pool_rows::read`): a pool that
+/// exists answers from its rows, brought up to date where their cached
+/// windows passed; one that does not is empty if its unit is known.
 fn gate(
     tenant: &str,
     account: &str,
     unit: &str,
+    rows: &[PoolRow],
     amount: i64,
     member: Option<&str>,
 ) -> Result<CheckRow> {
-    let rows = pool_rows::read(tenant, account, unit)?;
-    let mut figures = match ledger::figures_now(&rows)? {
+    let mut figures = match ledger::figures_now(rows)? {
         Some(figures) => figures,
         None => {
             // a pool not made yet: the default plan's first window is owed to it

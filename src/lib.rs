@@ -96,7 +96,7 @@ extension_sql_file!(
         "subscriptions",
         "payments",
         tenancy::current_tenant_sql,
-        reloads::reload_pool,
+        reloads::unsplit_pool,
         quotes::quote,
         gate::check
     ]
@@ -104,7 +104,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/alerts.sql",
     name = "alerts",
-    requires = ["schema", tenancy::current_tenant_sql, reloads::reload_pool]
+    requires = ["schema", tenancy::current_tenant_sql, reloads::unsplit_pool]
 );
 extension_sql_file!(
     "../sql/checkouts.sql",

@@ -1,7 +1,7 @@
 //! Auto-reload: the pool side. The rules, requests and the worker's calls
 //! are SQL (`sql/reloads.sql`); a debit that leaves a pool below its armed
 //! threshold asks for a request in its own transaction
-//! (`ledger::request_reloads`).
+//! (`ledger::watch_balances`).
 
 use pgrx::prelude::*;
 
@@ -16,7 +16,7 @@ use crate::tenancy::current_tenant;
 /// does not see the whole pool's available, which their thresholds are about.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, billing, pg_temp)]
-fn reload_pool(account: Option<&str>, unit: Option<&str>) -> i64 {
+fn unsplit_pool(account: Option<&str>, unit: Option<&str>) -> i64 {
     (|| -> Result<i64> {
         let (account, unit) = input::pool(account, unit)?;
         let tenant = current_tenant()?;
@@ -42,7 +42,7 @@ static HAS_RULE: Sql = Sql {
     args: &[TEXT, TEXT, TEXT],
 };
 
-/// A pool with an auto-reload rule or a balance alert may not be split (see `reload_pool`);
+/// A pool with an auto-reload rule or a balance alert may not be split (see `unsplit_pool`);
 /// asked while the pool is locked, so a rule set meanwhile is seen.
 pub fn refuse_split(pool: &PoolLedger) -> Result<()> {
     let (tenant, account, unit) = (&pool.tenant, &pool.account, &pool.unit);

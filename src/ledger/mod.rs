@@ -1276,7 +1276,7 @@ pub fn flush_checked(
         grants.close();
     }
     write_pools(&changed)?;
-    request_reloads(client, ledgers)?;
+    watch_balances(client, ledgers)?;
     for l in ledgers.iter_mut() {
         l.pool.written();
         l.counter_changed = false;
@@ -1288,19 +1288,22 @@ pub fn flush_checked(
     Ok(Flushed::All)
 }
 
-/// Ask for an auto-reload (`billing.request_reload`, which decides by the
-/// pool's rule whether and how much) for each pool that spending has taken
-/// below its armed threshold, in the spending's own transaction: a debit
-/// that rolls back leaves no request. The threshold is armed only while the
-/// rule is active and no request is open, so this costs a statement once per
-/// crossing, not once per debit (except while the rule needs a live
-/// subscription the account lacks: then each debit below the threshold asks).
-fn request_reloads(client: &mut SpiClient<'_>, ledgers: &[PoolLedger]) -> Result<()> {
+/// The pools' balance rules, in the change's own transaction (a change that
+/// rolls back leaves nothing): spending that takes a pool below its armed
+/// auto-reload threshold asks for a reload (`billing.request_reload`, which
+/// decides by the rule whether and how much); spending below its alerts'
+/// lower bound, or a credit up to their upper bound, fires or re-arms them
+/// (`billing.pool_alerts`). The bounds are kept on the pool row only while
+/// something waits on them, so this costs a statement once per crossing, not
+/// once per change (except while a reload rule needs a live subscription the
+/// account lacks: then each debit below the threshold asks).
+fn watch_balances(client: &mut SpiClient<'_>, ledgers: &[PoolLedger]) -> Result<()> {
     for l in ledgers {
         if l.reload_below.is_none() && l.alerts == AlertBounds::default() {
             continue;
         }
-        let available = l.pool_available();
+        let figures = l.pool_figures();
+        let available = figures.available();
         let spent = l.spent();
         if spent && l.reload_below.is_some_and(|t| available < t) {
             db::write(client, &REQUEST_RELOAD, &[l.id.into(), available.into()])?;
@@ -1308,11 +1311,10 @@ fn request_reloads(client: &mut SpiClient<'_>, ledgers: &[PoolLedger]) -> Result
         let fell = spent && l.alerts.below.is_some_and(|t| available < t);
         let rose = !spent && l.alerts.above.is_some_and(|t| available >= t);
         if fell || rose {
-            let debt = l.pool_figures().debt;
             db::write(
                 client,
                 &POOL_ALERTS,
-                &[l.id.into(), available.into(), debt.into()],
+                &[l.id.into(), available.into(), figures.debt.into()],
             )?;
         }
     }
