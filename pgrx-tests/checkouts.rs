@@ -195,6 +195,16 @@ mod tests {
         // the webhook first: its session was attached to the intent (no metadata needed)
         let first = open("co_1");
         run(&format!("SELECT billing.attach_checkout({first}, 'cs_1')"));
+        // attached once: the same session again is a no-op, another is refused
+        run(&format!("SELECT billing.attach_checkout({first}, 'cs_1')"));
+        assert_rejected(
+            &format!("SELECT billing.attach_checkout({first}, 'cs_other')"),
+            "23505",
+        );
+        assert_rejected(
+            &format!("SELECT billing.attach_checkout({first}, '')"),
+            "22023",
+        );
         assert_eq!(
             stripe::deliver(&session_event("evt_1", "cs_1", "pi_1", json!({}))),
             "applied|"

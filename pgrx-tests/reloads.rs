@@ -229,6 +229,12 @@ mod tests {
             one::<i64>("SELECT count(*) FROM billing.claim_reloads('w2')"),
             0
         );
+        for bad in ["''", "'w3', lease => '0'", "'w3', max_requests => 0"] {
+            assert_rejected(
+                &format!("SELECT * FROM billing.claim_reloads({bad})"),
+                "22023",
+            );
+        }
         run("UPDATE billing.reload_requests SET lease_until = now() - interval '1 second'");
         assert_eq!(
             one::<String>(
