@@ -275,20 +275,20 @@ mod tests {
         run("SELECT billing.define_unit('usd_mills')");
         // the endpoint credits usd as usd_cents; this intent buys 10 mills per cent
         let intent: i64 = one(
-            "SELECT intent_id FROM billing.open_checkout('a', 'usd_mills', 1000, 'usd', 'card', 'co_m', \
+            "SELECT intent_id FROM billing.open_checkout('a', 'usd_mills', 1000, 'usd', 'card', 'co_mills', \
              credits_per_minor_unit => 10)",
         );
         assert_eq!(
             one::<String>(&format!(
-                "SELECT concat_ws(' ', status, credited) FROM billing.confirm_checkout({intent}, 'pi_m', 1061, 'usd')"
+                "SELECT concat_ws(' ', status, credited) FROM billing.confirm_checkout({intent}, 'pi_mills', 1061, 'usd')"
             )),
             "paid 10000"
         );
         let refund = stripe::event(
-            "evt_refund_m",
+            "evt_refund_mills",
             "charge.refunded",
             stripe::now_unix(),
-            stripe::charge("pi_m", 1061, 1061, "usd"),
+            stripe::charge("pi_mills", 1061, 1061, "usd"),
         );
         assert_eq!(stripe::deliver(&refund), "applied|");
         assert_eq!(

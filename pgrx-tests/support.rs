@@ -91,6 +91,14 @@ pub fn travel(account: &str, interval: &str) {
         "UPDATE billing.grants SET effective_at = effective_at - {shift}, \
              expires_at = expires_at - {shift}, created_at = created_at - {shift} WHERE account = '{account}'"
     ));
+    // an allowance window's grant is keyed by the window's start (in
+    // microseconds since 2000-01-01 UTC): it moves with it
+    run(&format!(
+        "UPDATE billing.grants SET key = 'billing:allowance:' || split_part(key, ':', 3) || ':' || \
+             (extract(epoch FROM ('2000-01-01 UTC'::timestamptz + split_part(key, ':', 4)::bigint * interval '1 microsecond' \
+                                  - {shift}) - '2000-01-01 UTC'::timestamptz) * 1000000)::bigint \
+         WHERE account = '{account}' AND key LIKE 'billing:allowance:%'"
+    ));
     run(&format!(
         "UPDATE billing.holds SET expires_at = expires_at - {shift}, created_at = created_at - {shift} \
          WHERE account = '{account}'"

@@ -1573,8 +1573,15 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM billing.allowances a WHERE a.pool_id = po.id AND a.ends_at IS NULL)
         ORDER BY po.unit COLLATE "C"
     LOOP
-        -- after the rules that hand over later, or now
-        SELECT coalesce(max(a.ends_at), now()) INTO starts FROM billing.allowances a
+        -- after the rules that hand over later, or now; a pool that never had
+        -- a rule (a new account) is in this calendar month's window from its
+        -- start, so a first use whose transaction began just before the one
+        -- that made the account (and waited for it) spends the same month
+        SELECT coalesce(max(a.ends_at),
+                        CASE WHEN EXISTS (SELECT 1 FROM billing.allowances o WHERE o.pool_id = p.id)
+                             THEN now()
+                             ELSE (SELECT w.starts_at FROM billing.window_of('month', 'UTC', now()) w) END)
+        INTO starts FROM billing.allowances a
         WHERE a.pool_id = p.id AND a.ends_at > now();
         INSERT INTO billing.allowances (tenant_id, pool_id, account, unit, amount, every, time_zone,
                                         keep_periods, priority, starts_at, default_plan)

@@ -63,6 +63,43 @@ fn first_uses_of_a_new_account_make_one_month_and_never_overspend() {
     assert!(ledger_problems(&mut admin).is_empty());
 }
 
+/// A first use whose transaction began before another first use made the
+/// account (its `now()` is earlier than the account) spends the same month's
+/// credit: the race the test above runs, made deterministic.
+#[test]
+fn a_first_use_dated_before_the_account_was_made_spends_its_month() {
+    let mut admin = setup();
+    let mut early = connect(DB);
+    early
+        .batch_execute("BEGIN; SELECT now();")
+        .expect("a transaction dated now");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    admin
+        .execute(
+            "SELECT * FROM billing.ingest('latecomer', 'credits', 1, key => 'first', cost => 1, strict => true)",
+            &[],
+        )
+        .unwrap();
+    let available: i64 = early
+        .query_one(
+            "SELECT available FROM billing.ingest('latecomer', 'credits', 1, key => 'earlier', cost => 19, strict => true)",
+            &[],
+        )
+        .expect("the month's credit is spendable by a use dated before the account")
+        .get(0);
+    early.batch_execute("COMMIT").unwrap();
+    assert_eq!(available, 0);
+    assert_eq!(
+        count(
+            &mut admin,
+            "SELECT count(*) FROM billing.grants WHERE account = 'latecomer'"
+        ),
+        1,
+        "one month of credit"
+    );
+    assert!(ledger_problems(&mut admin).is_empty());
+}
+
 /// A subscription object as Stripe's API returns it, trimmed to what the
 /// projection reads; its period is the calendar month.
 fn subscription(id: &str, account: &str) -> String {
