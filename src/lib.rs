@@ -140,10 +140,11 @@ mod pgrx_tests;
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
-    /// The suites run in parallel, each test in a transaction that is rolled
-    /// back, on overlapping accounts: a test may wait for another's pool
-    /// until that test ends, however long it runs. Lock waits have their own
-    /// client test (tests/client/tests/lock_waits.rs).
+    /// Each test runs in a transaction that is rolled back, on accounts,
+    /// units and keys other tests use too: run in parallel (bin/test runs
+    /// them one at a time), a test may wait for another's rows until that
+    /// test ends, however long it runs. Lock waits have their own client
+    /// test (tests/client/tests/lock_waits.rs).
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         vec!["billing.lock_timeout = 0"]
     }
