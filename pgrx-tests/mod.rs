@@ -8,6 +8,7 @@ mod default_plan;
 mod drain;
 mod expiry;
 mod gate;
+mod grant_controls;
 mod grants;
 mod history;
 mod holds;

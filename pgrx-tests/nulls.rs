@@ -10,7 +10,7 @@ mod tests {
     /// Each public function with valid arguments; `?` marks one that may
     /// not be NULL, `~` one whose NULL means "the default".
     const CALLS: &[&str] = &[
-        "billing.grant(?'a', ?'mills', ?5, kind => ?'manual', priority => ~NULL, effective_at => ~NULL, expires_at => ~NULL, key => ~'g1', metadata => ?'{}')",
+        "billing.grant(?'a', ?'mills', ?5, kind => ?'manual', priority => ~NULL, effective_at => ~NULL, expires_at => ~NULL, key => ~'g1', metadata => ?'{}', reason => ~NULL)",
         "billing.void_grant(?$grant)",
         "billing.revoke_unused(?$grant)",
         "billing.suspend_grant(?$grant)",
@@ -89,6 +89,11 @@ mod tests {
         "billing.ack_alert(?1, ~'ops')",
         "billing.reconcile_usage(?'{k}', ?'2027-01-01'::timestamptz, ?'2027-01-02'::timestamptz, only_meter => ~NULL, only_account => ~NULL)",
         "billing.reconcile_payments(?'[]', ?0)",
+        "billing.audit_costs(?'[]', ?1, ?0)",
+        "billing.set_grant_policy(?'mills', max_per_grant => ~NULL, max_per_day => ~NULL, approval_above => ~NULL, when_canceled => ?'allow')",
+        "billing.remove_grant_policy(?'mills')",
+        "billing.approve_grant(?1)",
+        "billing.reject_grant(?1, ~'no')",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -119,4 +119,84 @@ mod tests {
         );
         assert_rejected("SELECT * FROM billing.reconcile_payments('{}', 0)", "22023");
     }
+
+    /// "meter:recorded:invoiced:drift:alerted" of a cost audit, in its order.
+    fn audit(invoice: &str, tolerance: &str) -> String {
+        one::<String>(&format!(
+            "SELECT string_agg(concat_ws(':', meter, recorded, invoiced, drift, alert_id IS NOT NULL), ' ') \
+             FROM billing.audit_costs('{invoice}'{tolerance})"
+        ))
+    }
+
+    #[pg_test]
+    fn a_cost_audit_raises_one_alert_per_drifting_meter_and_period() {
+        grant("a", "cents", 100_000, "");
+        run("SELECT billing.define_meter('gpt', 'cents', unit_price => 1)");
+        run("SELECT billing.define_meter('claude', 'cents', unit_price => 1)");
+        // two hours ago and in the last hour (the hour that just ended)
+        let hour = "date_trunc('hour', now())";
+        for (meter, cost, at) in [
+            ("gpt", 1000, "90 minutes"),
+            ("gpt", 1000, "30 minutes"),
+            ("claude", 400, "30 minutes"),
+        ] {
+            run(&format!(
+                "SELECT * FROM billing.ingest('a', '{meter}', 1, key => '{meter}{at}', cost => {cost}, \
+                 occurred_at => {hour} - interval '{at}')"
+            ));
+        }
+        let start: String = one(&format!("SELECT ({hour} - interval '2 hours')::text"));
+        let end: String = one(&format!("SELECT {hour}::text"));
+        let line = |meter: &str, cost: i64| {
+            format!(
+                r#"{{"meter": "{meter}", "period_start": "{start}", "period_end": "{end}", "cost": {cost}}}"#
+            )
+        };
+        // gpt: 2,000 here, 2,015 invoiced: within 1%; claude: 400 here, 450 invoiced: 12.5% off
+        let invoice = format!("[{}, {}]", line("gpt", 2015), line("claude", 450));
+        assert_eq!(
+            audit(&invoice, ""),
+            "gpt:2000:2015:-15:f claude:400:450:-50:t"
+        );
+        let fired =
+            "SELECT string_agg(concat_ws(':', name, kind, threshold, details->>'drift'), ' ') \
+                     FROM billing.alerts";
+        assert_eq!(one::<String>(fired), "claude:cost_drift:5:-50");
+        // auditing the period again raises nothing new; recorded above the
+        // invoice is drift too
+        let invoice = format!("[{}, {}]", line("gpt", 1500), line("claude", 450));
+        assert_eq!(
+            audit(&invoice, ", tolerance_percent => 0, tolerance => 10"),
+            "gpt:2000:1500:500:t claude:400:450:-50:t"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM billing.alerts WHERE kind = 'cost_drift'"),
+            2
+        );
+        // an alert is acknowledged like a balance alert
+        let id: i64 = one("SELECT min(id) FROM billing.alerts");
+        run(&format!("SELECT * FROM billing.ack_alert({id}, 'ops')"));
+        // bad lines write nothing
+        for bad in [
+            format!(r#"[{{"meter": "nope", "period_start": "{start}", "period_end": "{end}", "cost": 1}}]"#),
+            format!(r#"[{{"meter": "gpt", "period_start": "{start}", "period_end": "{start}", "cost": 1}}]"#),
+            format!(r#"[{{"meter": "gpt", "period_start": "{start}", "period_end": "{end}", "cost": -1}}]"#),
+            r#"[{"meter": "gpt", "period_start": "2026-01-01 00:30+00", "period_end": "2026-01-01 02:00+00", "cost": 1}]"#.to_string(),
+            "{}".to_string(),
+        ] {
+            let state = sqlstate(&format!("SELECT * FROM billing.audit_costs('{bad}')"));
+            assert!(
+                matches!(state.as_deref(), Some("22023") | Some("42704")),
+                "{bad}: {state:?}"
+            );
+        }
+        assert_rejected(
+            &format!(
+                "SELECT * FROM billing.audit_costs('[{}]', tolerance_percent => 101)",
+                line("gpt", 1)
+            ),
+            "22023",
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM billing.alerts"), 2);
+    }
 }

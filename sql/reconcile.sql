@@ -85,3 +85,78 @@ BEGIN
     ORDER BY 1;
 END
 $$;
+
+-- Cost audit: the provider's invoice (a JSON array of {"meter",
+-- "period_start", "period_end", "cost"}, cost in the meter's unit; periods
+-- in whole hours, as usage is counted) against the cost recorded here for
+-- each meter and period, from the hourly counters. Every line is returned
+-- with its drift (recorded − invoiced); a drift beyond the tolerance, either
+-- way (the larger of `tolerance` and `tolerance_percent` of the invoiced
+-- cost), raises one alert (kind cost_drift, one per meter and period,
+-- announced with NOTIFY billing_alert) whose id the line carries.
+CREATE FUNCTION billing.audit_costs(invoice jsonb, tolerance_percent numeric DEFAULT 1, tolerance bigint DEFAULT 0)
+RETURNS TABLE (meter text, unit text, period_start timestamptz, period_end timestamptz, recorded bigint,
+               invoiced bigint, drift bigint, alert_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+-- a column named like an output (the conflict target's period_start) is the column
+#variable_conflict use_column
+DECLARE
+    tenant text := billing.current_tenant();
+    line record;
+    m billing.meters;
+    allowed bigint;
+BEGIN
+    IF invoice IS NULL OR tolerance_percent IS NULL OR tolerance IS NULL THEN
+        RAISE EXCEPTION 'invoice, tolerance_percent and tolerance may not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(invoice) <> 'array' OR jsonb_array_length(invoice) > 100000
+       OR tolerance_percent < 0 OR tolerance_percent > 100 OR tolerance < 0 THEN
+        RAISE EXCEPTION 'invoice must be an array of at most 100,000 {"meter", "period_start", "period_end", "cost"}; tolerance_percent between 0 and 100, tolerance not negative'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR line IN
+        SELECT x.meter, x.period_start, x.period_end, x.cost
+        FROM jsonb_to_recordset(invoice) AS x(meter text, period_start timestamptz, period_end timestamptz, cost bigint)
+    LOOP
+        IF line.meter IS NULL OR line.period_start IS NULL OR line.period_end IS NULL OR line.cost IS NULL
+           OR line.cost < 0 OR line.period_end <= line.period_start
+           OR date_trunc('hour', line.period_start) <> line.period_start
+           OR date_trunc('hour', line.period_end) <> line.period_end THEN
+            RAISE EXCEPTION 'invoice line % is not {"meter", "period_start", "period_end", "cost"} with a cost not negative and a period of whole hours', line
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT * INTO m FROM billing.meters x WHERE x.tenant_id = tenant AND x.meter = line.meter;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'unknown meter "%"', left(line.meter, 80) USING ERRCODE = 'undefined_object';
+        END IF;
+        meter := line.meter;
+        unit := m.unit;
+        period_start := line.period_start;
+        period_end := line.period_end;
+        invoiced := line.cost;
+        SELECT coalesce(sum(c.cost), 0)::bigint INTO recorded FROM billing.hourly_usage c
+        WHERE c.tenant_id = tenant AND c.meter = line.meter
+          AND c.hour >= line.period_start AND c.hour < line.period_end;
+        drift := recorded - invoiced;
+        allowed := greatest(tolerance, ceil(invoiced * tolerance_percent / 100)::bigint);
+        alert_id := NULL;
+        IF abs(drift) > allowed THEN
+            INSERT INTO billing.alerts (tenant_id, unit, name, kind, threshold, period_start, period_end, details)
+            VALUES (tenant, m.unit, line.meter, 'cost_drift', allowed, line.period_start, line.period_end,
+                    jsonb_build_object('recorded', recorded, 'invoiced', invoiced, 'drift', drift))
+            ON CONFLICT (tenant_id, name, period_start, period_end) WHERE kind = 'cost_drift' DO NOTHING
+            RETURNING id INTO alert_id;
+            IF alert_id IS NULL THEN
+                SELECT a.id INTO alert_id FROM billing.alerts a
+                WHERE a.tenant_id = tenant AND a.kind = 'cost_drift' AND a.name = line.meter
+                  AND a.period_start = line.period_start AND a.period_end = line.period_end;
+            ELSE
+                PERFORM pg_notify('billing_alert', alert_id::text);
+            END IF;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

@@ -210,6 +210,11 @@ CREATE TABLE billing.grants (
     debt_repaid     bigint   NOT NULL DEFAULT 0,
     available_after bigint   NOT NULL DEFAULT 0,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- who gave it through billing.grant (the session's role after any SET
+    -- ROLE) and why (sql/grant_controls.sql); NULL for credit the extension
+    -- grants itself (allowance windows, a guest's credit moved)
+    granted_by   regrole,
+    reason       text,
     UNIQUE (tenant_id, key)
 ) WITH (fillfactor = 70);
 -- The drain reads a pool's open grants in drain order. The predicate is on
@@ -572,23 +577,35 @@ CREATE TABLE billing.alert_rules (
 );
 CREATE INDEX alert_rules_of_pool ON billing.alert_rules (pool_id);
 
+-- An alert is a pool's (a rule fired: its account, rule, and the pool's
+-- available and debt then) or a cost audit's (kind cost_drift, from
+-- billing.audit_costs in sql/reconcile.sql: the meter as name, the drift
+-- allowed as threshold, its period, and what it found in details).
 CREATE TABLE billing.alerts (
     id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant_id       text        NOT NULL,
-    account         text        NOT NULL,
+    account         text,
     unit            text        NOT NULL,
-    rule_id         bigint      NOT NULL REFERENCES billing.alert_rules (id) ON DELETE CASCADE,
+    rule_id         bigint      REFERENCES billing.alert_rules (id) ON DELETE CASCADE,
     name            text        NOT NULL,
     kind            text        NOT NULL,
     threshold       bigint      NOT NULL,
-    -- the pool when it fired
-    available       bigint      NOT NULL,
-    debt            bigint      NOT NULL,
+    available       bigint,
+    debt            bigint,
+    period_start    timestamptz,
+    period_end      timestamptz,
+    details         jsonb,
     fired_at        timestamptz NOT NULL DEFAULT now(),
     acknowledged_at timestamptz,
-    acknowledged_by text
+    acknowledged_by text,
+    CHECK (CASE WHEN kind = 'cost_drift'
+                THEN rule_id IS NULL AND period_start IS NOT NULL AND period_end IS NOT NULL AND details IS NOT NULL
+                ELSE rule_id IS NOT NULL AND account IS NOT NULL AND available IS NOT NULL AND debt IS NOT NULL END)
 );
 CREATE INDEX alerts_open ON billing.alerts (tenant_id, fired_at) WHERE acknowledged_at IS NULL;
+-- a cost audit raises one alert per meter and period
+CREATE UNIQUE INDEX alerts_cost_drift_once ON billing.alerts (tenant_id, name, period_start, period_end)
+    WHERE kind = 'cost_drift';
 
 -- Checkout intents (sql/checkouts.sql): a top-up the application confirms by
 -- polling its payment provider. status is pending, paid or failed; a pending

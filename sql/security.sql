@@ -55,7 +55,8 @@ BEGIN
                              'subscription_allowances', 'subscription_invoices', 'seats', 'seat_pushes',
                              'subscription_changes', 'invoice_payments', 'default_plans',
                              'topup_fees', 'topup_limits', 'reload_rules', 'reload_requests',
-                             'checkout_intents', 'alert_rules', 'alerts'] LOOP
+                             'checkout_intents', 'alert_rules', 'alerts', 'grant_policies',
+                             'granted_per_day', 'grant_approvals'] LOOP
         EXECUTE format('ALTER TABLE billing.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE billing.%I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY tenant_isolation ON billing.%I '
@@ -84,7 +85,8 @@ GRANT SELECT ON billing.accounts, billing.units, billing.meters, billing.pools, 
                 billing.seats, billing.seat_pushes, billing.subscription_status, billing.subscription_changes, billing.invoice_payments,
                 billing.subscription_drift, billing.default_plans, billing.topup_fees, billing.topup_limits,
                 billing.reload_rules, billing.reload_requests, billing.checkout_intents,
-                billing.alert_rules, billing.alerts
+                billing.alert_rules, billing.alerts, billing.grant_policies, billing.granted_per_day,
+                billing.grant_approvals
     TO billing_reader;
 GRANT SELECT (id, tenant_id, name, scheme, previous_secret_expires_at, tolerance_seconds, signature_header,
               created_at)
@@ -160,12 +162,15 @@ GRANT EXECUTE ON FUNCTION
     billing.checkout_status(bigint),
     billing.reconcile_usage(text[], timestamptz, timestamptz, text, text),
     billing.reconcile_payments(jsonb, bigint),
+    billing.audit_costs(jsonb, numeric, bigint),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)
     TO billing_reader;
 GRANT EXECUTE ON FUNCTION
-    billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb),
+    billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb, text),
+    billing.approve_grant(bigint),
+    billing.reject_grant(bigint, text),
     billing.void_grant(bigint),
     billing.revoke_unused(bigint),
     billing.suspend_grant(bigint),
@@ -225,5 +230,7 @@ GRANT EXECUTE ON FUNCTION
     billing.retire_plan(text),
     billing.set_default_plan(text),
     billing.set_topup_fee(text, text, numeric, bigint),
-    billing.set_topup_limits(text, bigint, bigint, numeric)
+    billing.set_topup_limits(text, bigint, bigint, numeric),
+    billing.set_grant_policy(text, bigint, bigint, bigint, text),
+    billing.remove_grant_policy(text)
     TO billing_admin;

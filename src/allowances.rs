@@ -85,6 +85,8 @@ pub fn grant_due(client: &mut SpiClient<'_>, ledger: &mut PoolLedger) -> Result<
                     .int(w.starts_at)
                     .finish(),
                 metadata: json!({"allowance": w.allowance}),
+                granted_by: None,
+                reason: None,
             },
         )?;
     }
@@ -591,6 +593,8 @@ fn convert_pool(
                     .int(removed)
                     .finish(),
                 metadata: json!({"guest": guest, "grant": grant_id}),
+                granted_by: None,
+                reason: None,
             },
         )?;
         moved += removed;

@@ -12,8 +12,14 @@ use crate::input::{self, JsonArg};
 use crate::ledger::core::{grant_facts, grant_is_closed};
 use crate::ledger::{Create, EntryKind, GrantState, PoolLedger, SUSPENDED};
 use crate::reversal::{self, Adjustment, GrantFacts};
-use crate::tenancy::current_tenant;
+use crate::tenancy::{self, current_tenant};
 use crate::time::{self, Ts};
+
+/// Kinds an operator gives by hand (goodwill, compensation, promotions): the
+/// ones a tenant's grant policy controls (sql/grant_controls.sql).
+pub fn given_by_hand(kind: &str) -> bool {
+    matches!(kind, "manual" | "promo")
+}
 
 /// Default drain priority by kind: plans are spent first, bought credit last.
 pub fn default_priority(kind: &str) -> Option<i32> {
@@ -39,6 +45,7 @@ struct GrantRequest<'a> {
     key: Option<&'a str>,
     metadata: &'a serde_json::Value,
     metadata_text: String,
+    reason: Option<&'a str>,
 }
 
 impl GrantRequest<'_> {
@@ -48,6 +55,7 @@ impl GrantRequest<'_> {
         input::name("unit", self.unit)?;
         input::positive("amount", self.amount)?;
         input::opt_key("key", self.key)?;
+        input::opt_note("reason", self.reason)?;
         if !(0..=1000).contains(&self.priority) {
             return Err(BillingError::invalid(
                 "priority",
@@ -75,7 +83,7 @@ impl GrantRequest<'_> {
     }
 
     fn fingerprint(&self) -> Vec<u8> {
-        Fingerprint::new("grant")
+        let f = Fingerprint::new("grant")
             .text(self.account)
             .text(self.unit)
             .int(self.amount)
@@ -83,8 +91,12 @@ impl GrantRequest<'_> {
             .int(self.priority as i64)
             .opt_int(self.effective_at)
             .opt_int(self.expires_at)
-            .text(&self.metadata_text)
-            .finish()
+            .text(&self.metadata_text);
+        // a grant without a reason keeps the fingerprint it always had
+        match self.reason {
+            Some(r) => f.text("reason").text(r).finish(),
+            None => f.finish(),
+        }
     }
 }
 
@@ -101,26 +113,63 @@ type GrantRow = (
     name!(available, i64),
 );
 
-/// The grant stored under key $2 (none for a NULL key), or else the id the
-/// new grant takes (a replay takes none).
+/// The grant stored under key $2 (none for a NULL key), or the grant waiting
+/// for approval under it (sql/grant_controls.sql), or else the id the new
+/// grant takes (a replay takes none).
 static FIND_GRANT_BY_KEY: Sql = Sql {
-    text: "SELECT CASE WHEN g.id IS NULL THEN nextval('billing.grants_id_seq') END AS new_id, g.id, g.request_hash, g.kind, \
-                  g.priority, g.amount, g.effective_at, g.expires_at, g.debt_repaid, g.available_after \
+    text: "SELECT CASE WHEN g.id IS NULL AND a.grant_id IS NULL THEN nextval('billing.grants_id_seq') END AS new_id, \
+                  g.id, a.grant_id AS approval_id, a.status AS approval_status, \
+                  coalesce(g.request_hash, a.request_hash) AS request_hash, coalesce(g.kind, a.kind) AS kind, \
+                  coalesce(g.priority, a.priority) AS priority, coalesce(g.amount, a.amount) AS amount, \
+                  coalesce(g.effective_at, a.effective_at, a.requested_at) AS effective_at, \
+                  coalesce(g.expires_at, a.expires_at) AS expires_at, g.debt_repaid, g.available_after \
            FROM (SELECT $2::text AS key) k \
-           LEFT JOIN billing.grants g ON g.tenant_id = $1 AND g.key = k.key",
+           LEFT JOIN billing.grants g ON g.tenant_id = $1 AND g.key = k.key \
+           LEFT JOIN billing.grant_approvals a ON g.id IS NULL AND a.tenant_id = $1 AND a.key = k.key",
     args: &[TEXT, TEXT],
+};
+
+/// A grant by hand: refused, counted and perhaps sent for approval by the
+/// unit's policy (sql/grant_controls.sql); `needs` says why it waits.
+static GRANT_CONTROL: Sql = Sql {
+    text: "SELECT billing.grant_control($1, $2, $3, $4, $5, $6::oid::regrole) AS needs",
+    args: &[TEXT, TEXT, TEXT, INT8, TEXT, INT8],
+};
+
+static ASK_APPROVAL: Sql = Sql {
+    text: "INSERT INTO billing.grant_approvals (grant_id, tenant_id, account, unit, kind, priority, amount, \
+              effective_at, expires_at, key, request_hash, metadata, reason, needs, requested_by) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::oid::regrole)",
+    args: &[
+        INT8, TEXT, TEXT, TEXT, TEXT, INT4, INT8, TSTZ, TSTZ, TEXT, BYTEA, JSONB, TEXT, TEXT, INT8,
+    ],
+};
+
+static APPROVE: Sql = Sql {
+    text: "SELECT already, account, unit, kind, priority, amount, effective_at, expires_at, key, request_hash, \
+                  metadata, reason, requested_by::oid::bigint AS requested_by \
+           FROM billing.approve_pending_grant($1, $2, $3::oid::regrole)",
+    args: &[TEXT, INT8, INT8],
+};
+
+static GRANT_BY_ID: Sql = Sql {
+    text: "SELECT g.id, NULL::bigint AS approval_id, NULL::text AS approval_status, g.request_hash, g.kind, \
+                  g.priority, g.amount, g.effective_at, g.expires_at, g.debt_repaid, g.available_after \
+           FROM billing.grants g WHERE g.tenant_id = $1 AND g.id = $2",
+    args: &[TEXT, INT8],
 };
 
 /// A new grant, written once with what it became: the core has already
 /// repaid debt from it, so the row is never updated in the same call.
 static INSERT_GRANT: Sql = Sql {
     text: "INSERT INTO billing.grants (id, tenant_id, pool_id, account, unit, kind, priority, amount, \
-              remaining, effective_at, expires_at, key, request_hash, metadata, debt_repaid, available_after) \
+              remaining, effective_at, expires_at, key, request_hash, metadata, debt_repaid, available_after, \
+              granted_by, reason) \
            OVERRIDING SYSTEM VALUE \
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17::oid::regrole, $18)",
     args: &[
         INT8, TEXT, INT8, TEXT, TEXT, TEXT, INT4, INT8, INT8, TSTZ, TSTZ, TEXT, BYTEA, JSONB, INT8,
-        INT8,
+        INT8, INT8, TEXT,
     ],
 };
 
@@ -138,6 +187,7 @@ fn grant_credits(
     expires_at: default!(Option<Tstz>, "NULL"),
     key: default!(Option<&str>, "NULL"),
     metadata: default!(Option<JsonArg>, "'{}'"),
+    reason: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -165,6 +215,7 @@ fn grant_credits(
             expires_at,
             key,
             metadata,
+            reason,
         )?;
         Spi::connect_mut(|client| apply_grant(client, &req))
     })();
@@ -182,6 +233,7 @@ fn build_request<'a>(
     expires_at: Option<Tstz>,
     key: Option<&'a str>,
     metadata: &'a JsonArg,
+    reason: Option<&'a str>,
 ) -> Result<GrantRequest<'a>> {
     let default = default_priority(kind).ok_or_else(|| {
         BillingError::invalid(
@@ -203,6 +255,7 @@ fn build_request<'a>(
         key,
         metadata: metadata.value("metadata")?,
         metadata_text: input::json_object("metadata", metadata.value("metadata")?)?,
+        reason,
     };
     req.validate()?;
     Ok(req)
@@ -213,11 +266,34 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     let hash = req.fingerprint();
     let mut ledger = PoolLedger::open(client, &tenant, req.account, req.unit, Create::UnitAndPool)?;
     let id = match find_by_key(client, &tenant, req.key, &hash)? {
-        Stored::Grant(row) => return Ok(row),
+        Stored::Grant(mut row) => {
+            if row.1 != "duplicate" {
+                row.9 = ledger.available(); // waiting for approval, or rejected
+            }
+            return Ok(row);
+        }
         Stored::None { new_id } => new_id,
     };
     req.validate_at(ledger.now)?;
     let effective_at = req.effective_at.unwrap_or(ledger.now);
+    let by = tenancy::outer_role();
+    if given_by_hand(req.kind) {
+        if let Some(needs) = control(client, &tenant, req, by)? {
+            ask_approval(client, &tenant, id, req, &hash, &needs)?;
+            return Ok((
+                id,
+                "pending_approval".into(),
+                req.kind.into(),
+                req.priority,
+                req.amount,
+                0,
+                time::to_sql(effective_at),
+                req.expires_at.map(time::to_sql),
+                0,
+                ledger.available(),
+            ));
+        }
+    }
     let added = add_to_locked(
         client,
         &mut ledger,
@@ -231,6 +307,8 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
             key: req.key,
             hash,
             metadata: req.metadata.clone(),
+            granted_by: Some(by),
+            reason: req.reason,
         },
     )?;
     let (repaid, remaining, available) = (added.repaid, added.remaining, added.available);
@@ -252,6 +330,162 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     ))
 }
 
+/// The unit's grant policy on a grant by hand by role `by`: refuses it
+/// (raising), or says why it must wait for approval (None: apply it now).
+fn control(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    req: &GrantRequest<'_>,
+    by: pg_sys::Oid,
+) -> Result<Option<String>> {
+    let args = [
+        tenant.into(),
+        req.account.into(),
+        req.unit.into(),
+        req.amount.into(),
+        req.reason.into(),
+        i64::from(by.to_u32()).into(),
+    ];
+    db::write(client, &GRANT_CONTROL, &args)?
+        .next()
+        .map(|r| Row(&r).opt::<String>("needs"))
+        .transpose()
+        .map(Option::flatten)
+}
+
+/// Keep grant `id` waiting for a second role's approval, under its key.
+fn ask_approval(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    id: i64,
+    req: &GrantRequest<'_>,
+    hash: &[u8],
+    needs: &str,
+) -> Result<()> {
+    db::write(
+        client,
+        &ASK_APPROVAL,
+        &[
+            id.into(),
+            tenant.into(),
+            req.account.into(),
+            req.unit.into(),
+            req.kind.into(),
+            req.priority.into(),
+            req.amount.into(),
+            req.effective_at.map(time::to_sql).into(),
+            req.expires_at.map(time::to_sql).into(),
+            req.key.into(),
+            hash.to_vec().into(),
+            JsonB(req.metadata.clone()).into(),
+            req.reason.into(),
+            needs.into(),
+            i64::from(tenancy::outer_role().to_u32()).into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Approve grant `grant_id`, which waits for a second role's approval
+/// (`billing.grant` answered `pending_approval`): it is applied now, as
+/// asked, by the role that asked for it. Approving again returns it as a
+/// duplicate.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, billing, pg_temp)]
+fn approve_grant(
+    grant_id: Option<i64>,
+) -> TableIterator<
+    'static,
+    (
+        name!(grant_id, i64),
+        name!(status, String),
+        name!(kind, String),
+        name!(priority, i32),
+        name!(amount, i64),
+        name!(remaining, i64),
+        name!(effective_at, Tstz),
+        name!(expires_at, Option<Tstz>),
+        name!(debt_repaid, i64),
+        name!(available, i64),
+    ),
+> {
+    let result = (|| {
+        let id = input::required("grant_id", grant_id)?;
+        let tenant = current_tenant()?;
+        Spi::connect_mut(|client| apply_approved(client, &tenant, id))
+    })();
+    TableIterator::once(result.or_raise())
+}
+
+fn apply_approved(client: &mut SpiClient<'_>, tenant: &str, id: i64) -> Result<GrantRow> {
+    let args = [
+        tenant.into(),
+        id.into(),
+        i64::from(tenancy::outer_role().to_u32()).into(),
+    ];
+    let rows = db::write(client, &APPROVE, &args)?;
+    let row = rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| BillingError::Internal("approval returned no row".into()))?;
+    let row = Row(&row);
+    if row.get::<bool>("already")? {
+        let rows = db::write(client, &GRANT_BY_ID, &[tenant.into(), id.into()])?;
+        let stored = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| BillingError::Internal(format!("approved grant {id} not found")))?;
+        return stored_grant(&Row(&stored));
+    }
+    let (account, unit): (String, String) = (row.get("account")?, row.get("unit")?);
+    let mut ledger = PoolLedger::open(client, tenant, &account, &unit, Create::UnitAndPool)?;
+    let effective_at = row
+        .opt::<Tstz>("effective_at")?
+        .map_or(ledger.now, time::instant);
+    let expires_at = row.opt::<Tstz>("expires_at")?.map(time::instant);
+    if expires_at.is_some_and(|e| e <= ledger.now || e <= effective_at) {
+        return Err(BillingError::invalid(
+            "expires_at",
+            format!("grant {id} expired while it waited for approval"),
+        ));
+    }
+    let (kind, priority, amount): (String, i32, i64) =
+        (row.get("kind")?, row.get("priority")?, row.get("amount")?);
+    let key: Option<String> = row.opt("key")?;
+    let reason: Option<String> = row.opt("reason")?;
+    let by = pg_sys::Oid::from(u32::try_from(row.get::<i64>("requested_by")?).unwrap_or(0));
+    let added = add_to_locked(
+        client,
+        &mut ledger,
+        id,
+        NewGrant {
+            kind: &kind,
+            priority,
+            amount,
+            effective_at,
+            expires_at,
+            key: key.as_deref(),
+            hash: row.get("request_hash")?,
+            metadata: row.get::<JsonB>("metadata")?.0,
+            granted_by: Some(by),
+            reason: reason.as_deref(),
+        },
+    )?;
+    ledger.flush(client)?;
+    Ok((
+        id,
+        "applied".into(),
+        kind,
+        priority,
+        amount,
+        added.remaining,
+        time::to_sql(effective_at),
+        expires_at.map(time::to_sql),
+        added.repaid,
+        added.available,
+    ))
+}
+
 /// A manual top-up makes an auto-reload rule suspended by failed charges active again.
 static RELOAD_AFTER_TOPUP: Sql = Sql {
     text: "SELECT billing.reload_after_topup($1)",
@@ -268,6 +502,9 @@ pub struct NewGrant<'a> {
     pub key: Option<&'a str>,
     pub hash: Vec<u8>,
     pub metadata: serde_json::Value,
+    /// The role that gave it, for grants made by `billing.grant`.
+    pub granted_by: Option<pg_sys::Oid>,
+    pub reason: Option<&'a str>,
 }
 
 /// What adding a grant did.
@@ -310,6 +547,8 @@ pub fn add_to_locked(
             JsonB(g.metadata).into(),
             repaid.into(),
             available.into(),
+            g.granted_by.map(|r| i64::from(r.to_u32())).into(),
+            g.reason.into(),
         ],
     )?;
     ledger.grant_row_written(id);
@@ -353,27 +592,50 @@ fn find_by_key(
         .next()
         .ok_or_else(|| BillingError::Internal("grant lookup returned no row".into()))?;
     let row = Row(&row);
-    let Some(id) = row.opt::<i64>("id")? else {
+    if row.opt::<i64>("id")?.is_none() && row.opt::<i64>("approval_id")?.is_none() {
         return Ok(Stored::None {
             new_id: row.get("new_id")?,
         });
-    };
+    }
     let stored: Vec<u8> = row.get("request_hash")?;
     idempotency::same_request("grant", key.unwrap_or_default(), &stored, hash)?;
+    Ok(Stored::Grant(stored_grant(&row)?))
+}
+
+/// A replay's answer from a stored grant, or from a grant waiting for
+/// approval (`pending_approval`, `rejected`; its `available` is the pool's).
+fn stored_grant(row: &Row<'_, '_>) -> Result<GrantRow> {
     let amount: i64 = row.get("amount")?;
-    let debt_repaid: i64 = row.get("debt_repaid")?;
-    Ok(Stored::Grant((
+    let (id, status) = match row.opt::<i64>("id")? {
+        Some(id) => (id, "duplicate".to_string()),
+        None => {
+            let status: String = row.get("approval_status")?;
+            let status = if status == "pending" {
+                "pending_approval".to_string()
+            } else {
+                status
+            };
+            (row.get("approval_id")?, status)
+        }
+    };
+    let debt_repaid: i64 = row.opt("debt_repaid")?.unwrap_or(0);
+    let remaining = if status == "duplicate" {
+        amount - debt_repaid // what remained when it was granted
+    } else {
+        0
+    };
+    Ok((
         id,
-        "duplicate".into(),
+        status,
         row.get("kind")?,
         row.get("priority")?,
         amount,
-        amount - debt_repaid, // what remained when it was granted
+        remaining,
         row.get("effective_at")?,
         row.opt("expires_at")?,
         debt_repaid,
-        row.get("available_after")?,
-    )))
+        row.opt("available_after")?.unwrap_or(0),
+    ))
 }
 
 // ----- taking credit back: void, revoke, reversal ---------------------------

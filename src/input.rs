@@ -89,6 +89,17 @@ pub fn event_key(field: &'static str, k: &str) -> Result<()> {
     Ok(())
 }
 
+/// A person's note (why a grant was given): at most 1,000 characters.
+pub fn opt_note(field: &'static str, n: Option<&str>) -> Result<()> {
+    match n {
+        Some(n) if n.chars().count() > 1000 => Err(BillingError::invalid(
+            field,
+            "must be at most 1,000 characters",
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub fn opt_key(field: &'static str, k: Option<&str>) -> Result<()> {
     k.map_or(Ok(()), |k| key(field, k))
 }

@@ -128,6 +128,16 @@ extension_sql_file!(
         tenancy::current_tenant_sql
     ]
 );
+extension_sql_file!(
+    "../sql/grant_controls.sql",
+    name = "grant_controls",
+    requires = [
+        "schema",
+        "subscriptions",
+        tenancy::current_tenant_sql,
+        tenancy::calling_role
+    ]
+);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 /// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.

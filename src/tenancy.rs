@@ -98,9 +98,16 @@ pub fn validate_tenant(t: &str) -> Result<()> {
 }
 
 /// The session's role after any SET ROLE; SECURITY DEFINER does not change it.
-fn outer_role() -> Oid {
+pub fn outer_role() -> Oid {
     // SAFETY: reads a backend global.
     unsafe { pg_sys::GetOuterUserId() }
+}
+
+/// The calling role (`outer_role`), for the SQL functions that record who
+/// decided something (sql/grant_controls.sql).
+#[pg_extern(stable)]
+fn calling_role() -> Oid {
+    outer_role()
 }
 
 /// The name of a role, or None when no role has that OID (it was dropped,

@@ -168,6 +168,9 @@ pub const BILLING_TABLES: &[&str] = &[
     "checkout_intents",
     "alert_rules",
     "alerts",
+    "grant_policies",
+    "granted_per_day",
+    "grant_approvals",
 ];
 
 /// Run `n` sessions at once, each on its own thread and connection, released
