@@ -11,16 +11,18 @@ mod tests {
     use crate::pgrx_tests::stripe;
     use crate::pgrx_tests::support::*;
 
-    /// Two support agents (and a lead who is a member of agent_a), acting
-    /// for the default tenant through billing_app, each switched to with SET
-    /// LOCAL ROLE.
+    /// Two support agents and a lead who is a member of agent_a (support
+    /// roles: billing_support), and the application's role (billing_app),
+    /// acting for the default tenant, each switched to with SET LOCAL ROLE.
     fn agents() {
         run("SELECT billing.define_unit('cents')");
         for role in ["agent_a", "agent_b", "lead_a"] {
-            run(&format!("CREATE ROLE {role} IN ROLE billing_app"));
-            run(&format!("SELECT billing.grant_tenant('default', '{role}')"));
+            run(&format!("CREATE ROLE {role} IN ROLE billing_support"));
         }
+        run("CREATE ROLE app_role IN ROLE billing_app");
         run("GRANT agent_a TO lead_a");
+        run("SELECT billing.grant_tenant('default', 'billing_support')");
+        run("SELECT billing.grant_tenant('default', 'billing_app')");
     }
 
     fn as_role(role: &str, sql: &str) -> String {
@@ -93,7 +95,7 @@ mod tests {
         agents();
         run("SELECT * FROM billing.set_grant_policy('cents', max_per_grant => 1000)");
         rejected_as("agent_a", &by_hand(100, ""), "22023");
-        rejected_as("agent_a", &by_hand(100, ", reason => '  '"), "22023");
+        rejected_as("agent_a", &by_hand(100, ", reason => E' \\t\\n'"), "22023");
         rejected_as("agent_a", &by_hand(1001, ", reason => 'big'"), "42501");
         rejected_as(
             "agent_a",
@@ -106,8 +108,16 @@ mod tests {
             0
         );
         as_role("agent_a", &by_hand(1000, ", reason => 'at the cap'"));
-        // credit that comes from a payment is not given by hand
-        as_role("agent_a", &by_hand(5000, ", kind => 'topup'"));
+        // credit that comes from a payment is not given by hand: the
+        // application's role grants it, uncontrolled; a support role may not
+        for kind in ["topup", "reload", "refund", "plan"] {
+            rejected_as(
+                "agent_a",
+                &by_hand(5000, &format!(", kind => '{kind}', reason => 'r'")),
+                "42501",
+            );
+        }
+        as_role("app_role", &by_hand(5000, ", kind => 'topup'"));
         assert_eq!(available("a", "cents"), 6000);
         // an unknown unit, a bad setting
         assert_rejected("SELECT * FROM billing.set_grant_policy('nope')", "42704");
@@ -177,11 +187,21 @@ mod tests {
             "SELECT * FROM billing.grant('a', 'cents', 900, key => 'big-1', reason => 'enterprise outage')",
             "23505",
         );
-        // not by the role that asked, one with its privileges, or a superuser
+        // not by the role that asked, a member of it, a group it is in (its
+        // tenant is granted: membership alone refuses), or a superuser
         let approve = format!("SELECT status FROM billing.approve_grant({id})");
         rejected_as("agent_a", &approve, "42501");
         rejected_as("lead_a", &approve, "42501");
+        rejected_as("billing_support", &approve, "42501");
         assert_rejected(&approve, "42501");
+        // another tenant has no such grant
+        run("SET LOCAL billing.tenant = 'other'");
+        assert_rejected(&approve, "42704");
+        assert_rejected(
+            &format!("SELECT * FROM billing.reject_grant({id})"),
+            "42704",
+        );
+        run("RESET billing.tenant");
         assert_eq!(as_role("agent_b", &approve), "applied");
         assert_eq!(available("a", "cents"), 1300);
         assert_eq!(as_role("agent_b", &approve), "duplicate");
@@ -266,7 +286,7 @@ mod tests {
         run("SELECT * FROM billing.set_grant_policy('cents', when_canceled => 'refuse')");
         rejected_as("agent_a", &by_hand(10, ", reason => 'come back'"), "55000");
         // a payment is not goodwill
-        as_role("agent_a", &by_hand(10, ", kind => 'topup'"));
+        as_role("app_role", &by_hand(10, ", kind => 'topup'"));
         run("SELECT * FROM billing.set_grant_policy('cents', when_canceled => 'approval')");
         assert_eq!(
             status(&as_role("agent_a", &by_hand(10, ", reason => 'come back'"))),

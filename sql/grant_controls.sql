@@ -10,15 +10,18 @@
 --     on its day's counter, so together they never pass the cap;
 --   * a second approval above a threshold: the grant waits in
 --     billing.grant_approvals, under the id and the key it will have, until
---     another role approves it (billing.approve_grant; not one with the
---     asking role's privileges, such as the login that SET ROLE to it, nor
---     a superuser) or anyone rejects it (billing.reject_grant);
+--     another role approves it (billing.approve_grant; not the asker, a
+--     member of it such as the login that SET ROLE to it or a superuser,
+--     nor a group it is in) or anyone rejects it (billing.reject_grant);
 --   * goodwill to an account whose subscription was canceled (it has a
 --     canceled subscription and no live one): allowed, sent for approval
 --     whatever the amount, or refused.
 -- With no policy for the unit, such grants are recorded with who and why
 -- and nothing more. Other kinds (plan, topup, reload, refund) come from
--- payments and plans, not from an operator, and are not controlled.
+-- payments and plans, not from an operator, and are not controlled: only
+-- roles with billing_app's privileges may grant them (src/tenancy.rs); a
+-- support console's agents are members of billing_support, which may grant
+-- by hand, approve and reject, and read.
 
 CREATE TABLE billing.grant_policies (
     tenant_id      text        NOT NULL,
@@ -153,7 +156,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF reason IS NULL OR btrim(reason) = '' THEN
+    IF reason IS NULL OR reason !~ '[^[:space:]]' THEN
         RAISE EXCEPTION 'a manual or promo grant of % needs a reason in tenant "%"', unit, tenant
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass reason => ''…''; it is kept with the grant.';
     END IF;
@@ -203,10 +206,12 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Ask for it again with another key.';
     END IF;
     IF a.status = 'pending' THEN
-        -- a role with the asker's privileges (a member of it, a superuser)
-        -- could have asked as it
-        IF pg_has_role(approver, a.requested_by, 'USAGE') THEN
-            RAISE EXCEPTION 'grant % was asked for by "%": a role without its privileges approves it', grant_id, a.requested_by
+        -- not the asker under another name: a role it can become (a group it
+        -- is in) or one that can become it (a login that SET ROLE to it, a
+        -- superuser), whether or not membership inherits
+        IF pg_has_role(approver, a.requested_by, 'MEMBER') OR pg_has_role(a.requested_by, approver, 'MEMBER') THEN
+            RAISE EXCEPTION 'grant % was asked for by "%": "%" is that role or a member or group of it; another role approves it',
+                grant_id, a.requested_by, approver
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
         UPDATE billing.grant_approvals x SET status = 'approved', decided_by = approver, decided_at = now()

@@ -88,7 +88,8 @@ $$;
 
 -- Cost audit: the provider's invoice (a JSON array of {"meter",
 -- "period_start", "period_end", "cost"}, cost in the meter's unit; periods
--- in whole hours, as usage is counted) against the cost recorded here for
+-- in whole UTC hours, as usage is counted, read in UTC when they carry no
+-- offset) against the cost recorded here for
 -- each meter and period, from the hourly counters. Every line is returned
 -- with its drift (recorded − invoiced); a drift beyond the tolerance, either
 -- way (the larger of `tolerance` and `tolerance_percent` of the invoiced
@@ -99,6 +100,7 @@ RETURNS TABLE (meter text, unit text, period_start timestamptz, period_end times
                invoiced bigint, drift bigint, alert_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
+SET TimeZone = 'UTC'
 AS $$
 -- a column named like an output (the conflict target's period_start) is the column
 #variable_conflict use_column

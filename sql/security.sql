@@ -6,6 +6,9 @@
 --   billing_app     also moves money and records usage for its tenants
 --   billing_admin   also configures units, meters, floors, webhooks and
 --                   tenants, and may act for any tenant
+--   billing_support reads like billing_reader and grants credit by hand
+--                   (manual, promo) under the tenant's grant policy, and
+--                   approves or rejects such grants
 -- A login role acts for a tenant when it has the privileges of a role that
 -- billing.grant_tenant(tenant, role) named (see src/tenancy.rs).
 
@@ -20,9 +23,13 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'billing_admin') THEN
         CREATE ROLE billing_admin NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'billing_support') THEN
+        CREATE ROLE billing_support NOLOGIN;
+    END IF;
 END
 $$;
 GRANT billing_reader TO billing_app;
+GRANT billing_reader TO billing_support;
 GRANT billing_app TO billing_admin;
 GRANT USAGE ON SCHEMA billing TO billing_reader;
 
@@ -162,7 +169,6 @@ GRANT EXECUTE ON FUNCTION
     billing.checkout_status(bigint),
     billing.reconcile_usage(text[], timestamptz, timestamptz, text, text),
     billing.reconcile_payments(jsonb, bigint),
-    billing.audit_costs(jsonb, numeric, bigint),
     billing.verify_webhook(text, text, jsonb, text, text, integer, text),
     billing.allowance_periods(timestamptz, timestamptz),
     billing.subscription_access(text, boolean)
@@ -171,6 +177,7 @@ GRANT EXECUTE ON FUNCTION
     billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb, text),
     billing.approve_grant(bigint),
     billing.reject_grant(bigint, text),
+    billing.audit_costs(jsonb, numeric, bigint),
     billing.void_grant(bigint),
     billing.revoke_unused(bigint),
     billing.suspend_grant(bigint),
@@ -234,3 +241,8 @@ GRANT EXECUTE ON FUNCTION
     billing.set_grant_policy(text, bigint, bigint, bigint, text),
     billing.remove_grant_policy(text)
     TO billing_admin;
+GRANT EXECUTE ON FUNCTION
+    billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb, text),
+    billing.approve_grant(bigint),
+    billing.reject_grant(bigint, text)
+    TO billing_support;

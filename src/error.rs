@@ -56,6 +56,11 @@ pub enum BillingError {
     #[error("{0}")]
     WrongState(String),
 
+    /// The calling role may not do this (a support role granting credit of a
+    /// kind that only payments and plans create).
+    #[error("{0}")]
+    NotAllowed(String),
+
     /// The calling role was not granted the tenant it asked for.
     #[error("role \"{role}\" may not act for tenant \"{tenant}\"")]
     TenantDenied { tenant: String, role: String },
@@ -110,6 +115,7 @@ impl BillingError {
             WrongState(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             InvalidTenant(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,    // 22023
             TenantDenied { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,  // 42501
+            NotAllowed(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,        // 42501
             LockWait { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,          // 55P03
             Retry(_) => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,          // 40001
             Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,                  // XX000
@@ -132,6 +138,7 @@ impl BillingError {
             WrongState(_) => None,
             LockWait { .. } => Some("A transaction that debited this account has not ended: billing calls hold the account's pool until their transaction commits. Keep them at the end of short transactions; for slow work, reserve in a short transaction, do the work outside it, then settle. To wait longer, raise lock_timeout or billing.lock_timeout (milliseconds; 0 waits without limit).".into()),
             Retry(_) => Some("Retry the transaction: a new transaction sees the credit.".into()),
+            NotAllowed(_) => Some("Grant it as manual or promo (a support role's kinds), or from the application's role (billing_app).".into()),
             TenantDenied { .. } => Some("SET billing.tenant to a tenant granted to this role (billing.grant_tenant), or ask a billing_admin.".into()),
             InvalidTenant(_) => Some("SET billing.tenant to 1-63 characters of letters, digits, '_', '-', '.' or ':'.".into()),
             Internal(_) => Some("This is a pg_billing bug; please report it with the statement that caused it.".into()),

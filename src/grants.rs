@@ -277,6 +277,13 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     req.validate_at(ledger.now)?;
     let effective_at = req.effective_at.unwrap_or(ledger.now);
     let by = tenancy::outer_role();
+    if !given_by_hand(req.kind) && !tenancy::may_credit_payments(by) {
+        return Err(BillingError::NotAllowed(format!(
+            "role \"{}\" may grant only manual and promo credit, not {}: payments and plans are credited by the application's role",
+            tenancy::role_name(by).unwrap_or_default(),
+            req.kind
+        )));
+    }
     if given_by_hand(req.kind) {
         if let Some(needs) = control(client, &tenant, req, by)? {
             ask_approval(client, &tenant, id, req, &hash, &needs)?;
@@ -444,10 +451,9 @@ fn apply_approved(client: &mut SpiClient<'_>, tenant: &str, id: i64) -> Result<G
         .map_or(ledger.now, time::instant);
     let expires_at = row.opt::<Tstz>("expires_at")?.map(time::instant);
     if expires_at.is_some_and(|e| e <= ledger.now || e <= effective_at) {
-        return Err(BillingError::invalid(
-            "expires_at",
-            format!("grant {id} expired while it waited for approval"),
-        ));
+        return Err(BillingError::WrongState(format!(
+            "grant {id} expired while it waited for approval: reject it (billing.reject_grant) and ask again"
+        )));
     }
     let (kind, priority, amount): (String, i32, i64) =
         (row.get("kind")?, row.get("priority")?, row.get("amount")?);

@@ -103,6 +103,16 @@ pub fn outer_role() -> Oid {
     unsafe { pg_sys::GetOuterUserId() }
 }
 
+/// May `role` grant credit of the kinds payments and plans create (topup,
+/// reload, refund, plan)? Roles with `billing_app`'s privileges may (the
+/// application's own money-in code); a support role (`billing_support`
+/// alone) grants only by hand, under the tenant's grant policy.
+pub fn may_credit_payments(role: Oid) -> bool {
+    // SAFETY: catalog lookups; a superuser has every role's privileges.
+    let app = unsafe { pg_sys::get_role_oid(c"billing_app".as_ptr(), true) };
+    app != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, app) }
+}
+
 /// The calling role (`outer_role`), for the SQL functions that record who
 /// decided something (sql/grant_controls.sql).
 #[pg_extern(stable)]

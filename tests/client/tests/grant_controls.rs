@@ -14,11 +14,11 @@ fn setup() -> Client {
         .batch_execute(
             "DROP ROLE IF EXISTS pgb_agent; DROP ROLE IF EXISTS pgb_support;
              DROP ROLE IF EXISTS pgb_alice; DROP ROLE IF EXISTS pgb_bob;
-             CREATE ROLE pgb_agent LOGIN IN ROLE billing_app;
-             CREATE ROLE pgb_alice IN ROLE billing_app; CREATE ROLE pgb_bob IN ROLE billing_app;
-             CREATE ROLE pgb_support LOGIN IN ROLE billing_app;
+             CREATE ROLE pgb_agent LOGIN IN ROLE billing_support;
+             CREATE ROLE pgb_alice IN ROLE billing_support; CREATE ROLE pgb_bob IN ROLE billing_support;
+             CREATE ROLE pgb_support LOGIN;
              GRANT pgb_alice, pgb_bob TO pgb_support;
-             SELECT billing.grant_tenant('default', 'billing_app');
+             SELECT billing.grant_tenant('default', 'billing_support');
              SELECT billing.define_unit('cents');",
         )
         .unwrap();
