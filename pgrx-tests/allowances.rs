@@ -217,6 +217,12 @@ mod tests {
         assert_eq!(spend("user_7", 1, "u2").as_deref(), Some("23514"));
         let replay: String = one("SELECT status FROM billing.convert_guest('guest:d1', 'user_7')");
         assert_eq!(replay, "duplicate");
+        // the device signed out again: the converted guest gets no new free allowance
+        assert_rejected(
+            "SELECT * FROM billing.set_allowance('guest:d1', 'requests', 5, every => 'never')",
+            "55000",
+        );
+        assert_eq!(available("guest:d1", "requests"), 0);
         assert_rejected(
             "SELECT * FROM billing.convert_guest('guest:d1', 'user_8')",
             "55000",

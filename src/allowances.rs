@@ -315,6 +315,11 @@ fn set_allowance(
                     "the {unit} pool of account \"{account}\" is split across lanes: an allowance is granted when the whole pool is locked (billing.set_lanes(…, 0) first)"
                 )));
             }
+            if let Some(to) = converted_to(client, &tenant, account)? {
+                return Err(BillingError::WrongState(format!(
+                    "guest \"{account}\" was converted to account \"{to}\": its free allowance moved there, and it gets no other"
+                )));
+            }
             let from = match current_rule(client, ledger.id)? {
                 Some(r) if r.shape == shape && starts_at.is_none() && !r.from_default_plan => {
                     return Ok((Some(r.id), None, "unchanged".to_string()))
@@ -405,6 +410,20 @@ fn end_allowance(
         })
     })();
     TableIterator::once(result.or_raise())
+}
+
+static CONVERTED_TO: Sql = Sql {
+    text: "SELECT account FROM billing.guest_conversions WHERE tenant_id = $1 AND guest = $2",
+    args: &[TEXT, TEXT],
+};
+
+/// The account a guest was converted to (billing.convert_guest), if it was.
+fn converted_to(client: &SpiClient<'_>, tenant: &str, guest: &str) -> Result<Option<String>> {
+    db::read(client, &CONVERTED_TO, &[tenant.into(), guest.into()])?
+        .into_iter()
+        .next()
+        .map(|r| Row(&r).get::<String>("account"))
+        .transpose()
 }
 
 static CLAIM_GUEST: Sql = Sql {
