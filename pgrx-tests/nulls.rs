@@ -78,7 +78,7 @@ mod tests {
         "billing.resume_reload(?'a', ?'mills')",
         "billing.claim_reloads(?'w', lease => ?'1 minute', max_requests => ?1)",
         "billing.complete_reload(?1, ?'pi', ?100, ?'usd')",
-        "billing.fail_reload(?1, ?'declined', retry => ?true)",
+        "billing.fail_reload(?1, ?'declined', retry => ?true, worker => ~NULL)",
         "billing.open_checkout(?'a', ?'mills', ?1000, ?'usd', ?'domestic', ?'k1', expires_in => ?'1 hour', converted => ?false, credits_per_minor_unit => ?1)",
         "billing.attach_checkout(?1, ?'cs_1')",
         "billing.confirm_checkout(?1, ?'pi', ?100, ?'usd')",

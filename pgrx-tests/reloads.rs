@@ -246,6 +246,22 @@ mod tests {
             one::<String>("SELECT claimed_by FROM billing.reload_requests"),
             "w2"
         );
+        // w1, whose lease ran out, cannot fail what w2 may be charging now
+        let id = last_request();
+        assert_rejected(
+            &format!("SELECT * FROM billing.fail_reload({id}, 'timeout', worker => 'w1')"),
+            "55000",
+        );
+        assert_eq!(
+            one::<String>("SELECT status || ' ' || failures FROM billing.reload_rules"),
+            "active 0"
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT status FROM billing.fail_reload({id}, 'card_declined', worker => 'w2')"
+            )),
+            "pending"
+        );
     }
 
     /// Complete the last request as paid in full (1,679 for 1,600).

@@ -356,7 +356,7 @@ $$;
 -- The charge failed: try again later (backoff doubling from a minute, at
 -- most six hours) unless `retry` is false, and count the failure against the
 -- rule, which is suspended, with the reason, after max_failures in a row.
-CREATE FUNCTION billing.fail_reload(request bigint, reason text, retry boolean DEFAULT true)
+CREATE FUNCTION billing.fail_reload(request bigint, reason text, retry boolean DEFAULT true, worker text DEFAULT NULL)
 RETURNS TABLE (request_id bigint, status text, attempts integer, next_attempt_at timestamptz,
                rule_status text, rule_reason text)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -372,6 +372,13 @@ BEGIN
     q := billing.locked_reload_request(request);
     IF q.status NOT IN ('pending', 'claimed') THEN
         RAISE EXCEPTION 'reload request % is %', q.id, q.status USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    -- a worker whose lease ran out reports nothing for the worker that
+    -- claimed it since, whose charge (under the same key) may still succeed
+    IF worker IS NOT NULL AND q.status = 'claimed' AND q.claimed_by IS DISTINCT FROM worker THEN
+        RAISE EXCEPTION 'reload request % is claimed by worker "%" now (its lease ran out for "%"): that worker completes or fails it',
+            q.id, q.claimed_by, worker
+            USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     -- counted against an active rule only; a rule disabled or suspended
     -- meanwhile asks for no more charges, so the request ends here

@@ -208,7 +208,7 @@ GRANT EXECUTE ON FUNCTION
     billing.resume_reload(text, text),
     billing.claim_reloads(text, interval, integer),
     billing.complete_reload(bigint, text, bigint, text),
-    billing.fail_reload(bigint, text, boolean),
+    billing.fail_reload(bigint, text, boolean, text),
     billing.open_checkout(text, text, bigint, text, text, text, interval, boolean, bigint),
     billing.attach_checkout(bigint, text),
     billing.confirm_checkout(bigint, text, bigint, text),
