@@ -31,8 +31,14 @@ pub struct FakeProvider {
 
 impl Default for FakeProvider {
     fn default() -> Self {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        FakeProvider { latency: Duration::ZERO, run: now.as_micros() as u64, state: Mutex::default() }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        FakeProvider {
+            latency: Duration::ZERO,
+            run: now.as_micros() as u64,
+            state: Mutex::default(),
+        }
     }
 }
 
@@ -66,7 +72,11 @@ impl FakeProvider {
 
     /// The account's card is declined with `reason`.
     pub fn decline(&self, account: &str, reason: &str) {
-        self.state.lock().unwrap().declining.insert(account.into(), reason.into());
+        self.state
+            .lock()
+            .unwrap()
+            .declining
+            .insert(account.into(), reason.into());
     }
 
     /// The money taken, one record per payment.
@@ -83,7 +93,10 @@ impl FakeProvider {
     pub fn replayed_keys(&self) -> HashSet<String> {
         let calls = self.calls();
         let mut seen = HashSet::new();
-        calls.into_iter().filter(|k| !seen.insert(k.clone())).collect()
+        calls
+            .into_iter()
+            .filter(|k| !seen.insert(k.clone()))
+            .collect()
     }
 
     fn charge_now(&self, req: &ChargeRequest) -> Result<Charge, ChargeError> {
@@ -101,7 +114,9 @@ impl FakeProvider {
         }
         let fault = s.fail_every > 0 && n.is_multiple_of(s.fail_every);
         if fault && (n / s.fail_every) % 2 == 1 {
-            return Err(ChargeError::Unavailable("connection reset before the charge".into()));
+            return Err(ChargeError::Unavailable(
+                "connection reset before the charge".into(),
+            ));
         }
         let outcome = match s.declining.get(&req.account) {
             Some(reason) => Err(reason.clone()),
@@ -120,10 +135,14 @@ impl FakeProvider {
                 Ok(charge)
             }
         };
-        s.saved
-            .insert(req.idempotency_key.clone(), (outcome.clone(), req.amount, req.currency.clone()));
+        s.saved.insert(
+            req.idempotency_key.clone(),
+            (outcome.clone(), req.amount, req.currency.clone()),
+        );
         if fault {
-            return Err(ChargeError::Unavailable("timed out; the charge went through".into()));
+            return Err(ChargeError::Unavailable(
+                "timed out; the charge went through".into(),
+            ));
         }
         outcome.map_err(ChargeError::Declined)
     }

@@ -64,7 +64,10 @@ pub enum ChargeError {
 /// A payment provider (Stripe, Adyen, …). It must honour idempotency keys: a key that
 /// charged once answers that charge again, whoever asks.
 pub trait PaymentProvider: Send + Sync + 'static {
-    fn charge(&self, req: &ChargeRequest) -> impl Future<Output = Result<Charge, ChargeError>> + Send;
+    fn charge(
+        &self,
+        req: &ChargeRequest,
+    ) -> impl Future<Output = Result<Charge, ChargeError>> + Send;
 }
 
 /// One claimed reload request (a row of `billing.claim_reloads`).
@@ -99,7 +102,11 @@ impl Claim {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// Charged and completed; `status` is complete_reload's (completed, duplicate, extra_payment).
-    Completed { status: String, payment: String, credited: i64 },
+    Completed {
+        status: String,
+        payment: String,
+        credited: i64,
+    },
     /// Declined and failed; the rule's status after it (active, or suspended).
     Failed { reason: String, rule_status: String },
     /// Outcome unknown, or the lease ran out before charging: left for a later claim.
@@ -159,7 +166,12 @@ impl WorkerConfig {
 }
 
 /// Claim up to `max` due requests for `lease`.
-pub async fn claim(client: &Client, worker: &str, lease: Duration, max: i32) -> Result<Vec<Claim>, Error> {
+pub async fn claim(
+    client: &Client,
+    worker: &str,
+    lease: Duration,
+    max: i32,
+) -> Result<Vec<Claim>, Error> {
     let rows = client
         .query(
             "SELECT request_id, account, unit, credits, currency, total, attempt, charge_key
@@ -190,19 +202,31 @@ pub async fn settle<P: PaymentProvider>(
     claim: &Claim,
     deadline: Instant,
 ) -> Result<Outcome, Error> {
-    let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
-        return Ok(Outcome::Deferred("the lease ran out before charging".into()));
+    let Some(left) = deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    else {
+        return Ok(Outcome::Deferred(
+            "the lease ran out before charging".into(),
+        ));
     };
     let charged = match timeout(left, provider.charge(&claim.charge_request())).await {
         Ok(result) => result,
-        Err(_) => Err(ChargeError::Unavailable("the charge outlasted the lease".into())),
+        Err(_) => Err(ChargeError::Unavailable(
+            "the charge outlasted the lease".into(),
+        )),
     };
     match charged {
         Ok(charge) => {
             let done = client
                 .query_one(
                     "SELECT status, credited FROM billing.complete_reload($1, $2, $3, $4)",
-                    &[&claim.request_id, &charge.id, &charge.amount, &charge.currency],
+                    &[
+                        &claim.request_id,
+                        &charge.id,
+                        &charge.amount,
+                        &charge.currency,
+                    ],
                 )
                 .await;
             refused_or(done, |row| Outcome::Completed {
@@ -218,7 +242,10 @@ pub async fn settle<P: PaymentProvider>(
                     &[&claim.request_id, &reason, &claim.worker],
                 )
                 .await;
-            refused_or(done, |row| Outcome::Failed { reason: reason.clone(), rule_status: row.get(0) })
+            refused_or(done, |row| Outcome::Failed {
+                reason: reason.clone(),
+                rule_status: row.get(0),
+            })
         }
         Err(ChargeError::Unavailable(why)) => Ok(Outcome::Deferred(why)),
     }
@@ -233,7 +260,11 @@ fn refused_or(
     match result {
         Ok(row) => Ok(outcome(&row)),
         Err(e) => match e.as_db_error() {
-            Some(db) => Ok(Outcome::Refused(format!("{} {}", db.code().code(), db.message()))),
+            Some(db) => Ok(Outcome::Refused(format!(
+                "{} {}",
+                db.code().code(),
+                db.message()
+            ))),
             None => Err(e.into()),
         },
     }
@@ -256,7 +287,10 @@ pub async fn process_once<P: PaymentProvider>(
             Outcome::Failed { .. } => &cfg.stats.failed,
             Outcome::Deferred(_) => &cfg.stats.deferred,
             Outcome::Refused(why) => {
-                eprintln!("[{}] request {}: billing refused: {why}", cfg.name, c.request_id);
+                eprintln!(
+                    "[{}] request {}: billing refused: {why}",
+                    cfg.name, c.request_id
+                );
                 &cfg.stats.refused
             }
         };
@@ -311,7 +345,9 @@ async fn session<P: PaymentProvider, S: Future<Output = ()>>(
     let _abort = AbortOnDrop(driver);
 
     if let Some(tenant) = &cfg.tenant {
-        client.execute("SELECT set_config('billing.tenant', $1, false)", &[tenant]).await?;
+        client
+            .execute("SELECT set_config('billing.tenant', $1, false)", &[tenant])
+            .await?;
     }
     client.batch_execute("LISTEN billing_reload").await?;
     loop {

@@ -9,8 +9,11 @@ use reload_worker::{fake::FakeProvider, run_worker, WorkerConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), reload_worker::Error> {
-    let dsn = std::env::var("DATABASE_DSN").map_err(|_| "set DATABASE_DSN (libpq key=value or URL)")?;
-    let name = std::env::args().nth(1).unwrap_or_else(|| format!("reload-worker-{}", std::process::id()));
+    let dsn =
+        std::env::var("DATABASE_DSN").map_err(|_| "set DATABASE_DSN (libpq key=value or URL)")?;
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| format!("reload-worker-{}", std::process::id()));
     let mut cfg = WorkerConfig::new(dsn.parse()?, name.clone());
     cfg.tenant = std::env::var("BILLING_TENANT").ok();
     eprintln!("[{name}] listening on billing_reload");

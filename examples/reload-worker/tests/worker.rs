@@ -16,14 +16,22 @@ const SECOND: Duration = Duration::from_secs(1);
 async fn quote(db: &TestDb, credit: i64) -> (i64, i64, i64) {
     let row = db
         .client
-        .query_one("SELECT credit, fee, total FROM billing.quote($1, 'usd', 'domestic')", &[&credit])
+        .query_one(
+            "SELECT credit, fee, total FROM billing.quote($1, 'usd', 'domestic')",
+            &[&credit],
+        )
         .await
         .unwrap();
     (row.get(0), row.get(1), row.get(2))
 }
 
 async fn request_status(db: &TestDb, id: i64) -> String {
-    db.text("SELECT status FROM billing.reload_requests WHERE id = $1", &[&id]).await.unwrap()
+    db.text(
+        "SELECT status FROM billing.reload_requests WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,12 +40,19 @@ async fn a_debit_crossing_the_threshold_wakes_the_worker_which_reloads_to_the_ta
     db.account("org_1", 1000, 500, 2000).await;
     let provider = Arc::new(FakeProvider::new());
     // it never polls in this test: only a notification can wake it
-    let worker = spawn_worker(db.worker("w1", 30 * SECOND, Duration::from_secs(3600)), provider.clone());
+    let worker = spawn_worker(
+        db.worker("w1", 30 * SECOND, Duration::from_secs(3600)),
+        provider.clone(),
+    );
     eventually("the worker is listening and idle", 20 * SECOND, || async {
         Stats::get(&worker.stats.idle) >= 1
     })
     .await;
-    assert_eq!(db.i64("SELECT count(*) FROM billing.reload_requests", &[]).await, 0);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM billing.reload_requests", &[])
+            .await,
+        0
+    );
 
     let started = Instant::now();
     assert_eq!(db.debit("org_1", 600, "call_1").await, 400);
@@ -46,7 +61,11 @@ async fn a_debit_crossing_the_threshold_wakes_the_worker_which_reloads_to_the_ta
         request_status(&db, id).await == "completed"
     })
     .await;
-    assert!(started.elapsed() < 5 * SECOND, "woken promptly: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < 5 * SECOND,
+        "woken promptly: {:?}",
+        started.elapsed()
+    );
     assert!(Stats::get(&worker.stats.woken_by_notify) >= 1);
     assert_eq!(Stats::get(&worker.stats.woken_by_poll), 0);
 
@@ -72,7 +91,10 @@ async fn a_debit_crossing_the_threshold_wakes_the_worker_which_reloads_to_the_ta
     assert_eq!(ledger.len(), 1, "{ledger:?}");
     let paid = &ledger[0];
     assert_eq!(paid.key, format!("pg_billing_reload_{id}_1"));
-    assert_eq!((paid.charge.amount, paid.charge.currency.as_str()), (total, "usd"));
+    assert_eq!(
+        (paid.charge.amount, paid.charge.currency.as_str()),
+        (total, "usd")
+    );
     assert_eq!((paid.account.as_str(), paid.reload_request), ("org_1", id));
     assert_eq!(provider.calls(), vec![paid.key.clone()]);
     assert_eq!(r.get::<_, String>(4), paid.charge.id);
@@ -92,13 +114,29 @@ async fn a_debit_crossing_the_threshold_wakes_the_worker_which_reloads_to_the_ta
     assert_eq!(g.get::<_, i64>(1), 1600);
     assert_eq!(g.get::<_, String>(2), format!("stripe:{}", paid.charge.id));
     assert_eq!(g.get::<_, i64>(3), id);
-    assert_eq!(db.i64("SELECT count(*) FROM billing.grants WHERE kind = 'reload'", &[]).await, 1);
-    assert_eq!(db.available("org_1").await, 2000, "back at the reload target");
+    assert_eq!(
+        db.i64(
+            "SELECT count(*) FROM billing.grants WHERE kind = 'reload'",
+            &[]
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        db.available("org_1").await,
+        2000,
+        "back at the reload target"
+    );
 
     // completing re-armed the threshold: the next crossing reloads again
     assert_eq!(db.debit("org_1", 1700, "call_2").await, 300);
     eventually("the second request is completed", 20 * SECOND, || async {
-        db.i64("SELECT count(*) FROM billing.reload_requests WHERE status = 'completed'", &[]).await == 2
+        db.i64(
+            "SELECT count(*) FROM billing.reload_requests WHERE status = 'completed'",
+            &[],
+        )
+        .await
+            == 2
     })
     .await;
     assert_eq!(db.available("org_1").await, 2000);
@@ -121,7 +159,11 @@ async fn concurrent_workers_over_many_accounts_never_charge_or_credit_twice() {
         db.account(&format!("acct_{i}"), 2000, 500, 2000).await;
     }
     // every 7th call fails with an unknown outcome, half of them after taking the money
-    let provider = Arc::new(FakeProvider::new().with_latency(Duration::from_millis(5)).failing_every(7));
+    let provider = Arc::new(
+        FakeProvider::new()
+            .with_latency(Duration::from_millis(5))
+            .failing_every(7),
+    );
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
             let mut cfg = db.worker(&format!("w{w}"), 2 * SECOND, Duration::from_millis(200));
@@ -159,8 +201,11 @@ async fn concurrent_workers_over_many_accounts_never_charge_or_credit_twice() {
         }
     }
     eventually("every request is closed", 60 * SECOND, || async {
-        db.i64("SELECT count(*) FROM billing.reload_requests WHERE status IN ('pending', 'claimed')", &[])
-            .await
+        db.i64(
+            "SELECT count(*) FROM billing.reload_requests WHERE status IN ('pending', 'claimed')",
+            &[],
+        )
+        .await
             == 0
     })
     .await;
@@ -177,19 +222,45 @@ async fn concurrent_workers_over_many_accounts_never_charge_or_credit_twice() {
         )
         .await
         .unwrap();
-    assert!(requests.len() >= ACCOUNTS, "every account crossed at least once: {}", requests.len());
-    let by_key: HashMap<String, _> = provider.ledger().into_iter().map(|c| (c.key.clone(), c)).collect();
-    assert_eq!(by_key.len(), provider.ledger().len(), "one payment per charge key");
-    assert_eq!(provider.ledger().len(), requests.len(), "one payment per request");
+    assert!(
+        requests.len() >= ACCOUNTS,
+        "every account crossed at least once: {}",
+        requests.len()
+    );
+    let by_key: HashMap<String, _> = provider
+        .ledger()
+        .into_iter()
+        .map(|c| (c.key.clone(), c))
+        .collect();
+    assert_eq!(
+        by_key.len(),
+        provider.ledger().len(),
+        "one payment per charge key"
+    );
+    assert_eq!(
+        provider.ledger().len(),
+        requests.len(),
+        "one payment per request"
+    );
     let mut reloaded: HashMap<String, i64> = HashMap::new();
     let mut claimers = HashSet::new();
     for r in &requests {
-        let (id, account, credits, total): (i64, String, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (id, account, credits, total): (i64, String, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
         assert_eq!(r.get::<_, String>(8), "completed", "request {id}");
         let key = format!("pg_billing_reload_{id}_{}", r.get::<_, i32>(4));
-        let paid = by_key.get(&key).unwrap_or_else(|| panic!("request {id} was never charged"));
-        assert_eq!((paid.account.as_str(), paid.charge.amount), (account.as_str(), total));
-        assert_eq!(r.get::<_, String>(5), paid.charge.id, "completed with its own payment");
+        let paid = by_key
+            .get(&key)
+            .unwrap_or_else(|| panic!("request {id} was never charged"));
+        assert_eq!(
+            (paid.account.as_str(), paid.charge.amount),
+            (account.as_str(), total)
+        );
+        assert_eq!(
+            r.get::<_, String>(5),
+            paid.charge.id,
+            "completed with its own payment"
+        );
         assert_eq!(r.get::<_, i64>(6), total);
         *reloaded.entry(account).or_default() += credits;
         claimers.insert(r.get::<_, String>(7));
@@ -200,10 +271,16 @@ async fn concurrent_workers_over_many_accounts_never_charge_or_credit_twice() {
         provider.calls().len(),
         provider.replayed_keys().len()
     );
-    assert!(claimers.len() >= 2, "the workers shared the work: {claimers:?}");
+    assert!(
+        claimers.len() >= 2,
+        "the workers shared the work: {claimers:?}"
+    );
     // lost responses were retried with the same key and answered with the original charge
     let replayed = provider.replayed_keys();
-    assert!(replayed.iter().any(|k| by_key.contains_key(k)), "no charge was replayed: the test lost its point");
+    assert!(
+        replayed.iter().any(|k| by_key.contains_key(k)),
+        "no charge was replayed: the test lost its point"
+    );
 
     // credited exactly once per completed request: one reload grant each, keyed by its payment
     assert_eq!(
@@ -217,12 +294,17 @@ async fn concurrent_workers_over_many_accounts_never_charge_or_credit_twice() {
         requests.len() as i64
     );
     assert_eq!(
-        db.i64("SELECT count(*) FROM billing.grants WHERE kind = 'reload'", &[]).await,
+        db.i64(
+            "SELECT count(*) FROM billing.grants WHERE kind = 'reload'",
+            &[]
+        )
+        .await,
         requests.len() as i64
     );
     for i in 0..ACCOUNTS {
         let account = format!("acct_{i}");
-        let expected = 2000 + reloaded.get(&account).copied().unwrap_or(0) - debited.get(&account).copied().unwrap_or(0);
+        let expected = 2000 + reloaded.get(&account).copied().unwrap_or(0)
+            - debited.get(&account).copied().unwrap_or(0);
         assert_eq!(db.available(&account).await, expected, "{account}");
     }
     assert_eq!(db.ledger_problems().await, Vec::<String>::new());
@@ -234,7 +316,10 @@ async fn a_declined_card_backs_off_then_suspends_the_rule_and_credits_nothing() 
     db.account("org_d", 1000, 500, 2000).await;
     let provider = Arc::new(FakeProvider::new());
     provider.decline("org_d", "card_declined");
-    let worker = spawn_worker(db.worker("w1", 5 * SECOND, Duration::from_millis(100)), provider.clone());
+    let worker = spawn_worker(
+        db.worker("w1", 5 * SECOND, Duration::from_millis(100)),
+        provider.clone(),
+    );
     assert_eq!(db.debit("org_d", 600, "call_1").await, 400);
     let id = db.i64("SELECT id FROM billing.reload_requests", &[]).await;
 
@@ -258,17 +343,28 @@ async fn a_declined_card_backs_off_then_suspends_the_rule_and_credits_nothing() 
             )
             .await
             .unwrap();
-        assert_eq!(r.get::<_, Option<String>>(1).as_deref(), Some("card_declined"));
+        assert_eq!(
+            r.get::<_, Option<String>>(1).as_deref(),
+            Some("card_declined")
+        );
         // a new charge key for every attempt after a failure (a decline is replayed per key)
-        let keys: Vec<String> = (1..=failure).map(|n| format!("pg_billing_reload_{id}_{n}")).collect();
+        let keys: Vec<String> = (1..=failure)
+            .map(|n| format!("pg_billing_reload_{id}_{n}"))
+            .collect();
         assert_eq!(provider.calls(), keys);
         if failure < 3 {
             assert_eq!(r.get::<_, String>(0), "pending");
-            assert_eq!((r.get::<_, String>(3).as_str(), r.get::<_, i32>(5)), ("active", failure as i32));
+            assert_eq!(
+                (r.get::<_, String>(3).as_str(), r.get::<_, i32>(5)),
+                ("active", failure as i32)
+            );
             // backoff: a minute, then two
             let backoff = 60.0 * 2f64.powi(failure as i32 - 1);
             let wait: f64 = r.get(2);
-            assert!(wait > backoff - 10.0 && wait <= backoff, "retry in {wait}s, expected {backoff}s");
+            assert!(
+                wait > backoff - 10.0 && wait <= backoff,
+                "retry in {wait}s, expected {backoff}s"
+            );
             if failure == 1 {
                 // the worker keeps polling but does not retry before it is due
                 let polls = Stats::get(&worker.stats.woken_by_poll);
@@ -277,11 +373,18 @@ async fn a_declined_card_backs_off_then_suspends_the_rule_and_credits_nothing() 
                 })
                 .await;
                 assert_eq!(provider.calls().len(), 1);
-                assert_eq!(db.i64("SELECT attempts::bigint FROM billing.reload_requests", &[]).await, 1);
+                assert_eq!(
+                    db.i64("SELECT attempts::bigint FROM billing.reload_requests", &[])
+                        .await,
+                    1
+                );
             }
             // the test's clock: make the retry due now
             db.client
-                .execute("UPDATE billing.reload_requests SET next_attempt_at = now() WHERE id = $1", &[&id])
+                .execute(
+                    "UPDATE billing.reload_requests SET next_attempt_at = now() WHERE id = $1",
+                    &[&id],
+                )
                 .await
                 .unwrap();
         } else {
@@ -295,15 +398,31 @@ async fn a_declined_card_backs_off_then_suspends_the_rule_and_credits_nothing() 
     }
     // the reason is visible where the app reads it
     assert_eq!(
-        db.text("SELECT status_reason FROM billing.reload_rules WHERE account = 'org_d'", &[]).await.as_deref(),
+        db.text(
+            "SELECT status_reason FROM billing.reload_rules WHERE account = 'org_d'",
+            &[]
+        )
+        .await
+        .as_deref(),
         Some("3 failed charges in a row; last: card_declined")
     );
     // nothing charged, nothing credited, and a suspended rule asks for nothing more
     assert!(provider.ledger().is_empty());
-    assert_eq!(db.i64("SELECT count(*) FROM billing.grants WHERE kind = 'reload'", &[]).await, 0);
+    assert_eq!(
+        db.i64(
+            "SELECT count(*) FROM billing.grants WHERE kind = 'reload'",
+            &[]
+        )
+        .await,
+        0
+    );
     assert_eq!(db.debit("org_d", 100, "call_2").await, 300);
     sleep(Duration::from_millis(300)).await;
-    assert_eq!(db.i64("SELECT count(*) FROM billing.reload_requests", &[]).await, 1);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM billing.reload_requests", &[])
+            .await,
+        1
+    );
     assert_eq!(provider.calls().len(), 3);
     assert_eq!(Stats::get(&worker.stats.failed), 3);
     assert_eq!(Stats::get(&worker.stats.completed), 0);
@@ -331,14 +450,24 @@ async fn a_worker_that_dies_after_charging_is_finished_by_another_with_the_same_
     }; // connection dropped here
     let key = format!("pg_billing_reload_{id}_1");
     assert_eq!(request_status(&db, id).await, "claimed");
-    assert_eq!(db.available("org_c").await, 400, "charged but not credited yet");
+    assert_eq!(
+        db.available("org_c").await,
+        400,
+        "charged but not credited yet"
+    );
 
-    let rescuer = spawn_worker(db.worker("rescuer", 5 * SECOND, Duration::from_millis(100)), provider.clone());
+    let rescuer = spawn_worker(
+        db.worker("rescuer", 5 * SECOND, Duration::from_millis(100)),
+        provider.clone(),
+    );
     eventually("the rescuer completes the request", 20 * SECOND, || async {
         request_status(&db, id).await == "completed"
     })
     .await;
-    assert!(claimed_at.elapsed() >= SECOND, "re-claimed only after the lease ran out");
+    assert!(
+        claimed_at.elapsed() >= SECOND,
+        "re-claimed only after the lease ran out"
+    );
 
     let r = db
         .client
@@ -348,14 +477,24 @@ async fn a_worker_that_dies_after_charging_is_finished_by_another_with_the_same_
         )
         .await
         .unwrap();
-    assert_eq!((r.get::<_, i32>(0), r.get::<_, String>(1).as_str()), (2, "rescuer"));
+    assert_eq!(
+        (r.get::<_, i32>(0), r.get::<_, String>(1).as_str()),
+        (2, "rescuer")
+    );
     // the same key again: the provider answered with the original charge, no second payment
     assert_eq!(provider.calls(), vec![key.clone(), key.clone()]);
     assert_eq!(provider.ledger().len(), 1);
     assert_eq!(r.get::<_, String>(2), original.id);
     assert_eq!(r.get::<_, i64>(3), original.amount);
     assert_eq!(r.get::<_, i64>(4), original.amount);
-    assert_eq!(db.i64("SELECT count(*) FROM billing.grants WHERE kind = 'reload'", &[]).await, 1);
+    assert_eq!(
+        db.i64(
+            "SELECT count(*) FROM billing.grants WHERE kind = 'reload'",
+            &[]
+        )
+        .await,
+        1
+    );
     assert_eq!(db.available("org_c").await, 2000);
     assert_eq!(Stats::get(&rescuer.stats.completed), 1);
 

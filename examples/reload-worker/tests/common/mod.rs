@@ -19,7 +19,8 @@ pub const FEE_SETUP: &str = "SELECT * FROM billing.set_topup_fee('usd', 'domesti
 pub fn server() -> Config {
     let dsn = std::env::var("PG_BILLING_TEST_DSN")
         .expect("set PG_BILLING_TEST_DSN, e.g. \"host=127.0.0.1 port=28843 user=postgres\"");
-    dsn.parse().expect("PG_BILLING_TEST_DSN is not a valid connection string")
+    dsn.parse()
+        .expect("PG_BILLING_TEST_DSN is not a valid connection string")
 }
 
 pub async fn connect(cfg: &Config) -> Client {
@@ -42,12 +43,21 @@ impl TestDb {
         admin_cfg.dbname("postgres");
         let admin = connect(&admin_cfg).await;
         let name = format!("pgb_worker_{tag}_{}", std::process::id());
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
         let mut cfg = admin_cfg;
         cfg.dbname(&name);
         let client = connect(&cfg).await;
-        client.batch_execute("CREATE EXTENSION pg_billing").await.unwrap();
+        client
+            .batch_execute("CREATE EXTENSION pg_billing")
+            .await
+            .unwrap();
         client.batch_execute(FEE_SETUP).await.unwrap();
         TestDb { name, cfg, client }
     }
@@ -80,7 +90,11 @@ impl TestDb {
     }
 
     pub async fn available(&self, account: &str) -> i64 {
-        self.i64("SELECT available FROM billing.check($1, 'usd_cents')", &[&account]).await
+        self.i64(
+            "SELECT available FROM billing.check($1, 'usd_cents')",
+            &[&account],
+        )
+        .await
     }
 
     pub async fn i64(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> i64 {
@@ -93,7 +107,11 @@ impl TestDb {
 
     /// billing.verify_ledger(): one row per broken invariant.
     pub async fn ledger_problems(&self) -> Vec<String> {
-        let rows = self.client.query("SELECT v::text FROM billing.verify_ledger() v", &[]).await.unwrap();
+        let rows = self
+            .client
+            .query("SELECT v::text FROM billing.verify_ledger() v", &[])
+            .await
+            .unwrap();
         rows.iter().map(|r| r.get(0)).collect()
     }
 
@@ -110,7 +128,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // on its own thread and runtime: Drop may run inside the test's runtime, or in a panic
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 let mut cfg = server();
                 cfg.dbname("postgres");
@@ -119,7 +140,12 @@ impl Drop for TestDb {
                     match cfg.connect(NoTls).await {
                         Ok((client, connection)) => {
                             tokio::spawn(connection);
-                            match client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+                            match client
+                                .batch_execute(&format!(
+                                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                                ))
+                                .await
+                            {
                                 Ok(()) => return,
                                 Err(e) => last = e.to_string(),
                             }
@@ -148,7 +174,11 @@ pub fn spawn_worker(cfg: WorkerConfig, provider: Arc<FakeProvider>) -> RunningWo
     let handle = tokio::spawn(run_worker(cfg, provider, async {
         let _ = stopped.await;
     }));
-    RunningWorker { stats, stop, handle }
+    RunningWorker {
+        stats,
+        stop,
+        handle,
+    }
 }
 
 impl RunningWorker {
@@ -166,7 +196,10 @@ where
 {
     let start = Instant::now();
     while !check().await {
-        assert!(start.elapsed() < within, "timed out after {within:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for: {what}"
+        );
         sleep(Duration::from_millis(50)).await;
     }
 }
