@@ -17,6 +17,7 @@ mod input;
 mod lanes;
 mod limits;
 mod metering;
+mod metrics;
 mod nulls;
 mod quotes;
 mod reconcile;

@@ -94,6 +94,7 @@ mod tests {
         "billing.remove_grant_policy(?'mills')",
         "billing.approve_grant(?1)",
         "billing.reject_grant(?1, ~'no')",
+        "billing.metrics()",
     ];
 
     /// `call` with argument `n` (of those marked) set to NULL; None past the last.

@@ -239,8 +239,11 @@ GRANT EXECUTE ON FUNCTION
     billing.set_topup_fee(text, text, numeric, bigint),
     billing.set_topup_limits(text, bigint, bigint, numeric),
     billing.set_grant_policy(text, bigint, bigint, bigint, text),
-    billing.remove_grant_policy(text)
+    billing.remove_grant_policy(text),
+    billing.metrics()
     TO billing_admin;
+-- an operator's monitoring role (postgres_exporter's) reads the counters of every tenant
+GRANT EXECUTE ON FUNCTION billing.metrics() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION
     billing."grant"(text, text, bigint, text, integer, timestamptz, timestamptz, text, jsonb, text),
     billing.approve_grant(bigint),

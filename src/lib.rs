@@ -138,6 +138,17 @@ extension_sql_file!(
         tenancy::calling_role
     ]
 );
+extension_sql_file!(
+    "../sql/metrics.sql",
+    name = "metrics",
+    requires = [
+        "schema",
+        "webhooks",
+        "checkouts",
+        "alerts",
+        "grant_controls"
+    ]
+);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 /// The `#[pg_test]` suites, one file per rule, in pgrx-tests/.
