@@ -420,7 +420,6 @@ static CONVERTED_TO: Sql = Sql {
 /// The account a guest was converted to (billing.convert_guest), if it was.
 fn converted_to(client: &SpiClient<'_>, tenant: &str, guest: &str) -> Result<Option<String>> {
     db::read(client, &CONVERTED_TO, &[tenant.into(), guest.into()])?
-        .into_iter()
         .next()
         .map(|r| Row(&r).get::<String>("account"))
         .transpose()
