@@ -35,6 +35,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_refusal_says_when_the_allowance_refills() {
+        run("SELECT billing.set_allowance('u', 'requests', 2, every => 'day', time_zone => 'Europe/Paris')");
+        assert_eq!(spend("u", 2, "a1"), None);
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws(' ', allowed, reason, \
+                        resets_at = (date_trunc('day', now() AT TIME ZONE 'Europe/Paris') + interval '1 day') \
+                                    AT TIME ZONE 'Europe/Paris') \
+                 FROM billing.check('u', 'requests', 1)"
+            ),
+            "f insufficient_credits t",
+            "the next window of the allowance, midnight in Paris"
+        );
+        // allowed, or no allowance at all: no reset to name
+        assert!(opt::<pgrx::datum::TimestampWithTimeZone>(
+            "SELECT resets_at FROM billing.check('u', 'requests', 0)"
+        )
+        .is_none());
+        grant("v", "requests", 1, "");
+        assert!(opt::<pgrx::datum::TimestampWithTimeZone>(
+            "SELECT resets_at FROM billing.check('v', 'requests', 5)"
+        )
+        .is_none());
+    }
+
+    #[pg_test]
     fn the_boundary_instant_belongs_to_the_window_it_starts() {
         let day = |at| windows("day", "UTC", 1, "2026-03-01 10:00+00", at);
         assert_eq!(

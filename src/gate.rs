@@ -179,7 +179,13 @@ fn gate(
         }
     }
     if !row.0 && !refused_by_limit {
-        // refused: a subscription holding back the plan credit of this unit says why
+        // refused for credit: when the pool's allowance refills, if it has one
+        row.7 = rows
+            .first()
+            .map(|p| p.allowance_next)
+            .filter(|next| *next > now && *next < time::Ts::MAX)
+            .map(time::to_sql);
+        // a subscription holding back the plan credit of this unit says why
         if let Some(why) = Spi::connect(|client| held_back_by(client, tenant, account, unit))? {
             row.6 = why;
         }
