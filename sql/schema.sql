@@ -58,10 +58,15 @@ CREATE TABLE billing.units (
 -- properties its events must carry, and how late or early an event may say
 -- it occurred. Its prices are versions in billing.meter_prices. A disabled
 -- meter (a retired model) refuses new usage and keeps its history.
+-- Columns added since 0.1.0 come after 0.1.0's, in every table an upgrade
+-- alters (sql/pg_billing--0.1.0--0.2.0.sql appends them): a fresh install
+-- and an upgraded one have the same columns in the same order.
 CREATE TABLE billing.meters (
     tenant_id   text        NOT NULL,
     meter       text        NOT NULL,
     unit        text        NOT NULL,
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
     aggregation text        NOT NULL DEFAULT 'sum'
                 CHECK (aggregation IN ('sum', 'count', 'max', 'last', 'unique_count')),
     -- unique_count: the property whose distinct values are counted
@@ -73,8 +78,6 @@ CREATE TABLE billing.meters (
     late_events text        NOT NULL DEFAULT 'reject' CHECK (late_events IN ('reject', 'current_period')),
     future_skew interval    NOT NULL DEFAULT '5 minutes',
     disabled_at timestamptz,
-    description text,
-    created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, meter),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit),
     CHECK ((aggregation = 'unique_count') = (property IS NOT NULL))
@@ -203,13 +206,13 @@ CREATE TABLE billing.grants (
     key          text,
     request_hash bytea       NOT NULL,
     metadata     jsonb       NOT NULL DEFAULT '{}',
-    -- a lane's share of grant parent_id (same kind, priority and window;
-    -- amount is the parent's, credit arrives by transfer entries)
-    parent_id    bigint,
     -- the outcome returned to the first call, and to every replay of its key
     debt_repaid     bigint   NOT NULL DEFAULT 0,
     available_after bigint   NOT NULL DEFAULT 0,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- a lane's share of grant parent_id (same kind, priority and window;
+    -- amount is the parent's, credit arrives by transfer entries)
+    parent_id    bigint,
     -- who gave it through billing.grant (the session's role after any SET
     -- ROLE) and why (sql/grant_controls.sql); NULL for credit the extension
     -- grants itself (allowance windows, a guest's credit moved)
@@ -237,8 +240,6 @@ CREATE TABLE billing.usage_events (
     unit            text        NOT NULL,
     pool_id         bigint      NOT NULL,
     quantity        numeric     NOT NULL,
-    -- the meter's price version that charged it (NULL: the caller's cost)
-    price_version   integer,
     cost            bigint      NOT NULL,
     covered         bigint      NOT NULL,
     debt_created    bigint      NOT NULL,
@@ -248,12 +249,14 @@ CREATE TABLE billing.usage_events (
     available_after bigint      NOT NULL,
     entitled_after  boolean     NOT NULL,
     occurred_at     timestamptz NOT NULL,
-    -- when the counters count it, if not when it occurred (a late event
-    -- booked to the current period)
-    booked_at       timestamptz,
     recorded_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     properties      jsonb       NOT NULL DEFAULT '{}',
     request_hash    bytea       NOT NULL,
+    -- the meter's price version that charged it (NULL: the caller's cost)
+    price_version   integer,
+    -- when the counters count it, if not when it occurred (a late event
+    -- booked to the current period)
+    booked_at       timestamptz,
     -- A debit that one grant paid in full (most usage) is its own ledger
     -- entry: the entry's columns are kept here instead of in a row of
     -- ledger_entries, so such an event writes one row and one index entry

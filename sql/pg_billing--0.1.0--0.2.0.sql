@@ -1,12 +1,17 @@
--- pg_billing 0.1.0 -> 0.2.0 (DRAFT, hand-written; see tests/upgrade/).
+-- pg_billing 0.1.0 -> 0.2.0: ALTER EXTENSION pg_billing UPDATE. Proven by
+-- bin/upgrade-test (part of bin/test): a 0.1.0 database with real activity,
+-- upgraded, keeps every balance, grant, event, hold and delivery, and has
+-- the schema of a fresh 0.2.0 install. Until 0.2.0 is released, a change to
+-- its schema goes into this file too (the test fails otherwise).
 --
 -- Takes a 0.1.0 database, with its data, to the 0.2.0 schema:
 --   1. drop what 0.1.0 defined around its tables: views, policies, triggers
 --      and every function (the library changed, so every C function is
 --      created again from the 0.2.0 definitions; plain SQL functions too,
 --      which is simpler than sorting out the changed ones);
---   2. alter the sixteen 0.1.0 tables in place and create the new ones of
---      the bootstrap section;
+--   2. alter the sixteen 0.1.0 tables in place (pools is rebuilt, to keep
+--      0.2.0's column order; the other tables' new columns come last in a
+--      fresh install too) and create the new ones of the bootstrap section;
 --   3. move the data: meters.unit_price becomes price versions
 --      (meter_prices), each priced event records its version
 --      (usage_events.price_version), priced usage becomes per-period charges
@@ -142,30 +147,92 @@ CREATE TABLE billing.meter_prices (
     FOREIGN KEY (tenant_id, meter) REFERENCES billing.meters (tenant_id, meter)
 );
 
--- pools: lanes (split pools), the kept hourly counter, allowances, limits,
--- auto-reload and alert bounds; no CHECK constraints any more (schema.sql).
-ALTER TABLE billing.pools
-    DROP CONSTRAINT pools_remaining_check,
-    DROP CONSTRAINT pools_debt_check,
-    DROP CONSTRAINT pools_held_check,
-    DROP CONSTRAINT pools_tenant_id_account_unit_key,
-    ADD COLUMN lane             smallint    NOT NULL DEFAULT 0,
-    ADD COLUMN lanes            smallint    NOT NULL DEFAULT 0,
-    ADD COLUMN counter_events   bigint,
-    ADD COLUMN counter_quantity numeric,
-    ADD COLUMN counter_cost     bigint,
-    ADD COLUMN counter_last_at  timestamptz,
-    ADD COLUMN counter_revised_at timestamptz,
-    ADD COLUMN allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
-    ADD COLUMN limited          boolean     NOT NULL DEFAULT false,
-    ADD COLUMN reload_below     bigint,
-    ADD COLUMN alert_below      bigint,
-    ADD COLUMN alert_above      bigint,
-    ADD COLUMN counter_meter    text,
-    ADD COLUMN counter_hour     timestamptz,
-    ADD COLUMN counter_groups   text,
-    ADD UNIQUE (tenant_id, account, unit, lane),
-    SET (fillfactor = 70);
+-- pools: rebuilt in 0.2.0's column order rather than altered (ALTER TABLE
+-- would append the new columns): there the columns a debit writes sit side
+-- by side, so the log of an update on the same page, which keeps only the
+-- bytes between the unchanged prefix and suffix, stays small. grants and
+-- holds are pointed at the new table; ids, the id sequence's position and
+-- every figure are kept.
+ALTER TABLE billing.grants DROP CONSTRAINT grants_pool_id_fkey;
+ALTER TABLE billing.holds DROP CONSTRAINT holds_pool_id_fkey;
+-- 0.2.0 keeps no foreign key from events, entries or carries to their pool
+ALTER TABLE billing.usage_events DROP CONSTRAINT usage_events_pool_id_fkey;
+ALTER TABLE billing.ledger_entries DROP CONSTRAINT ledger_entries_pool_id_fkey;
+ALTER TABLE billing.meter_carries DROP CONSTRAINT meter_carries_pool_id_fkey;
+ALTER TABLE billing.pools RENAME TO pools_0_1_0;
+ALTER INDEX billing.pools_pkey RENAME TO pools_0_1_0_pkey;
+-- its constraints' names go with it, so the new table's are the same as a fresh install's
+ALTER TABLE billing.pools_0_1_0 DROP CONSTRAINT pools_tenant_id_account_unit_key,
+    DROP CONSTRAINT pools_tenant_id_account_fkey, DROP CONSTRAINT pools_tenant_id_unit_fkey;
+ALTER SEQUENCE billing.pools_id_seq RENAME TO pools_0_1_0_id_seq;
+CREATE TABLE billing.pools (
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id        text        NOT NULL,
+    account          text        NOT NULL,
+    unit             text        NOT NULL,
+    lane           smallint    NOT NULL DEFAULT 0,
+    -- on lane 0: how many lanes take debits beside it (0: not split)
+    lanes          smallint    NOT NULL DEFAULT 0,
+    floor            bigint      NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- what a debit changes, side by side: the log of an update on the same
+    -- page keeps only the bytes between the unchanged prefix and suffix
+    version          bigint      NOT NULL DEFAULT 0,
+    remaining        bigint      NOT NULL DEFAULT 0,
+    active_remaining bigint      NOT NULL DEFAULT 0,
+    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    debt             bigint      NOT NULL DEFAULT 0,
+    held             bigint      NOT NULL DEFAULT 0,
+    active_held      bigint      NOT NULL DEFAULT 0,
+    cache_until      timestamptz NOT NULL DEFAULT 'infinity',
+    -- The hourly usage counter of one (meter, hour, groups) key (see
+    -- counter_meter below), kept on the pool row that every event of the
+    -- pool updates anyway instead of in a row of usage_counters of its own;
+    -- written back to usage_counters when another hour's counter takes its
+    -- place. billing.hourly_usage reads both.
+    counter_events   bigint,
+    counter_quantity numeric,
+    counter_cost     bigint,
+    counter_last_at  timestamptz,
+    counter_revised_at timestamptz,
+    -- the start of the first allowance window not granted yet (infinity:
+    -- none); on lane 0 (src/allowances.rs)
+    allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
+    -- on lane 0: whether limits cap its usage (src/limits.rs)
+    limited          boolean     NOT NULL DEFAULT false,
+    -- on lane 0: the auto-reload threshold while its rule is armed (active,
+    -- no request open): a debit leaving available below it calls
+    -- billing.request_reload (sql/reloads.sql); NULL otherwise
+    reload_below     bigint,
+    -- on lane 0: the bounds of its balance alerts (sql/alerts.sql): a debit
+    -- leaving available below alert_below fires the armed alerts it
+    -- crossed; a credit bringing it to alert_above or more re-arms those it
+    -- passed (NULL: no alert waits on that side)
+    alert_below      bigint,
+    alert_above      bigint,
+    -- the key of the counter above (NULL: none)
+    counter_meter    text,
+    counter_hour     timestamptz,
+    counter_groups   text,
+    UNIQUE (tenant_id, account, unit, lane),
+    FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
+    FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
+) WITH (fillfactor = 70);
+INSERT INTO billing.pools (id, tenant_id, account, unit, floor, created_at, version, remaining,
+                           active_remaining, cache_from, updated_at, debt, held, active_held, cache_until)
+OVERRIDING SYSTEM VALUE
+SELECT id, tenant_id, account, unit, floor, created_at, version, remaining,
+       active_remaining, cache_from, updated_at, debt, held, active_held, cache_until
+FROM billing.pools_0_1_0;
+SELECT pg_catalog.setval('billing.pools_id_seq', s.last_value, s.is_called) FROM billing.pools_0_1_0_id_seq s;
+ALTER EXTENSION pg_billing DROP TABLE billing.pools_0_1_0;
+ALTER EXTENSION pg_billing DROP SEQUENCE billing.pools_0_1_0_id_seq;
+DROP TABLE billing.pools_0_1_0;
+SELECT pg_catalog.pg_extension_config_dump('billing.pools', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');
+ALTER TABLE billing.grants ADD CONSTRAINT grants_pool_id_fkey FOREIGN KEY (pool_id) REFERENCES billing.pools (id);
+ALTER TABLE billing.holds ADD CONSTRAINT holds_pool_id_fkey FOREIGN KEY (pool_id) REFERENCES billing.pools (id);
 
 -- grants: lane shares, who granted and why; no CHECK constraints any more.
 ALTER TABLE billing.grants
@@ -187,7 +254,6 @@ CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHE
 -- CHECK constraints any more.
 ALTER TABLE billing.usage_events
     DROP CONSTRAINT usage_events_pkey,
-    DROP CONSTRAINT usage_events_pool_id_fkey,
     DROP CONSTRAINT usage_events_check,
     DROP CONSTRAINT usage_events_cost_check,
     DROP CONSTRAINT usage_events_covered_check,
@@ -554,7 +620,6 @@ ALTER TABLE billing.ledger_entries
     DROP CONSTRAINT ledger_entries_held_after_check,
     DROP CONSTRAINT ledger_entries_kind_check,
     DROP CONSTRAINT ledger_entries_version_check,
-    DROP CONSTRAINT ledger_entries_pool_id_fkey,
     DROP CONSTRAINT ledger_entries_pkey,
     DROP CONSTRAINT ledger_entries_pool_id_version_key,
     ALTER COLUMN kind TYPE billing.entry_kind USING kind::billing.entry_kind,
