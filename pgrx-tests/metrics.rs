@@ -35,6 +35,9 @@ mod tests {
         assert_eq!(metric("holds_open"), "default:cents:1");
         assert_eq!(metric("alerts_open"), "default:low_balance:1");
         assert_eq!(metric("grant_approvals_pending"), "");
+        // this server does not preload pg_billing: no usage answers are kept
+        // (counted in shared memory; tests/client/tests/metrics.rs preloads)
+        assert_eq!(metric("usage_events_answered"), "");
         // rows written are PostgreSQL's statistics: present, never negative
         assert!(one::<bool>(
             "SELECT value >= 0 FROM billing.metrics() WHERE metric = 'usage_events_written'"

@@ -5,8 +5,9 @@
 -- and the debt owed scan the pools (one pass, no lock); usage events and
 -- ledger entries written come from PostgreSQL's own table statistics (all
 -- tenants, since the statistics were last reset). Webhook deliveries are
--- counted as kept: rejected ones are a bounded sample. Duplicate and refused
--- usage calls write nothing, so nothing counts them here.
+-- counted as kept: rejected ones are a bounded sample. Usage events answered
+-- (applied, duplicate, rejected) are counted in shared memory when pg_billing
+-- is preloaded (src/metrics.rs).
 CREATE FUNCTION billing.metrics()
 RETURNS TABLE (metric text, tenant text, label text, value bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -17,6 +18,8 @@ AS $$
     UNION ALL
     SELECT 'ledger_entries_written', NULL, NULL, s.n_tup_ins
     FROM pg_catalog.pg_stat_user_tables s WHERE s.relid = 'billing.ledger_entries'::regclass
+    UNION ALL
+    SELECT 'usage_events_answered', NULL, a.outcome, a.events FROM billing.usage_answers() a
     UNION ALL
     SELECT 'webhook_deliveries', w.tenant_id, w.status, count(*) FROM billing.webhook_events w GROUP BY 2, 3
     UNION ALL

@@ -6195,6 +6195,16 @@ $$;
 --   alerts
 --   grant_controls
 
+-- src/metrics.rs
+-- pg_billing::metrics::usage_answers
+CREATE  FUNCTION "usage_answers"() RETURNS TABLE (
+	"outcome" TEXT,  /* String */
+	"events" bigint  /* i64 */
+)
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'usage_answers_wrapper';
+
 -- Counters an operator graphs (billing.metrics), one row per metric, tenant
 -- and label, cheap enough to scrape every few seconds with a custom query of
 -- postgres_exporter. Open work (alerts, holds, approvals, checkouts, reload
@@ -6202,8 +6212,9 @@ $$;
 -- and the debt owed scan the pools (one pass, no lock); usage events and
 -- ledger entries written come from PostgreSQL's own table statistics (all
 -- tenants, since the statistics were last reset). Webhook deliveries are
--- counted as kept: rejected ones are a bounded sample. Duplicate and refused
--- usage calls write nothing, so nothing counts them here.
+-- counted as kept: rejected ones are a bounded sample. Usage events answered
+-- (applied, duplicate, rejected) are counted in shared memory when pg_billing
+-- is preloaded (src/metrics.rs).
 CREATE FUNCTION billing.metrics()
 RETURNS TABLE (metric text, tenant text, label text, value bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -6214,6 +6225,8 @@ AS $$
     UNION ALL
     SELECT 'ledger_entries_written', NULL, NULL, s.n_tup_ins
     FROM pg_catalog.pg_stat_user_tables s WHERE s.relid = 'billing.ledger_entries'::regclass
+    UNION ALL
+    SELECT 'usage_events_answered', NULL, a.outcome, a.events FROM billing.usage_answers() a
     UNION ALL
     SELECT 'webhook_deliveries', w.tenant_id, w.status, count(*) FROM billing.webhook_events w GROUP BY 2, 3
     UNION ALL

@@ -24,6 +24,7 @@ use crate::ledger::{
 };
 use crate::limits::{self, Limits};
 use crate::metering::store::{Metering, Usage};
+use crate::metrics;
 use crate::pricing::price::PriceError;
 use crate::pricing::{self, Charging, Meter};
 use crate::tenancy::current_tenant;
@@ -241,6 +242,7 @@ fn ingest(
         let mut out = Spi::connect_mut(|client| ingest_events(client, vec![event], true))?;
         Ok(out.remove(0))
     })();
+    metrics::count(result.as_ref().map_or("rejected", |o| o.status));
     TableIterator::once(result.or_raise().row())
 }
 
@@ -275,6 +277,10 @@ fn ingest_batch(
         }
         Spi::connect_mut(|client| ingest_events(client, parsed, false))
     })();
+    match &result {
+        Ok(outcomes) => outcomes.iter().for_each(|o| metrics::count(o.status)),
+        Err(_) => metrics::count("rejected"),
+    }
     TableIterator::new(result.or_raise().into_iter().map(Outcome::batch_row))
 }
 

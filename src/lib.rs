@@ -23,6 +23,7 @@ mod input;
 mod ledger;
 mod limits;
 mod metering;
+mod metrics;
 mod pricing;
 mod quotes;
 mod reloads;
@@ -41,6 +42,7 @@ mod windows;
 /// Runs when a backend first loads pg_billing: registers its settings.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    metrics::init();
     db::define_settings();
     pricing::watch_meter_changes();
     direct::watch_column_changes();
@@ -146,7 +148,8 @@ extension_sql_file!(
         "webhooks",
         "checkouts",
         "alerts",
-        "grant_controls"
+        "grant_controls",
+        metrics::usage_answers
     ]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
