@@ -3389,12 +3389,24 @@ BEGIN
 END
 $$;
 
+-- What a projection did to plan credit, as the columns its callers read:
+-- granted and revoked are amounts; suspended and resumed count grants.
+CREATE FUNCTION billing.credit_figures(credit jsonb, OUT credit_granted bigint, OUT credit_suspended integer,
+                                       OUT credit_resumed integer, OUT credit_revoked bigint)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT coalesce((credit ->> 'granted')::bigint, 0), coalesce((credit ->> 'suspended')::integer, 0),
+           coalesce((credit ->> 'resumed')::integer, 0), coalesce((credit ->> 'revoked')::bigint, 0)
+$$;
+
 -- A subscription refused because its account has another live one: kept,
 -- newest observation first, for the application to refund, and applied by
 -- itself once the live one ends.
 CREATE FUNCTION billing.record_subscription_conflict(tenant text, who text, provider text, provider_id text,
                                                     state text, subscription jsonb, observed_at timestamptz)
-RETURNS TABLE (subscription_id bigint, account text, status text, outcome text, changes jsonb, credit jsonb)
+RETURNS TABLE (subscription_id bigint, account text, status text, outcome text, changes jsonb,
+               credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
@@ -3411,7 +3423,7 @@ BEGIN
             live_subscription_id = excluded.live_subscription_id, recorded_at = now(), resolved_at = NULL
         WHERE c.observed_at <= excluded.observed_at;
     RETURN QUERY SELECT NULL::bigint, who, state, 'conflict'::text,
-        jsonb_build_object('live_subscription_id', live), '{}'::jsonb;
+        jsonb_build_object('live_subscription_id', live), f.* FROM billing.credit_figures('{}') f;
 END
 $$;
 
@@ -3444,8 +3456,8 @@ CREATE FUNCTION billing.sync_subscription(
     observed_at timestamptz DEFAULT now(),
     provider text DEFAULT 'stripe',
     source text DEFAULT 'poll')
-RETURNS TABLE (subscription_id bigint, account text, status text, outcome text,
-               changes jsonb, credit jsonb)
+RETURNS TABLE (subscription_id bigint, account text, status text, outcome text, changes jsonb,
+               credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
@@ -3584,7 +3596,7 @@ BEGIN
     IF old.id IS NOT NULL AND (old.observed_at > sync_subscription.observed_at
                                OR NOT billing.subscription_can_become(old.status, v_status)) THEN
         RETURN QUERY SELECT old.id, old.account, old.status, 'stale'::text,
-            jsonb_build_object('applied_observation', old.observed_at), '{}'::jsonb;
+            jsonb_build_object('applied_observation', old.observed_at), f.* FROM billing.credit_figures('{}') f;
         RETURN;
     END IF;
     -- the subscription moves to another account (its customer with it)
@@ -3711,7 +3723,7 @@ BEGIN
                                                diff, given);
     RETURN QUERY SELECT cur.id, cur.account, cur.status,
         CASE WHEN old.id IS NULL THEN 'created' WHEN diff = '{}' THEN 'unchanged' ELSE 'updated' END,
-        diff, given;
+        diff, f.* FROM billing.credit_figures(given) f;
     IF billing.subscription_access(cur.status) = 'ended' THEN
         -- its place is free: a subscription refused for it applies now (one
         -- that still cannot, e.g. its plan retired meanwhile, stays recorded)
@@ -3755,7 +3767,7 @@ CREATE FUNCTION billing.sync_invoice(
     observed_at timestamptz DEFAULT now(),
     provider text DEFAULT 'stripe')
 RETURNS TABLE (invoice_id text, subscription text, status text, outcome text, paid_through timestamptz,
-               credit jsonb)
+               credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
@@ -3792,7 +3804,8 @@ BEGIN
     v_sub := billing.stripe_invoice_subscription(invoice);
     v_status := coalesce(invoice ->> 'status', 'draft');
     IF v_sub IS NULL OR length(v_sub) > 255 THEN
-        RETURN QUERY SELECT v_id, NULL::text, v_status, 'ignored'::text, NULL::timestamptz, '{}'::jsonb;
+        RETURN QUERY SELECT v_id, NULL::text, v_status, 'ignored'::text, NULL::timestamptz, f.*
+                     FROM billing.credit_figures('{}') f;
         RETURN;
     END IF;
     IF v_status NOT IN ('draft', 'open', 'paid', 'uncollectible', 'void') THEN
@@ -3835,7 +3848,7 @@ BEGIN
     IF s.id IS NULL OR v_status <> 'paid' OR changed = 0 OR v_end IS NULL OR s.paid_through >= v_end THEN
         RETURN QUERY SELECT v_id, v_sub, v_status,
             CASE WHEN changed = 0 THEN 'unchanged' WHEN s.id IS NULL THEN 'recorded' ELSE 'updated' END,
-            s.paid_through, '{}'::jsonb;
+            s.paid_through, f.* FROM billing.credit_figures('{}') f;
         RETURN;
     END IF;
     UPDATE billing.subscriptions x SET paid_through = greatest(x.paid_through, v_end), updated_at = now()
@@ -3844,7 +3857,8 @@ BEGIN
     given := billing.subscription_credit(s);
     PERFORM billing.record_subscription_change(s, 'invoice', observed_at,
         jsonb_build_object('paid_through', jsonb_build_array(NULL, s.paid_through), 'invoice', v_id), given);
-    RETURN QUERY SELECT v_id, v_sub, v_status, 'updated'::text, s.paid_through, given;
+    RETURN QUERY SELECT v_id, v_sub, v_status, 'updated'::text, s.paid_through, f.*
+                 FROM billing.credit_figures(given) f;
 END
 $$;
 
@@ -3913,7 +3927,8 @@ $$;
 -- raises the per-seat allowance of its live subscription at once (never
 -- lowers it within a period; while delinquent, it applies on recovery).
 CREATE FUNCTION billing.set_seats(account text, seats integer)
-RETURNS TABLE (seat_account text, seat_count integer, changed boolean, credit jsonb)
+RETURNS TABLE (seat_account text, seat_count integer, changed boolean,
+               credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
@@ -3932,7 +3947,7 @@ BEGIN
     END IF;
     was := billing.lock_seats(set_seats.account);
     IF was = set_seats.seats THEN
-        RETURN QUERY SELECT set_seats.account, set_seats.seats, false, '{}'::jsonb;
+        RETURN QUERY SELECT set_seats.account, set_seats.seats, false, f.* FROM billing.credit_figures('{}') f;
         RETURN;
     END IF;
     UPDATE billing.seats x SET seats = set_seats.seats, updated_at = now()
@@ -3945,13 +3960,13 @@ BEGIN
     WHERE x.tenant_id = tenant AND x.account = set_seats.account AND billing.subscription_is_live(x.status)
     FOR UPDATE;
     IF sub.id IS NULL THEN
-        RETURN QUERY SELECT set_seats.account, set_seats.seats, true, '{}'::jsonb;
+        RETURN QUERY SELECT set_seats.account, set_seats.seats, true, f.* FROM billing.credit_figures('{}') f;
         RETURN;
     END IF;
     given := billing.subscription_credit(sub);
     PERFORM billing.record_subscription_change(sub, 'seats', now(),
         jsonb_build_object('seats_counted', jsonb_build_array(was, set_seats.seats)), given);
-    RETURN QUERY SELECT set_seats.account, set_seats.seats, true, given;
+    RETURN QUERY SELECT set_seats.account, set_seats.seats, true, f.* FROM billing.credit_figures(given) f;
 END
 $$;
 

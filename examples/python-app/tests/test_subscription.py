@@ -16,7 +16,7 @@ def test_subscriber_gets_the_plans_allowance(client, admin, stripe):
     assert r.status_code == 201
     sub = r.get_json()
     assert (sub["status"], sub["outcome"]) == ("incomplete", "created")
-    assert sub["credit"]["granted"] == 0
+    assert sub["credit_granted"] == 0
     assert sub["pay_url"].startswith("https://invoice.stripe.test/")
     assert client.post("/billing/subscription", headers=user(uid)).status_code == 409
 
@@ -28,12 +28,12 @@ def test_subscriber_gets_the_plans_allowance(client, admin, stripe):
     stripe.pay_subscription(sub["subscription"])
     r = client.post("/billing/subscription/refresh", headers=user(uid)).get_json()
     assert (r["status"], r["outcome"]) == ("active", "updated")
-    assert r["credit"]["granted"] == 100
+    assert r["credit_granted"] == 100
     assert available(admin, f"user:{uid}") == 100
 
     # polled again: the same state, nothing granted twice
     r = client.post("/billing/subscription/refresh", headers=user(uid)).get_json()
-    assert (r["outcome"], r["credit"]["granted"]) == ("unchanged", 0)
+    assert (r["outcome"], r["credit_granted"]) == ("unchanged", 0)
     assert available(admin, f"user:{uid}") == 100
 
     assert ask(client, user(uid)).get_json()["remaining"] == 99
@@ -65,8 +65,8 @@ def test_a_past_due_subscription_asks_for_a_new_card(client, admin, stripe):
     stripe.payment_fails(sub)
     r = client.post("/billing/subscription/refresh", headers=user(uid)).get_json()
     assert (r["status"], r["outcome"]) == ("past_due", "updated")
-    # credit.suspended counts grants (granted/revoked are amounts); the amount held back:
-    assert r["credit"]["suspended"] == 1
+    # credit_suspended counts grants (granted/revoked are amounts); the amount held back:
+    assert r["credit_suspended"] == 1
     assert db.one(admin, """SELECT allowance_left, allowance_suspended FROM billing.subscription_status
                             WHERE account = %s""", (f"user:{uid}",)) == {"allowance_left": 0,
                                                                      "allowance_suspended": 99}
@@ -81,7 +81,7 @@ def test_a_past_due_subscription_asks_for_a_new_card(client, admin, stripe):
     # the card is fixed: the rest of the period comes back
     stripe.subscriptions[sub]["status"] = "active"
     r = client.post("/billing/subscription/refresh", headers=user(uid)).get_json()
-    assert r["status"] == "active" and r["credit"]["resumed"] == 1
+    assert r["status"] == "active" and r["credit_resumed"] == 1
     assert available(admin, f"user:{uid}") == 99
     assert ask(client, user(uid)).get_json()["remaining"] == 98
 

@@ -90,40 +90,40 @@ LANGUAGE sql AS $$
 $$;
 
 -- 1. A 14-day trial of the starter plan: its allowance, for free.
-SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('trialing', 'price_life_starter', 1, 0, 14));
+SELECT outcome, status, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('trialing', 'price_life_starter', 1, 0, 14));
 SELECT cost, available FROM billing.ingest('org_life', 'life_credits', 1, key => 'life:1', cost => 300);
 SELECT * FROM pg_temp.state();
 
 -- 2. The trial ends; the first invoice is paid: the first paid period opens.
 SELECT pg_temp.days_pass(14);
-SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_starter', 1, 0, 30));
+SELECT outcome, status, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_starter', 1, 0, 30));
 SELECT * FROM pg_temp.state();
-SELECT outcome, credit FROM billing.sync_invoice(pg_temp.inv('in_life_1', 'paid', 900, 0, 30));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_invoice(pg_temp.inv('in_life_1', 'paid', 900, 0, 30));
 SELECT * FROM pg_temp.state();
 
 -- 3. Ten days in, 800 used, an upgrade to the team plan with 2 seats (500
 -- each: no more than the starter's 1000), then 2 seats more.
 SELECT pg_temp.days_pass(10);
 SELECT cost, available FROM billing.ingest('org_life', 'life_credits', 1, key => 'life:2', cost => 800);
-SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 2, -10, 20));
-SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, -10, 20));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 2, -10, 20));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, -10, 20));
 SELECT * FROM pg_temp.state();
 
 -- 4. The renewal: the new period starts, its payment fails.
 SELECT pg_temp.days_pass(20);
-SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, 0, 30));
-SELECT outcome, credit FROM billing.sync_invoice(pg_temp.inv('in_life_2', 'open', 0, 0, 30));
-SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('past_due', 'price_life_team', 4, 0, 30));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, 0, 30));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_invoice(pg_temp.inv('in_life_2', 'open', 0, 0, 30));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('past_due', 'price_life_team', 4, 0, 30));
 SELECT * FROM pg_temp.state(1);
 
 -- 5. Two days later the retry succeeds: the period opens with the team's allowance.
 SELECT pg_temp.days_pass(2);
-SELECT outcome, credit FROM billing.sync_invoice(pg_temp.inv('in_life_2', 'paid', 6000, -2, 28));
-SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, -2, 28));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_invoice(pg_temp.inv('in_life_2', 'paid', 6000, -2, 28));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 4, -2, 28));
 SELECT * FROM pg_temp.state();
 
 -- 6. A seat is removed: the running period keeps its allowance.
-SELECT outcome, credit FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28));
+SELECT outcome, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28));
 SELECT * FROM pg_temp.state();
 
 -- 6b. Eight more months, each renewed and paid on time, each using 1,200
@@ -148,11 +148,11 @@ $$;
 SELECT * FROM life_months ORDER BY month;
 
 -- 7. Cancelled at the period end: kept until then; then it ends.
-SELECT outcome, changes ->> 'ends_at' IS NOT NULL AS ends_at_set, credit
+SELECT outcome, changes ->> 'ends_at' IS NOT NULL AS ends_at_set, credit_granted, credit_revoked
 FROM billing.sync_subscription(pg_temp.sub('active', 'price_life_team', 3, -2, 28, '{"cancel_at_period_end": true}'));
 SELECT * FROM pg_temp.state();
 SELECT pg_temp.days_pass(28);
-SELECT outcome, status, credit FROM billing.sync_subscription(pg_temp.sub('canceled', 'price_life_team', 3, -28, 0));
+SELECT outcome, status, credit_granted, credit_suspended, credit_resumed, credit_revoked FROM billing.sync_subscription(pg_temp.sub('canceled', 'price_life_team', 3, -28, 0));
 SELECT * FROM pg_temp.state();
 
 -- 8. The tenant's free plan applies from then on (and never while the subscription lived).
