@@ -1,5 +1,8 @@
 //! Usage events answered, by outcome, counted in shared memory: applied,
-//! duplicate (a replayed key) and rejected (refused, or the call failed).
+//! duplicate (a replayed key) and rejected (what pg_billing refused: a strict
+//! event it could not pay, bad input, a limit; a failed batch counts once).
+//! An error PostgreSQL raises under the call (a lock or statement timeout, a
+//! deadlock) ends it before it is counted.
 //! Those answers write nothing a query could count afterwards, so they are
 //! counted as they are given, whether or not the caller's transaction then
 //! commits. The memory is set aside at server start, so the counters are kept

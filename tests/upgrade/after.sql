@@ -5,16 +5,31 @@
 SELECT * FROM billing.ingest('org_1', 'ai', 1, key => 'after_1', cost => 100);
 SELECT * FROM billing.settle((SELECT id FROM billing.holds WHERE key = 'hold_open'), 700, key => 'after_settle');
 SELECT * FROM billing.grant('org_2', 'usd_mills', 50, kind => 'promo', key => 'after_promo');
--- a replay of a key used before the upgrade is still a duplicate
+-- priced usage continues its period: the month's total priced once (7 calls
+-- at 2.5 before, 3 now: 25 for the 10), less what the 7 were charged
+SELECT * FROM billing.ingest('org_1', 'calls', 3, key => 'after_calls');
+-- a new account's pool takes the next pool id
+SELECT * FROM billing.grant('org_new', 'usd_mills', 10, key => 'after_new');
 DO $$
 BEGIN
+    IF (SELECT cost FROM billing.usage_events WHERE key = 'after_calls')
+       <> 25 - (SELECT cost FROM billing.usage_events WHERE key = 'req_2') THEN
+        RAISE EXCEPTION 'priced usage after the upgrade cost %, not 25 less the % charged before',
+            (SELECT cost FROM billing.usage_events WHERE key = 'after_calls'),
+            (SELECT cost FROM billing.usage_events WHERE key = 'req_2');
+    END IF;
+    IF (SELECT id FROM billing.pools WHERE account = 'org_new')
+       <= (SELECT max(id) FROM billing.pools WHERE account <> 'org_new') THEN
+        RAISE EXCEPTION 'a new pool reused an id: the pools id sequence did not carry over';
+    END IF;
     IF (SELECT status FROM billing.ingest('org_1', 'ai', 1, key => 'req_1', cost => 1234)) <> 'duplicate' THEN
         RAISE EXCEPTION 'a usage key from before the upgrade applied again';
     END IF;
     IF EXISTS (SELECT 1 FROM billing.verify_ledger()) THEN
         RAISE EXCEPTION 'verify_ledger after the upgrade: %', (SELECT string_agg(problem, '; ') FROM billing.verify_ledger());
     END IF;
-    IF (SELECT available FROM billing."check"('org_1', 'usd_mills')) <> 8328 - 100 + 800 - 700 THEN
+    IF (SELECT available FROM billing."check"('org_1', 'usd_mills'))
+       <> 8328 - 100 + 800 - 700 - (SELECT cost FROM billing.usage_events WHERE key = 'after_calls') THEN
         RAISE EXCEPTION 'org_1 has % available after the upgrade', (SELECT available FROM billing."check"('org_1', 'usd_mills'));
     END IF;
 END
