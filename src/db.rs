@@ -175,6 +175,9 @@ pub fn write_waiting_for<'conn>(
     args: &[DatumWithOid<'_>],
     what: &str,
 ) -> Result<SpiTupleTable<'conn>> {
+    // refused here, before pgrx asks for a transaction id (which on a hot
+    // standby fails with an internal error instead of 25006)
+    crate::direct::writing(c"this billing call");
     let p = plan(client, sql, true)?;
     let _generic = generic_plans();
     Ok(waiting_for(what, || client.update(&*p, None, args))?)

@@ -31,9 +31,10 @@ pub fn snapshot_isolation() -> bool {
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
-/// Refuse to lock or write in a read-only transaction (25006) or in
-/// parallel mode, as a statement that writes is refused.
-fn writing(what: &CStr) {
+/// Refuse to lock or write in a read-only transaction (25006; a hot
+/// standby's transactions are read-only) or in parallel mode, as a statement
+/// that writes is refused.
+pub fn writing(what: &CStr) {
     // SAFETY: both raise an ERROR, or return.
     unsafe {
         pg_sys::PreventCommandIfReadOnly(what.as_ptr());

@@ -164,6 +164,44 @@ impl Cluster {
         cluster
     }
 
+    /// A hot standby of `primary` in `dir` on `port`: a base backup taken
+    /// over the replication protocol (`pg_basebackup -R`, so it streams from
+    /// the primary), started read-only.
+    pub fn replica_of(primary: &Cluster, dir: impl AsRef<Path>, port: u16) -> Cluster {
+        let replica = Cluster {
+            dir: dir.as_ref().to_path_buf(),
+            port,
+        };
+        replica.remove();
+        let d = replica.dir_str();
+        let source_port = primary.port.to_string();
+        as_postgres(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &source_port,
+                "-U",
+                "postgres",
+                "-D",
+                &d,
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let path = replica.dir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).expect("read the replica's postgresql.conf");
+        text.push_str(&format!("\nport = {port}\nhot_standby = on\n"));
+        fs::write(&path, text).expect("write the replica's postgresql.conf");
+        replica.start();
+        replica
+    }
+
     fn dir_str(&self) -> String {
         self.dir.to_str().expect("utf-8 cluster path").to_string()
     }
