@@ -10,7 +10,7 @@
 -- is preloaded (src/metrics.rs).
 CREATE FUNCTION billing.metrics()
 RETURNS TABLE (metric text, tenant text, label text, value bigint)
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
     SELECT 'usage_events_written', NULL, NULL, s.n_tup_ins

@@ -6216,7 +6216,7 @@ CREATE  FUNCTION "usage_answers"() RETURNS TABLE (
 	"outcome" TEXT,  /* String */
 	"events" bigint  /* i64 */
 )
-STRICT STABLE
+STRICT
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'usage_answers_wrapper';
 
@@ -6232,7 +6232,7 @@ AS 'MODULE_PATHNAME', 'usage_answers_wrapper';
 -- is preloaded (src/metrics.rs).
 CREATE FUNCTION billing.metrics()
 RETURNS TABLE (metric text, tenant text, label text, value bigint)
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
     SELECT 'usage_events_written', NULL, NULL, s.n_tup_ins

@@ -60,8 +60,8 @@ pub fn count(status: &str) {
 }
 
 /// The counters, for `billing.metrics()` (sql/metrics.sql); no rows when
-/// they are not kept.
-#[pg_extern(stable)]
+/// they are not kept. Volatile: they move while a statement runs.
+#[pg_extern]
 fn usage_answers() -> TableIterator<'static, (name!(outcome, String), name!(events, i64))> {
     let rows = answers().map_or_else(Vec::new, |a| {
         [

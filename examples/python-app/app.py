@@ -252,7 +252,8 @@ def create_app(dsn: str, provider, tenant: str = "demo", model=echo_model) -> Fl
         return sync_subscription(c, sub, fetched_at)
 
     def sync_subscription(c, sub: dict, fetched_at: datetime) -> dict:
-        row = db.one(c, """SELECT status, outcome, credit_granted, credit_suspended, credit_resumed
+        row = db.one(c, """SELECT status, outcome, credit_granted, credit_suspended, credit_resumed,
+                                  credit_revoked
                            FROM billing.sync_subscription(%s, observed_at => %s, source => 'poll')""",
                      (Jsonb(sub), fetched_at))
         return {"subscription": sub["id"], **row}
