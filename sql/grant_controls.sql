@@ -183,6 +183,22 @@ BEGIN
 END
 $$;
 
+-- Grant request `grant_id` of `tenant`, locked; 42704 if there is none.
+CREATE FUNCTION billing.locked_grant_approval(tenant text, grant_id bigint) RETURNS billing.grant_approvals
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+DECLARE a billing.grant_approvals;
+BEGIN
+    SELECT * INTO a FROM billing.grant_approvals x
+    WHERE x.tenant_id = tenant AND x.grant_id = locked_grant_approval.grant_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no grant % waits for approval', grant_id USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN a;
+END
+$$;
+
 -- The pending grant `grant_id`, locked, now approved by `approver`, for
 -- billing.approve_grant (src/grants.rs) to apply; `already` when it was
 -- approved before (the grant exists).
@@ -196,11 +212,7 @@ AS $$
 DECLARE
     a billing.grant_approvals;
 BEGIN
-    SELECT * INTO a FROM billing.grant_approvals x
-    WHERE x.tenant_id = tenant AND x.grant_id = approve_pending_grant.grant_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no grant % waits for approval', grant_id USING ERRCODE = 'undefined_object';
-    END IF;
+    a := billing.locked_grant_approval(tenant, grant_id);
     IF a.status = 'rejected' THEN
         RAISE EXCEPTION 'grant % was rejected by "%": it cannot be approved', grant_id, a.decided_by
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Ask for it again with another key.';
@@ -237,11 +249,7 @@ BEGIN
     IF grant_id IS NULL THEN
         RAISE EXCEPTION 'grant_id may not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT * INTO a FROM billing.grant_approvals x
-    WHERE x.tenant_id = tenant AND x.grant_id = reject_grant.grant_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no grant % waits for approval', grant_id USING ERRCODE = 'undefined_object';
-    END IF;
+    a := billing.locked_grant_approval(tenant, grant_id);
     IF a.status = 'approved' THEN
         RAISE EXCEPTION 'grant % was approved by "%" and applied: void it instead', grant_id, a.decided_by
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'billing.void_grant takes back what is unspent.';

@@ -286,7 +286,7 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     }
     if given_by_hand(req.kind) {
         if let Some(needs) = control(client, &tenant, req, by)? {
-            ask_approval(client, &tenant, id, req, &hash, &needs)?;
+            ask_approval(client, &tenant, id, req, &hash, &needs, by)?;
             return Ok((
                 id,
                 "pending_approval".into(),
@@ -337,6 +337,11 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     ))
 }
 
+/// A role as a statement argument (cast back with `$n::oid::regrole`).
+fn role_arg(role: pg_sys::Oid) -> i64 {
+    i64::from(role.to_u32())
+}
+
 /// The unit's grant policy on a grant by hand by role `by`: refuses it
 /// (raising), or says why it must wait for approval (None: apply it now).
 fn control(
@@ -351,7 +356,7 @@ fn control(
         req.unit.into(),
         req.amount.into(),
         req.reason.into(),
-        i64::from(by.to_u32()).into(),
+        role_arg(by).into(),
     ];
     db::write(client, &GRANT_CONTROL, &args)?
         .next()
@@ -360,7 +365,8 @@ fn control(
         .map(Option::flatten)
 }
 
-/// Keep grant `id` waiting for a second role's approval, under its key.
+/// Keep grant `id`, asked for by role `by`, waiting for a second role's
+/// approval, under its key.
 fn ask_approval(
     client: &mut SpiClient<'_>,
     tenant: &str,
@@ -368,6 +374,7 @@ fn ask_approval(
     req: &GrantRequest<'_>,
     hash: &[u8],
     needs: &str,
+    by: pg_sys::Oid,
 ) -> Result<()> {
     db::write(
         client,
@@ -387,7 +394,7 @@ fn ask_approval(
             JsonB(req.metadata.clone()).into(),
             req.reason.into(),
             needs.into(),
-            i64::from(tenancy::outer_role().to_u32()).into(),
+            role_arg(by).into(),
         ],
     )?;
     Ok(())
@@ -428,7 +435,7 @@ fn apply_approved(client: &mut SpiClient<'_>, tenant: &str, id: i64) -> Result<G
     let args = [
         tenant.into(),
         id.into(),
-        i64::from(tenancy::outer_role().to_u32()).into(),
+        role_arg(tenancy::outer_role()).into(),
     ];
     let rows = db::write(client, &APPROVE, &args)?;
     let row = rows
@@ -553,7 +560,7 @@ pub fn add_to_locked(
             JsonB(g.metadata).into(),
             repaid.into(),
             available.into(),
-            g.granted_by.map(|r| i64::from(r.to_u32())).into(),
+            g.granted_by.map(role_arg).into(),
             g.reason.into(),
         ],
     )?;

@@ -108,9 +108,15 @@ pub fn outer_role() -> Oid {
 /// application's own money-in code); a support role (`billing_support`
 /// alone) grants only by hand, under the tenant's grant policy.
 pub fn may_credit_payments(role: Oid) -> bool {
-    // SAFETY: catalog lookups; a superuser has every role's privileges.
-    let app = unsafe { pg_sys::get_role_oid(c"billing_app".as_ptr(), true) };
-    app != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, app) }
+    has_privileges_of(role, c"billing_app")
+}
+
+/// Has `role` the privileges of the role named `name` (one of the billing
+/// roles; false if it does not exist)? A superuser has every role's.
+fn has_privileges_of(role: Oid, name: &CStr) -> bool {
+    // SAFETY: plain catalog lookups.
+    let named = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
+    named != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, named) }
 }
 
 /// The calling role (`outer_role`), for the SQL functions that record who
@@ -162,9 +168,7 @@ fn authorize(role: Oid, tenant: &str) -> Result<()> {
             role: format!("{} (dropped)", role.to_u32()),
         });
     };
-    // SAFETY: plain catalog lookups on an existing role.
-    let admin = unsafe { pg_sys::get_role_oid(c"billing_admin".as_ptr(), true) };
-    if admin != pg_sys::InvalidOid && unsafe { pg_sys::has_privs_of_role(role, admin) } {
+    if has_privileges_of(role, c"billing_admin") {
         return Ok(());
     }
     let granted = tenant_granted(role, tenant)?;

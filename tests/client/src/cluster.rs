@@ -152,14 +152,10 @@ impl Cluster {
             ],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let conf = format!(
+        cluster.append_conf(&format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
              max_connections = 100\nshared_buffers = 128MB\nlog_min_messages = warning\n"
-        );
-        let path = cluster.dir.join("postgresql.conf");
-        let mut text = fs::read_to_string(&path).expect("read postgresql.conf");
-        text.push_str(&conf);
-        fs::write(&path, text).expect("write postgresql.conf");
+        ));
         cluster.start();
         cluster
     }
@@ -194,12 +190,17 @@ impl Cluster {
             ],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let path = replica.dir.join("postgresql.conf");
-        let mut text = fs::read_to_string(&path).expect("read the replica's postgresql.conf");
-        text.push_str(&format!("\nport = {port}\nhot_standby = on\n"));
-        fs::write(&path, text).expect("write the replica's postgresql.conf");
+        replica.append_conf(&format!("\nport = {port}\nhot_standby = on\n"));
         replica.start();
         replica
+    }
+
+    /// Add `settings` at the end of its postgresql.conf (later lines win).
+    fn append_conf(&self, settings: &str) {
+        let path = self.dir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).expect("read postgresql.conf");
+        text.push_str(settings);
+        fs::write(&path, text).expect("write postgresql.conf");
     }
 
     fn dir_str(&self) -> String {
