@@ -46,3 +46,31 @@ install_extension() {
   log "building and installing pg_billing ${profile_flag:+($profile_flag)}"
   (cd "$REPO_ROOT" && cargo pgrx install --pg-config "$PG_CONFIG" $profile_flag >/dev/null)
 }
+
+# start_router_deployment DIR PORT SHARDS [CONF]: SHARDS shard clusters (each
+# its own cluster in DIR/shardN on PORT+N, database "app", pg_billing and
+# router/shard.sql, numbered i - 1) and a router cluster (DIR/router on PORT, database "app",
+# router/router.sql and router/functions.sql) whose partitions are spread
+# over the shards. The extension must be installed already.
+start_router_deployment() {
+  local dir=$1 port=$2 shards=$3 extra=${4:-}
+  local connstrs=() i
+  for i in $(seq 1 "$shards"); do
+    start_cluster "$dir/shard$i" $((port + i)) "$extra"
+    as_postgres psql -q -X -h /tmp -p $((port + i)) -U postgres -d postgres -c "CREATE DATABASE app" >/dev/null
+    as_postgres psql -q -X -h /tmp -p $((port + i)) -U postgres -d app -v ON_ERROR_STOP=1 \
+      -c "CREATE EXTENSION pg_billing" -f "$REPO_ROOT/router/shard.sql" \
+      -c "SELECT billing_router.number_shard($((i - 1)))" >/dev/null
+    connstrs+=("'host=127.0.0.1 port=$((port + i)) dbname=app'")
+  done
+  start_cluster "$dir/router" "$port" "$extra"
+  as_postgres psql -q -X -h /tmp -p "$port" -U postgres -d postgres -c "CREATE DATABASE app" >/dev/null
+  as_postgres psql -q -X -h /tmp -p "$port" -U postgres -d app -v ON_ERROR_STOP=1 \
+    -f "$REPO_ROOT/router/router.sql" -f "$REPO_ROOT/router/functions.sql" \
+    -c "SELECT * FROM billing_router.set_shards(ARRAY[$(IFS=,; echo "${connstrs[*]}")])" >/dev/null
+}
+
+stop_router_deployment() {
+  local dir=$1 d
+  for d in "$dir"/router "$dir"/shard*; do stop_cluster "$d"; done
+}
