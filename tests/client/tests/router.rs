@@ -203,6 +203,8 @@ fn billing_through_a_router_over_three_shards() {
     calls_by_id(&d, &mut ops);
     batches_across_shards(&d, &mut ops);
     webhooks(&d, &mut ops);
+    subscriptions(&d, &mut ops);
+    two_accounts(&d, &mut ops);
     tenants(&d, &mut ops);
     zero_overspend(&d, &mut ops);
 
@@ -497,6 +499,129 @@ fn webhooks(d: &Deployment, c: &mut Client) {
         d.per_shard("SELECT count(*) FROM billing.webhook_events WHERE status = 'rejected'"),
         expected,
         "the forged delivery is kept on the home shard"
+    );
+}
+
+/// Stripe's subscription object, for `account` (named in its metadata or not).
+fn subscription(id: &str, customer: &str, metadata: Value, status: &str) -> Value {
+    let now = unix_now() as i64;
+    let mut s = fixture("subscription");
+    for (k, v) in [
+        ("id", json!(id)),
+        ("status", json!(status)),
+        ("customer", json!(customer)),
+        ("metadata", metadata),
+        ("cancel_at", Value::Null),
+        ("canceled_at", Value::Null),
+        ("ended_at", Value::Null),
+        ("cancel_at_period_end", json!(false)),
+        ("trial_start", Value::Null),
+        ("trial_end", Value::Null),
+        ("pause_collection", Value::Null),
+    ] {
+        s[k] = v;
+    }
+    let item = &mut s["items"]["data"][0];
+    item["price"]["id"] = json!("price_basic_m");
+    item["plan"]["id"] = json!("price_basic_m");
+    item["quantity"] = json!(1);
+    item["current_period_start"] = json!(now - 60);
+    item["current_period_end"] = json!(now + 30 * 86_400);
+    item["subscription"] = json!(id);
+    s
+}
+
+/// A polled subscription goes to the shard of the account it names; a later
+/// poll that names only its customer, and an invoice that names only the
+/// subscription, follow it there.
+fn subscriptions(d: &Deployment, c: &mut Client) {
+    c.batch_execute(
+        r#"SELECT * FROM billing.define_plan('basic', '{"usd_mills": {"amount": 1000}}',
+                                           '[{"price_id": "price_basic_m", "interval": "month", "amount": 2000}]')"#,
+    )
+    .unwrap();
+    let home = d.shard_of(None, "");
+    let owner = account_on(d, None, "subscriber", (home + 2) % SHARDS as usize);
+    let sync = |c: &mut Client, s: &Value| -> (String, String) {
+        let row = c
+            .query_one(
+                "SELECT outcome, account FROM billing.sync_subscription($1::text::jsonb)",
+                &[&s.to_string()],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let first = subscription(
+        "sub_router_1",
+        "cus_router_1",
+        json!({"account": owner}),
+        "active",
+    );
+    assert_eq!(sync(c, &first), ("created".into(), owner.clone()));
+    assert_eq!(available(c, &owner, "usd_mills"), 1000, "the plan's credit");
+    let later = subscription("sub_router_1", "cus_router_1", json!({}), "past_due");
+    assert_eq!(sync(c, &later), ("updated".into(), owner.clone()));
+    let mut invoice = fixture("invoice");
+    for (k, v) in [
+        ("id", json!("in_router_1")),
+        ("status", json!("open")),
+        ("amount_paid", json!(0)),
+        ("customer", json!("cus_other")),
+        ("subscription", Value::Null),
+        (
+            "parent",
+            json!({"type": "subscription_details", "quote_details": null,
+                   "subscription_details": {"subscription": "sub_router_1", "metadata": {}}}),
+        ),
+    ] {
+        invoice[k] = v;
+    }
+    let subscription_of: String = c
+        .query_one(
+            "SELECT subscription FROM billing.sync_invoice($1::text::jsonb)",
+            &[&invoice.to_string()],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(subscription_of, "sub_router_1");
+    let mut expected = vec![0; SHARDS as usize];
+    expected[(home + 2) % SHARDS as usize] = 1;
+    assert_eq!(
+        d.per_shard("SELECT count(*) FROM billing.subscriptions"),
+        expected
+    );
+}
+
+/// convert_guest moves a guest's allowance to an account in one transaction:
+/// only when both are on one shard.
+fn two_accounts(d: &Deployment, c: &mut Client) {
+    let guest = account_on(d, None, "guest", 0);
+    let member = account_on(d, None, "member", 0);
+    let elsewhere = account_on(d, None, "member", 1);
+    c.query_one(
+        "SELECT 1 FROM billing.set_allowance($1, 'ai_requests', 5, every => 'never')",
+        &[&guest],
+    )
+    .unwrap();
+    let e = c
+        .query(
+            "SELECT * FROM billing.convert_guest($1, $2)",
+            &[&guest, &elsewhere],
+        )
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    let status: String = c
+        .query_one(
+            "SELECT status FROM billing.convert_guest($1, $2)",
+            &[&guest, &member],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "converted");
+    assert_eq!(
+        available(c, &member, "ai_requests"),
+        5,
+        "the guest's allowance moved"
     );
 }
 
