@@ -65,12 +65,22 @@ BEGIN
 END
 $$;
 
+-- The tenant this call acts for, once pg_billing has accepted the calling
+-- role for it (42501 otherwise): what the functions below, which read past
+-- row-level security, may then read.
+CREATE OR REPLACE FUNCTION billing_router.checked_tenant(tenant text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    PERFORM billing_router.within(tenant);
+    RETURN billing.current_tenant();
+END
+$$;
+
 -- The account of the object an id names (a grant or a pending grant, a hold,
 -- a checkout intent, a reload request, an alert, a seat push) when it is on
 -- this shard in `tenant`; no row otherwise. The router asks every shard, then
--- sends the call to the account's. It reads past row-level security (as the
--- extension's own functions do) only after billing.current_tenant() has
--- accepted the calling role for the tenant.
+-- sends the call to the account's.
 CREATE OR REPLACE FUNCTION billing_router.owner_of(tenant text, kind text, id bigint) RETURNS SETOF text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -78,8 +88,7 @@ AS $$
 DECLARE
     t text;
 BEGIN
-    PERFORM billing_router.within(tenant);
-    t := billing.current_tenant();
+    t := billing_router.checked_tenant(tenant);
     RETURN QUERY
     SELECT o.account FROM (SELECT CASE kind
         WHEN 'grant' THEN coalesce((SELECT g.account FROM billing.grants g WHERE g.id = owner_of.id AND g.tenant_id = t),
@@ -149,8 +158,7 @@ AS $$
 DECLARE
     t text;
 BEGIN
-    PERFORM billing_router.within(tenant);
-    t := billing.current_tenant();
+    t := billing_router.checked_tenant(tenant);
     RETURN QUERY SELECT * FROM billing_router.object_owner(t, obj, provider);
 END
 $$;
@@ -169,8 +177,7 @@ DECLARE
     v record;
     payload jsonb;
 BEGIN
-    PERFORM billing_router.within(tenant);
-    t := billing.current_tenant();
+    t := billing_router.checked_tenant(tenant);
     SELECT * INTO ep FROM billing.webhook_endpoints e WHERE e.tenant_id = t AND e.name = endpoint;
     IF NOT FOUND OR octet_length(body) > 1048576 OR octet_length(headers::text) > 65536 THEN
         RETURN;
