@@ -19,8 +19,7 @@ CREATE FUNCTION billing_router.account(text, text, text, jsonb) RETURNS TABLE(ac
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.account($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.account((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.account(account text, name text DEFAULT NULL::text, metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(account text, name text, metadata jsonb, created_at timestamp with time zone)
 LANGUAGE sql VOLATILE AS $f$
@@ -31,8 +30,7 @@ CREATE FUNCTION billing_router.ack_alert(text, bigint, text) RETURNS SETOF billi
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'alert', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.ack_alert($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.ack_alert((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.ack_alert(alert bigint, by_whom text DEFAULT NULL::text) RETURNS SETOF billing.alerts
 LANGUAGE sql VOLATILE AS $f$
@@ -43,8 +41,7 @@ CREATE FUNCTION billing_router.ack_seat_push(text, bigint, integer) RETURNS SETO
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'seat_push', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.ack_seat_push($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.ack_seat_push((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.ack_seat_push(id bigint, seats integer) RETURNS boolean
 LANGUAGE sql VOLATILE AS $f$
@@ -55,8 +52,7 @@ CREATE FUNCTION billing_router.allowance_periods(text, timestamp with time zone,
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.allowance_periods($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.allowance_periods((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.allowance_periods(period_start timestamp with time zone, period_end timestamp with time zone) RETURNS TABLE(starts_at timestamp with time zone, ends_at timestamp with time zone)
 LANGUAGE sql STABLE AS $f$
@@ -67,8 +63,7 @@ CREATE FUNCTION billing_router.approve_grant(text, bigint) RETURNS TABLE(grant_i
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.approve_grant($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.approve_grant((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.approve_grant(grant_id bigint) RETURNS TABLE(grant_id bigint, status text, kind text, priority integer, amount bigint, remaining bigint, effective_at timestamp with time zone, expires_at timestamp with time zone, debt_repaid bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -79,8 +74,7 @@ CREATE FUNCTION billing_router.attach_checkout(text, bigint, text) RETURNS SETOF
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'checkout', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.attach_checkout($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.attach_checkout((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.attach_checkout(intent bigint, provider_session text) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -91,8 +85,7 @@ CREATE FUNCTION billing_router.balance(text, text, text, timestamp with time zon
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.balance($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.balance((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.balance(account text, unit text, as_of timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS TABLE(as_of timestamp with time zone, balance bigint, held bigint, debt bigint, available bigint)
 LANGUAGE sql STABLE AS $f$
@@ -103,8 +96,7 @@ CREATE FUNCTION billing_router."check"(text, text, text, bigint, text, text) RET
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing."check"($2, $3, $4, $5, $6) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing."check"((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6) pgb_r;
 $f$;
 CREATE FUNCTION billing."check"(account text, unit text, amount bigint DEFAULT 0, member text DEFAULT NULL::text, meter text DEFAULT NULL::text) RETURNS billing.check_result
 LANGUAGE sql STABLE AS $f$
@@ -115,8 +107,7 @@ CREATE FUNCTION billing_router.checkout_status(text, bigint) RETURNS TABLE(inten
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'checkout', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.checkout_status($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.checkout_status((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.checkout_status(intent bigint) RETURNS TABLE(intent_id bigint, status text, credits bigint, total bigint, currency text, expires_at timestamp with time zone, paid_at timestamp with time zone, credited bigint, note text)
 LANGUAGE sql STABLE AS $f$
@@ -127,8 +118,7 @@ CREATE FUNCTION billing_router.claim_reloads(text, text, interval, integer) RETU
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.claim_reloads($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.claim_reloads((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.claim_reloads(worker text, lease interval DEFAULT '00:05:00'::interval, max_requests integer DEFAULT 10) RETURNS TABLE(request_id bigint, account text, unit text, credits bigint, currency text, card_kind text, total bigint, fee bigint, credit_minor bigint, attempt integer, lease_until timestamp with time zone, charge_key text)
 LANGUAGE sql VOLATILE AS $f$
@@ -139,8 +129,7 @@ CREATE FUNCTION billing_router.complete_reload(text, bigint, text, bigint, text)
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'reload', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.complete_reload($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.complete_reload((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.complete_reload(request bigint, payment_ref text, amount_paid bigint, currency text) RETURNS TABLE(request_id bigint, status text, grant_id bigint, credited bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -151,8 +140,7 @@ CREATE FUNCTION billing_router.confirm_checkout(text, bigint, text, bigint, text
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'checkout', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.confirm_checkout($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.confirm_checkout((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.confirm_checkout(intent bigint, payment_ref text, amount_paid bigint, currency text) RETURNS TABLE(intent_id bigint, status text, grant_id bigint, credited bigint, available bigint, note text)
 LANGUAGE sql VOLATILE AS $f$
@@ -163,8 +151,7 @@ CREATE FUNCTION billing_router.convert_guest(text, text, text) RETURNS TABLE(uni
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_pair($1, $2, $3);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.convert_guest($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.convert_guest((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.convert_guest(guest text, account text) RETURNS TABLE(unit text, moved bigint, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -175,8 +162,7 @@ CREATE FUNCTION billing_router.currency_exponent(text, text) RETURNS SETOF integ
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.currency_exponent($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.currency_exponent((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.currency_exponent(currency text) RETURNS integer
 LANGUAGE sql STABLE AS $f$
@@ -199,8 +185,7 @@ CREATE FUNCTION billing_router.define_meter(text, text, text, numeric, text, tex
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.define_meter($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.define_meter((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) pgb_r;
 $f$;
 CREATE FUNCTION billing.define_meter(meter text, unit text, unit_price numeric DEFAULT NULL::numeric, description text DEFAULT NULL::text, aggregation text DEFAULT 'sum'::text, property text DEFAULT NULL::text, group_by text[] DEFAULT '{}'::text[], filter jsonb DEFAULT NULL::jsonb, lateness interval DEFAULT '48:00:00'::interval, late_events text DEFAULT 'reject'::text, future_skew interval DEFAULT '00:05:00'::interval, price jsonb DEFAULT NULL::jsonb) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -211,8 +196,7 @@ CREATE FUNCTION billing_router.define_plan(text, text, jsonb, jsonb, text, integ
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.define_plan($2, $3, $4, $5, $6, $7, $8) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.define_plan((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8) pgb_r;
 $f$;
 CREATE FUNCTION billing.define_plan(key text, allowances jsonb, prices jsonb DEFAULT '[]'::jsonb, name text DEFAULT NULL::text, priority integer DEFAULT 10, floor bigint DEFAULT NULL::bigint, trial_days integer DEFAULT 0) RETURNS TABLE(plan_id bigint, plan_key text, version integer, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -223,8 +207,7 @@ CREATE FUNCTION billing_router.define_unit(text, text, text) RETURNS SETOF text
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.define_unit($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.define_unit((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.define_unit(unit text, description text DEFAULT NULL::text) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -235,8 +218,7 @@ CREATE FUNCTION billing_router.define_webhook_endpoint(text, text, text, text, i
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.define_webhook_endpoint($2, $3, $4, $5, $6, $7, $8, $9) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.define_webhook_endpoint((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9) pgb_r;
 $f$;
 CREATE FUNCTION billing.define_webhook_endpoint(name text, scheme text, secret text, tolerance_seconds integer DEFAULT 300, signature_header text DEFAULT 'x-signature'::text, credit_unit text DEFAULT 'usd_cents'::text, credits_per_minor_unit bigint DEFAULT 1, currency text DEFAULT 'usd'::text) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -247,8 +229,7 @@ CREATE FUNCTION billing_router.disable_meter(text, text) RETURNS SETOF text
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.disable_meter($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.disable_meter((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.disable_meter(meter text) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -259,8 +240,7 @@ CREATE FUNCTION billing_router.disable_reload(text, text, text) RETURNS SETOF bi
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.disable_reload($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.disable_reload((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.disable_reload(account text, unit text) RETURNS SETOF billing.reload_rules
 LANGUAGE sql VOLATILE AS $f$
@@ -271,8 +251,7 @@ CREATE FUNCTION billing_router.enable_meter(text, text) RETURNS SETOF text
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.enable_meter($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.enable_meter((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.enable_meter(meter text) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -283,8 +262,7 @@ CREATE FUNCTION billing_router.end_allowance(text, text, text) RETURNS TABLE(all
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.end_allowance($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.end_allowance((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.end_allowance(account text, unit text) RETURNS TABLE(allowance_id bigint, ends_at timestamp with time zone, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -295,8 +273,7 @@ CREATE FUNCTION billing_router.fail_checkout(text, bigint, text) RETURNS SETOF t
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'checkout', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.fail_checkout($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.fail_checkout((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.fail_checkout(intent bigint, reason text) RETURNS text
 LANGUAGE sql VOLATILE AS $f$
@@ -307,8 +284,7 @@ CREATE FUNCTION billing_router.fail_reload(text, bigint, text, boolean, text) RE
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'reload', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.fail_reload($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.fail_reload((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.fail_reload(request bigint, reason text, retry boolean DEFAULT true, worker text DEFAULT NULL::text) RETURNS TABLE(request_id bigint, status text, attempts integer, next_attempt_at timestamp with time zone, rule_status text, rule_reason text)
 LANGUAGE sql VOLATILE AS $f$
@@ -319,8 +295,7 @@ CREATE FUNCTION billing_router."grant"(text, text, text, bigint, text, integer, 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing."grant"($2, $3, $4, $5, $6, $7, $8, $9, $10, $11) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing."grant"((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9, $10, $11) pgb_r;
 $f$;
 CREATE FUNCTION billing."grant"(account text, unit text, amount bigint, kind text DEFAULT 'manual'::text, priority integer DEFAULT NULL::integer, effective_at timestamp with time zone DEFAULT NULL::timestamp with time zone, expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, key text DEFAULT NULL::text, metadata jsonb DEFAULT '{}'::jsonb, reason text DEFAULT NULL::text) RETURNS TABLE(grant_id bigint, status text, kind text, priority integer, amount bigint, remaining bigint, effective_at timestamp with time zone, expires_at timestamp with time zone, debt_repaid bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -331,8 +306,7 @@ CREATE FUNCTION billing_router.grant_entry_totals(text, bigint[]) RETURNS TABLE(
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.grant_entry_totals($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.grant_entry_totals((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.grant_entry_totals(grant_ids bigint[]) RETURNS TABLE(grant_id bigint, kind billing.entry_kind, grant_amount bigint, debt_amount bigint)
 LANGUAGE sql STABLE AS $f$
@@ -343,8 +317,7 @@ CREATE FUNCTION billing_router.grant_state(text, text, bigint, timestamp with ti
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.grant_state($2, $3, $4, $5, $6) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.grant_state((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6) pgb_r;
 $f$;
 CREATE FUNCTION billing.grant_state(status text, remaining bigint, effective_at timestamp with time zone, expires_at timestamp with time zone, at timestamp with time zone) RETURNS text
 LANGUAGE sql STABLE AS $f$
@@ -355,8 +328,7 @@ CREATE FUNCTION billing_router.grant_tenant(text, text, name) RETURNS SETOF void
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.grant_tenant($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.grant_tenant((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.grant_tenant(tenant text, role name) RETURNS void
 LANGUAGE sql VOLATILE AS $f$
@@ -367,8 +339,7 @@ CREATE FUNCTION billing_router.ingest(text, text, text, numeric, text, timestamp
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.ingest($2, $3, $4, $5, $6, $7, $8, $9) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.ingest((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9) pgb_r;
 $f$;
 CREATE FUNCTION billing.ingest(account text, meter text, quantity numeric, key text DEFAULT NULL::text, occurred_at timestamp with time zone DEFAULT NULL::timestamp with time zone, properties jsonb DEFAULT '{}'::jsonb, cost bigint DEFAULT NULL::bigint, strict boolean DEFAULT false) RETURNS TABLE(event_id bigint, status text, meter text, unit text, cost bigint, covered bigint, debt_created bigint, drains jsonb, available bigint, entitled boolean)
 LANGUAGE sql VOLATILE AS $f$
@@ -379,8 +350,7 @@ CREATE FUNCTION billing_router.invoice_preview(text, text, timestamp with time z
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.invoice_preview($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.invoice_preview((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.invoice_preview(account text, period_at timestamp with time zone DEFAULT now(), projected boolean DEFAULT false) RETURNS TABLE(line integer, kind text, description text, meter text, unit text, quantity numeric, unit_price numeric, amount numeric)
 LANGUAGE sql STABLE AS $f$
@@ -391,8 +361,7 @@ CREATE FUNCTION billing_router.limits_status(text, text, text, text) RETURNS TAB
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.limits_status($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.limits_status((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.limits_status(account text, unit text, member text DEFAULT NULL::text) RETURNS TABLE(name text, member text, max bigint, used bigint, remaining bigint, window_start timestamp with time zone, resets_at timestamp with time zone)
 LANGUAGE sql STABLE AS $f$
@@ -403,8 +372,7 @@ CREATE FUNCTION billing_router.map_webhook_currency(text, text, text, text, inte
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.map_webhook_currency($2, $3, $4, $5, $6) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.map_webhook_currency((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6) pgb_r;
 $f$;
 CREATE FUNCTION billing.map_webhook_currency(endpoint text, currency text, unit text, unit_exponent integer DEFAULT NULL::integer, credits_per_minor_unit bigint DEFAULT NULL::bigint) RETURNS bigint
 LANGUAGE sql VOLATILE AS $f$
@@ -415,8 +383,7 @@ CREATE FUNCTION billing_router.mark_reported(text, text, text, timestamp with ti
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.mark_reported($2, $3, $4, $5, $6, $7) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.mark_reported((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7) pgb_r;
 $f$;
 CREATE FUNCTION billing.mark_reported(account text, meter text, period_start timestamp with time zone, quantity numeric, report_key text, shadow boolean DEFAULT false) RETURNS TABLE(status text, reported numeric)
 LANGUAGE sql VOLATILE AS $f$
@@ -439,8 +406,7 @@ CREATE FUNCTION billing_router.open_checkout(text, text, text, bigint, text, tex
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.open_checkout($2, $3, $4, $5, $6, $7, $8, $9, $10) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.open_checkout((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9, $10) pgb_r;
 $f$;
 CREATE FUNCTION billing.open_checkout(account text, unit text, credit_amount bigint, currency text, card_kind text, key text, expires_in interval DEFAULT '01:00:00'::interval, converted boolean DEFAULT false, credits_per_minor_unit bigint DEFAULT 1) RETURNS TABLE(intent_id bigint, status text, credits bigint, credit_minor bigint, fee bigint, total bigint, expires_at timestamp with time zone, outcome text)
 LANGUAGE sql VOLATILE AS $f$
@@ -451,8 +417,7 @@ CREATE FUNCTION billing_router.price_lines(text, jsonb, numeric) RETURNS TABLE(l
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.price_lines($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.price_lines((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.price_lines(price jsonb, quantity numeric) RETURNS TABLE(line integer, description text, quantity numeric, unit_price numeric, amount numeric)
 LANGUAGE sql STABLE AS $f$
@@ -463,8 +428,7 @@ CREATE FUNCTION billing_router.price_total(text, jsonb, numeric) RETURNS SETOF b
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.price_total($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.price_total((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.price_total(price jsonb, quantity numeric) RETURNS bigint
 LANGUAGE sql STABLE AS $f$
@@ -475,8 +439,7 @@ CREATE FUNCTION billing_router.purge_webhook_events(text, interval, boolean) RET
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.purge_webhook_events($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.purge_webhook_events((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.purge_webhook_events(older_than interval DEFAULT '30 days'::interval, all_tenants boolean DEFAULT false) RETURNS bigint
 LANGUAGE sql VOLATILE AS $f$
@@ -487,8 +450,7 @@ CREATE FUNCTION billing_router.quote(text, bigint, text, text, boolean) RETURNS 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.quote($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.quote((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.quote(credit_amount bigint, currency text, card_kind text, converted boolean DEFAULT false) RETURNS TABLE(currency text, card_kind text, credit bigint, fee bigint, total bigint, percent numeric, fixed bigint)
 LANGUAGE sql STABLE AS $f$
@@ -499,8 +461,7 @@ CREATE FUNCTION billing_router.receive_webhook(text, text, jsonb, text) RETURNS 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_delivery($1, $2, $3, $4);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.receive_webhook($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.receive_webhook((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.receive_webhook(endpoint text, headers jsonb, body text) RETURNS TABLE(webhook_event_id bigint, status text, reason text, provider_event_id text, event_type text, result jsonb)
 LANGUAGE sql VOLATILE AS $f$
@@ -511,8 +472,7 @@ CREATE FUNCTION billing_router.reconcile_payments(text, jsonb, bigint) RETURNS T
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.reconcile_payments($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.reconcile_payments((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.reconcile_payments(provider_payments jsonb, epsilon bigint DEFAULT 0) RETURNS TABLE(payment text, account text, problem text, provider_paid bigint, provider_refunded bigint, credited bigint, refunded_here bigint)
 LANGUAGE sql STABLE AS $f$
@@ -523,8 +483,7 @@ CREATE FUNCTION billing_router.reconcile_usage(text, text[], timestamp with time
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.reconcile_usage($2, $3, $4, $5, $6) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.reconcile_usage((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6) pgb_r;
 $f$;
 CREATE FUNCTION billing.reconcile_usage(provider_keys text[], period_start timestamp with time zone, period_end timestamp with time zone, only_meter text DEFAULT NULL::text, only_account text DEFAULT NULL::text) RETURNS TABLE(key text, missing text, account text, meter text, occurred_at timestamp with time zone, cost bigint)
 LANGUAGE sql STABLE AS $f$
@@ -535,8 +494,7 @@ CREATE FUNCTION billing_router.register_webhook_handler(text, text, regprocedure
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.register_webhook_handler($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.register_webhook_handler((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.register_webhook_handler(event_type text, handler regprocedure, endpoint text DEFAULT '*'::text) RETURNS void
 LANGUAGE sql VOLATILE AS $f$
@@ -547,8 +505,7 @@ CREATE FUNCTION billing_router.reject_grant(text, bigint, text) RETURNS SETOF bi
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.reject_grant($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.reject_grant((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.reject_grant(grant_id bigint, reason text DEFAULT NULL::text) RETURNS SETOF billing.grant_approvals
 LANGUAGE sql VOLATILE AS $f$
@@ -559,8 +516,7 @@ CREATE FUNCTION billing_router.release(text, bigint) RETURNS TABLE(hold_id bigin
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'hold', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.release($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.release((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.release(hold_id bigint) RETURNS TABLE(hold_id bigint, status text, released bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -571,8 +527,7 @@ CREATE FUNCTION billing_router.remove_alert(text, text, text, text) RETURNS SETO
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.remove_alert($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.remove_alert((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.remove_alert(account text, unit text, name text) RETURNS boolean
 LANGUAGE sql VOLATILE AS $f$
@@ -583,8 +538,7 @@ CREATE FUNCTION billing_router.remove_grant_policy(text, text) RETURNS SETOF boo
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.remove_grant_policy($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.remove_grant_policy((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.remove_grant_policy(unit text) RETURNS boolean
 LANGUAGE sql VOLATILE AS $f$
@@ -595,8 +549,7 @@ CREATE FUNCTION billing_router.remove_limit(text, text, text, text) RETURNS SETO
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.remove_limit($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.remove_limit((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.remove_limit(account text, unit text, name text) RETURNS boolean
 LANGUAGE sql VOLATILE AS $f$
@@ -607,8 +560,7 @@ CREATE FUNCTION billing_router.reserve(text, text, text, bigint, text, interval,
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.reserve($2, $3, $4, $5, $6, $7) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.reserve((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7) pgb_r;
 $f$;
 CREATE FUNCTION billing.reserve(account text, unit text, amount bigint, key text DEFAULT NULL::text, ttl interval DEFAULT '00:15:00'::interval, metadata jsonb DEFAULT '{}'::jsonb) RETURNS TABLE(hold_id bigint, status text, amount bigint, expires_at timestamp with time zone, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -619,8 +571,7 @@ CREATE FUNCTION billing_router.resume_grant(text, bigint) RETURNS TABLE(grant_id
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.resume_grant($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.resume_grant((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.resume_grant(grant_id bigint) RETURNS TABLE(grant_id bigint, status text, remaining bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -631,8 +582,7 @@ CREATE FUNCTION billing_router.resume_reload(text, text, text) RETURNS SETOF bil
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.resume_reload($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.resume_reload((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.resume_reload(account text, unit text) RETURNS SETOF billing.reload_rules
 LANGUAGE sql VOLATILE AS $f$
@@ -643,8 +593,7 @@ CREATE FUNCTION billing_router.retire_plan(text, text) RETURNS TABLE(plan_key te
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.retire_plan($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.retire_plan((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.retire_plan(key text) RETURNS TABLE(plan_key text, versions integer, retired_at timestamp with time zone)
 LANGUAGE sql VOLATILE AS $f$
@@ -655,8 +604,7 @@ CREATE FUNCTION billing_router.reverse_grant(text, bigint, bigint) RETURNS TABLE
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.reverse_grant($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.reverse_grant((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.reverse_grant(grant_id bigint, total bigint) RETURNS TABLE(grant_id bigint, status text, total bigint, revoked bigint, debt_created bigint, reinstated bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -667,8 +615,7 @@ CREATE FUNCTION billing_router.revoke_tenant(text, text, name) RETURNS SETOF boo
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.revoke_tenant($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.revoke_tenant((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.revoke_tenant(tenant text, role name) RETURNS boolean
 LANGUAGE sql VOLATILE AS $f$
@@ -679,8 +626,7 @@ CREATE FUNCTION billing_router.revoke_unused(text, bigint) RETURNS TABLE(grant_i
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.revoke_unused($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.revoke_unused((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.revoke_unused(grant_id bigint) RETURNS TABLE(grant_id bigint, status text, removed bigint, consumed bigint, debt_created bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -691,8 +637,7 @@ CREATE FUNCTION billing_router.rotate_webhook_secret(text, text, text, interval)
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.rotate_webhook_secret($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.rotate_webhook_secret((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.rotate_webhook_secret(name text, new_secret text, keep_previous_for interval DEFAULT '24:00:00'::interval) RETURNS timestamp with time zone
 LANGUAGE sql VOLATILE AS $f$
@@ -703,8 +648,7 @@ CREATE FUNCTION billing_router.run_periodic(text, integer) RETURNS TABLE(task te
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.run_periodic($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.run_periodic((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.run_periodic(batch integer DEFAULT 100) RETURNS TABLE(task text, done bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -715,8 +659,7 @@ CREATE FUNCTION billing_router.set_alert(text, text, text, text, text, bigint) R
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_alert($2, $3, $4, $5, $6) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_alert((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_alert(account text, unit text, name text, kind text, threshold bigint DEFAULT NULL::bigint) RETURNS SETOF billing.alert_rules
 LANGUAGE sql VOLATILE AS $f$
@@ -727,8 +670,7 @@ CREATE FUNCTION billing_router.set_allowance(text, text, text, bigint, text, tex
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_allowance($2, $3, $4, $5, $6, $7, $8, $9) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_allowance((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_allowance(account text, unit text, amount bigint, every text DEFAULT 'month'::text, time_zone text DEFAULT 'UTC'::text, keep_periods integer DEFAULT 1, priority integer DEFAULT 10, starts_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS TABLE(allowance_id bigint, starts_at timestamp with time zone, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -739,8 +681,7 @@ CREATE FUNCTION billing_router.set_default_plan(text, text) RETURNS TABLE(plan_i
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_default_plan($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_default_plan((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_default_plan(key text) RETURNS TABLE(plan_id bigint, plan_key text, version integer, accounts integer, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -751,8 +692,7 @@ CREATE FUNCTION billing_router.set_floor(text, text, text, bigint) RETURNS SETOF
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_floor($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_floor((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_floor(account text, unit text, floor bigint) RETURNS bigint
 LANGUAGE sql VOLATILE AS $f$
@@ -763,8 +703,7 @@ CREATE FUNCTION billing_router.set_grant_policy(text, text, bigint, bigint, bigi
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_grant_policy($2, $3, $4, $5, $6) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_grant_policy((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_grant_policy(unit text, max_per_grant bigint DEFAULT NULL::bigint, max_per_day bigint DEFAULT NULL::bigint, approval_above bigint DEFAULT NULL::bigint, when_canceled text DEFAULT 'allow'::text) RETURNS SETOF billing.grant_policies
 LANGUAGE sql VOLATILE AS $f$
@@ -775,8 +714,7 @@ CREATE FUNCTION billing_router.set_limit(text, text, text, text, bigint, text, t
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_limit($2, $3, $4, $5, $6, $7, $8) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_limit((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_limit(account text, unit text, name text, max bigint, every text DEFAULT 'day'::text, time_zone text DEFAULT 'UTC'::text, per_member boolean DEFAULT false) RETURNS TABLE(limit_id bigint, name text, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -787,8 +725,7 @@ CREATE FUNCTION billing_router.set_price(text, text, jsonb, timestamp with time 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_price($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_price((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_price(meter text, price jsonb, effective_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS TABLE(meter text, version integer, effective_at timestamp with time zone, status text)
 LANGUAGE sql VOLATILE AS $f$
@@ -799,8 +736,7 @@ CREATE FUNCTION billing_router.set_reload(text, text, text, bigint, text, text, 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_reload($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_reload((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_reload(account text, unit text, threshold bigint, currency text, card_kind text, reload_to bigint DEFAULT NULL::bigint, reload_amount bigint DEFAULT NULL::bigint, min_amount bigint DEFAULT 1, max_amount bigint DEFAULT NULL::bigint, min_interval interval DEFAULT '00:00:00'::interval, max_per_day integer DEFAULT 10, requires_subscription boolean DEFAULT false, converted boolean DEFAULT false, credits_per_minor_unit bigint DEFAULT 1, max_failures integer DEFAULT 3) RETURNS SETOF billing.reload_rules
 LANGUAGE sql VOLATILE AS $f$
@@ -811,8 +747,7 @@ CREATE FUNCTION billing_router.set_seats(text, text, integer) RETURNS TABLE(seat
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_seats($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_seats((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_seats(account text, seats integer) RETURNS TABLE(seat_account text, seat_count integer, changed boolean, credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -823,8 +758,7 @@ CREATE FUNCTION billing_router.set_topup_fee(text, text, text, numeric, bigint) 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_topup_fee($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_topup_fee((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_topup_fee(currency text, card_kind text, percent numeric, fixed bigint) RETURNS TABLE(currency text, card_kind text, percent numeric, fixed bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -835,8 +769,7 @@ CREATE FUNCTION billing_router.set_topup_limits(text, text, bigint, bigint, nume
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.set_topup_limits($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.set_topup_limits((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.set_topup_limits(currency text, min_credit bigint, max_credit bigint, conversion_percent numeric DEFAULT 0) RETURNS TABLE(currency text, min_credit bigint, max_credit bigint, conversion_percent numeric)
 LANGUAGE sql VOLATILE AS $f$
@@ -847,8 +780,7 @@ CREATE FUNCTION billing_router.settle(text, bigint, bigint, text, text, numeric,
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'hold', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.settle($2, $3, $4, $5, $6, $7) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.settle((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7) pgb_r;
 $f$;
 CREATE FUNCTION billing.settle(hold_id bigint, actual bigint, key text DEFAULT NULL::text, meter text DEFAULT NULL::text, quantity numeric DEFAULT NULL::numeric, properties jsonb DEFAULT NULL::jsonb) RETURNS TABLE(hold_id bigint, status text, held bigint, actual bigint, covered bigint, debt_created bigint, drains jsonb, available bigint, entitled boolean, event_id bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -859,8 +791,7 @@ CREATE FUNCTION billing_router.simulate_price(text, text, text, jsonb, timestamp
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.simulate_price($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.simulate_price((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.simulate_price(account text, meter text, price jsonb, period_at timestamp with time zone DEFAULT now()) RETURNS TABLE(quantity numeric, charged bigint, simulated bigint, difference bigint)
 LANGUAGE sql STABLE AS $f$
@@ -871,8 +802,7 @@ CREATE FUNCTION billing_router.subscription_access(text, text, boolean) RETURNS 
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.subscription_access($2, $3) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.subscription_access((SELECT billing_router.within_arg($1, $2)), $3) pgb_r;
 $f$;
 CREATE FUNCTION billing.subscription_access(status text, held boolean DEFAULT false) RETURNS text
 LANGUAGE sql STABLE AS $f$
@@ -883,8 +813,7 @@ CREATE FUNCTION billing_router.suspend_grant(text, bigint) RETURNS TABLE(grant_i
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.suspend_grant($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.suspend_grant((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.suspend_grant(grant_id bigint) RETURNS TABLE(grant_id bigint, status text, remaining bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -895,8 +824,7 @@ CREATE FUNCTION billing_router.sweep(text, integer) RETURNS SETOF bigint
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.sweep($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.sweep((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.sweep(max_pools integer DEFAULT 1000) RETURNS bigint
 LANGUAGE sql VOLATILE AS $f$
@@ -907,8 +835,7 @@ CREATE FUNCTION billing_router.sync_invoice(text, jsonb, timestamp with time zon
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_payload($1, $2, $4);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.sync_invoice($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.sync_invoice((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.sync_invoice(invoice jsonb, observed_at timestamp with time zone DEFAULT now(), provider text DEFAULT 'stripe'::text) RETURNS TABLE(invoice_id text, subscription text, status text, outcome text, paid_through timestamp with time zone, credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -919,8 +846,7 @@ CREATE FUNCTION billing_router.sync_subscription(text, jsonb, timestamp with tim
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_payload($1, $2, $4);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.sync_subscription($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.sync_subscription((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.sync_subscription(subscription jsonb, observed_at timestamp with time zone DEFAULT now(), provider text DEFAULT 'stripe'::text, source text DEFAULT 'poll'::text) RETURNS TABLE(subscription_id bigint, account text, status text, outcome text, changes jsonb, credit_granted bigint, credit_suspended integer, credit_resumed integer, credit_revoked bigint)
 LANGUAGE sql VOLATILE AS $f$
@@ -931,8 +857,7 @@ CREATE FUNCTION billing_router.usage(text, text, text, timestamp with time zone,
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.usage($2, $3, $4, $5, $6, $7, $8) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.usage((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8) pgb_r;
 $f$;
 CREATE FUNCTION billing.usage(account text, meter text, "from" timestamp with time zone, "to" timestamp with time zone, granularity text DEFAULT 'day'::text, group_by text[] DEFAULT '{}'::text[], time_zone text DEFAULT 'UTC'::text) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone, groups jsonb, events bigint, quantity numeric, cost bigint)
 LANGUAGE sql STABLE AS $f$
@@ -943,8 +868,7 @@ CREATE FUNCTION billing_router.usage_log(text, text, text, bigint, integer) RETU
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of($1, $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.usage_log($2, $3, $4, $5) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.usage_log((SELECT billing_router.within_arg($1, $2)), $3, $4, $5) pgb_r;
 $f$;
 CREATE FUNCTION billing.usage_log(account text, only_meter text DEFAULT NULL::text, before_id bigint DEFAULT NULL::bigint, page_size integer DEFAULT 50) RETURNS TABLE(event_id bigint, occurred_at timestamp with time zone, recorded_at timestamp with time zone, meter text, quantity numeric, unit text, cost bigint, covered bigint, debt_created bigint, member text, via text, key text, price_version integer, properties jsonb)
 LANGUAGE sql STABLE AS $f$
@@ -955,8 +879,7 @@ CREATE FUNCTION billing_router.usage_to_report(text, timestamp with time zone, t
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.usage_to_report($2, $3, $4) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.usage_to_report((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
 $f$;
 CREATE FUNCTION billing.usage_to_report(period_at timestamp with time zone DEFAULT now(), only_meter text DEFAULT NULL::text, max_rows integer DEFAULT 1000) RETURNS TABLE(account text, customer text, meter text, period_start timestamp with time zone, quantity numeric, reported numeric, delta numeric, report_key text)
 LANGUAGE sql STABLE AS $f$
@@ -979,8 +902,7 @@ CREATE FUNCTION billing_router.verify_webhook(text, text, text, jsonb, text, tex
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ANY;
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.verify_webhook($2, $3, $4, $5, $6, $7, $8) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.verify_webhook((SELECT billing_router.within_arg($1, $2)), $3, $4, $5, $6, $7, $8) pgb_r;
 $f$;
 CREATE FUNCTION billing.verify_webhook(scheme text, secret text, headers jsonb, body text, previous_secret text DEFAULT NULL::text, tolerance_seconds integer DEFAULT 300, signature_header text DEFAULT 'x-signature'::text) RETURNS TABLE(valid boolean, reason text, event_id text, signed_at timestamp with time zone)
 LANGUAGE sql STABLE AS $f$
@@ -991,8 +913,7 @@ CREATE FUNCTION billing_router.void_grant(text, bigint) RETURNS TABLE(grant_id b
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON billing_router.partition_of_object($1, 'grant', $2);
-    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,
-        LATERAL (SELECT * FROM billing.void_grant($2) WHERE pgb_w OFFSET 0) pgb_r;
+    SELECT pgb_r.* FROM billing.void_grant((SELECT billing_router.within_arg($1, $2))) pgb_r;
 $f$;
 CREATE FUNCTION billing.void_grant(grant_id bigint) RETURNS TABLE(grant_id bigint, status text, removed bigint, consumed bigint, debt_created bigint, available bigint)
 LANGUAGE sql VOLATILE AS $f$

@@ -88,7 +88,10 @@ SELECT p.oid, p.proname::text AS name, p.proretset, p.prorettype, p.provolatile,
        -- such as "from" would be taken for argument references in its SELECT
        (SELECT string_agg(format_type(t, NULL), ', ' ORDER BY i)
         FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i)) AS arg_types,
-       pg_get_function_result(p.oid) AS result, p.proargnames, p.proargmodes
+       pg_get_function_result(p.oid) AS result, p.proargnames, p.proargmodes,
+       -- a SQL function PostgreSQL may inline into the calling query
+       p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'sql') AND NOT p.prosecdef
+           AND p.proconfig IS NULL AS inlinable
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace AND n.nspname = 'billing'
 JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
@@ -162,19 +165,28 @@ WITH f AS (
                ELSE 'ALL' END AS run_on
     FROM f
 )
+-- The shard sets the caller's tenant before the call starts: as an argument's
+-- initplan (evaluated before the function runs), or, for a function with no
+-- argument or one PostgreSQL could inline, as a FROM item the call depends on
+-- laterally.
 SELECT format(E'CREATE FUNCTION billing_router.%I(text%s) RETURNS %s\n'
               'LANGUAGE plproxy AS $f$\n'
               '    CLUSTER ''billing'';\n'
               '    RUN ON %s;\n'
-              '    SELECT pgb_r.* FROM billing_router.within($1) pgb_w,\n'
-              '        LATERAL (SELECT * FROM billing.%I(%s) WHERE pgb_w OFFSET 0) pgb_r;\n'
+              '    %s\n'
               '$f$;\n'
               'CREATE FUNCTION billing.%I(%s) RETURNS %s\n'
               'LANGUAGE sql %s AS $f$\n'
               '    %s\n'
               '$f$;\n',
               p.name, CASE WHEN p.pronargs > 0 THEN ', ' || p.arg_types ELSE '' END, p.set_result,
-              p.run_on, p.name, coalesce(p.remote_args, ''),
+              p.run_on,
+              CASE WHEN p.pronargs = 0 OR p.inlinable
+                   THEN format(E'SELECT pgb_r.* FROM billing_router.within($1) pgb_w,\n'
+                               '        LATERAL (SELECT * FROM billing.%I(%s) WHERE pgb_w OFFSET 0) pgb_r;',
+                               p.name, coalesce(p.remote_args, ''))
+                   ELSE format('SELECT pgb_r.* FROM billing.%I((SELECT billing_router.within_arg($1, $2))%s) pgb_r;',
+                               p.name, substr(p.remote_args, length('$2') + 1)) END,
               p.name, p.args, p.result,
               CASE p.provolatile WHEN 'i' THEN 'STABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END,
               format(coalesce(p.combine, CASE WHEN p.kind = 'all' AND NOT p.proretset THEN 'SELECT * FROM %s LIMIT 1'

@@ -48,6 +48,7 @@ CREATE TABLE billing_router.partitions (
 -- PL/Proxy reloads the partitions when this number grows.
 CREATE TABLE billing_router.config_version (version bigint NOT NULL);
 INSERT INTO billing_router.config_version VALUES (1);
+GRANT SELECT ON billing_router.config_version TO billing_reader, billing_support;
 
 CREATE FUNCTION billing_router.bump_config_version() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -84,9 +85,17 @@ END
 $$;
 
 -- PL/Proxy's cluster configuration for the cluster 'billing'
+-- (PL/Proxy calls this on every call: plpgsql keeps its plan, and it runs
+-- as the caller, who may read the version, to spare the cost of a
+-- SECURITY DEFINER call)
 CREATE FUNCTION plproxy.get_cluster_version(cluster_name text) RETURNS integer
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
-    SELECT version::integer FROM billing_router.config_version WHERE cluster_name IN ('billing', 'billing_probe')
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF cluster_name IN ('billing', 'billing_probe') THEN
+        RETURN (SELECT v.version::integer FROM billing_router.config_version v);
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 CREATE FUNCTION plproxy.get_cluster_partitions(cluster_name text) RETURNS SETOF text

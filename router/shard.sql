@@ -12,6 +12,17 @@ CREATE SCHEMA IF NOT EXISTS billing_router;
 REVOKE ALL ON SCHEMA billing_router FROM PUBLIC;
 GRANT USAGE ON SCHEMA billing_router TO billing_reader, billing_support, billing_app, billing_admin;
 
+-- The same, for a call's first argument: the router passes it through this,
+-- as an initplan the call evaluates before it starts.
+CREATE OR REPLACE FUNCTION billing_router.within_arg(tenant text, first anyelement) RETURNS anyelement
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    PERFORM billing_router.within(tenant);
+    RETURN first;
+END
+$$;
+
 -- Make this shard's ids its own: every sequence of pg_billing draws from
 -- [n * 2^48 + 1, (n + 1) * 2^48), so a grant, hold, event or request id names
 -- one object across all shards (ids are what the router looks objects up by;
@@ -200,6 +211,7 @@ END
 $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA billing_router FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION billing_router.within(text), billing_router.owner_of(text, text, bigint),
+GRANT EXECUTE ON FUNCTION billing_router.within(text), billing_router.within_arg(text, anyelement),
+    billing_router.owner_of(text, text, bigint),
     billing_router.payload_owner(text, jsonb, text), billing_router.webhook_owner(text, text, jsonb, text)
     TO billing_reader, billing_support;
