@@ -216,14 +216,17 @@ $$;
 -- metadata, the intent its session was attached to, or the intent already
 -- paid by this PaymentIntent.
 CREATE FUNCTION billing.stripe_checkout_intent(obj jsonb) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce((obj #>> '{metadata,checkout_intent}')::bigint,
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce((obj #>> '{metadata,checkout_intent}')::bigint,
         (SELECT i.id FROM billing.checkout_intents i
          WHERE i.tenant_id = billing.current_tenant() AND i.provider_session = obj ->> 'id'
            AND obj ->> 'object' = 'checkout.session'),
         (SELECT i.id FROM billing.checkout_intents i
          WHERE i.tenant_id = billing.current_tenant() AND i.payment_ref = obj ->> 'id'
-           AND obj ->> 'object' = 'payment_intent'))
+           AND obj ->> 'object' = 'payment_intent'));
+END
 $$;

@@ -31,14 +31,17 @@ AS $$ SELECT 'stripe:' || payment_ref $$;
 -- Credits per minor unit of the checkout intent or reload request that
 -- `payment` paid, if any (a refund of it is taken back in those).
 CREATE FUNCTION billing.quoted_payment_per_minor(tenant text, payment text) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce(
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce(
         (SELECT i.credits_per_minor_unit FROM billing.checkout_intents i
          WHERE i.tenant_id = tenant AND i.payment_ref = payment),
         (SELECT q.credits_per_minor_unit FROM billing.reload_requests q
-         WHERE q.tenant_id = tenant AND q.payment_ref = payment))
+         WHERE q.tenant_id = tenant AND q.payment_ref = payment));
+END
 $$;
 
 -- Credit a payment of `amount_paid` against its quote (fee_percent +

@@ -4112,25 +4112,31 @@ $$;
 -- live subscription, or it was a guest converted to another account (whose
 -- own pools have the plan).
 CREATE FUNCTION billing.default_plan_excluded(tenant text, account text) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT billing.has_live_subscription(tenant, account)
+#variable_conflict use_column
+BEGIN
+    RETURN billing.has_live_subscription(tenant, account)
         OR EXISTS (SELECT 1 FROM billing.guest_conversions c
-                   WHERE c.tenant_id = tenant AND c.guest = default_plan_excluded.account)
+                   WHERE c.tenant_id = tenant AND c.guest = default_plan_excluded.account);
+END
 $$;
 
 -- What the default plan gives an account of `unit` each month now (0 when
 -- excluded). The gate counts it for a pool that does not exist yet: its
 -- first window is owed as soon as the pool is made.
 CREATE FUNCTION billing.default_plan_credit(tenant text, account text, unit text) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce((SELECT greatest((pl.allowances -> unit ->> 'amount')::bigint, 0)
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce((SELECT greatest((pl.allowances -> unit ->> 'amount')::bigint, 0)
                      FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
                      WHERE d.tenant_id = tenant
-                       AND NOT billing.default_plan_excluded(tenant, account)), 0)
+                       AND NOT billing.default_plan_excluded(tenant, account)), 0);
+END
 $$;
 
 -- Bring an account's default-plan rules to what its state says (one unit
@@ -4793,14 +4799,17 @@ AS $$ SELECT 'stripe:' || payment_ref $$;
 -- Credits per minor unit of the checkout intent or reload request that
 -- `payment` paid, if any (a refund of it is taken back in those).
 CREATE FUNCTION billing.quoted_payment_per_minor(tenant text, payment text) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce(
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce(
         (SELECT i.credits_per_minor_unit FROM billing.checkout_intents i
          WHERE i.tenant_id = tenant AND i.payment_ref = payment),
         (SELECT q.credits_per_minor_unit FROM billing.reload_requests q
-         WHERE q.tenant_id = tenant AND q.payment_ref = payment))
+         WHERE q.tenant_id = tenant AND q.payment_ref = payment));
+END
 $$;
 
 -- Credit a payment of `amount_paid` against its quote (fee_percent +
@@ -5295,16 +5304,19 @@ $$;
 -- metadata, the intent its session was attached to, or the intent already
 -- paid by this PaymentIntent.
 CREATE FUNCTION billing.stripe_checkout_intent(obj jsonb) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce((obj #>> '{metadata,checkout_intent}')::bigint,
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce((obj #>> '{metadata,checkout_intent}')::bigint,
         (SELECT i.id FROM billing.checkout_intents i
          WHERE i.tenant_id = billing.current_tenant() AND i.provider_session = obj ->> 'id'
            AND obj ->> 'object' = 'checkout.session'),
         (SELECT i.id FROM billing.checkout_intents i
          WHERE i.tenant_id = billing.current_tenant() AND i.payment_ref = obj ->> 'id'
-           AND obj ->> 'object' = 'payment_intent'))
+           AND obj ->> 'object' = 'payment_intent'));
+END
 $$;
 /* </end connected objects> */
 
@@ -5810,11 +5822,14 @@ $$;
 -- active again (the customer paid by hand; the card may work again). Called
 -- by billing.grant for a new grant of kind topup.
 CREATE FUNCTION billing.reload_after_topup(pool bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
-    SELECT billing.set_reload_status(pool, 'active', NULL)
-    FROM billing.reload_rules r WHERE r.pool_id = pool AND r.status = 'suspended'
+#variable_conflict use_column
+BEGIN
+    PERFORM billing.set_reload_status(pool, 'active', NULL)
+    FROM billing.reload_rules r WHERE r.pool_id = pool AND r.status = 'suspended';
+END
 $$;
 
 -- Called by the ledger, in the debit's transaction and under its pool lock,

@@ -160,11 +160,14 @@ $$;
 -- active again (the customer paid by hand; the card may work again). Called
 -- by billing.grant for a new grant of kind topup.
 CREATE FUNCTION billing.reload_after_topup(pool bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
-    SELECT billing.set_reload_status(pool, 'active', NULL)
-    FROM billing.reload_rules r WHERE r.pool_id = pool AND r.status = 'suspended'
+#variable_conflict use_column
+BEGIN
+    PERFORM billing.set_reload_status(pool, 'active', NULL)
+    FROM billing.reload_rules r WHERE r.pool_id = pool AND r.status = 'suspended';
+END
 $$;
 
 -- Called by the ledger, in the debit's transaction and under its pool lock,

@@ -1485,25 +1485,31 @@ $$;
 -- live subscription, or it was a guest converted to another account (whose
 -- own pools have the plan).
 CREATE FUNCTION billing.default_plan_excluded(tenant text, account text) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT billing.has_live_subscription(tenant, account)
+#variable_conflict use_column
+BEGIN
+    RETURN billing.has_live_subscription(tenant, account)
         OR EXISTS (SELECT 1 FROM billing.guest_conversions c
-                   WHERE c.tenant_id = tenant AND c.guest = default_plan_excluded.account)
+                   WHERE c.tenant_id = tenant AND c.guest = default_plan_excluded.account);
+END
 $$;
 
 -- What the default plan gives an account of `unit` each month now (0 when
 -- excluded). The gate counts it for a pool that does not exist yet: its
 -- first window is owed as soon as the pool is made.
 CREATE FUNCTION billing.default_plan_credit(tenant text, account text, unit text) RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce((SELECT greatest((pl.allowances -> unit ->> 'amount')::bigint, 0)
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce((SELECT greatest((pl.allowances -> unit ->> 'amount')::bigint, 0)
                      FROM billing.default_plans d JOIN billing.plans pl ON pl.id = d.plan_id
                      WHERE d.tenant_id = tenant
-                       AND NOT billing.default_plan_excluded(tenant, account)), 0)
+                       AND NOT billing.default_plan_excluded(tenant, account)), 0);
+END
 $$;
 
 -- Bring an account's default-plan rules to what its state says (one unit
