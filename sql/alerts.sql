@@ -18,14 +18,17 @@ $$;
 -- its armed rules (a debit below it may fire one) and the lowest of its
 -- disarmed ones (a credit reaching it may re-arm one).
 CREATE FUNCTION billing.arm_alerts(pool bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
     UPDATE billing.pools p SET alert_below = b.below, alert_above = b.above
     FROM (SELECT max(r.threshold) FILTER (WHERE r.armed) AS below,
                  min(r.threshold) FILTER (WHERE NOT r.armed) AS above
           FROM billing.alert_rules r WHERE r.pool_id = pool) b
-    WHERE p.id = pool AND (p.alert_below, p.alert_above) IS DISTINCT FROM (b.below, b.above)
+    WHERE p.id = pool AND (p.alert_below, p.alert_above) IS DISTINCT FROM (b.below, b.above);
+END
 $$;
 
 -- Called by the ledger, in the change's transaction and under its pool lock,

@@ -928,28 +928,37 @@ $$;
 -- Give back what holds counted in their pools' limits (released or
 -- expired: nothing was used).
 CREATE FUNCTION billing.give_back_limits(holds bigint[]) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
     WITH released AS (DELETE FROM billing.limit_holds h WHERE h.hold_id = ANY(holds) RETURNING h.*),
          total AS (SELECT r.limit_id, r.window_start, r.member, sum(r.amount) AS amount
                    FROM released r GROUP BY 1, 2, 3)
     UPDATE billing.limit_usage u SET used = u.used - t.amount FROM total t
-    WHERE u.limit_id = t.limit_id AND u.window_start = t.window_start AND u.member = t.member
+    WHERE u.limit_id = t.limit_id AND u.window_start = t.window_start AND u.member = t.member;
+END
 $$;
 
 -- A settled hold: its actual cost replaces what it counted in its pool's
 -- limits, in the windows where it counted; returns how many limits it
 -- counted in (0: it counts like any usage, now).
 CREATE FUNCTION billing.settle_limits(hold bigint, actual bigint) RETURNS bigint
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+DECLARE
+    counted bigint;
+BEGIN
     WITH settled AS (DELETE FROM billing.limit_holds h WHERE h.hold_id = hold RETURNING h.*),
          changed AS (UPDATE billing.limit_usage u SET used = u.used + actual - s.amount FROM settled s
                      WHERE u.limit_id = s.limit_id AND u.window_start = s.window_start AND u.member = s.member
                      RETURNING 1)
-    SELECT count(*) FROM settled
+    SELECT count(*) INTO counted FROM settled;
+    RETURN counted;
+END
 $$;
 /* </end connected objects> */
 
@@ -4100,12 +4109,15 @@ SELECT pg_catalog.pg_extension_config_dump('billing.default_plans', '');
 -- Whether an account holds its one live place (billing.subscription_is_live),
 -- read through the index that keeps it one.
 CREATE FUNCTION billing.has_live_subscription(tenant text, account text) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT EXISTS (SELECT 1 FROM billing.subscriptions s
+#variable_conflict use_column
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM billing.subscriptions s
                    WHERE s.tenant_id = tenant AND s.account = has_live_subscription.account
-                     AND billing.subscription_is_live(s.status))
+                     AND billing.subscription_is_live(s.status));
+END
 $$;
 
 -- Whether an account has no claim to the default plan of its own: it has a
@@ -5672,16 +5684,19 @@ AS 'MODULE_PATHNAME', 'unsplit_pool_wrapper';
 -- request. The one place that sets pools.reload_below; everything that
 -- changes a rule or a request calls it.
 CREATE FUNCTION billing.arm_reload(pool bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
     UPDATE billing.pools p SET reload_below = a.threshold
     FROM (SELECT (SELECT r.threshold FROM billing.reload_rules r
                   WHERE r.pool_id = pool AND r.status = 'active'
                     AND NOT EXISTS (SELECT 1 FROM billing.reload_requests q
                                     WHERE q.pool_id = pool AND q.status IN ('pending', 'claimed')))
                  AS threshold) a
-    WHERE p.id = pool AND p.reload_below IS DISTINCT FROM a.threshold
+    WHERE p.id = pool AND p.reload_below IS DISTINCT FROM a.threshold;
+END
 $$;
 
 -- Set (or replace) the auto-reload rule of an account's pool: when a debit
@@ -6100,14 +6115,17 @@ $$;
 -- its armed rules (a debit below it may fire one) and the lowest of its
 -- disarmed ones (a credit reaching it may re-arm one).
 CREATE FUNCTION billing.arm_alerts(pool bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
     UPDATE billing.pools p SET alert_below = b.below, alert_above = b.above
     FROM (SELECT max(r.threshold) FILTER (WHERE r.armed) AS below,
                  min(r.threshold) FILTER (WHERE NOT r.armed) AS above
           FROM billing.alert_rules r WHERE r.pool_id = pool) b
-    WHERE p.id = pool AND (p.alert_below, p.alert_above) IS DISTINCT FROM (b.below, b.above)
+    WHERE p.id = pool AND (p.alert_below, p.alert_above) IS DISTINCT FROM (b.below, b.above);
+END
 $$;
 
 -- Called by the ledger, in the change's transaction and under its pool lock,

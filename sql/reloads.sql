@@ -10,16 +10,19 @@
 -- request. The one place that sets pools.reload_below; everything that
 -- changes a rule or a request calls it.
 CREATE FUNCTION billing.arm_reload(pool bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
     UPDATE billing.pools p SET reload_below = a.threshold
     FROM (SELECT (SELECT r.threshold FROM billing.reload_rules r
                   WHERE r.pool_id = pool AND r.status = 'active'
                     AND NOT EXISTS (SELECT 1 FROM billing.reload_requests q
                                     WHERE q.pool_id = pool AND q.status IN ('pending', 'claimed')))
                  AS threshold) a
-    WHERE p.id = pool AND p.reload_below IS DISTINCT FROM a.threshold
+    WHERE p.id = pool AND p.reload_below IS DISTINCT FROM a.threshold;
+END
 $$;
 
 -- Set (or replace) the auto-reload rule of an account's pool: when a debit

@@ -1473,12 +1473,15 @@ SELECT pg_catalog.pg_extension_config_dump('billing.default_plans', '');
 -- Whether an account holds its one live place (billing.subscription_is_live),
 -- read through the index that keeps it one.
 CREATE FUNCTION billing.has_live_subscription(tenant text, account text) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT EXISTS (SELECT 1 FROM billing.subscriptions s
+#variable_conflict use_column
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM billing.subscriptions s
                    WHERE s.tenant_id = tenant AND s.account = has_live_subscription.account
-                     AND billing.subscription_is_live(s.status))
+                     AND billing.subscription_is_live(s.status));
+END
 $$;
 
 -- Whether an account has no claim to the default plan of its own: it has a

@@ -120,26 +120,35 @@ $$;
 -- Give back what holds counted in their pools' limits (released or
 -- expired: nothing was used).
 CREATE FUNCTION billing.give_back_limits(holds bigint[]) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+BEGIN
     WITH released AS (DELETE FROM billing.limit_holds h WHERE h.hold_id = ANY(holds) RETURNING h.*),
          total AS (SELECT r.limit_id, r.window_start, r.member, sum(r.amount) AS amount
                    FROM released r GROUP BY 1, 2, 3)
     UPDATE billing.limit_usage u SET used = u.used - t.amount FROM total t
-    WHERE u.limit_id = t.limit_id AND u.window_start = t.window_start AND u.member = t.member
+    WHERE u.limit_id = t.limit_id AND u.window_start = t.window_start AND u.member = t.member;
+END
 $$;
 
 -- A settled hold: its actual cost replaces what it counted in its pool's
 -- limits, in the windows where it counted; returns how many limits it
 -- counted in (0: it counts like any usage, now).
 CREATE FUNCTION billing.settle_limits(hold bigint, actual bigint) RETURNS bigint
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+#variable_conflict use_column
+DECLARE
+    counted bigint;
+BEGIN
     WITH settled AS (DELETE FROM billing.limit_holds h WHERE h.hold_id = hold RETURNING h.*),
          changed AS (UPDATE billing.limit_usage u SET used = u.used + actual - s.amount FROM settled s
                      WHERE u.limit_id = s.limit_id AND u.window_start = s.window_start AND u.member = s.member
                      RETURNING 1)
-    SELECT count(*) FROM settled
+    SELECT count(*) INTO counted FROM settled;
+    RETURN counted;
+END
 $$;
