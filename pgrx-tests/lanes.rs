@@ -22,6 +22,26 @@ mod tests {
         ))
     }
 
+    /// Splitting a pool is a pool setting, as its floor is: the tenant's
+    /// admin role may, its application role may not.
+    #[pg_test]
+    fn an_admin_splits_a_pool_and_the_application_may_not() {
+        grant("a", "mills", 1000, ", kind => 'topup'");
+        run("CREATE ROLE lanes_admin IN ROLE billing_admin");
+        run("CREATE ROLE lanes_app IN ROLE billing_app");
+        run("SELECT billing.grant_tenant('default', 'lanes_admin')");
+        run("SELECT billing.grant_tenant('default', 'lanes_app')");
+        run("SET LOCAL ROLE lanes_app");
+        assert_rejected("SELECT billing.set_lanes('a', 'mills', 4)", "42501");
+        run("SET LOCAL ROLE lanes_admin");
+        assert_eq!(one::<i32>("SELECT billing.set_lanes('a', 'mills', 4)"), 4);
+        run("RESET ROLE");
+        assert_eq!(
+            one::<i16>("SELECT lanes FROM billing.pools WHERE account = 'a' AND lane = 0"),
+            4
+        );
+    }
+
     #[pg_test]
     fn lanes_take_the_first_grant_in_drain_order_and_readers_see_one_pool() {
         let promo = grant("a", "mills", 1000, ", kind => 'promo'");

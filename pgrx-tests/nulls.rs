@@ -41,6 +41,7 @@ mod tests {
         "billing.usage(?'a', ?'mills', ?'2027-01-01'::timestamptz, ?'2027-01-02'::timestamptz, granularity => ?'day', group_by => ?'{}', time_zone => ?'UTC')",
         "billing.account(?'a', ~'n', ~'{}')",
         "billing.set_floor(?'a', ?'mills', ?0)",
+        "billing.set_lanes(?'a', ?'mills', ?2)",
         "billing.sweep(?10)",
         "billing.verify_webhook(?'stripe', ?'s', ?'{}', ?'{}', ~NULL, ?300, ?'x-signature')",
         "billing.define_webhook_endpoint(?'e1', ?'stripe', ?'s', ?300, ?'x-signature', ?'usd_cents', ?1, ?'usd')",

@@ -710,6 +710,17 @@ LANGUAGE sql VOLATILE AS $f$
     SELECT * FROM billing_router.set_grant_policy(billing_router.tenant(), $1, $2, $3, $4, $5) AS r
 $f$;
 
+CREATE FUNCTION billing_router.set_lanes(text, text, text, integer) RETURNS SETOF integer
+LANGUAGE plproxy AS $f$
+    CLUSTER 'billing';
+    RUN ON billing_router.partition_of($1, $2);
+    SELECT pgb_r.* FROM billing.set_lanes((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
+$f$;
+CREATE FUNCTION billing.set_lanes(account text, unit text, lanes integer) RETURNS integer
+LANGUAGE sql VOLATILE AS $f$
+    SELECT * FROM billing_router.set_lanes(billing_router.tenant(), $1, $2, $3) AS r
+$f$;
+
 CREATE FUNCTION billing_router.set_limit(text, text, text, text, bigint, text, text, boolean) RETURNS TABLE(limit_id bigint, name text, status text)
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';

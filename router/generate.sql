@@ -23,7 +23,7 @@ INSERT INTO routes VALUES
     ('set_limit', 'account:account'), ('remove_limit', 'account:account'),
     ('set_reload', 'account:account'), ('disable_reload', 'account:account'), ('resume_reload', 'account:account'),
     ('open_checkout', 'account:account'), ('set_alert', 'account:account'), ('remove_alert', 'account:account'),
-    ('set_floor', 'account:account'), ('set_seats', 'account:account'),
+    ('set_floor', 'account:account'), ('set_lanes', 'account:account'), ('set_seats', 'account:account'),
     ('mark_reported', 'account:account'),
     -- an object named by id: the shard that holds it (another shard raises the
     -- extension's own "unknown" error when none does)

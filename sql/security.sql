@@ -224,6 +224,7 @@ GRANT EXECUTE ON FUNCTION
     billing.disable_meter(text),
     billing.enable_meter(text),
     billing.set_floor(text, text, bigint),
+    billing.set_lanes(text, text, integer),
     billing.sweep(integer),
     billing.define_webhook_endpoint(text, text, text, integer, text, text, bigint, text),
     billing.map_webhook_currency(text, text, text, integer, bigint),
