@@ -78,13 +78,16 @@ SELECT pg_catalog.pg_extension_config_dump('billing.grant_approvals', '');
 -- Whether an account's subscription was canceled: it has a canceled one and
 -- no live one.
 CREATE FUNCTION billing.subscription_canceled(tenant text, account text) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT EXISTS (SELECT 1 FROM billing.subscriptions s
+#variable_conflict use_column
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM billing.subscriptions s
                    WHERE s.tenant_id = tenant AND s.account = subscription_canceled.account
                      AND s.status = 'canceled')
-       AND NOT billing.has_live_subscription(tenant, account)
+       AND NOT billing.has_live_subscription(tenant, account);
+END
 $$;
 
 -- Set the tenant's policy for manual and promo grants of `unit` (NULL: no

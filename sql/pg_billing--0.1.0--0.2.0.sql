@@ -2694,25 +2694,31 @@ CREATE TABLE billing.provider_customers (
 -- live subscription is held back (`held`) while the provider collects no
 -- payment for it or a payment of it is disputed with the funds withdrawn.
 CREATE FUNCTION billing.subscription_access(status text, held boolean DEFAULT false) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT CASE
+#variable_conflict use_column
+BEGIN
+    RETURN CASE
         WHEN status IN ('active', 'trialing') AND held THEN 'suspended'
         WHEN status IN ('active', 'trialing') THEN 'open'
         -- held back, not voided: recovery restores the rest of the period
         WHEN status IN ('past_due', 'unpaid', 'incomplete', 'paused') THEN 'suspended'
         WHEN status IN ('canceled', 'incomplete_expired') THEN 'ended'
-    END
+    END;
+END
 $$;
 
 -- Whether a subscription holds its account's one live place: it is neither
 -- ended nor an `incomplete` checkout (not paid yet, and it may never be).
 CREATE FUNCTION billing.subscription_is_live(status text) RETURNS boolean
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT status <> 'incomplete' AND billing.subscription_access(status) <> 'ended'
+#variable_conflict use_column
+BEGIN
+    RETURN status <> 'incomplete' AND billing.subscription_access(status) <> 'ended';
+END
 $$;
 
 -- The provider's subscription as last observed. `ends_at` is the one
@@ -2752,6 +2758,10 @@ CREATE TABLE billing.subscriptions (
 -- `incomplete` one holds no place, the first to become live takes it.
 CREATE UNIQUE INDEX subscriptions_one_live ON billing.subscriptions (tenant_id, account)
     WHERE billing.subscription_is_live(status);
+-- An account's subscriptions, whatever their state (its projections, the
+-- gate's reason for credit held back, the allowances a new plan replaces):
+-- without it each of those scans every subscription of every tenant.
+CREATE INDEX subscriptions_by_account ON billing.subscriptions (tenant_id, account);
 
 -- A subscription refused because its account already had a live one (two
 -- parallel checkouts): the application refunds or cancels it.
@@ -2889,10 +2899,13 @@ SELECT pg_catalog.pg_extension_config_dump('billing.invoice_payments', '');
 -- free; otherwise an invoice billing it was paid (or, for the first period,
 -- the provider activated it), which raised paid_through into the period.
 CREATE FUNCTION billing.subscription_paid(s billing.subscriptions) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT s.status = 'trialing' OR coalesce(s.paid_through > s.period_start, false)
+#variable_conflict use_column
+BEGIN
+    RETURN s.status = 'trialing' OR coalesce(s.paid_through > s.period_start, false);
+END
 $$;
 
 -- Whether a provider can move a subscription from `was` to `becomes`: an
@@ -2901,11 +2914,14 @@ $$;
 -- than the one applied, whatever its timestamp says (events of the same
 -- second arrive in any order).
 CREATE FUNCTION billing.subscription_can_become(was text, becomes text) RETURNS boolean
-LANGUAGE sql IMMUTABLE STRICT
+LANGUAGE plpgsql IMMUTABLE STRICT
 SET search_path = pg_catalog
 AS $$
-    SELECT NOT (billing.subscription_access(was) = 'ended' AND was <> becomes)
-       AND NOT (becomes = 'incomplete' AND was <> 'incomplete')
+#variable_conflict use_column
+BEGIN
+    RETURN NOT (billing.subscription_access(was) = 'ended' AND was <> becomes)
+       AND NOT (becomes = 'incomplete' AND was <> 'incomplete');
+END
 $$;
 
 -- ----- defining plans ---------------------------------------------------------
@@ -3060,18 +3076,24 @@ $$;
 
 -- The id a Stripe field names, whether it holds the id or the expanded object.
 CREATE FUNCTION billing.stripe_id(v jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' WHEN 'object' THEN v ->> 'id' END
+#variable_conflict use_column
+BEGIN
+    RETURN CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' WHEN 'object' THEN v ->> 'id' END;
+END
 $$;
 
 -- The price of a Stripe subscription item (`plan` in the oldest API versions).
 CREATE FUNCTION billing.stripe_item_price(item jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT coalesce(item #>> '{price,id}', item #>> '{plan,id}')
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce(item #>> '{price,id}', item #>> '{plan,id}');
+END
 $$;
 
 -- An observation of the provider's state must not come from the future (time
@@ -3091,21 +3113,27 @@ $$;
 
 -- A Stripe timestamp field (seconds since the epoch) as an instant.
 CREATE FUNCTION billing.stripe_instant(v jsonb) RETURNS timestamptz
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT CASE WHEN jsonb_typeof(v) = 'number' AND (v #>> '{}')::numeric BETWEEN 0 AND 253402300799
-                THEN to_timestamp((v #>> '{}')::double precision) END
+#variable_conflict use_column
+BEGIN
+    RETURN CASE WHEN jsonb_typeof(v) = 'number' AND (v #>> '{}')::numeric BETWEEN 0 AND 253402300799
+                THEN to_timestamp((v #>> '{}')::double precision) END;
+END
 $$;
 
 -- The subscription a Stripe invoice bills (newer API versions: its parent's
 -- subscription_details; older ones: `subscription`), or NULL.
 CREATE FUNCTION billing.stripe_invoice_subscription(inv jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, billing
 AS $$
-    SELECT coalesce(billing.stripe_id(inv #> '{parent,subscription_details,subscription}'),
-                    billing.stripe_id(inv -> 'subscription'))
+#variable_conflict use_column
+BEGIN
+    RETURN coalesce(billing.stripe_id(inv #> '{parent,subscription_details,subscription}'),
+                    billing.stripe_id(inv -> 'subscription'));
+END
 $$;
 
 -- The subscription lines of a Stripe invoice, as what the paid gate needs of
@@ -4491,13 +4519,16 @@ SELECT pg_catalog.pg_extension_config_dump('billing.grant_approvals', '');
 -- Whether an account's subscription was canceled: it has a canceled one and
 -- no live one.
 CREATE FUNCTION billing.subscription_canceled(tenant text, account text) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT EXISTS (SELECT 1 FROM billing.subscriptions s
+#variable_conflict use_column
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM billing.subscriptions s
                    WHERE s.tenant_id = tenant AND s.account = subscription_canceled.account
                      AND s.status = 'canceled')
-       AND NOT billing.has_live_subscription(tenant, account)
+       AND NOT billing.has_live_subscription(tenant, account);
+END
 $$;
 
 -- Set the tenant's policy for manual and promo grants of `unit` (NULL: no
