@@ -247,6 +247,7 @@ ALTER TABLE billing.grants
     ADD COLUMN reason     text,
     SET (fillfactor = 70);
 CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX grants_by_pool ON billing.grants (pool_id);
 
 -- usage_events: the price version instead of the unit price (unit_price is
 -- dropped once the versions are written, below), booking time, and the

@@ -226,6 +226,11 @@ CREATE TABLE billing.grants (
 CREATE INDEX grants_drain_order ON billing.grants
     (pool_id, priority, expires_at NULLS LAST, id) WHERE status = 'active';
 CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
+-- Every grant of a pool, whatever its state: balance and its history, the
+-- plan windows a subscription replaces, verify_ledger. (The drain-order index
+-- holds active grants only; without this one those reads scan every grant of
+-- every tenant.) A debit changes no indexed column, so it stays a HOT update.
+CREATE INDEX grants_by_pool ON billing.grants (pool_id);
 CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
 
 -- Keyed by (tenant_id, key); the id is unique (taken from its sequence by

@@ -1,0 +1,2 @@
+\set a random(0, 9999)
+SELECT available FROM billing.balance('acct' || :a, 'credits');
