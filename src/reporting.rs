@@ -34,9 +34,9 @@ static BALANCE_AS_OF: Sql = Sql {
                                WHERE e.grant_id = g.id AND e.kind IN ('suspend', 'resume') \
                                  AND ($4 IS NULL OR e.recorded_at <= $4) \
                                ORDER BY e.version DESC LIMIT 1), 'resume') = 'resume'), \
-              (SELECT coalesce(sum((SELECT coalesce(sum(e.hold_amount), 0) FROM billing.ledger_entries e \
-                                    WHERE e.hold_id = h.id AND ($4 IS NULL OR e.recorded_at <= $4))), 0)::bigint \
-               FROM billing.holds h JOIN p ON h.pool_id = p.id WHERE t.at < h.expires_at), \
+              (SELECT coalesce(sum(e.hold_amount), 0)::bigint \
+               FROM billing.ledger_entries e JOIN p ON e.pool_id = p.id JOIN billing.holds h ON h.id = e.hold_id \
+               WHERE e.hold_id IS NOT NULL AND t.at < h.expires_at AND ($4 IS NULL OR e.recorded_at <= $4)), \
               (SELECT coalesce(sum(d.debt_after), 0)::bigint FROM p CROSS JOIN LATERAL \
                  (SELECT e.debt_after FROM billing.ledger_entries e \
                   WHERE e.pool_id = p.id AND ($4 IS NULL OR e.recorded_at <= $4) \
