@@ -228,6 +228,24 @@ mod tests {
         );
     }
 
+    /// A unit used as its own meter (no define_meter) reports its usage like
+    /// any meter: summed, by no property.
+    #[pg_test]
+    fn the_usage_of_a_unit_used_as_its_meter_is_reported() {
+        grant("a", "mills", 1000, "");
+        run("SELECT * FROM billing.ingest('a', 'mills', 1, key => 'u1', cost => 70)");
+        run("SELECT * FROM billing.ingest('a', 'mills', 1, key => 'u2', cost => 5)");
+        let reported: String = one(
+            "SELECT concat_ws(',', sum(events), sum(quantity), sum(cost)) \
+             FROM billing.usage('a', 'mills', now() - interval '1 hour', now() + interval '1 hour', 'hour')",
+        );
+        assert_eq!(reported, "2,2,75");
+        assert_rejected(
+            "SELECT * FROM billing.usage('a', 'mills', now() - interval '1 hour', now(), 'hour', '{model}')",
+            "22023",
+        );
+    }
+
     #[pg_test]
     fn a_settlement_names_a_meter_of_the_holds_unit_and_its_quantity() {
         run("SELECT billing.define_meter('other', 'credits')");

@@ -57,7 +57,8 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM billing.units x WHERE x.tenant_id = tenant AND x.unit = usage.meter) THEN
             RAISE EXCEPTION 'unknown meter "%"', usage.meter USING ERRCODE = 'undefined_object';
         END IF;
-        m := ROW('sum'::text, '{}'::text[]);
+        -- (a record takes its field names from a query, not from ROW())
+        SELECT 'sum'::text AS aggregation, '{}'::text[] AS group_by INTO m;
     END IF;
     IF NOT usage.group_by <@ m.group_by THEN
         RAISE EXCEPTION 'invalid group_by: meter "%" counts by %', usage.meter,
