@@ -490,13 +490,13 @@ LANGUAGE sql STABLE AS $f$
     SELECT key, missing, account, meter, occurred_at, cost FROM billing_router.reconcile_usage(billing_router.tenant(), $1, $2, $3, $4, $5) AS r GROUP BY 1, 2, 3, 4, 5, 6 HAVING missing = 'there' OR count(*) = billing_router.shard_count() ORDER BY 1, 2
 $f$;
 
-CREATE FUNCTION billing_router.register_webhook_handler(text, text, regprocedure, text) RETURNS SETOF void
+CREATE FUNCTION billing_router.register_webhook_handler(text, text, text, text) RETURNS SETOF void
 LANGUAGE plproxy AS $f$
     CLUSTER 'billing';
     RUN ON ALL;
-    SELECT pgb_r.* FROM billing.register_webhook_handler((SELECT billing_router.within_arg($1, $2)), $3, $4) pgb_r;
+    SELECT pgb_r.* FROM billing.register_webhook_handler((SELECT billing_router.within_arg($1, $2)), $3::regprocedure, $4) pgb_r;
 $f$;
-CREATE FUNCTION billing.register_webhook_handler(event_type text, handler regprocedure, endpoint text DEFAULT '*'::text) RETURNS void
+CREATE FUNCTION billing.register_webhook_handler(event_type text, handler text, endpoint text DEFAULT '*'::text) RETURNS void
 LANGUAGE sql VOLATILE AS $f$
     SELECT * FROM billing_router.register_webhook_handler(billing_router.tenant(), $1, $2, $3) AS r LIMIT 1
 $f$;

@@ -86,8 +86,14 @@ SELECT p.oid, p.proname::text AS name, p.proretset, p.prorettype, p.provolatile,
        pg_get_function_arguments(p.oid) AS args,
        -- types only: the PL/Proxy function names its arguments $n, as names
        -- such as "from" would be taken for argument references in its SELECT
-       (SELECT string_agg(format_type(t, NULL), ', ' ORDER BY i)
+       -- (a function named by regprocedure does not exist on the router: it
+       -- is passed as text and resolved on the shard)
+       (SELECT string_agg(CASE WHEN t = 'regprocedure'::regtype THEN 'text' ELSE format_type(t, NULL) END,
+                          ', ' ORDER BY i)
         FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i)) AS arg_types,
+       (SELECT string_agg('$' || (i + 1) || CASE WHEN t = 'regprocedure'::regtype THEN '::regprocedure' ELSE '' END,
+                          ', ' ORDER BY i)
+        FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i)) AS remote_args,
        pg_get_function_result(p.oid) AS result, p.proargnames, p.proargmodes,
        -- a SQL function PostgreSQL may inline into the calling query
        p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'sql') AND NOT p.prosecdef
@@ -146,7 +152,6 @@ WITH f AS (
     SELECT s.*, r.route, r.combine,
            split_part(r.route, ':', 1) AS kind, split_part(r.route, ':', 2) AS target,
            -- $2..$n+1: the arguments after router_tenant
-           (SELECT string_agg('$' || (i + 1), ', ' ORDER BY i) FROM generate_series(1, s.pronargs) i) AS remote_args,
            (SELECT string_agg('$' || i, ', ' ORDER BY i) FROM generate_series(1, s.pronargs) i) AS local_args,
            CASE WHEN s.result LIKE 'TABLE(%' OR s.result LIKE 'SETOF %' THEN s.result
                 ELSE 'SETOF ' || s.result END AS set_result
@@ -186,8 +191,8 @@ SELECT format(E'CREATE FUNCTION billing_router.%I(text%s) RETURNS %s\n'
                                '        LATERAL (SELECT * FROM billing.%I(%s) WHERE pgb_w OFFSET 0) pgb_r;',
                                p.name, coalesce(p.remote_args, ''))
                    ELSE format('SELECT pgb_r.* FROM billing.%I((SELECT billing_router.within_arg($1, $2))%s) pgb_r;',
-                               p.name, substr(p.remote_args, length('$2') + 1)) END,
-              p.name, p.args, p.result,
+                               p.name, regexp_replace(p.remote_args, '^\$2', '')) END,
+              p.name, replace(p.args, ' regprocedure', ' text'), p.result,
               CASE p.provolatile WHEN 'i' THEN 'STABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END,
               format(coalesce(p.combine, CASE WHEN p.kind = 'all' AND NOT p.proretset THEN 'SELECT * FROM %s LIMIT 1'
                                               ELSE 'SELECT * FROM %s' END),

@@ -203,6 +203,7 @@ fn billing_through_a_router_over_three_shards() {
     calls_by_id(&d, &mut ops);
     batches_across_shards(&d, &mut ops);
     webhooks(&d, &mut ops);
+    standard_webhooks(&d, &mut ops);
     subscriptions(&d, &mut ops);
     two_accounts(&d, &mut ops);
     tenants(&d, &mut ops);
@@ -499,6 +500,69 @@ fn webhooks(d: &Deployment, c: &mut Client) {
         d.per_shard("SELECT count(*) FROM billing.webhook_events WHERE status = 'rejected'"),
         expected,
         "the forged delivery is kept on the home shard"
+    );
+}
+
+/// The headers of a Standard Webhooks delivery of `body` (webhook-id,
+/// webhook-timestamp, webhook-signature: v1,<base64 HMAC-SHA256 of
+/// "id.timestamp.body" under the secret's base64 key after "whsec_">).
+fn standard_headers(id: &str, body: &str, secret: &str) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(secret.trim_start_matches("whsec_")).unwrap();
+    let t = unix_now();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{t}.{body}").as_bytes());
+    let sig = b64.encode(mac.finalize().into_bytes());
+    json!({"webhook-id": id, "webhook-timestamp": t.to_string(), "webhook-signature": format!("v1,{sig}")})
+        .to_string()
+}
+
+/// A Standard Webhooks delivery (an application's own events and handler,
+/// registered through the router on every shard) goes to the shard of the
+/// account its data names.
+fn standard_webhooks(d: &Deployment, c: &mut Client) {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    for s in &d.shards {
+        s.connect("app")
+            .batch_execute(
+                "CREATE FUNCTION public.credit_added(ev billing.webhook_events) RETURNS jsonb LANGUAGE sql AS $$
+                     SELECT to_jsonb(g) FROM billing.\"grant\"(ev.payload #>> '{data,account}', 'usd_mills',
+                         (ev.payload #>> '{data,amount}')::bigint, kind => 'topup',
+                         key => 'std:' || ev.provider_event_id) g $$",
+            )
+            .unwrap();
+    }
+    c.batch_execute(&format!(
+        "SELECT billing.define_webhook_endpoint('app', 'standard', '{secret}');
+         SELECT billing.register_webhook_handler('credit.added', 'public.credit_added(billing.webhook_events)', 'app');"
+    ))
+    .unwrap();
+    let home = d.shard_of(None, "");
+    let owner = account_on(d, None, "std", (home + 1) % SHARDS as usize);
+    let body = json!({"type": "credit.added", "timestamp": "2026-11-29T20:00:00Z",
+                      "data": {"account": owner, "amount": 250}})
+    .to_string();
+    let row = c
+        .query_one(
+            "SELECT status, reason FROM billing.receive_webhook('app', $1::text::jsonb, $2)",
+            &[&standard_headers("msg_router_1", &body, secret), &body],
+        )
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "applied",
+        "{:?}",
+        row.get::<_, Option<String>>(1)
+    );
+    assert_eq!(available(c, &owner, "usd_mills"), 250);
+    let mut expected = vec![0; SHARDS as usize];
+    expected[(home + 1) % SHARDS as usize] = 1;
+    assert_eq!(
+        d.per_shard("SELECT count(*) FROM billing.webhook_events WHERE endpoint = 'app' AND status = 'applied'"),
+        expected,
+        "applied on the shard of the account the data names"
     );
 }
 
