@@ -373,6 +373,28 @@ $$;
 
 -- Verify, deduplicate, order and apply one new delivery; returns the row to
 -- store, with its status and reason.
+-- Whether a delivery to endpoint `ep` is within the size bounds and signed
+-- by its secret (or by its previous secret while that is still accepted):
+-- the one check of a delivery, for the intake and for a sharding router that
+-- must know a delivery is genuine before it reads whose it is.
+CREATE FUNCTION billing.verify_delivery(ep billing.webhook_endpoints, headers jsonb, body text,
+    OUT valid boolean, OUT reason text, OUT event_id text, OUT signed_at timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+BEGIN
+    IF octet_length(body) > 1048576 OR octet_length(headers::text) > 65536 THEN
+        valid := false;
+        reason := 'too large: body over 1 MiB or headers over 64 KiB';
+        RETURN;
+    END IF;
+    SELECT w.valid, w.reason, w.event_id, w.signed_at INTO valid, reason, event_id, signed_at
+    FROM billing.verify_webhook(ep.scheme, ep.secret, headers, body,
+        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
+        ep.tolerance_seconds, ep.signature_header) w;
+END
+$$;
+
 CREATE FUNCTION billing.webhook_intake_decide(ev billing.webhook_events) RETURNS billing.webhook_events
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
@@ -398,14 +420,7 @@ BEGIN
         ev.reason := 'unknown endpoint'; RETURN ev;
     END IF;
     ev.endpoint_id := ep.id;
-    IF octet_length(ev.body) > 1048576 OR octet_length(ev.headers::text) > 65536 THEN
-        ev.reason := 'too large: body over 1 MiB or headers over 64 KiB';
-        RETURN ev;
-    END IF;
-
-    SELECT * INTO v FROM billing.verify_webhook(ep.scheme, ep.secret, ev.headers, ev.body,
-        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-        ep.tolerance_seconds, ep.signature_header);
+    SELECT * INTO v FROM billing.verify_delivery(ep, ev.headers, ev.body);
     IF NOT v.valid THEN
         ev.reason := v.reason; RETURN ev;
     END IF;
