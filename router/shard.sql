@@ -12,17 +12,6 @@ CREATE SCHEMA IF NOT EXISTS billing_router;
 REVOKE ALL ON SCHEMA billing_router FROM PUBLIC;
 GRANT USAGE ON SCHEMA billing_router TO billing_reader, billing_support, billing_app, billing_admin;
 
--- The same, for a call's first argument: the router passes it through this,
--- as an initplan the call evaluates before it starts.
-CREATE OR REPLACE FUNCTION billing_router.within_arg(tenant text, first anyelement) RETURNS anyelement
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    PERFORM billing_router.within(tenant);
-    RETURN first;
-END
-$$;
-
 -- Make this shard's ids its own: every sequence of pg_billing draws from
 -- [n * 2^48 + 1, (n + 1) * 2^48), so a grant, hold, event or request id names
 -- one object across all shards (ids are what the router looks objects up by;
@@ -50,8 +39,7 @@ BEGIN
         IF (SELECT s.seqmin = lo AND s.seqmax = hi FROM pg_sequence s WHERE s.seqrelid = seq) THEN
             CONTINUE;
         END IF;
-        IF EXISTS (SELECT 1 FROM pg_sequences s WHERE format('%I.%I', s.schemaname, s.sequencename)::regclass = seq
-                   AND s.last_value IS NOT NULL AND s.last_value >= lo) THEN
+        IF pg_sequence_last_value(seq) >= lo THEN
             EXECUTE format('ALTER SEQUENCE %s MINVALUE %s MAXVALUE %s START WITH %s', seq, lo, hi, lo);
         ELSE
             EXECUTE format('ALTER SEQUENCE %s MINVALUE %s MAXVALUE %s START WITH %s RESTART', seq, lo, hi, lo);
@@ -63,7 +51,7 @@ END
 $$;
 
 -- Act for `tenant` until this transaction ends (no tenant given: the
--- session's own). The router's calls read it as the FROM item that every
+-- session's own). A routed call with no argument reads it as a FROM item the
 -- billing.* call depends on laterally, so it is set before that call starts.
 CREATE OR REPLACE FUNCTION billing_router.within(tenant text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
@@ -73,6 +61,17 @@ BEGIN
         PERFORM pg_catalog.set_config('billing.tenant', tenant, true);
     END IF;
     RETURN true;
+END
+$$;
+
+-- The same for a routed call with arguments: the router passes its first
+-- argument through this, as an initplan the call evaluates before it starts.
+CREATE OR REPLACE FUNCTION billing_router.within_arg(tenant text, first anyelement) RETURNS anyelement
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    PERFORM billing_router.within(tenant);
+    RETURN first;
 END
 $$;
 
@@ -174,8 +173,8 @@ BEGIN
 END
 $$;
 
--- The owner of a webhook delivery's object, when the delivery verifies (as
--- billing.receive_webhook would verify it); no row otherwise: the router then
+-- The owner of a webhook delivery's object, when the delivery verifies
+-- (billing.verify_delivery, as the intake checks it); no row otherwise: the router then
 -- sends it to the tenant's home shard, which records why it was rejected.
 CREATE OR REPLACE FUNCTION billing_router.webhook_owner(tenant text, endpoint text, headers jsonb, body text)
 RETURNS TABLE (named text, owner text)
@@ -190,12 +189,10 @@ DECLARE
 BEGIN
     t := billing_router.checked_tenant(tenant);
     SELECT * INTO ep FROM billing.webhook_endpoints e WHERE e.tenant_id = t AND e.name = endpoint;
-    IF NOT FOUND OR octet_length(body) > 1048576 OR octet_length(headers::text) > 65536 THEN
+    IF NOT FOUND THEN
         RETURN;
     END IF;
-    SELECT * INTO v FROM billing.verify_webhook(ep.scheme, ep.secret, coalesce(headers, '{}'), coalesce(body, ''),
-        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-        ep.tolerance_seconds, ep.signature_header);
+    SELECT * INTO v FROM billing.verify_delivery(ep, coalesce(headers, '{}'), coalesce(body, ''));
     IF NOT v.valid THEN
         RETURN;
     END IF;
