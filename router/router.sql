@@ -84,7 +84,8 @@ BEGIN
 END
 $$;
 
--- PL/Proxy's cluster configuration for the cluster 'billing'
+-- PL/Proxy's cluster configuration for the clusters 'billing' and
+-- 'billing_probe' (the same shards)
 -- (PL/Proxy calls this on every call: plpgsql keeps its plan, and it runs
 -- as the caller, who may read the version, to spare the cost of a
 -- SECURITY DEFINER call)
@@ -240,7 +241,7 @@ BEGIN
     SELECT array_agg(e ->> 'account' ORDER BY i), array_agg(i ORDER BY i), array_agg(e ORDER BY i)
     INTO accounts, ords, evs
     FROM jsonb_array_elements(events) WITH ORDINALITY AS x(e, i);
-    IF EXISTS (SELECT 1 FROM unnest(evs, accounts) AS y(e, a)
+    IF EXISTS (SELECT 1 FROM unnest(evs) AS e
                WHERE jsonb_typeof(e) <> 'object' OR jsonb_typeof(e -> 'account') IS DISTINCT FROM 'string') THEN
         RAISE EXCEPTION 'every event must be a JSON object with an account string'
             USING ERRCODE = 'invalid_parameter_value';

@@ -88,6 +88,19 @@ pub fn stripe_headers(body: &str, secret: &str) -> String {
     serde_json::json!({ "Stripe-Signature": stripe_signature(body, secret) }).to_string()
 }
 
+/// A file of the repository, by its path from the repository's root.
+pub fn repo_file(path: &str) -> String {
+    let full = format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("read {full}: {e}"))
+}
+
+/// Stripe's own example object `name` (tests/fixtures/stripe/NAME.json),
+/// every field as Stripe sends it; a test sets the fields it is about.
+pub fn stripe_fixture(name: &str) -> serde_json::Value {
+    serde_json::from_str(&repo_file(&format!("tests/fixtures/stripe/{name}.json")))
+        .unwrap_or_else(|e| panic!("tests/fixtures/stripe/{name}.json: {e}"))
+}
+
 /// SQLSTATE of a failed statement, if the server sent one.
 pub fn sqlstate(e: &postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_string())

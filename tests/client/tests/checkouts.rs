@@ -4,9 +4,9 @@
 //! payment once.
 
 use pg_billing_client_tests::{
-    connect, fresh_db, ledger_problems, run_sessions, stripe_headers, unix_now,
+    connect, fresh_db, ledger_problems, run_sessions, stripe_fixture, stripe_headers, unix_now,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const DB: &str = "pgb_checkouts";
 const SECRET: &str = "whsec_checkouts";
@@ -16,14 +16,7 @@ const WEBHOOKS: usize = 4;
 /// Stripe's own example event and Checkout Session (tests/fixtures/stripe),
 /// completed and paid for `intent`.
 fn session_completed(intent: i64) -> String {
-    let read = |name: &str| -> Value {
-        let path = format!(
-            "{}/../fixtures/stripe/{name}.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-    };
-    let mut session = read("checkout_session");
+    let mut session = stripe_fixture("checkout_session");
     for (k, v) in [
         ("id", json!("cs_poll_1")),
         ("payment_intent", json!("pi_poll_1")),
@@ -35,7 +28,7 @@ fn session_completed(intent: i64) -> String {
     ] {
         session[k] = v;
     }
-    let mut event = read("event");
+    let mut event = stripe_fixture("event");
     event["id"] = json!("evt_poll_1");
     event["type"] = json!("checkout.session.completed");
     event["created"] = json!(unix_now());

@@ -17,7 +17,9 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use pg_billing_client_tests::cluster::Cluster;
-use pg_billing_client_tests::{run_sessions, sqlstate, stripe_headers, unix_now, Rng};
+use pg_billing_client_tests::{
+    repo_file, run_sessions, sqlstate, stripe_fixture, stripe_headers, unix_now, Rng,
+};
 use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 
@@ -30,11 +32,6 @@ const FUNDS: i64 = 10_000;
 struct Deployment {
     router: Cluster,
     shards: Vec<Cluster>,
-}
-
-fn repo_file(path: &str) -> String {
-    let full = format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("read {full}: {e}"))
 }
 
 /// The roles of the test, on every cluster (roles are per cluster).
@@ -147,13 +144,9 @@ fn account_on(d: &Deployment, tenant: Option<&str>, prefix: &str, want: usize) -
         .expect("an account on that shard")
 }
 
-fn fixture(name: &str) -> Value {
-    serde_json::from_str(&repo_file(&format!("tests/fixtures/stripe/{name}.json"))).unwrap()
-}
-
 /// Stripe's example event around `object`, as it is delivered now.
 fn event(id: &str, kind: &str, object: Value) -> String {
-    let mut e = fixture("event");
+    let mut e = stripe_fixture("event");
     e["id"] = json!(id);
     e["type"] = json!(kind);
     e["created"] = json!(unix_now());
@@ -185,6 +178,7 @@ fn available(c: &mut Client, account: &str, unit: &str) -> i64 {
 fn billing_through_a_router_over_three_shards() {
     let d = deploy();
     let mut ops = d.router_as("postgres", "default");
+    setup_refusals(&d);
 
     // catalogue changes reach every shard
     ops.batch_execute(
@@ -215,6 +209,44 @@ fn billing_through_a_router_over_three_shards() {
         .get(0);
     assert_eq!(gathered, 0, "verify_ledger through the router");
     d.assert_ledgers_verify();
+}
+
+/// The router's own setup refuses what would misplace accounts, and writes
+/// nothing: placing partitions again, no shard at all, a shard number out of
+/// range.
+fn setup_refusals(d: &Deployment) {
+    let mut r = d.router.connect("app");
+    for (sql, state) in [
+        (
+            "SELECT * FROM billing_router.set_shards(ARRAY['host=127.0.0.1 port=1 dbname=app'])",
+            "55000",
+        ),
+        ("SELECT * FROM billing_router.set_shards('{}')", "22023"),
+    ] {
+        let e = r.query(sql, &[]).unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some(state), "{sql}: {e}");
+    }
+    let placed: i64 = r
+        .query_one("SELECT count(*) FROM billing_router.partitions", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(placed, 64);
+    let mut shard = d.shards[1].connect("app");
+    for n in ["-1", "32767", "NULL"] {
+        let e = shard
+            .query_one(&format!("SELECT billing_router.number_shard({n})"), &[])
+            .unwrap_err();
+        assert_eq!(
+            sqlstate(&e).as_deref(),
+            Some("22023"),
+            "number_shard({n}): {e}"
+        );
+    }
+    let renumbered: i32 = shard
+        .query_one("SELECT billing_router.number_shard(1)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(renumbered, 0, "numbering again changes nothing");
 }
 
 /// The quickstart's flows for one account, answered as on one server.
@@ -447,7 +479,7 @@ fn webhooks(d: &Deployment, c: &mut Client) {
     .unwrap();
     let home = d.shard_of(None, "");
     let buyer = account_on(d, None, "buyer", (home + 1) % SHARDS as usize);
-    let mut session = fixture("checkout_session");
+    let mut session = stripe_fixture("checkout_session");
     for (k, v) in [
         ("id", json!("cs_router_1")),
         ("payment_intent", json!("pi_router_1")),
@@ -467,7 +499,7 @@ fn webhooks(d: &Deployment, c: &mut Client) {
     assert_eq!(deliver(c, &paid, &headers).0, "duplicate");
     assert_eq!(available(c, &buyer, "usd_mills"), 5000);
 
-    let mut charge = fixture("charge");
+    let mut charge = stripe_fixture("charge");
     for (k, v) in [
         ("id", json!("ch_router_1")),
         ("payment_intent", json!("pi_router_1")),
@@ -569,7 +601,7 @@ fn standard_webhooks(d: &Deployment, c: &mut Client) {
 /// Stripe's subscription object, for `account` (named in its metadata or not).
 fn subscription(id: &str, customer: &str, metadata: Value, status: &str) -> Value {
     let now = unix_now() as i64;
-    let mut s = fixture("subscription");
+    let mut s = stripe_fixture("subscription");
     for (k, v) in [
         ("id", json!(id)),
         ("status", json!(status)),
@@ -625,7 +657,7 @@ fn subscriptions(d: &Deployment, c: &mut Client) {
     assert_eq!(available(c, &owner, "usd_mills"), 1000, "the plan's credit");
     let later = subscription("sub_router_1", "cus_router_1", json!({}), "past_due");
     assert_eq!(sync(c, &later), ("updated".into(), owner.clone()));
-    let mut invoice = fixture("invoice");
+    let mut invoice = stripe_fixture("invoice");
     for (k, v) in [
         ("id", json!("in_router_1")),
         ("status", json!("open")),
