@@ -115,9 +115,9 @@ END
 $$;
 
 -- Whose a provider's object is, for the router to send it to that account's
--- shard: `named` is the account the object names (Stripe's metadata.account
--- or client_reference_id; `account` or metadata.account in other schemes'
--- data), the same on every shard; `owner` is the account this shard knows
+-- shard: `named` is the account the object names (as the Stripe projection
+-- reads it, billing.stripe_named_account; in other schemes' data also
+-- `account`), the same on every shard; `owner` is the account this shard knows
 -- the object by (a reload request or checkout intent it created, a provider
 -- customer or subscription it mapped, a payment it credited), found on that
 -- account's shard only. The caller has checked the tenant.
@@ -134,7 +134,7 @@ BEGIN
     IF jsonb_typeof(obj) IS DISTINCT FROM 'object' THEN
         RETURN;
     END IF;
-    named := coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id',
+    named := coalesce(billing.stripe_named_account(obj),
                       CASE WHEN scheme <> 'stripe' THEN obj ->> 'account' END);
     IF named IS NULL AND scheme = 'stripe' THEN
         IF obj #>> '{metadata,reload_request}' ~ '^[0-9]{1,18}$' THEN

@@ -592,6 +592,17 @@ BEGIN
 END
 $$;
 
+-- The account a Stripe object names: its metadata.account, else (a Checkout
+-- Session) its client_reference_id; NULL when it names none.
+CREATE FUNCTION billing.stripe_named_account(obj jsonb) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    RETURN coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id');
+END
+$$;
+
 -- A paid top-up credits the account once, whichever event reports it first:
 -- the grant key is the PaymentIntent id. The amount is what was paid
 -- (amount_total / amount_received) in a currency the endpoint maps, never
@@ -614,7 +625,7 @@ BEGIN
     -- whose customer it is (Stripe does not copy client_reference_id onto
     -- the subscription), so the subscription's events find the account
     IF obj ->> 'mode' = 'subscription' THEN
-        account := coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id');
+        account := billing.stripe_named_account(obj);
         IF account IS NOT NULL AND jsonb_typeof(obj -> 'customer') = 'string' THEN
             PERFORM billing.account(account);
             INSERT INTO billing.provider_customers (tenant_id, provider, customer, account)
@@ -661,7 +672,7 @@ BEGIN
         RETURN jsonb_build_object('credited', r.status = 'completed', 'reload_request', r.request_id,
                                   'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
     END IF;
-    account := coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id');
+    account := billing.stripe_named_account(obj);
     IF account IS NULL THEN
         RAISE EXCEPTION 'no account to credit: set metadata.account or client_reference_id on the payment'
             USING ERRCODE = 'invalid_parameter_value';
