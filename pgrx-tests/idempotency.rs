@@ -57,6 +57,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_key_stores_a_16_byte_fingerprint_that_tells_requests_apart() {
+        grant("a", "mills", 100, ", key => 'g1'");
+        ingest("a", "mills", 10, "e1");
+        run("SELECT * FROM billing.reserve('a', 'mills', 5, key => 'h1')");
+        let lengths: String = one(
+            "SELECT concat_ws(',', \
+                 (SELECT octet_length(request_hash) FROM billing.grants WHERE key = 'g1'), \
+                 (SELECT octet_length(request_hash) FROM billing.usage_events WHERE key = 'e1'), \
+                 (SELECT octet_length(request_hash) FROM billing.holds WHERE key = 'h1'))",
+        );
+        assert_eq!(lengths, "16,16,16");
+        let status: String = one("SELECT status FROM billing.grant('a', 'mills', 100, key => 'g1')");
+        assert_eq!(status, "duplicate");
+        for changed in [
+            "SELECT * FROM billing.grant('a', 'mills', 101, key => 'g1')",
+            "SELECT * FROM billing.ingest('a', 'mills', 1, key => 'e1', cost => 11)",
+            "SELECT * FROM billing.reserve('a', 'mills', 6, key => 'h1')",
+        ] {
+            assert_rejected(changed, "23505");
+        }
+    }
+
+    #[pg_test]
     fn strict_may_differ_on_a_retry() {
         grant("a", "mills", 100, "");
         run("SELECT * FROM billing.ingest('a', 'mills', 1, key => 'k', cost => 10)");

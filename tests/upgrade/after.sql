@@ -25,6 +25,18 @@ BEGIN
     IF (SELECT status FROM billing.ingest('org_1', 'ai', 1, key => 'req_1', cost => 1234)) <> 'duplicate' THEN
         RAISE EXCEPTION 'a usage key from before the upgrade applied again';
     END IF;
+    -- fingerprints stored before the upgrade are whole SHA-256s: a replay
+    -- still matches, other parameters under the same key are still refused
+    IF (SELECT status FROM billing.grant('org_1', 'usd_mills', 10000, kind => 'topup', key => 'pi_seed_1'))
+       <> 'duplicate' THEN
+        RAISE EXCEPTION 'a grant key from before the upgrade did not replay';
+    END IF;
+    BEGIN
+        PERFORM billing.grant('org_1', 'usd_mills', 10001, kind => 'topup', key => 'pi_seed_1');
+        RAISE EXCEPTION 'a grant key from before the upgrade was reused with another amount';
+    EXCEPTION WHEN unique_violation THEN
+        NULL;
+    END;
     IF EXISTS (SELECT 1 FROM billing.verify_ledger()) THEN
         RAISE EXCEPTION 'verify_ledger after the upgrade: %', (SELECT string_agg(problem, '; ') FROM billing.verify_ledger());
     END IF;
