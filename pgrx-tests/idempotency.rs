@@ -61,14 +61,13 @@ mod tests {
         grant("a", "mills", 100, ", key => 'g1'");
         ingest("a", "mills", 10, "e1");
         run("SELECT * FROM billing.reserve('a', 'mills', 5, key => 'h1')");
-        let lengths: String = one(
-            "SELECT concat_ws(',', \
+        let lengths: String = one("SELECT concat_ws(',', \
                  (SELECT octet_length(request_hash) FROM billing.grants WHERE key = 'g1'), \
                  (SELECT octet_length(request_hash) FROM billing.usage_events WHERE key = 'e1'), \
-                 (SELECT octet_length(request_hash) FROM billing.holds WHERE key = 'h1'))",
-        );
+                 (SELECT octet_length(request_hash) FROM billing.holds WHERE key = 'h1'))");
         assert_eq!(lengths, "16,16,16");
-        let status: String = one("SELECT status FROM billing.grant('a', 'mills', 100, key => 'g1')");
+        let status: String =
+            one("SELECT status FROM billing.grant('a', 'mills', 100, key => 'g1')");
         assert_eq!(status, "duplicate");
         for changed in [
             "SELECT * FROM billing.grant('a', 'mills', 101, key => 'g1')",
