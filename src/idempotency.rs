@@ -44,7 +44,7 @@ impl Fingerprint {
     }
 }
 
-pub const FINGERPRINT_BYTES: usize = 16;
+const FINGERPRINT_BYTES: usize = 16;
 
 /// The one key-reuse rule: a replay of `key` must carry the fingerprint stored
 /// with its first use; anything else is "idempotency key reused with
@@ -52,7 +52,7 @@ pub const FINGERPRINT_BYTES: usize = 16;
 /// before 0.2.0 is the whole SHA-256, whose first 16 bytes are the same
 /// request's fingerprint now.
 pub fn same_request(what: &'static str, key: &str, stored: &[u8], fresh: &[u8]) -> Result<()> {
-    if stored.get(..fresh.len()) == Some(fresh) && fresh.len() == FINGERPRINT_BYTES {
+    if stored.get(..FINGERPRINT_BYTES) == Some(fresh) {
         Ok(())
     } else {
         Err(BillingError::KeyReused {
