@@ -1452,113 +1452,63 @@ BEGIN
 END
 $$;
 
--- The account a Stripe object names: its metadata.account, else (a Checkout
--- Session) its client_reference_id; NULL when it names none.
-CREATE FUNCTION billing.stripe_named_account(obj jsonb) RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog
-AS $$
-BEGIN
-    RETURN coalesce(obj #>> '{metadata,account}', obj ->> 'client_reference_id');
-END
-$$;
+-- A paid top-up is credited by billing.stripe_credit_topup (src/webhooks/topup.rs).
+-- These are the payments it hands on, which buy something else than plain
+-- credits.
 
--- A paid top-up credits the account once, whichever event reports it first:
--- the grant key is the PaymentIntent id. The amount is what was paid
--- (amount_total / amount_received) in a currency the endpoint maps, never
--- anything from metadata.
-CREATE FUNCTION billing.stripe_credit_topup(ev billing.webhook_events) RETURNS jsonb
+-- A subscription's checkout: its payments buy the plan, not credits. The
+-- checkout says whose customer it is (Stripe does not copy
+-- client_reference_id onto the subscription), so the subscription's events
+-- find the account (`account`, the one the checkout names).
+CREATE FUNCTION billing.stripe_subscription_checkout(ev billing.webhook_events, account text) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-DECLARE
-    obj jsonb := ev.payload #> '{data,object}';
-    paid bigint;
-    payment text;
-    account text;
-    credit record;
-    g record;
-    r record;
-    intent bigint;
+DECLARE obj jsonb := ev.payload #> '{data,object}';
 BEGIN
-    -- a subscription's payments buy its plan, not credits; its checkout says
-    -- whose customer it is (Stripe does not copy client_reference_id onto
-    -- the subscription), so the subscription's events find the account
-    IF obj ->> 'mode' = 'subscription' THEN
-        account := billing.stripe_named_account(obj);
-        IF account IS NOT NULL AND jsonb_typeof(obj -> 'customer') = 'string' THEN
-            PERFORM billing.account(account);
-            INSERT INTO billing.provider_customers (tenant_id, provider, customer, account)
-            VALUES (ev.tenant_id, 'stripe', obj ->> 'customer', account) ON CONFLICT DO NOTHING;
-        END IF;
-        RETURN jsonb_build_object('credited', false, 'customer', obj ->> 'customer', 'account', account,
-            'why', 'a subscription checkout: its plan credit comes with the subscription');
+    IF account IS NOT NULL AND jsonb_typeof(obj -> 'customer') = 'string' THEN
+        PERFORM billing.account(account);
+        INSERT INTO billing.provider_customers (tenant_id, provider, customer, account)
+        VALUES (ev.tenant_id, 'stripe', obj ->> 'customer', account) ON CONFLICT DO NOTHING;
     END IF;
-    -- an invoice's payment without an account to credit is a subscription's
-    -- (a one-off top-up invoice names its account in metadata)
-    IF ev.event_type = 'payment_intent.succeeded' AND obj #>> '{metadata,account}' IS NULL
-       AND (obj ->> 'invoice' IS NOT NULL OR obj ->> 'description' LIKE 'Subscription %') THEN
-        RETURN jsonb_build_object('credited', false, 'why', 'the payment of a subscription invoice, not a top-up');
-    END IF;
-    IF ev.event_type = 'checkout.session.completed' THEN
-        IF obj ->> 'payment_status' IS DISTINCT FROM 'paid' THEN
-            RETURN jsonb_build_object('credited', false, 'why', 'checkout session is not paid');
-        END IF;
-        paid := (obj ->> 'amount_total')::bigint;
-        payment := coalesce(obj ->> 'payment_intent', obj ->> 'id');
-    ELSE
-        paid := (obj ->> 'amount_received')::bigint;
-        payment := obj ->> 'id';
-    END IF;
-    -- an auto-reload charge (the worker put the request's id in the payment's
-    -- metadata) is credited through its request: once, whether this event or
-    -- the worker's billing.complete_reload comes first, as what was paid
-    -- a checkout intent's payment (polled by the application) is credited
-    -- through the intent the same way
-    intent := billing.stripe_checkout_intent(obj);
-    IF intent IS NOT NULL AND paid > 0 AND payment IS NOT NULL THEN
-        PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
-        SELECT * INTO r FROM billing.confirm_checkout(intent, payment, paid, obj ->> 'currency');
-        PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
-        RETURN jsonb_build_object('credited', r.status = 'paid', 'checkout_intent', r.intent_id,
-                                  'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
-    END IF;
-    IF obj #>> '{metadata,reload_request}' IS NOT NULL AND paid > 0 AND payment IS NOT NULL THEN
-        PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
-        SELECT * INTO r FROM billing.complete_reload((obj #>> '{metadata,reload_request}')::bigint,
-                                                    payment, paid, obj ->> 'currency');
-        -- a refund or dispute that arrived before the payment applies now
-        PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
-        RETURN jsonb_build_object('credited', r.status = 'completed', 'reload_request', r.request_id,
-                                  'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
-    END IF;
-    account := billing.stripe_named_account(obj);
-    IF account IS NULL THEN
-        RAISE EXCEPTION 'no account to credit: set metadata.account or client_reference_id on the payment'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF paid IS NULL OR paid <= 0 OR payment IS NULL THEN
-        RAISE EXCEPTION 'payment % has no positive amount paid', coalesce(payment, '?')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    credit := billing.stripe_credits(ev.endpoint_id, obj ->> 'currency', paid);
+    RETURN jsonb_build_object('credited', false, 'customer', obj ->> 'customer', 'account', account,
+        'why', 'a subscription checkout: its plan credit comes with the subscription');
+END
+$$;
+
+-- A checkout intent's payment (polled by the application, or reported here
+-- first) is credited through the intent: once, as what was paid.
+CREATE FUNCTION billing.stripe_checkout_payment(ev billing.webhook_events, intent bigint, payment text,
+                                                paid bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE r record;
+BEGIN
     PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
-    -- already credited through a checkout intent or a reload request (whose
-    -- own report came first): that was the credit
-    SELECT * INTO g FROM billing.grants x
-    WHERE x.tenant_id = ev.tenant_id AND x.key = billing.payment_key(payment)
-      AND (x.metadata ? 'checkout_intent' OR x.metadata ? 'reload_request');
-    IF FOUND THEN
-        RETURN jsonb_build_object('credited', false, 'grant_id', g.id, 'payment', payment,
-            'why', 'credited through its checkout intent or reload request');
-    END IF;
-    SELECT * INTO g FROM billing."grant"(account, credit.unit, credit.credits,
-        kind => 'topup', key => billing.payment_key(payment),
-        -- the same for every event type that reports this payment, so it credits once
-        metadata => jsonb_build_object('source', 'stripe', 'payment', payment));
+    SELECT * INTO r FROM billing.confirm_checkout(intent, payment, paid, ev.payload #>> '{data,object,currency}');
+    -- a refund or dispute that arrived before the payment applies now
     PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
-    RETURN jsonb_build_object('credited', g.status = 'applied', 'grant_id', g.grant_id, 'account', account,
-                              'amount', g.amount, 'unit', credit.unit, 'payment', payment);
+    RETURN jsonb_build_object('credited', r.status = 'paid', 'checkout_intent', r.intent_id,
+                              'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
+END
+$$;
+
+-- An auto-reload charge (the worker put the request's id in the payment's
+-- metadata) is credited through its request: once, whether this event or the
+-- worker's billing.complete_reload comes first, as what was paid.
+CREATE FUNCTION billing.stripe_reload_payment(ev billing.webhook_events, request bigint, payment text,
+                                              paid bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, billing, pg_temp
+AS $$
+DECLARE r record;
+BEGIN
+    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
+    SELECT * INTO r FROM billing.complete_reload(request, payment, paid, ev.payload #>> '{data,object,currency}');
+    PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
+    RETURN jsonb_build_object('credited', r.status = 'completed', 'reload_request', r.request_id,
+                              'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
 END
 $$;
 
@@ -5528,6 +5478,21 @@ AllocatedByRust > > */
 SET search_path TO pg_catalog, billing, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'run_webhook_handler_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/topup.rs
+-- pg_billing::webhooks::topup::stripe_credit_topup
+-- requires:
+--   webhooks
+CREATE  FUNCTION "stripe_credit_topup"(
+	"ev" billing.webhook_events /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+) RETURNS jsonb /* Option < JsonB > */
+
+SET search_path TO pg_catalog, billing, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'stripe_credit_topup_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -222,6 +222,46 @@ fn grant_credits(
     TableIterator::once(result.or_raise())
 }
 
+/// What a top-up grant became: its id, `applied` or `duplicate`, and its amount.
+pub struct Credited {
+    pub grant_id: i64,
+    pub status: String,
+    pub amount: i64,
+}
+
+/// A paid top-up, as `billing.grant(account, unit, amount, kind => 'topup',
+/// key => key, metadata => metadata)` would credit it: the same request,
+/// fingerprint and checks, without the call.
+pub fn topup(
+    client: &mut SpiClient<'_>,
+    account: &str,
+    unit: &str,
+    amount: i64,
+    key: &str,
+    metadata: &serde_json::Value,
+) -> Result<Credited> {
+    let req = GrantRequest {
+        account,
+        unit,
+        amount,
+        kind: "topup",
+        priority: default_priority("topup").unwrap_or_default(),
+        effective_at: None,
+        expires_at: None,
+        key: Some(key),
+        metadata,
+        metadata_text: input::json_object("metadata", metadata)?,
+        reason: None,
+    };
+    req.validate()?;
+    let row = apply_grant(client, &req)?;
+    Ok(Credited {
+        grant_id: row.0,
+        status: row.1,
+        amount: row.4,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_request<'a>(
     account: &'a str,

@@ -1,5 +1,8 @@
-//! The SQL face of webhook verification. The inbox, deduplication, ordering and
-//! handlers live in sql/webhooks.sql; this is the part that must be exact bytes.
+//! The SQL face of webhook verification, the running of handlers, and the
+//! Stripe top-up projection (`topup`). The inbox, deduplication, ordering
+//! and the other handlers live in sql/webhooks.sql.
+
+mod topup;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
