@@ -20,13 +20,7 @@ BEGIN
 END
 $$;
 
--- The grant key of a payment: the one the Stripe projection gives a top-up
--- (billing.stripe_credit_topup), so a payment credits once whichever path
--- reports it first.
-CREATE FUNCTION billing.payment_key(payment_ref text) RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog
-AS $$ SELECT 'stripe:' || payment_ref $$;
+-- billing.payment_key (src/webhooks/topup.rs) names the grant a payment credits.
 
 -- Credits per minor unit of the checkout intent or reload request that
 -- `payment` paid, if any (a refund of it is taken back in those).

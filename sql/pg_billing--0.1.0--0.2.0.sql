@@ -1169,27 +1169,8 @@ $$;
 
 -- ----- intake ----------------------------------------------------------------
 
--- Lock the row of `key` (an object id, 'event:<id>' or 'payment:<id>') for
--- this transaction, creating it if needed; returns the newest event time
--- applied to it ('-infinity' if none). Concurrent deliveries concerning the
--- same key queue here, behind a lock only pg_billing can take.
-CREATE FUNCTION billing.lock_webhook_object(endpoint_id bigint, tenant text, key text)
-RETURNS timestamptz
--- plpgsql, not sql: a sql function with its own search_path is parsed and
--- planned again on every call, which cost more than the rest of a delivery.
-LANGUAGE plpgsql
-SET search_path = pg_catalog, billing, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE newest timestamptz;
-BEGIN
-    INSERT INTO billing.webhook_objects AS o (endpoint_id, object_id, tenant_id, newest_event_time, newest_event_id)
-    VALUES (lock_webhook_object.endpoint_id, lock_webhook_object.key, lock_webhook_object.tenant, '-infinity', 0)
-    ON CONFLICT (endpoint_id, object_id) DO UPDATE SET newest_event_time = o.newest_event_time
-    RETURNING o.newest_event_time INTO newest;
-    RETURN newest;
-END
-$$;
+-- billing.lock_webhook_object (src/webhooks/intake.rs) queues the deliveries
+-- concerning one object.
 
 -- The longest prefix of `s` of at most `max_bytes` bytes, cut at a
 -- character boundary (left() counts characters, which may be 4 bytes each).
@@ -1231,125 +1212,9 @@ BEGIN
 END
 $$;
 
--- Verify, deduplicate, order and apply one new delivery; returns the row to
+-- billing.webhook_intake_decide (src/webhooks/intake.rs) verifies,
+-- deduplicates, orders and applies one new delivery, and returns the row to
 -- store, with its status and reason.
--- Whether a delivery to endpoint `ep` is within the size bounds and signed
--- by its secret (or by its previous secret while that is still accepted):
--- the one check of a delivery, for the intake and for a sharding router that
--- must know a delivery is genuine before it reads whose it is.
-CREATE FUNCTION billing.verify_delivery(ep billing.webhook_endpoints, headers jsonb, body text,
-    OUT valid boolean, OUT reason text, OUT event_id text, OUT signed_at timestamptz)
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, billing, pg_temp
-AS $$
-BEGIN
-    IF octet_length(body) > 1048576 OR octet_length(headers::text) > 65536 THEN
-        valid := false;
-        reason := 'too large: body over 1 MiB or headers over 64 KiB';
-        RETURN;
-    END IF;
-    SELECT w.valid, w.reason, w.event_id, w.signed_at INTO valid, reason, event_id, signed_at
-    FROM billing.verify_webhook(ep.scheme, ep.secret, headers, body,
-        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-        ep.tolerance_seconds, ep.signature_header) w;
-END
-$$;
-
-CREATE FUNCTION billing.webhook_intake_decide(ev billing.webhook_events) RETURNS billing.webhook_events
-LANGUAGE plpgsql
-SET search_path = pg_catalog, billing, pg_temp
-AS $$
-DECLARE
-    ep billing.webhook_endpoints;
-    v record;
-    newest timestamptz;
-    handler regprocedure;
-    applied_id bigint;
-    created numeric;
-BEGIN
-    -- whatever the caller put in the other columns is ignored
-    ev.tenant_id := billing.current_tenant();
-    ev.status := 'rejected';
-    ev.payload := NULL; ev.provider_event_id := NULL; ev.event_type := NULL; ev.object_id := NULL;
-    ev.event_time := NULL; ev.signed_at := NULL; ev.reason := NULL; ev.error := NULL; ev.result := NULL;
-    ev.received_at := clock_timestamp();
-    ev.headers := coalesce(ev.headers, '{}');
-
-    SELECT * INTO ep FROM billing.webhook_endpoints e WHERE e.tenant_id = ev.tenant_id AND e.name = ev.endpoint;
-    IF NOT FOUND THEN
-        ev.reason := 'unknown endpoint'; RETURN ev;
-    END IF;
-    ev.endpoint_id := ep.id;
-    SELECT * INTO v FROM billing.verify_delivery(ep, ev.headers, ev.body);
-    IF NOT v.valid THEN
-        ev.reason := v.reason; RETURN ev;
-    END IF;
-    ev.signed_at := v.signed_at;
-
-    BEGIN
-        ev.payload := ev.body::jsonb;
-    EXCEPTION WHEN others THEN
-        ev.reason := 'unparseable body: not JSON'; RETURN ev;
-    END;
-    IF jsonb_typeof(ev.payload) <> 'object' THEN
-        ev.payload := NULL; ev.reason := 'unparseable body: not a JSON object'; RETURN ev;
-    END IF;
-    ev.provider_event_id := coalesce(v.event_id, ev.payload ->> 'id');
-    IF ev.provider_event_id IS NULL OR length(ev.provider_event_id) > 255 THEN
-        ev.payload := NULL; ev.reason := 'unparseable body: no event id'; RETURN ev;
-    END IF;
-    ev.event_type := left(ev.payload ->> 'type', 255);
-    ev.object_id := left(coalesce(ev.payload #>> '{data,object,id}', ev.payload #>> '{data,id}'), 255);
-    IF jsonb_typeof(ev.payload -> 'created') = 'number' THEN
-        created := (ev.payload ->> 'created')::numeric;
-        -- to_timestamp's range, with margin; beyond it the event's time is meaningless
-        IF created NOT BETWEEN 0 AND 253402300799 THEN
-            ev.payload := NULL; ev.reason := 'unparseable body: created is out of range';
-            RETURN ev;
-        END IF;
-        ev.event_time := to_timestamp(created::double precision);
-    ELSE
-        ev.event_time := v.signed_at;
-    END IF;
-
-    -- One delivery of an event, and of events about one object, at a time;
-    -- the loser of a race sees the winner's row.
-    newest := billing.lock_webhook_object(ep.id, ev.tenant_id,
-                                          coalesce(ev.object_id, 'event:' || ev.provider_event_id));
-    SELECT e.id INTO applied_id FROM billing.webhook_events e
-    WHERE e.endpoint_id = ep.id AND e.provider_event_id = ev.provider_event_id AND e.status IN ('applied', 'superseded');
-    IF FOUND THEN
-        ev.status := 'duplicate'; ev.reason := 'already received as webhook event ' || applied_id;
-        RETURN ev;
-    END IF;
-    IF ev.object_id IS NOT NULL AND ev.event_time < newest THEN
-        ev.status := 'superseded';
-        ev.reason := format('older than the newest event applied to %s (%s)', ev.object_id, newest);
-        RETURN ev;
-    END IF;
-
-    handler := billing.webhook_handler_for(ev, ep.scheme);
-    IF handler IS NULL THEN
-        ev.status := 'applied'; ev.reason := 'no handler for ' || coalesce(ev.event_type, 'untyped events');
-    ELSE
-        BEGIN
-            ev.result := billing.run_webhook_handler(handler::oid, ev);
-            ev.status := 'applied';
-        EXCEPTION WHEN others THEN
-            -- the handler's side effects are rolled back with this block; a redelivery may succeed
-            ev.status := 'failed';
-            ev.error := SQLSTATE || ': ' || SQLERRM;
-            RETURN ev;
-        END;
-    END IF;
-    IF ev.object_id IS NOT NULL THEN
-        UPDATE billing.webhook_objects o SET newest_event_time = ev.event_time, newest_event_id = ev.id
-        WHERE o.endpoint_id = ep.id AND o.object_id = ev.object_id AND o.newest_event_time <= ev.event_time;
-    END IF;
-    RETURN ev;
-END
-$$;
-
 CREATE FUNCTION billing.webhook_event_intake() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, billing, pg_temp
@@ -1599,8 +1464,6 @@ BEGIN
     SELECT * INTO g FROM billing.grants
     WHERE tenant_id = billing.current_tenant() AND key = billing.payment_key(stripe_apply_reversals.payment);
     IF g.id IS NULL THEN
-    END IF;
-    IF g.id IS NULL THEN
         RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'reversed', 0, 'pending', total,
                                   'why', 'the payment has not been credited yet');
     END IF;
@@ -1608,46 +1471,6 @@ BEGIN
     RETURN jsonb_build_object('payment', stripe_apply_reversals.payment, 'grant_id', g.id, 'status', r.status,
                               'total_reversed', r.total, 'revoked', r.revoked, 'debt_created', r.debt_created,
                               'reinstated', r.reinstated);
-END
-$$;
-
--- The handler for an event: the application's (endpoint-specific first), else
--- a built-in Stripe projection, else none.
-CREATE FUNCTION billing.webhook_handler_for(ev billing.webhook_events, scheme text)
-RETURNS regprocedure
--- plpgsql for the same reason as lock_webhook_object: planned once per session
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, billing, pg_temp
-AS $$
-DECLARE h regprocedure;
-BEGIN
-    SELECT x.handler INTO h FROM billing.webhook_handlers x
-    WHERE x.tenant_id = ev.tenant_id AND x.event_type = ev.event_type AND x.endpoint IN (ev.endpoint, '*')
-    ORDER BY x.endpoint = '*' LIMIT 1;
-    IF FOUND THEN
-        RETURN h;
-    END IF;
-    IF scheme = 'stripe' THEN
-        IF ev.event_type IN ('checkout.session.completed', 'payment_intent.succeeded') THEN
-            RETURN 'billing.stripe_credit_topup(billing.webhook_events)'::regprocedure;
-        ELSIF ev.event_type IN ('customer.subscription.created', 'customer.subscription.updated',
-                                'customer.subscription.deleted', 'customer.subscription.paused',
-                                'customer.subscription.resumed', 'customer.subscription.pending_update_applied',
-                                'customer.subscription.pending_update_expired',
-                                'customer.subscription.trial_will_end') THEN
-            RETURN 'billing.stripe_subscription_event(billing.webhook_events)'::regprocedure;
-        ELSIF ev.event_type = 'invoice_payment.paid' THEN
-            RETURN 'billing.stripe_invoice_payment_event(billing.webhook_events)'::regprocedure;
-        ELSIF ev.event_type IN ('invoice.paid', 'invoice.payment_succeeded', 'invoice.payment_failed',
-                                'invoice.payment_action_required', 'invoice.finalized', 'invoice.voided',
-                                'invoice.marked_uncollectible') THEN
-            RETURN 'billing.stripe_invoice_event(billing.webhook_events)'::regprocedure;
-        ELSIF ev.event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn',
-                                'charge.dispute.closed', 'charge.dispute.funds_reinstated') THEN
-            RETURN 'billing.stripe_reverse_payment(billing.webhook_events)'::regprocedure;
-        END IF;
-    END IF;
-    RETURN NULL;
 END
 $$;
 /* </end connected objects> */
@@ -4821,13 +4644,7 @@ BEGIN
 END
 $$;
 
--- The grant key of a payment: the one the Stripe projection gives a top-up
--- (billing.stripe_credit_topup), so a payment credits once whichever path
--- reports it first.
-CREATE FUNCTION billing.payment_key(payment_ref text) RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog
-AS $$ SELECT 'stripe:' || payment_ref $$;
+-- billing.payment_key (src/webhooks/topup.rs) names the grant a payment credits.
 
 -- Credits per minor unit of the checkout intent or reload request that
 -- `payment` paid, if any (a refund of it is taken back in those).
@@ -5493,6 +5310,82 @@ AllocatedByRust > > */
 SET search_path TO pg_catalog, billing, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'stripe_credit_topup_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/intake.rs
+-- pg_billing::webhooks::intake::webhook_intake_decide
+-- requires:
+--   webhooks
+CREATE  FUNCTION "webhook_intake_decide"(
+	"ev" billing.webhook_events /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
+> */
+) RETURNS billing.webhook_events /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
+> */
+STRICT 
+SET search_path TO pg_catalog, billing, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'webhook_intake_decide_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/intake.rs
+-- pg_billing::webhooks::intake::verify_delivery
+-- requires:
+--   webhooks
+CREATE  FUNCTION "verify_delivery"(
+	"ep" billing.webhook_endpoints, /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
+> */
+	"headers" jsonb, /* Option < JsonArg > */
+	"body" TEXT /* Option < & str > */
+) RETURNS TABLE (
+	"valid" bool,  /* bool */
+	"reason" TEXT,  /* Option < String > */
+	"event_id" TEXT,  /* Option < String > */
+	"signed_at" timestamp with time zone  /* Option < Tstz > */
+)
+STABLE 
+SET search_path TO pg_catalog, billing, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'verify_delivery_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/topup.rs
+-- pg_billing::webhooks::topup::stripe_named_account
+CREATE  FUNCTION "stripe_named_account"(
+	"obj" jsonb /* crate :: input :: JsonArg */
+) RETURNS TEXT /* Option < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'stripe_named_account_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/intake.rs
+-- pg_billing::webhooks::intake::lock_webhook_object
+-- requires:
+--   webhooks
+CREATE  FUNCTION "lock_webhook_object"(
+	"endpoint_id" bigint, /* Option < i64 > */
+	"tenant" TEXT, /* Option < & str > */
+	"key" TEXT /* Option < & str > */
+) RETURNS timestamp with time zone /* Tstz */
+
+SET search_path TO pg_catalog, billing, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'lock_webhook_object_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/topup.rs
+-- pg_billing::webhooks::topup::payment_key
+CREATE  FUNCTION "payment_key"(
+	"payment_ref" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'payment_key_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -235,6 +235,49 @@ pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<
     result
 }
 
+/// Run `work` in a subtransaction, as a PL/pgSQL exception block runs its
+/// body: kept if it returns a value; rolled back if it fails, and then the
+/// failure is the answer, as `SQLSTATE: message` (what the block's handler
+/// reads as SQLSTATE and SQLERRM), whether it was raised or returned.
+pub fn catching<T>(work: impl FnOnce() -> Result<T>) -> Result<std::result::Result<T, String>> {
+    use pgrx::pg_sys::panic::CaughtError;
+    // SAFETY: as `attempt`.
+    let (context, owner) = unsafe {
+        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(saved.0);
+        saved
+    };
+    let end = |keep: bool| unsafe {
+        if keep {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    };
+    let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+        work().map_err(|e| failure(e.sqlstate(), &e.to_string()))
+    }))
+    .catch_others(|caught| match caught {
+        CaughtError::PostgresError(r)
+        | CaughtError::ErrorReport(r)
+        | CaughtError::RustPanic { ereport: r, .. } => {
+            Err(failure(r.sql_error_code(), r.message()))
+        }
+    })
+    .execute();
+    end(outcome.is_ok());
+    Ok(outcome)
+}
+
+fn failure(code: PgSqlErrorCode, message: &str) -> String {
+    // SAFETY: unpack_sql_state returns a static buffer of five characters.
+    let state = unsafe { std::ffi::CStr::from_ptr(pg_sys::unpack_sql_state(code as i32)) };
+    format!("{}: {message}", state.to_string_lossy())
+}
+
 /// Run `write` in a subtransaction and keep it, unless it raises a unique
 /// violation (23505: a key another transaction recorded meanwhile): then the
 /// subtransaction is rolled back, nothing it wrote remains, and the answer is

@@ -46,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
     db::define_settings();
     pricing::watch_meter_changes();
     direct::watch_column_changes();
+    webhooks::watch_function_changes();
 }
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);

@@ -2,6 +2,7 @@
 //! Stripe top-up projection (`topup`). The inbox, deduplication, ordering
 //! and the other handlers live in sql/webhooks.sql.
 
+pub mod intake;
 mod topup;
 
 use std::cell::RefCell;
@@ -12,6 +13,7 @@ use pgrx::datum::{DatumWithOid, TimestampWithTimeZone as Tstz};
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::AllocatedByRust;
 
 use crate::db::{self, Row, Sql, OID};
 use crate::error::{BillingError, OrRaise, Result};
@@ -79,13 +81,22 @@ fn verify_webhook(
         let headers = headers
             .value("headers")
             .map_err(|e| signatures::Rejection::Malformed(e.to_string()))?;
-        let headers = Headers::from_json(headers)?;
-        signatures::verify(&endpoint, &headers, body, now_unix())
+        verify_now(&endpoint, headers, body)
     })();
     TableIterator::once(match result {
         Ok(v) => (true, None, v.event_id, unix_to_sql(v.signed_at)),
         Err(r) => (false, Some(r.reason()), None, None),
     })
+}
+
+/// Verify a delivery to `endpoint` at the database's now().
+fn verify_now(
+    endpoint: &Endpoint<'_>,
+    headers: &serde_json::Value,
+    body: &str,
+) -> std::result::Result<signatures::Verified, signatures::Rejection> {
+    let headers = Headers::from_json(headers)?;
+    signatures::verify(endpoint, &headers, body, now_unix())
 }
 
 // ----- running an application's handler ----------------------------------------
@@ -120,32 +131,97 @@ fn run_webhook_handler(
             .get_by_name("tenant_id")
             .map_err(|e| BillingError::Internal(format!("event row: {e}")))?
             .ok_or_else(|| BillingError::Internal("event without tenant".into()))?;
-        let (owner, name, temporary) = Spi::connect(|c| -> Result<(pg_sys::Oid, String, bool)> {
-            let mut rows = db::read(c, &HANDLER_INFO, &[handler.into()])?;
-            let row = rows.next().ok_or_else(|| {
-                BillingError::unknown("webhook handler", handler.to_u32().to_string())
-            })?;
-            let row = Row(&row);
-            Ok((row.get("owner")?, row.get("name")?, row.get("temporary")?))
-        })?;
-        if temporary {
-            return Err(temporary_handler(&name));
-        }
-        let type_oid = event
-            .composite_type_oid()
-            .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
-        let _tenant = tenancy::pin_tenant(&tenant, owner)?;
-        let _owner = RunAs::restricted(owner);
-        Spi::connect_mut(|c| -> Result<Option<pgrx::JsonB>> {
-            let call = handler_call(c, handler, &name, type_oid)?;
-            // SAFETY: the datum is the composite the statement's $1 is declared as.
-            let arg = unsafe { DatumWithOid::new(event, type_oid) };
-            Ok(c.update(&*call, Some(1), &[arg])?
-                .first()
-                .get_one::<pgrx::JsonB>()?)
-        })
+        run_handler(handler, &tenant, event)
     })()
     .or_raise()
+}
+
+/// Run `handler` on `event`, an event of `tenant`, as `run_webhook_handler` says.
+pub fn run_handler(
+    handler: pg_sys::Oid,
+    tenant: &str,
+    event: PgHeapTuple<'_, AllocatedByRust>,
+) -> Result<Option<pgrx::JsonB>> {
+    let info = handler_info(handler)?;
+    if info.temporary {
+        return Err(temporary_handler(&info.name));
+    }
+    let type_oid = event
+        .composite_type_oid()
+        .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
+    let _tenant = tenancy::pin_tenant(tenant, info.owner)?;
+    let _owner = RunAs::restricted(info.owner);
+    // the built-in top-up projection is this library's: called, not queried
+    if Some(handler) == intake::builtin_oid(topup::TOPUP_SIGNATURE)? {
+        return topup::credit_topup(event);
+    }
+    Spi::connect_mut(|c| -> Result<Option<pgrx::JsonB>> {
+        let call = handler_call(c, handler, &info.name, type_oid)?;
+        // SAFETY: the datum is the composite the statement's $1 is declared as.
+        let arg = unsafe { DatumWithOid::new(event, type_oid) };
+        Ok(c.update(&*call, Some(1), &[arg])?
+            .first()
+            .get_one::<pgrx::JsonB>()?)
+    })
+}
+
+/// Who owns a handler, its qualified name, and whether it lives in a
+/// temporary schema.
+#[derive(Clone)]
+struct HandlerInfo {
+    owner: pg_sys::Oid,
+    name: String,
+    temporary: bool,
+}
+
+thread_local! {
+    /// What `HANDLER_INFO` said of each handler, until a function or schema changes.
+    static HANDLERS: RefCell<HashMap<u32, HandlerInfo>> = RefCell::new(HashMap::new());
+}
+
+fn handler_info(handler: pg_sys::Oid) -> Result<HandlerInfo> {
+    if let Some(info) = HANDLERS.with(|h| h.borrow().get(&handler.to_u32()).cloned()) {
+        return Ok(info);
+    }
+    let info = Spi::connect(|c| -> Result<HandlerInfo> {
+        let mut rows = db::read(c, &HANDLER_INFO, &[handler.into()])?;
+        let row = rows.next().ok_or_else(|| {
+            BillingError::unknown("webhook handler", handler.to_u32().to_string())
+        })?;
+        let row = Row(&row);
+        Ok(HandlerInfo {
+            owner: row.get("owner")?,
+            name: row.get("name")?,
+            temporary: row.get("temporary")?,
+        })
+    })?;
+    HANDLERS.with(|h| h.borrow_mut().insert(handler.to_u32(), info.clone()));
+    Ok(info)
+}
+
+/// Forget what was learnt of functions when any function or schema changes
+/// (from `_PG_init`): a handler renamed, moved or given to another owner,
+/// or the extension's own functions made again by an upgrade.
+pub fn watch_function_changes() {
+    // SAFETY: called from _PG_init; the callback only empties thread-local state.
+    unsafe {
+        for cache in [
+            pg_sys::SysCacheIdentifier::PROCOID,
+            pg_sys::SysCacheIdentifier::NAMESPACEOID,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(
+                cache as i32,
+                Some(forget_functions),
+                pg_sys::Datum::from(0),
+            );
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_functions(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    HANDLERS.with(|h| h.borrow_mut().clear());
+    intake::forget_builtins();
 }
 
 thread_local! {

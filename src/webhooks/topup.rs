@@ -61,6 +61,13 @@ pub fn named_account(obj: &Value) -> Option<String> {
     text(metadata(obj, "account")).or_else(|| text(field(obj, "client_reference_id")))
 }
 
+/// `named_account` for SQL (a sharding router finds a delivery's account
+/// with it); NULL when the object names none.
+#[pg_extern(immutable, parallel_safe)]
+fn stripe_named_account(obj: crate::input::JsonArg) -> Option<String> {
+    obj.value("obj").map(named_account).or_raise()
+}
+
 /// What `event_type`'s object `obj` is: a subscription's checkout, a payment
 /// that credits nothing (a subscription invoice's, an unpaid session), or a
 /// payment to credit.
@@ -104,71 +111,75 @@ fn bigint(v: Option<&Value>) -> Option<i64> {
     unsafe { pgrx::direct_function_call::<i64>(pg_sys::int8in, &[Some(text.as_ptr().into())]) }
 }
 
-/// Handle a paid top-up event (registered for the two event types by
-/// `billing.webhook_handler_for`); returns what was credited, or why not.
+/// The built-in handler of the two event types of a paid top-up.
+pub const TOPUP_SIGNATURE: &std::ffi::CStr = c"billing.stripe_credit_topup(billing.webhook_events)";
+
+/// Handle a paid top-up event (the intake's built-in handler for the two
+/// event types); returns what was credited, or why not.
 #[pg_extern(requires = ["webhooks"])]
 #[search_path(pg_catalog, billing, pg_temp)]
 fn stripe_credit_topup(
     ev: Option<pgrx::composite_type!("billing.webhook_events")>,
 ) -> Option<JsonB> {
-    (|| -> Result<Option<JsonB>> {
-        let ev = input::required("ev", ev)?;
-        let attr = |name: &str| BillingError::Internal(format!("event row: {name}"));
-        let payload: Option<JsonB> = ev.get_by_name("payload").map_err(|_| attr("payload"))?;
-        let event_type: Option<String> = ev
-            .get_by_name("event_type")
-            .map_err(|_| attr("event_type"))?;
-        let endpoint: i64 = ev
-            .get_by_name("endpoint_id")
-            .map_err(|_| attr("endpoint_id"))?
-            .ok_or_else(|| attr("endpoint_id"))?;
-        let payload = payload.map(|p| p.0).unwrap_or(Value::Null);
-        let obj = payload
-            .pointer("/data/object")
-            .cloned()
-            .unwrap_or(Value::Null);
-        let result = match read_event(event_type.as_deref(), &obj) {
-            Reading::SubscriptionCheckout => {
-                let account = named_account(&obj);
-                return elsewhere(&SUBSCRIPTION_CHECKOUT, ev, vec![account.into()]);
-            }
-            Reading::NotCredited(why) => json!({"credited": false, "why": why}),
-            Reading::Paid { paid, payment } => {
-                let paid = bigint(paid);
-                let payable = paid.filter(|p| *p > 0).zip(payment.clone());
-                if let Some((paid, payment)) = &payable {
-                    let paid = *paid;
-                    if let Some(intent) = checkout_intent(&obj)? {
-                        let args = vec![intent.into(), payment.clone().into(), paid.into()];
-                        return elsewhere(&CHECKOUT_PAYMENT, ev, args);
-                    }
-                    if let Some(request) = text(metadata(&obj, "reload_request")) {
-                        let args = vec![request.into(), payment.clone().into(), paid.into()];
-                        return elsewhere(&RELOAD_PAYMENT, ev, args);
-                    }
+    input::required("ev", ev).and_then(credit_topup).or_raise()
+}
+
+/// `stripe_credit_topup` of an event row.
+pub fn credit_topup(ev: PgHeapTuple<'_, AllocatedByRust>) -> Result<Option<JsonB>> {
+    let attr = |name: &str| BillingError::Internal(format!("event row: {name}"));
+    let payload: Option<JsonB> = ev.get_by_name("payload").map_err(|_| attr("payload"))?;
+    let event_type: Option<String> = ev
+        .get_by_name("event_type")
+        .map_err(|_| attr("event_type"))?;
+    let endpoint: i64 = ev
+        .get_by_name("endpoint_id")
+        .map_err(|_| attr("endpoint_id"))?
+        .ok_or_else(|| attr("endpoint_id"))?;
+    let payload = payload.map(|p| p.0).unwrap_or(Value::Null);
+    let obj = payload
+        .pointer("/data/object")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let result = match read_event(event_type.as_deref(), &obj) {
+        Reading::SubscriptionCheckout => {
+            let account = named_account(&obj);
+            return elsewhere(&SUBSCRIPTION_CHECKOUT, ev, vec![account.into()]);
+        }
+        Reading::NotCredited(why) => json!({"credited": false, "why": why}),
+        Reading::Paid { paid, payment } => {
+            let paid = bigint(paid);
+            let payable = paid.filter(|p| *p > 0).zip(payment.clone());
+            if let Some((paid, payment)) = &payable {
+                let paid = *paid;
+                if let Some(intent) = checkout_intent(&obj)? {
+                    let args = vec![intent.into(), payment.clone().into(), paid.into()];
+                    return elsewhere(&CHECKOUT_PAYMENT, ev, args);
                 }
-                let account = named_account(&obj).ok_or_else(|| {
-                    BillingError::invalid(
-                        "payment",
-                        "no account to credit: set metadata.account or client_reference_id on the payment",
-                    )
-                })?;
-                let (paid, payment) = payable.ok_or_else(|| {
-                    BillingError::invalid(
-                        "payment",
-                        format!(
-                            "payment {} has no positive amount paid",
-                            payment.as_deref().unwrap_or("?")
-                        ),
-                    )
-                })?;
-                let currency = text(field(&obj, "currency"));
-                Spi::connect_mut(|c| credit(c, endpoint, &account, &payment, paid, currency))?
+                if let Some(request) = text(metadata(&obj, "reload_request")) {
+                    let args = vec![request.into(), payment.clone().into(), paid.into()];
+                    return elsewhere(&RELOAD_PAYMENT, ev, args);
+                }
             }
-        };
-        Ok(Some(JsonB(result)))
-    })()
-    .or_raise()
+            let account = named_account(&obj).ok_or_else(|| {
+                BillingError::invalid(
+                    "payment",
+                    "no account to credit: set metadata.account or client_reference_id on the payment",
+                )
+            })?;
+            let (paid, payment) = payable.ok_or_else(|| {
+                BillingError::invalid(
+                    "payment",
+                    format!(
+                        "payment {} has no positive amount paid",
+                        payment.as_deref().unwrap_or("?")
+                    ),
+                )
+            })?;
+            let currency = text(field(&obj, "currency"));
+            Spi::connect_mut(|c| credit(c, endpoint, &account, &payment, paid, currency))?
+        }
+    };
+    Ok(Some(JsonB(result)))
 }
 
 /// The checkout intent a payment confirms: the one its metadata names, or
@@ -228,17 +239,56 @@ fn elsewhere(
     })
 }
 
+/// The unit and credits `paid` minor units of `currency` buy at `endpoint`:
+/// read from the endpoint's mapping when it maps the currency and the
+/// product fits; otherwise `billing.stripe_credits` raises the error that
+/// says why.
+fn credits_for(
+    c: &SpiClient<'_>,
+    endpoint: i64,
+    currency: Option<String>,
+    paid: i64,
+) -> Result<(String, i64)> {
+    if let Some(code) = currency.as_deref().filter(|c| c.is_ascii()) {
+        let mapped = direct::find_one(
+            c"webhook_currencies",
+            c"webhook_currencies_pkey",
+            &[Key::Int8(endpoint), Key::Text(&code.to_ascii_lowercase())],
+            Snapshot::Query,
+            |t| {
+                Ok((
+                    t.get::<String>(c"unit")?,
+                    t.get::<i64>(c"credits_per_minor_unit")?,
+                ))
+            },
+        )?;
+        if let Some((unit, credits)) = mapped.and_then(|(u, per)| Some((u, paid.checked_mul(per)?)))
+        {
+            return Ok((unit, credits));
+        }
+    }
+    let row = db::read(
+        c,
+        &CREDITS,
+        &[endpoint.into(), currency.into(), paid.into()],
+    )?
+    .next()
+    .ok_or_else(|| BillingError::Internal("stripe_credits returned no row".into()))?;
+    Ok((Row(&row).get("unit")?, Row(&row).get("credits")?))
+}
+
 static CREDITS: Sql = Sql {
     text: "SELECT unit, credits FROM billing.stripe_credits($1, $2, $3)",
     args: &[INT8, TEXT, INT8],
 };
 
-/// Lock the payment (one delivery about it at a time) and name its grant key.
-static LOCK_PAYMENT: Sql = Sql {
-    text: "SELECT billing.payment_key($3) AS key \
-           FROM (SELECT billing.lock_webhook_object($1, $2, 'payment:' || $3)) locked",
-    args: &[INT8, TEXT, TEXT],
-};
+/// The grant key of a payment: the one a Stripe top-up is credited under,
+/// so a payment credits once whichever path reports it first (this
+/// projection, a checkout intent, a reload request).
+#[pg_extern(immutable, parallel_safe)]
+pub fn payment_key(payment_ref: &str) -> String {
+    format!("stripe:{payment_ref}")
+}
 
 static APPLY_REVERSALS: Sql = Sql {
     text: "SELECT billing.stripe_apply_reversals($1, $2) AS result",
@@ -256,24 +306,10 @@ fn credit(
     currency: Option<String>,
 ) -> Result<Value> {
     let tenant = current_tenant()?;
-    let credits = db::read(
-        c,
-        &CREDITS,
-        &[endpoint.into(), currency.into(), paid.into()],
-    )?
-    .next()
-    .ok_or_else(|| BillingError::Internal("stripe_credits returned no row".into()))?;
-    let unit: String = Row(&credits).get("unit")?;
-    let amount: i64 = Row(&credits).get("credits")?;
-    let key: String = db::write(
-        c,
-        &LOCK_PAYMENT,
-        &[endpoint.into(), tenant.as_str().into(), payment.into()],
-    )?
-    .next()
-    .map(|r| Row(&r).get("key"))
-    .transpose()?
-    .ok_or_else(|| BillingError::Internal("the payment's lock returned no row".into()))?;
+    let (unit, amount) = credits_for(c, endpoint, currency, paid)?;
+    // one delivery about a payment at a time
+    super::intake::lock_object(endpoint, &tenant, &format!("payment:{payment}"))?;
+    let key = payment_key(payment);
     // already credited through a checkout intent or a reload request (whose
     // own report came first): that was the credit
     if let Some(id) = credited_through_quote(&tenant, &key)? {
