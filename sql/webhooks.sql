@@ -370,11 +370,16 @@ BEGIN
     -- What did not change anything keeps a sample: a delivery that failed
     -- verification, a duplicate, and a failure already on record (the first
     -- keeps its full body for forensics).
-    IF NEW.status IN ('rejected', 'duplicate')
-       OR (NEW.status = 'failed' AND EXISTS (
-               SELECT 1 FROM billing.webhook_events e WHERE e.endpoint_id = NEW.endpoint_id
-               AND e.provider_event_id = NEW.provider_event_id AND e.status = 'failed')) THEN
+    -- (A condition with a query in it is planned on every call, so the
+    -- query runs only for a failure.)
+    IF NEW.status IN ('rejected', 'duplicate') THEN
         RETURN billing.webhook_sample(NEW);
+    END IF;
+    IF NEW.status = 'failed' THEN
+        IF EXISTS (SELECT 1 FROM billing.webhook_events e WHERE e.endpoint_id = NEW.endpoint_id
+                   AND e.provider_event_id = NEW.provider_event_id AND e.status = 'failed') THEN
+            RETURN billing.webhook_sample(NEW);
+        END IF;
     END IF;
     RETURN NEW;
 END

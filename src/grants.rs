@@ -360,7 +360,7 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     )?;
     let (repaid, remaining, available) = (added.repaid, added.remaining, added.available);
     ledger.flush(client)?;
-    if req.kind == "topup" {
+    if req.kind == "topup" && crate::reloads::suspended_rule(ledger.id)? {
         db::write(client, &RELOAD_AFTER_TOPUP, &[ledger.id.into()])?;
     }
     Ok((

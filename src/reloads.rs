@@ -69,3 +69,17 @@ pub fn refuse_split(pool: &PoolLedger) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether the pool's auto-reload rule is suspended (a payment failed, or
+/// its requests ran out), which a top-up re-arms (`billing.reload_after_topup`).
+/// A pool without a rule has none to re-arm, so most top-ups skip the call.
+pub fn suspended_rule(pool: i64) -> Result<bool> {
+    let status = crate::direct::find_one(
+        c"reload_rules",
+        c"reload_rules_of_pool",
+        &[crate::direct::Key::Int8(pool)],
+        crate::direct::Snapshot::New,
+        |t| t.get::<String>(c"status"),
+    )?;
+    Ok(status.as_deref() == Some("suspended"))
+}
