@@ -1346,39 +1346,31 @@ BEGIN
 END
 $$;
 
--- A checkout intent's payment (polled by the application, or reported here
--- first) is credited through the intent: once, as what was paid.
-CREATE FUNCTION billing.stripe_checkout_payment(ev billing.webhook_events, intent bigint, payment text,
-                                                paid bigint) RETURNS jsonb
+-- The payment of a checkout intent (polled by the application, or reported
+-- here first) or of an auto-reload request (the worker put the request's id
+-- in the payment's metadata) is credited through what it pays for (`quote`,
+-- 'checkout_intent' or 'reload_request', of id `id`): once, whichever
+-- report comes first, as what was paid. The caller holds the payment's lock.
+CREATE FUNCTION billing.stripe_quoted_payment(ev billing.webhook_events, quote text, id bigint,
+                                              payment text, paid bigint) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
 AS $$
-DECLARE r record;
+DECLARE
+    currency text := ev.payload #>> '{data,object,currency}';
+    r record;
 BEGIN
-    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
-    SELECT * INTO r FROM billing.confirm_checkout(intent, payment, paid, ev.payload #>> '{data,object,currency}');
+    IF quote = 'checkout_intent' THEN
+        SELECT c.status = 'paid' AS credited, c.intent_id AS quote_id, c.grant_id, c.credited AS amount INTO r
+        FROM billing.confirm_checkout(id, payment, paid, currency) c;
+    ELSE
+        SELECT c.status = 'completed' AS credited, c.request_id AS quote_id, c.grant_id, c.credited AS amount INTO r
+        FROM billing.complete_reload(id, payment, paid, currency) c;
+    END IF;
     -- a refund or dispute that arrived before the payment applies now
     PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
-    RETURN jsonb_build_object('credited', r.status = 'paid', 'checkout_intent', r.intent_id,
-                              'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
-END
-$$;
-
--- An auto-reload charge (the worker put the request's id in the payment's
--- metadata) is credited through its request: once, whether this event or the
--- worker's billing.complete_reload comes first, as what was paid.
-CREATE FUNCTION billing.stripe_reload_payment(ev billing.webhook_events, request bigint, payment text,
-                                              paid bigint) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, billing, pg_temp
-AS $$
-DECLARE r record;
-BEGIN
-    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || payment);
-    SELECT * INTO r FROM billing.complete_reload(request, payment, paid, ev.payload #>> '{data,object,currency}');
-    PERFORM billing.stripe_apply_reversals(ev.endpoint_id, payment);
-    RETURN jsonb_build_object('credited', r.status = 'completed', 'reload_request', r.request_id,
-                              'grant_id', r.grant_id, 'amount', r.credited, 'payment', payment);
+    RETURN jsonb_build_object('credited', r.credited, quote, r.quote_id, 'grant_id', r.grant_id,
+                              'amount', r.amount, 'payment', payment);
 END
 $$;
 

@@ -207,31 +207,14 @@ pub fn waiting_for<T>(what: &str, work: impl FnOnce() -> T) -> T {
 /// finds itself current when it catches it. What `attempt` returns must not
 /// borrow from SPI results of the attempt.
 pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<T>> {
-    // SAFETY: the sequence PL/pgSQL uses around an exception block: the
-    // caller's memory context and resource owner are restored after the
-    // subtransaction ends, whichever way it ends.
-    let (context, owner) = unsafe {
-        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(saved.0);
-        saved
-    };
-    let end = |keep: bool| unsafe {
-        if keep {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-    };
+    let sub = Subtransaction::begin();
     let result = PgTryBuilder::new(AssertUnwindSafe(attempt))
         .catch_others(|error| {
-            end(false);
+            Subtransaction::end(sub, false);
             error.rethrow()
         })
         .execute();
-    end(matches!(result, Ok(Some(_))));
+    sub.end(matches!(result, Ok(Some(_))));
     result
 }
 
@@ -241,22 +224,7 @@ pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<
 /// reads as SQLSTATE and SQLERRM), whether it was raised or returned.
 pub fn catching<T>(work: impl FnOnce() -> Result<T>) -> Result<std::result::Result<T, String>> {
     use pgrx::pg_sys::panic::CaughtError;
-    // SAFETY: as `attempt`.
-    let (context, owner) = unsafe {
-        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(saved.0);
-        saved
-    };
-    let end = |keep: bool| unsafe {
-        if keep {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-    };
+    let sub = Subtransaction::begin();
     let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
         work().map_err(|e| failure(e.sqlstate(), &e.to_string()))
     }))
@@ -268,8 +236,46 @@ pub fn catching<T>(work: impl FnOnce() -> Result<T>) -> Result<std::result::Resu
         }
     })
     .execute();
-    end(outcome.is_ok());
+    sub.end(outcome.is_ok());
     Ok(outcome)
+}
+
+/// A subtransaction, begun and ended as PL/pgSQL begins and ends one around
+/// an exception block: the caller's memory context and resource owner are
+/// restored after it ends, whichever way it ends.
+#[derive(Clone, Copy)]
+struct Subtransaction {
+    context: pg_sys::MemoryContext,
+    owner: pg_sys::ResourceOwner,
+}
+
+impl Subtransaction {
+    fn begin() -> Subtransaction {
+        // SAFETY: inside a transaction; the caller's context is made current again.
+        unsafe {
+            let sub = Subtransaction {
+                context: pg_sys::CurrentMemoryContext,
+                owner: pg_sys::CurrentResourceOwner,
+            };
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(sub.context);
+            sub
+        }
+    }
+
+    /// Keep what it did, or roll it back.
+    fn end(self, keep: bool) {
+        // SAFETY: ends the subtransaction `begin` started, which is current.
+        unsafe {
+            if keep {
+                pg_sys::ReleaseCurrentSubTransaction();
+            } else {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
+            pg_sys::MemoryContextSwitchTo(self.context);
+            pg_sys::CurrentResourceOwner = self.owner;
+        }
+    }
 }
 
 fn failure(code: PgSqlErrorCode, message: &str) -> String {

@@ -151,13 +151,16 @@ pub fn credit_topup(ev: PgHeapTuple<'_, AllocatedByRust>) -> Result<Option<JsonB
             let payable = paid.filter(|p| *p > 0).zip(payment.clone());
             if let Some((paid, payment)) = &payable {
                 let paid = *paid;
-                if let Some(intent) = checkout_intent(&obj)? {
-                    let args = vec![intent.into(), payment.clone().into(), paid.into()];
-                    return elsewhere(&CHECKOUT_PAYMENT, ev, args);
-                }
-                if let Some(request) = text(metadata(&obj, "reload_request")) {
-                    let args = vec![request.into(), payment.clone().into(), paid.into()];
-                    return elsewhere(&RELOAD_PAYMENT, ev, args);
+                let quote = match checkout_intent(&obj)? {
+                    Some(intent) => Some(("checkout_intent", intent)),
+                    None => bigint(metadata(&obj, "reload_request")).map(|r| ("reload_request", r)),
+                };
+                if let Some((quote, id)) = quote {
+                    // one delivery about a payment at a time
+                    let tenant = current_tenant()?;
+                    super::intake::lock_object(endpoint, &tenant, &format!("payment:{payment}"))?;
+                    let args = vec![quote.into(), id.into(), payment.clone().into(), paid.into()];
+                    return elsewhere(&QUOTED_PAYMENT, ev, args);
                 }
             }
             let account = named_account(&obj).ok_or_else(|| {
@@ -211,12 +214,8 @@ static SUBSCRIPTION_CHECKOUT: Sql = Sql {
     text: "SELECT billing.stripe_subscription_checkout($1, $2) AS result",
     args: &[],
 };
-static CHECKOUT_PAYMENT: Sql = Sql {
-    text: "SELECT billing.stripe_checkout_payment($1, $2, $3, $4) AS result",
-    args: &[],
-};
-static RELOAD_PAYMENT: Sql = Sql {
-    text: "SELECT billing.stripe_reload_payment($1, $2::bigint, $3, $4) AS result",
+static QUOTED_PAYMENT: Sql = Sql {
+    text: "SELECT billing.stripe_quoted_payment($1, $2, $3, $4, $5) AS result",
     args: &[],
 };
 
