@@ -212,21 +212,5 @@ AS $$
     WHERE i.id = intent AND i.tenant_id = billing.current_tenant()
 $$;
 
--- The intent a Stripe payment or checkout session pays, if any: named in its
--- metadata, the intent its session was attached to, or the intent already
--- paid by this PaymentIntent.
-CREATE FUNCTION billing.stripe_checkout_intent(obj jsonb) RETURNS bigint
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog
-AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN coalesce((obj #>> '{metadata,checkout_intent}')::bigint,
-        (SELECT i.id FROM billing.checkout_intents i
-         WHERE i.tenant_id = billing.current_tenant() AND i.provider_session = obj ->> 'id'
-           AND obj ->> 'object' = 'checkout.session'),
-        (SELECT i.id FROM billing.checkout_intents i
-         WHERE i.tenant_id = billing.current_tenant() AND i.payment_ref = obj ->> 'id'
-           AND obj ->> 'object' = 'payment_intent'));
-END
-$$;
+-- billing.stripe_checkout_intent (src/webhooks/topup.rs) names the intent a
+-- Stripe payment or checkout session pays.

@@ -5147,24 +5147,8 @@ AS $$
     WHERE i.id = intent AND i.tenant_id = billing.current_tenant()
 $$;
 
--- The intent a Stripe payment or checkout session pays, if any: named in its
--- metadata, the intent its session was attached to, or the intent already
--- paid by this PaymentIntent.
-CREATE FUNCTION billing.stripe_checkout_intent(obj jsonb) RETURNS bigint
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog
-AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN coalesce((obj #>> '{metadata,checkout_intent}')::bigint,
-        (SELECT i.id FROM billing.checkout_intents i
-         WHERE i.tenant_id = billing.current_tenant() AND i.provider_session = obj ->> 'id'
-           AND obj ->> 'object' = 'checkout.session'),
-        (SELECT i.id FROM billing.checkout_intents i
-         WHERE i.tenant_id = billing.current_tenant() AND i.payment_ref = obj ->> 'id'
-           AND obj ->> 'object' = 'payment_intent'));
-END
-$$;
+-- billing.stripe_checkout_intent (src/webhooks/topup.rs) names the intent a
+-- Stripe payment or checkout session pays.
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -5383,6 +5367,17 @@ CREATE  FUNCTION "payment_key"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'payment_key_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/webhooks/topup.rs
+-- pg_billing::webhooks::topup::stripe_checkout_intent
+CREATE  FUNCTION "stripe_checkout_intent"(
+	"obj" jsonb /* input :: JsonArg */
+) RETURNS bigint /* Option < i64 > */
+STRICT STABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'stripe_checkout_intent_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -210,7 +210,7 @@ pub fn attempt<T>(attempt: impl FnOnce() -> Result<Option<T>>) -> Result<Option<
     let sub = Subtransaction::begin();
     let result = PgTryBuilder::new(AssertUnwindSafe(attempt))
         .catch_others(|error| {
-            Subtransaction::end(sub, false);
+            sub.end(false);
             error.rethrow()
         })
         .execute();

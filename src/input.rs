@@ -201,8 +201,18 @@ impl JsonArg {
                 self.with_text(|t| serde_json::from_slice(t).map_err(|e| e.to_string()))
             })
             .as_ref()
-            .map_err(|why| BillingError::invalid(field, format!("is not usable JSON: {why}")))
+            .map_err(|why| unusable_json(field, why))
     }
+}
+
+/// JSON text (a `JsonArg`'s, read by `with_text`) as a value, or the 22023
+/// error `JsonArg::value` gives.
+pub fn json_text_value(field: &'static str, text: &[u8]) -> Result<serde_json::Value> {
+    serde_json::from_slice(text).map_err(|e| unusable_json(field, &e.to_string()))
+}
+
+fn unusable_json(field: &'static str, why: &str) -> BillingError {
+    BillingError::invalid(field, format!("is not usable JSON: {why}"))
 }
 
 impl pgrx::FromDatum for JsonArg {

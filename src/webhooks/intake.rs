@@ -20,7 +20,7 @@ use rustc_hash::FxHashMap;
 use crate::db::{self, Sql, INT8, TEXT, TSTZ};
 use crate::direct::{self, Key, Snapshot};
 use crate::error::{BillingError, OrRaise, Result};
-use crate::input::JsonArg;
+use crate::input::{json_text_value, JsonArg};
 use crate::signatures::{Endpoint, Rejection, Scheme};
 use crate::tenancy::current_tenant;
 use crate::time;
@@ -176,13 +176,11 @@ fn decide(ev: &mut EventRow) -> Result<()> {
         return ev.set(c"reason", "unknown endpoint");
     };
     ev.set(c"endpoint_id", ep.id)?;
-    let headers: Option<JsonArg> = ev.get(c"headers")?;
+    let headers: JsonArg = ev
+        .get(c"headers")?
+        .ok_or_else(|| BillingError::Internal("a delivery without headers".into()))?;
     let body: String = ev.get(c"body")?.unwrap_or_default();
-    let verified = match headers {
-        Some(h) => verify(&ep, &h, &body),
-        None => Err("headers must be a JSON object".into()),
-    };
-    let verified = match verified {
+    let verified = match verify(&ep, &headers, &body) {
         Ok(v) => v,
         Err(reason) => return ev.set(c"reason", reason),
     };
@@ -300,22 +298,28 @@ struct EndpointRow {
     signature_header: String,
 }
 
-fn endpoint(tenant: &str, name: &str) -> Result<Option<EndpointRow>> {
+/// The previous secret of an endpoint whose secret was rotated, while it is
+/// still accepted: strictly before `until` (microseconds, as a timestamptz).
+fn still_accepted(previous: Option<String>, until: Option<i64>) -> Option<String> {
     let now = time::now();
+    previous.filter(|_| until.is_some_and(|until| until > now))
+}
+
+fn endpoint(tenant: &str, name: &str) -> Result<Option<EndpointRow>> {
     direct::find_one(
         c"webhook_endpoints",
         c"webhook_endpoints_tenant_id_name_key",
         &[Key::Text(tenant), Key::Text(name)],
         Snapshot::Query,
         |t| {
-            let rotated_until: Option<i64> = t.opt(c"previous_secret_expires_at")?;
             Ok(EndpointRow {
                 id: t.get(c"id")?,
                 scheme: t.get(c"scheme")?,
                 secret: t.get(c"secret")?,
-                previous_secret: t
-                    .opt(c"previous_secret")?
-                    .filter(|_| rotated_until.is_some_and(|until| until > now)),
+                previous_secret: still_accepted(
+                    t.opt(c"previous_secret")?,
+                    t.opt(c"previous_secret_expires_at")?,
+                ),
                 tolerance_seconds: t.get(c"tolerance_seconds")?,
                 signature_header: t.get(c"signature_header")?,
             })
@@ -332,10 +336,13 @@ fn verify(
     headers: &JsonArg,
     body: &str,
 ) -> std::result::Result<crate::signatures::Verified, String> {
-    let headers_bytes = headers.with_text(|t| t.len());
-    if body.len() > MAX_BODY_BYTES || headers_bytes > MAX_HEADERS_BYTES {
-        return Err("too large: body over 1 MiB or headers over 64 KiB".into());
-    }
+    // the headers' text is made once: measured, then parsed
+    let headers = headers.with_text(|text| {
+        if body.len() > MAX_BODY_BYTES || text.len() > MAX_HEADERS_BYTES {
+            return Err("too large: body over 1 MiB or headers over 64 KiB".to_string());
+        }
+        json_text_value("headers", text).map_err(|e| Rejection::Malformed(e.to_string()).reason())
+    })?;
     let scheme = Scheme::parse(&ep.scheme)
         .ok_or_else(|| Rejection::BadSecret(format!("unknown scheme {}", ep.scheme)).reason())?;
     let endpoint = Endpoint {
@@ -345,10 +352,7 @@ fn verify(
         tolerance_seconds: ep.tolerance_seconds.max(0) as i64,
         signature_header: &ep.signature_header,
     };
-    let headers = headers
-        .value("headers")
-        .map_err(|e| Rejection::Malformed(e.to_string()).reason())?;
-    super::verify_now(&endpoint, headers, body).map_err(|r| r.reason())
+    super::verify_now(&endpoint, &headers, body).map_err(|r| r.reason())
 }
 
 /// The body as `jsonb`, read by PostgreSQL's own parser; None if it is not JSON.
@@ -523,7 +527,7 @@ fn handler_for(
         }
     }
     match (scheme, builtin_handler(event_type)) {
-        ("stripe", Some(name)) => builtin_oid(name),
+        ("stripe", Some(name)) => builtin_oid(name).map(Some),
         _ => Ok(None),
     }
 }
@@ -571,14 +575,14 @@ pub fn forget_builtins() {
 }
 
 /// The OID of a built-in function by its (static) signature.
-pub fn builtin_oid(signature: &'static CStr) -> Result<Option<pg_sys::Oid>> {
+pub fn builtin_oid(signature: &'static CStr) -> Result<pg_sys::Oid> {
     let key = signature.as_ptr() as usize;
     if let Some(oid) = BUILTINS.with(|b| b.borrow().get(&key).copied()) {
-        return Ok(Some(oid));
+        return Ok(oid);
     }
     let oid = function_oid(signature)?;
     BUILTINS.with(|b| b.borrow_mut().insert(key, oid));
-    Ok(Some(oid))
+    Ok(oid)
 }
 
 /// The OID of a function by its signature, as `'…'::regprocedure`.
@@ -631,13 +635,12 @@ fn endpoint_of_row(ep: &PgHeapTuple<'_, AllocatedByRust>) -> Result<EndpointRow>
     }
     let required = |name: &str| BillingError::Internal(format!("endpoint row without {name}"));
     let rotated_until: Option<Tstz> = column!("previous_secret_expires_at");
-    let still_accepted = rotated_until.is_some_and(|until| i64::from(until) > time::now());
     let previous_secret: Option<String> = column!("previous_secret");
     Ok(EndpointRow {
         id: column!("id").ok_or_else(|| required("id"))?,
         scheme: column!("scheme").ok_or_else(|| required("scheme"))?,
         secret: column!("secret").ok_or_else(|| required("secret"))?,
-        previous_secret: previous_secret.filter(|_| still_accepted),
+        previous_secret: still_accepted(previous_secret, rotated_until.map(i64::from)),
         tolerance_seconds: column!("tolerance_seconds")
             .ok_or_else(|| required("tolerance_seconds"))?,
         signature_header: column!("signature_header")

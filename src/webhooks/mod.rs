@@ -146,15 +146,15 @@ pub fn run_handler(
     if info.temporary {
         return Err(temporary_handler(&info.name));
     }
-    let type_oid = event
-        .composite_type_oid()
-        .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
     let _tenant = tenancy::pin_tenant(tenant, info.owner)?;
     let _owner = RunAs::restricted(info.owner);
     // the built-in top-up projection is this library's: called, not queried
-    if Some(handler) == intake::builtin_oid(topup::TOPUP_SIGNATURE)? {
+    if handler == intake::builtin_oid(topup::TOPUP_SIGNATURE)? {
         return topup::credit_topup(event);
     }
+    let type_oid = event
+        .composite_type_oid()
+        .ok_or_else(|| BillingError::Internal("event row has no type".into()))?;
     Spi::connect_mut(|c| -> Result<Option<pgrx::JsonB>> {
         let call = handler_call(c, handler, &info.name, type_oid)?;
         // SAFETY: the datum is the composite the statement's $1 is declared as.

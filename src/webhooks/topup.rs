@@ -143,7 +143,7 @@ pub fn credit_topup(ev: PgHeapTuple<'_, AllocatedByRust>) -> Result<Option<JsonB
     let result = match read_event(event_type.as_deref(), &obj) {
         Reading::SubscriptionCheckout => {
             let account = named_account(&obj);
-            return elsewhere(&SUBSCRIPTION_CHECKOUT, ev, vec![account.into()]);
+            return elsewhere(SUBSCRIPTION_CHECKOUT, ev, vec![account.into()]);
         }
         Reading::NotCredited(why) => json!({"credited": false, "why": why}),
         Reading::Paid { paid, payment } => {
@@ -156,11 +156,9 @@ pub fn credit_topup(ev: PgHeapTuple<'_, AllocatedByRust>) -> Result<Option<JsonB
                     None => bigint(metadata(&obj, "reload_request")).map(|r| ("reload_request", r)),
                 };
                 if let Some((quote, id)) = quote {
-                    // one delivery about a payment at a time
-                    let tenant = current_tenant()?;
-                    super::intake::lock_object(endpoint, &tenant, &format!("payment:{payment}"))?;
+                    lock_payment(endpoint, &current_tenant()?, payment)?;
                     let args = vec![quote.into(), id.into(), payment.clone().into(), paid.into()];
-                    return elsewhere(&QUOTED_PAYMENT, ev, args);
+                    return elsewhere(QUOTED_PAYMENT, ev, args);
                 }
             }
             let account = named_account(&obj).ok_or_else(|| {
@@ -185,8 +183,16 @@ pub fn credit_topup(ev: PgHeapTuple<'_, AllocatedByRust>) -> Result<Option<JsonB
     Ok(Some(JsonB(result)))
 }
 
-/// The checkout intent a payment confirms: the one its metadata names, or
-/// the one whose session (or PaymentIntent) this object is.
+/// `checkout_intent` for SQL (a sharding router finds a delivery's account
+/// through it); NULL when the object pays no intent.
+#[pg_extern(stable)]
+fn stripe_checkout_intent(obj: input::JsonArg) -> Option<i64> {
+    obj.value("obj").and_then(checkout_intent).or_raise()
+}
+
+/// The checkout intent a Stripe payment or checkout session pays, if any:
+/// named in its metadata, the intent its session was attached to, or the
+/// intent already paid by this PaymentIntent.
 fn checkout_intent(obj: &Value) -> Result<Option<i64>> {
     if let Some(id) = bigint(metadata(obj, "checkout_intent")) {
         return Ok(Some(id));
@@ -209,19 +215,20 @@ fn checkout_intent(obj: &Value) -> Result<Option<i64>> {
     )
 }
 
-/// The projections of the payments that are not plain top-ups.
-static SUBSCRIPTION_CHECKOUT: Sql = Sql {
-    text: "SELECT billing.stripe_subscription_checkout($1, $2) AS result",
-    args: &[],
-};
-static QUOTED_PAYMENT: Sql = Sql {
-    text: "SELECT billing.stripe_quoted_payment($1, $2, $3, $4, $5) AS result",
-    args: &[],
-};
+/// One delivery about a payment at a time, whichever event type reports it
+/// (the lock row `payment:<id>`, which the SQL projections take too).
+fn lock_payment(endpoint: i64, tenant: &str, payment: &str) -> Result<()> {
+    super::intake::lock_object(endpoint, tenant, &format!("payment:{payment}")).map(|_| ())
+}
+
+/// The projections of the payments that are not plain top-ups (rare: run
+/// unprepared, their arguments' types taken from the values).
+const SUBSCRIPTION_CHECKOUT: &str = "SELECT billing.stripe_subscription_checkout($1, $2)";
+const QUOTED_PAYMENT: &str = "SELECT billing.stripe_quoted_payment($1, $2, $3, $4, $5)";
 
 /// Run the SQL projection `sql` on the event (its `$1`) and `args`.
 fn elsewhere(
-    sql: &'static Sql,
+    sql: &'static str,
     ev: PgHeapTuple<'_, AllocatedByRust>,
     args: Vec<DatumWithOid<'_>>,
 ) -> Result<Option<JsonB>> {
@@ -231,11 +238,7 @@ fn elsewhere(
     // SAFETY: the datum is the composite the statement's $1 is.
     let mut all = vec![unsafe { DatumWithOid::new(ev, type_oid) }];
     all.extend(args);
-    Spi::connect_mut(|c| {
-        Ok(c.update(sql.text, Some(1), &all)?
-            .first()
-            .get_one::<JsonB>()?)
-    })
+    Spi::connect_mut(|c| Ok(c.update(sql, Some(1), &all)?.first().get_one::<JsonB>()?))
 }
 
 /// The unit and credits `paid` minor units of `currency` buy at `endpoint`:
@@ -306,8 +309,7 @@ fn credit(
 ) -> Result<Value> {
     let tenant = current_tenant()?;
     let (unit, amount) = credits_for(c, endpoint, currency, paid)?;
-    // one delivery about a payment at a time
-    super::intake::lock_object(endpoint, &tenant, &format!("payment:{payment}"))?;
+    lock_payment(endpoint, &tenant, payment)?;
     let key = payment_key(payment);
     // already credited through a checkout intent or a reload request (whose
     // own report came first): that was the credit
