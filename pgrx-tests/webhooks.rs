@@ -79,6 +79,16 @@ mod tests {
         );
         assert_eq!(cents(), 2500, "one payment, one credit");
         assert_eq!(one::<i64>("SELECT count(*) FROM billing.grants"), 1);
+        // the payment's lock is its own object's row: one row per object,
+        // each remembering the newest event applied to it (the session's
+        // delivery locked pi_1 without changing what pi_1 remembers)
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(object_id || '@' || extract(epoch FROM newest_event_time)::bigint, ',' \
+                 ORDER BY object_id) FROM billing.webhook_objects"
+            ),
+            "cs_pi_1@1700000001,pi_1@1700000000"
+        );
         assert_ledger_consistent();
     }
 

@@ -555,7 +555,9 @@ BEGIN
             WHEN v_status LIKE 'warning%' OR v_status = 'prevented' THEN 0
             ELSE (obj ->> 'amount')::bigint END;
     END IF;
-    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, 'payment:' || v_payment);
+    -- the payment's lock is its own object's row (one row, not two, for a
+    -- delivery about the payment itself)
+    PERFORM billing.lock_webhook_object(ev.endpoint_id, ev.tenant_id, v_payment);
     INSERT INTO billing.stripe_reversals AS r (endpoint_id, tenant_id, payment, source, currency, amount)
     VALUES (ev.endpoint_id, ev.tenant_id, v_payment, v_source, lower(obj ->> 'currency'), greatest(v_amount, 0))
     ON CONFLICT (endpoint_id, payment, source) DO UPDATE

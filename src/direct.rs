@@ -391,6 +391,12 @@ unsafe fn slot_columns<'a>(
     )
 }
 
+/// Where a row version is in its table (its tid): as a lookup found it or
+/// a write left it. A later update starts there instead of descending the
+/// primary key again, if it is still the row's current version.
+#[derive(Clone, Copy)]
+pub struct RowAt(pg_sys::ItemPointerData);
+
 /// A row found by a lookup, valid while its `read` runs.
 pub struct Tuple<'a> {
     rel: pg_sys::Relation,
@@ -400,6 +406,11 @@ pub struct Tuple<'a> {
 }
 
 impl Tuple<'_> {
+    /// Where this version of the row is.
+    pub fn at(&self) -> RowAt {
+        RowAt(self.tid)
+    }
+
     /// A column that may be NULL.
     pub fn opt<T: FromDatum>(&self, name: &'static CStr) -> Result<Option<T>> {
         let i = column_index(self.rel, name)?;
@@ -453,6 +464,8 @@ pub struct Writer {
     set: Vec<bool>,
     /// The table's primary key, for `update`.
     by_id: Option<Lookup>,
+    /// The row an update starts from when its place is known.
+    known: *mut pg_sys::TupleTableSlot,
     /// Where one row's values and its index entries are made; emptied
     /// after each row, so a large batch takes no more memory than one row.
     row_memory: pgrx::PgMemoryContexts,
@@ -497,6 +510,7 @@ impl Writer {
                 nulls: vec![true; natts],
                 set: vec![false; natts],
                 by_id: None,
+                known: std::ptr::null_mut(),
                 row_memory: pgrx::PgMemoryContexts::new("billing row"),
             })
         }
@@ -530,66 +544,129 @@ impl Writer {
     }
 
     /// Insert the row set so far; every column is unset again afterwards.
-    pub fn insert(&mut self) -> Result<()> {
+    /// Returns where the row is.
+    pub fn insert(&mut self) -> Result<RowAt> {
         // SAFETY: the slot is the relation's; the values live in the row's
-        // memory until `reset`, after the row is written.
-        unsafe {
+        // memory until `reset`, after the row is written, which left its
+        // place in the slot.
+        let at = unsafe {
             self.store(None);
             let (rri, estate, slot) = (self.rri, self.estate, self.slot);
             self.row_memory
                 .switch_to(|_| pg_sys::ExecSimpleRelationInsert(rri, estate, slot));
-        }
+            RowAt((*slot).tts_tid)
+        };
         self.reset();
-        Ok(())
+        Ok(at)
     }
 
     /// Update the row whose `id` is `id`: the columns set so far change,
-    /// the others keep their values. The row must exist.
-    pub fn update(&mut self, pkey: &'static CStr, id: i64) -> Result<()> {
-        if self.by_id.is_none() {
-            // a BEFORE row trigger on UPDATE would need a recheck state this
-            // writer does not build (the append-only tables, which have one,
-            // are only inserted into)
-            // SAFETY: the relation is open.
-            let triggers = unsafe { (*self.rel).trigdesc };
-            if !triggers.is_null() && unsafe { (*triggers).trig_update_before_row } {
-                return Err(BillingError::Internal(format!(
-                    "billing.{} has a BEFORE UPDATE row trigger, which pg_billing does not support",
-                    self.table_name()
-                )));
+    /// the others keep their values. The row must exist. `at` is where it
+    /// was last seen (its lock, its read, its last update by this call):
+    /// if that version is still the current one, the primary key is not
+    /// searched. Returns where the new version is.
+    pub fn update(&mut self, pkey: &'static CStr, id: i64, at: Option<RowAt>) -> Result<RowAt> {
+        self.refuse_before_update_triggers()?;
+        if let Some(at) = at {
+            if let Some(new) = self.update_if_current(at, |t| Ok(t.get::<i64>(c"id")? == id))? {
+                return Ok(new);
             }
+        }
+        if self.by_id.is_none() {
             self.by_id = Some(Lookup::open(self.table, pkey, 1, Snapshot::New)?);
         }
         let lookup = self.by_id.as_mut().expect("opened above");
         let found = lookup.find(&[Key::Int8(id)], |t| Ok(t.tid))?;
-        let Some(tid) = found.first().copied() else {
+        let old = lookup.slot;
+        if found.is_empty() {
             return Err(BillingError::Internal(format!(
                 "billing.{} row {id} vanished",
                 self.table_name()
             )));
-        };
-        // SAFETY: the lookup's slot holds the row just found (its current
-        // version: this call holds the pool's lock, and the snapshot is new);
-        // its unchanged columns are copied into the new row before the lookup
-        // moves on.
-        unsafe {
-            let old = lookup.slot;
-            let natts = self.values.len();
-            let (old_values, old_nulls) = slot_columns(old, natts);
-            for i in 0..natts {
-                if !self.set[i] {
-                    self.values[i] = old_values[i];
-                    self.nulls[i] = old_nulls[i];
-                }
-            }
-            self.store(Some(tid));
-            let (rri, estate, slot) = (self.rri, self.estate, self.slot);
-            self.row_memory.switch_to(|_| {
-                pg_sys::ExecSimpleRelationUpdate(rri, estate, std::ptr::null_mut(), old, slot)
-            });
         }
-        self.reset();
+        // SAFETY: the lookup's slot holds the row just found (its current
+        // version: this call holds the pool's lock, and the snapshot is new).
+        Ok(unsafe { self.update_from(old) })
+    }
+
+    /// Update the row version at `at` if it is still its row's current
+    /// version (what a new snapshot sees there) and `is_row` says it is the
+    /// row meant; None, writing nothing, if not.
+    pub fn update_if_current(
+        &mut self,
+        at: RowAt,
+        is_row: impl FnOnce(&Tuple) -> Result<bool>,
+    ) -> Result<Option<RowAt>> {
+        self.refuse_before_update_triggers()?;
+        // SAFETY: the relation is open; the slot is the relation's own and
+        // holds the fetched version (pinned) until the update below.
+        unsafe {
+            if self.known.is_null() {
+                self.known = pg_sys::table_slot_create(self.rel, std::ptr::null_mut());
+            }
+            let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+            let mut tid = at.0;
+            let visible =
+                pg_sys::table_tuple_fetch_row_version(self.rel, &mut tid, snapshot, self.known);
+            pg_sys::UnregisterSnapshot(snapshot);
+            if !visible {
+                return Ok(None);
+            }
+            let (values, nulls) = slot_columns(self.known, self.values.len());
+            let found = Tuple {
+                rel: self.rel,
+                tid,
+                values,
+                nulls,
+            };
+            if !is_row(&found)? {
+                pg_sys::ExecClearTuple(self.known);
+                return Ok(None);
+            }
+            Ok(Some(self.update_from(self.known)))
+        }
+    }
+
+    /// A BEFORE row trigger on UPDATE would need a recheck state this writer
+    /// does not build (the append-only tables, which have one, are only
+    /// inserted into).
+    fn refuse_before_update_triggers(&self) -> Result<()> {
+        // SAFETY: the relation is open.
+        let triggers = unsafe { (*self.rel).trigdesc };
+        if !triggers.is_null() && unsafe { (*triggers).trig_update_before_row } {
+            return Err(BillingError::Internal(format!(
+                "billing.{} has a BEFORE UPDATE row trigger, which pg_billing does not support",
+                self.table_name()
+            )));
+        }
         Ok(())
+    }
+
+    /// Replace the row version `old` holds with the columns set so far and
+    /// its other columns; where the new version is.
+    ///
+    /// # Safety
+    /// `old` holds the current version of a row of this writer's relation.
+    unsafe fn update_from(&mut self, old: *mut pg_sys::TupleTableSlot) -> RowAt {
+        // its unchanged columns are copied into the new row before `old` moves on
+        let natts = self.values.len();
+        let (old_values, old_nulls) = slot_columns(old, natts);
+        for i in 0..natts {
+            if !self.set[i] {
+                self.values[i] = old_values[i];
+                self.nulls[i] = old_nulls[i];
+            }
+        }
+        self.store(Some((*old).tts_tid));
+        let (rri, estate, slot) = (self.rri, self.estate, self.slot);
+        self.row_memory.switch_to(|_| {
+            pg_sys::ExecSimpleRelationUpdate(rri, estate, std::ptr::null_mut(), old, slot)
+        });
+        // the update left the new version's place in the slot
+        let new = RowAt((*self.slot).tts_tid);
+        pg_sys::ExecClearTuple(old);
+        self.reset();
+        new
     }
 
     unsafe fn store(&mut self, tid: Option<pg_sys::ItemPointerData>) {
@@ -631,6 +708,9 @@ impl Writer {
         unsafe {
             if let Some(lookup) = self.by_id {
                 lookup.close();
+            }
+            if !self.known.is_null() {
+                pg_sys::ExecDropSingleTupleTableSlot(self.known);
             }
             pg_sys::ExecDropSingleTupleTableSlot(self.slot);
             pg_sys::AfterTriggerEndQuery(self.estate);

@@ -27,7 +27,7 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
 use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
-use crate::direct::{self, EnumType, Key, Lookup, Sequence, Snapshot, Tuple, Writer};
+use crate::direct::{self, EnumType, Key, Lookup, RowAt, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
 use crate::metering::store::KeptCounter;
 use crate::time::{self, instant, Ts};
@@ -86,6 +86,16 @@ pub struct PoolLedger {
     /// The hourly usage counter its row keeps, and whether to write it.
     pub counter: Option<KeptCounter>,
     pub counter_changed: bool,
+    /// Where its row's current version and its loaded grants' rows are, so
+    /// their updates need not search the primary key again.
+    rows_at: RowsAt,
+}
+
+/// Where a pool row and its grants' rows were last seen in this call.
+#[derive(Default)]
+struct RowsAt {
+    pool: Option<RowAt>,
+    grants: FxHashMap<i64, RowAt>,
 }
 
 impl Deref for PoolLedger {
@@ -316,6 +326,7 @@ struct Locked {
     reload_below: Option<i64>,
     alerts: AlertBounds,
     counter: Option<KeptCounter>,
+    at: Option<RowAt>,
 }
 
 /// The columns of a pool row that say where it stands, as stored.
@@ -342,6 +353,8 @@ pub struct PoolRow {
     pub alerts: AlertBounds,
     /// The hourly usage counter it keeps (read when the row is locked).
     pub counter: Option<KeptCounter>,
+    /// Where this version of the row is (None when a statement read it).
+    pub at: Option<RowAt>,
 }
 
 impl PoolRow {
@@ -368,6 +381,7 @@ impl PoolRow {
                 above: row.opt("alert_above")?,
             },
             counter: KeptCounter::from_row(row)?,
+            at: None,
         })
     }
 }
@@ -404,6 +418,7 @@ impl Locked {
             reload_below: r.reload_below,
             alerts: r.alerts,
             counter: r.counter.clone(),
+            at: r.at,
         }
     }
 
@@ -442,6 +457,7 @@ impl Locked {
             ));
         }
         self.grants = Some(PoolGrants {
+            at: FxHashMap::default(),
             grants: (0..n)
                 .map(|i| {
                     GrantState::new(
@@ -648,6 +664,10 @@ impl PoolLedger {
             },
             counter: l.counter,
             counter_changed: false,
+            rows_at: RowsAt {
+                pool: l.at,
+                grants: grants.at,
+            },
         }
     }
 
@@ -821,14 +841,15 @@ impl PoolLedger {
         let mut lookup = Lookup::open(c"grants", c"grants_pkey", 1, Snapshot::New)?;
         let row = lookup
             .find(&[Key::Int8(grant_id)], |t| {
-                let (pool, parent, grant) = grant_row(t)?;
+                let (pool, parent, grant, at) = grant_row(t)?;
                 let suspended = t.get::<String>(c"status")? == SUSPENDED;
-                Ok((pool, parent, grant.with_suspended(suspended)))
+                Ok((pool, parent, grant.with_suspended(suspended), at))
             })?
             .pop();
         lookup.close();
-        let (_, parent, grant) =
+        let (_, parent, grant, at) =
             row.ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
+        self.rows_at.grants.insert(grant_id, at);
         if let Some(parent) = parent {
             self.parents.insert(grant_id, parent);
         }
@@ -1043,8 +1064,8 @@ pub fn first_unknown_unit<'u>(
 /// The status of a grant whose credit is kept but not spendable.
 pub const SUSPENDED: &str = "suspended";
 
-/// A grant row: (its pool, the grant it is a lane share of, its state).
-fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState)> {
+/// A grant row: (its pool, the grant it is a lane share of, its state, where the row is).
+fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState, RowAt)> {
     Ok((
         t.get(c"pool_id")?,
         t.opt(c"parent_id")?,
@@ -1056,6 +1077,7 @@ fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState)> {
             t.get::<i64>(c"effective_at")?,
             t.opt::<i64>(c"expires_at")?,
         ),
+        t.at(),
     ))
 }
 
@@ -1064,6 +1086,8 @@ fn grant_row(t: &Tuple) -> Result<(i64, Option<i64>, GrantState)> {
 struct PoolGrants {
     grants: Vec<GrantState>,
     parents: FxHashMap<i64, i64>,
+    /// Where each grant's row is, when read from the table.
+    at: FxHashMap<i64, RowAt>,
 }
 
 /// The grants with credit of `pools`, from the index of open grants in
@@ -1076,11 +1100,12 @@ fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<FxHashMap<i64, PoolG
     }
     let mut lookup = Lookup::open(c"grants", c"grants_drain_order", 1, snapshot)?;
     for pool in pools {
-        for (pool, parent, grant) in lookup.find(&[Key::Int8(*pool)], grant_row)? {
+        for (pool, parent, grant, at) in lookup.find(&[Key::Int8(*pool)], grant_row)? {
             if grant.remaining <= 0 {
                 continue;
             }
             let entry = by_pool.entry(pool).or_default();
+            entry.at.insert(grant.id, at);
             if let Some(parent) = parent {
                 entry.parents.insert(grant.id, parent);
             }
@@ -1266,23 +1291,13 @@ pub fn flush_checked(
         db::write(client, &EXPIRE_HOLDS, &[expired.into()])?;
     }
     write_entries(&tenant, &changed, &carried)?;
-    let dirty: Vec<(i64, i64)> = changed.iter().flat_map(|l| l.dirty_grants()).collect();
-    if !dirty.is_empty() {
-        let mut grants = Writer::open(c"grants")?;
-        for (id, remaining) in dirty {
-            grants.set(c"remaining", remaining)?;
-            grants.update(c"grants_pkey", id)?;
-        }
-        grants.close();
-    }
-    write_pools(&changed)?;
+    let mut moved = write_grants(&changed)?;
+    moved.pools = write_pools(&changed)?;
     watch_balances(client, ledgers)?;
     for l in ledgers.iter_mut() {
-        l.pool.written();
-        l.counter_changed = false;
+        l.written(&moved);
         for s in l.shares.iter_mut() {
-            s.pool.written();
-            s.counter_changed = false;
+            s.written(&moved);
         }
     }
     Ok(Flushed::All)
@@ -1381,10 +1396,59 @@ fn write_entries(tenant: &str, pools: &[&PoolLedger], carried: &CarriedEntries) 
     Ok(())
 }
 
-/// The booked totals and cached figures of some pool rows.
-fn write_pools(pools: &[&PoolLedger]) -> Result<()> {
+/// Where a flush left the rows it updated: grant id or pool id → place.
+#[derive(Default)]
+struct Moved {
+    grants: FxHashMap<i64, RowAt>,
+    pools: FxHashMap<i64, RowAt>,
+}
+
+impl PoolLedger {
+    /// Its rows were written as `moved` says: forget what was written,
+    /// remember where the rows are now.
+    fn written(&mut self, moved: &Moved) {
+        self.pool.written();
+        self.counter_changed = false;
+        if let Some(at) = moved.pools.get(&self.id) {
+            self.rows_at.pool = Some(*at);
+        }
+        for (id, at) in self.rows_at.grants.iter_mut() {
+            if let Some(new) = moved.grants.get(id) {
+                *at = *new;
+            }
+        }
+    }
+}
+
+/// The remainders of the grants some pools changed.
+fn write_grants(pools: &[&PoolLedger]) -> Result<Moved> {
+    let mut moved = Moved::default();
+    let dirty: Vec<(i64, i64, Option<RowAt>)> = pools
+        .iter()
+        .flat_map(|l| {
+            l.dirty_grants()
+                .map(|(id, remaining)| (id, remaining, l.rows_at.grants.get(&id).copied()))
+        })
+        .collect();
+    if dirty.is_empty() {
+        return Ok(moved);
+    }
+    let mut grants = Writer::open(c"grants")?;
+    for (id, remaining, at) in dirty {
+        grants.set(c"remaining", remaining)?;
+        moved
+            .grants
+            .insert(id, grants.update(c"grants_pkey", id, at)?);
+    }
+    grants.close();
+    Ok(moved)
+}
+
+/// The booked totals and cached figures of some pool rows; where each row is now.
+fn write_pools(pools: &[&PoolLedger]) -> Result<FxHashMap<i64, RowAt>> {
+    let mut moved = FxHashMap::default();
     if pools.is_empty() {
-        return Ok(());
+        return Ok(moved);
     }
     let now = time::to_sql(time::now());
     let mut w = Writer::open(c"pools")?;
@@ -1405,10 +1469,10 @@ fn write_pools(pools: &[&PoolLedger]) -> Result<()> {
         if l.counter_changed {
             KeptCounter::set_columns(l.counter.as_ref(), &mut w)?;
         }
-        w.update(c"pools_pkey", l.id)?;
+        moved.insert(l.id, w.update(c"pools_pkey", l.id, l.rows_at.pool)?);
     }
     w.close();
-    Ok(())
+    Ok(moved)
 }
 
 /// An entry kind as a value of the `billing.entry_kind` enum.

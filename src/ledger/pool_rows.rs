@@ -41,6 +41,7 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         },
         // the gate never needs it
         counter: None,
+        at: Some(t.at()),
     })
 }
 

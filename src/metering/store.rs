@@ -489,14 +489,16 @@ impl Metering {
                 .set(c"base", c.base)?
                 .set(c"charged", c.charged)?;
             match row.id {
-                Some(id) => w.update(c"meter_periods_pkey", id)?,
+                Some(id) => {
+                    w.update(c"meter_periods_pkey", id, None)?;
+                }
                 None => {
                     w.set(c"id", ids.next()?)?
                         .set(c"tenant_id", self.tenant.as_str())?
                         .set(c"pool_id", *pool)?
                         .set(c"meter", meter.as_str())?
                         .set(c"period_start", time::to_sql(*period))?;
-                    w.insert()?
+                    w.insert()?;
                 }
             }
         }
@@ -570,7 +572,9 @@ impl Metering {
                 .set(c"cost", row.cost)?
                 .set(c"revised_at", row.revised_at.map(time::to_sql))?;
             match row.id {
-                Some(id) => w.update(c"usage_counters_pkey", id)?,
+                Some(id) => {
+                    w.update(c"usage_counters_pkey", id, None)?;
+                }
                 None => {
                     w.set(c"id", ids.next()?)?
                         .set(c"tenant_id", self.tenant.as_str())?
@@ -579,7 +583,7 @@ impl Metering {
                         .set(c"meter", meter.as_str())?
                         .set(c"hour", time::to_sql(hour))?
                         .set(c"groups", groups.as_str())?;
-                    w.insert()?
+                    w.insert()?;
                 }
             }
         }

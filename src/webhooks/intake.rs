@@ -18,7 +18,7 @@ use pgrx::{AllocatedByRust, IntoDatum, PgTupleDesc};
 use rustc_hash::FxHashMap;
 
 use crate::db::{self, Sql, INT8, TEXT, TSTZ};
-use crate::direct::{self, Key, Snapshot};
+use crate::direct::{self, Key, RowAt, Snapshot, Writer};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input::{json_text_value, JsonArg};
 use crate::signatures::{Endpoint, Rejection, Scheme};
@@ -223,7 +223,7 @@ fn decide(ev: &mut EventRow) -> Result<()> {
     let object_key = object_id
         .clone()
         .unwrap_or_else(|| format!("event:{event_id}"));
-    let newest = lock_object(ep.id, &tenant, &object_key)?;
+    let (newest, object_at) = lock_object(ep.id, &tenant, &object_key)?;
     if let Some(applied) = applied_before(ep.id, &event_id)? {
         ev.set(c"status", "duplicate")?;
         return ev.set(
@@ -267,11 +267,36 @@ fn decide(ev: &mut EventRow) -> Result<()> {
     }
     if let (Some(object), Some(time)) = (&object_id, event_time) {
         let id: Option<i64> = ev.get(c"id")?;
+        record_newest(ep.id, object, object_at, time, id)?;
+    }
+    Ok(())
+}
+
+/// The object's row remembers the newest event applied to it, if newer
+/// than what it remembers. Updated where its lock found it, unless that
+/// version is not the current one any more (then by a statement).
+fn record_newest(
+    endpoint: i64,
+    object: &str,
+    at: RowAt,
+    time: Tstz,
+    id: Option<i64>,
+) -> Result<()> {
+    let mut w = Writer::open(c"webhook_objects")?;
+    w.set(c"newest_event_time", time)?
+        .set(c"newest_event_id", id)?;
+    let updated = w.update_if_current(at, |t| {
+        Ok(t.get::<i64>(c"endpoint_id")? == endpoint
+            && t.get::<String>(c"object_id")? == object
+            && t.get::<Tstz>(c"newest_event_time")? <= time)
+    })?;
+    w.close();
+    if updated.is_none() {
         Spi::connect_mut(|c| {
             db::write(
                 c,
                 &NEWEST_APPLIED,
-                &[ep.id.into(), object.as_str().into(), time.into(), id.into()],
+                &[endpoint.into(), object.into(), time.into(), id.into()],
             )
             .map(|_| ())
         })?;
@@ -440,7 +465,7 @@ static NEWEST_APPLIED: Sql = Sql {
     args: &[INT8, TEXT, TSTZ, INT8],
 };
 
-/// Lock the row of `key` (an object id, `event:<id>` or `payment:<id>`) of
+/// Lock the row of `key` (an object id or `event:<id>`) of
 /// endpoint `endpoint_id` for this transaction, creating it if needed;
 /// returns the newest event time applied to it (`-infinity` if none).
 /// Concurrent deliveries concerning the same key queue here, behind a lock
@@ -452,23 +477,26 @@ fn lock_webhook_object(endpoint_id: Option<i64>, tenant: Option<&str>, key: Opti
         let endpoint_id = crate::input::required("endpoint_id", endpoint_id)?;
         let tenant = crate::input::required("tenant", tenant)?;
         let key = crate::input::required("key", key)?;
-        lock_object(endpoint_id, tenant, key)
+        lock_object(endpoint_id, tenant, key).map(|(newest, _)| newest)
     })()
     .or_raise()
 }
 
-pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<Tstz> {
+pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<(Tstz, RowAt)> {
     let keys = [Key::Int8(endpoint_id), Key::Text(key)];
     loop {
         let mut objects =
             direct::Lookup::open_for_update(c"webhook_objects", c"webhook_objects_pkey", 2)?;
-        let newest = objects.find_locked(&keys, |t| t.get::<Tstz>(c"newest_event_time"));
+        let newest = objects.find_locked(&keys, |t| {
+            Ok((t.get::<Tstz>(c"newest_event_time")?, t.at()))
+        });
         objects.close();
-        if let Some(newest) = newest?.into_iter().next() {
-            return Ok(newest);
+        if let Some(found) = newest?.into_iter().next() {
+            return Ok(found);
         }
         // not there: create it, unless another delivery creates it first
         // (then this one waits for it above)
+        let mut made = None;
         let created = db::attempt_unless_key_taken(|| {
             let mut w = direct::Writer::open(c"webhook_objects")?;
             w.set(c"endpoint_id", endpoint_id)?
@@ -476,12 +504,12 @@ pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<Tstz> {
                 .set(c"tenant_id", tenant)?
                 .set(c"newest_event_time", Tstz::negative_infinity())?
                 .set(c"newest_event_id", 0i64)?;
-            w.insert()?;
+            made = Some(w.insert()?);
             w.close();
             Ok(())
         })?;
-        if created {
-            return Ok(Tstz::negative_infinity());
+        if let (true, Some(at)) = (created, made) {
+            return Ok((Tstz::negative_infinity(), at));
         }
     }
 }
