@@ -67,10 +67,9 @@ pub fn grant_due(client: &mut SpiClient<'_>, ledger: &mut PoolLedger) -> Result<
         .collect::<Result<Vec<Window>>>()?;
     let granted = !windows.is_empty();
     for w in windows {
-        let id = grants::next_grant_id(client)?;
+        let id = grants::next_grant_id()?;
         let key = format!("billing:allowance:{}:{}", w.allowance, w.starts_at);
         grants::add_to_locked(
-            client,
             ledger,
             id,
             NewGrant {
@@ -593,10 +592,9 @@ fn convert_pool(
             continue;
         }
         let key = format!("billing:guest:{grant_id}");
-        let id = grants::next_grant_id(client)?;
+        let id = grants::next_grant_id()?;
         let now = to.now;
         grants::add_to_locked(
-            client,
             &mut to,
             id,
             NewGrant {

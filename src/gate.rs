@@ -8,7 +8,7 @@ use crate::db::{self, Row, Sql, TEXT};
 use crate::direct;
 use crate::error::{BillingError, OrRaise, Result};
 use crate::input;
-use crate::ledger::{self, pool_rows, Figures, PoolRow, KNOWN_UNITS};
+use crate::ledger::{self, pool_rows, Figures, PoolRow};
 use crate::tenancy::current_tenant;
 use crate::{allowances, limits, pricing, rights, time};
 use pgrx::datum::TimestampWithTimeZone as Tstz;
@@ -151,7 +151,7 @@ fn gate(
         None => {
             // a pool not made yet: the default plan's first window is owed to it
             let owed = Spi::connect(|client| {
-                unit_is_known(client, tenant, unit)?;
+                unit_is_known(tenant, unit)?;
                 default_plan_credit(client, tenant, account, unit)
             })?;
             Figures {
@@ -255,9 +255,8 @@ fn default_plan_credit(
     .map(Option::unwrap_or_default)
 }
 
-fn unit_is_known(client: &SpiClient<'_>, tenant: &str, unit: &str) -> Result<()> {
-    let known = db::read(client, &KNOWN_UNITS, &[tenant.into(), vec![unit].into()])?;
-    match ledger::first_unknown_unit(known, &[unit])? {
+fn unit_is_known(tenant: &str, unit: &str) -> Result<()> {
+    match ledger::first_unknown_unit(tenant, &[unit], direct::Snapshot::Query)? {
         Some(_) => Err(BillingError::unknown("unit", unit)),
         None => Ok(()),
     }

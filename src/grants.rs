@@ -6,6 +6,7 @@ use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
 use crate::db::{self, Row, Sql, BYTEA, INT4, INT8, JSONB, TEXT, TSTZ};
+use crate::direct::{self, Key, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
@@ -113,22 +114,6 @@ type GrantRow = (
     name!(available, i64),
 );
 
-/// The grant stored under key $2 (none for a NULL key), or the grant waiting
-/// for approval under it (sql/grant_controls.sql), or else the id the new
-/// grant takes (a replay takes none).
-static FIND_GRANT_BY_KEY: Sql = Sql {
-    text: "SELECT CASE WHEN g.id IS NULL AND a.grant_id IS NULL THEN nextval('billing.grants_id_seq') END AS new_id, \
-                  g.id, a.grant_id AS approval_id, a.status AS approval_status, \
-                  coalesce(g.request_hash, a.request_hash) AS request_hash, coalesce(g.kind, a.kind) AS kind, \
-                  coalesce(g.priority, a.priority) AS priority, coalesce(g.amount, a.amount) AS amount, \
-                  coalesce(g.effective_at, a.effective_at, a.requested_at) AS effective_at, \
-                  coalesce(g.expires_at, a.expires_at) AS expires_at, g.debt_repaid, g.available_after \
-           FROM (SELECT $2::text AS key) k \
-           LEFT JOIN billing.grants g ON g.tenant_id = $1 AND g.key = k.key \
-           LEFT JOIN billing.grant_approvals a ON g.id IS NULL AND a.tenant_id = $1 AND a.key = k.key",
-    args: &[TEXT, TEXT],
-};
-
 /// A grant by hand: refused, counted and perhaps sent for approval by the
 /// unit's policy (sql/grant_controls.sql); `needs` says why it waits.
 static GRANT_CONTROL: Sql = Sql {
@@ -150,27 +135,6 @@ static APPROVE: Sql = Sql {
                   metadata, reason, requested_by::oid::bigint AS requested_by \
            FROM billing.approve_pending_grant($1, $2, $3::oid::regrole)",
     args: &[TEXT, INT8, INT8],
-};
-
-static GRANT_BY_ID: Sql = Sql {
-    text: "SELECT g.id, NULL::bigint AS approval_id, NULL::text AS approval_status, g.request_hash, g.kind, \
-                  g.priority, g.amount, g.effective_at, g.expires_at, g.debt_repaid, g.available_after \
-           FROM billing.grants g WHERE g.tenant_id = $1 AND g.id = $2",
-    args: &[TEXT, INT8],
-};
-
-/// A new grant, written once with what it became: the core has already
-/// repaid debt from it, so the row is never updated in the same call.
-static INSERT_GRANT: Sql = Sql {
-    text: "INSERT INTO billing.grants (id, tenant_id, pool_id, account, unit, kind, priority, amount, \
-              remaining, effective_at, expires_at, key, request_hash, metadata, debt_repaid, available_after, \
-              granted_by, reason) \
-           OVERRIDING SYSTEM VALUE \
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17::oid::regrole, $18)",
-    args: &[
-        INT8, TEXT, INT8, TEXT, TEXT, TEXT, INT4, INT8, INT8, TSTZ, TSTZ, TEXT, BYTEA, JSONB, INT8,
-        INT8, INT8, TEXT,
-    ],
 };
 
 /// Add credits to an account's pool. Idempotent by `key`; a new grant first repays debt.
@@ -305,7 +269,7 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
     let tenant = current_tenant()?;
     let hash = req.fingerprint();
     let mut ledger = PoolLedger::open(client, &tenant, req.account, req.unit, Create::UnitAndPool)?;
-    let id = match find_by_key(client, &tenant, req.key, &hash)? {
+    let id = match find_by_key(&tenant, req.key, &hash)? {
         Stored::Grant(mut row) => {
             if row.1 != "duplicate" {
                 row.9 = ledger.available(); // waiting for approval, or rejected
@@ -342,7 +306,6 @@ fn apply_grant(client: &mut SpiClient<'_>, req: &GrantRequest<'_>) -> Result<Gra
         }
     }
     let added = add_to_locked(
-        client,
         &mut ledger,
         id,
         NewGrant {
@@ -484,12 +447,19 @@ fn apply_approved(client: &mut SpiClient<'_>, tenant: &str, id: i64) -> Result<G
         .ok_or_else(|| BillingError::Internal("approval returned no row".into()))?;
     let row = Row(&row);
     if row.get::<bool>("already")? {
-        let rows = db::write(client, &GRANT_BY_ID, &[tenant.into(), id.into()])?;
-        let stored = rows
-            .into_iter()
-            .next()
-            .ok_or_else(|| BillingError::Internal(format!("approved grant {id} not found")))?;
-        return stored_grant(&Row(&stored));
+        let stored = direct::find_one(
+            c"grants",
+            c"grants_pkey",
+            &[Key::Int8(id)],
+            Snapshot::New,
+            |t| Ok((t.get::<String>(c"tenant_id")?, stored_grant(t)?)),
+        )?;
+        return match stored {
+            Some((of, (_, row))) if of == tenant => Ok(row),
+            _ => Err(BillingError::Internal(format!(
+                "approved grant {id} not found"
+            ))),
+        };
     }
     let (account, unit): (String, String) = (row.get("account")?, row.get("unit")?);
     let mut ledger = PoolLedger::open(client, tenant, &account, &unit, Create::UnitAndPool)?;
@@ -508,7 +478,6 @@ fn apply_approved(client: &mut SpiClient<'_>, tenant: &str, id: i64) -> Result<G
     let reason: Option<String> = row.opt("reason")?;
     let by = pg_sys::Oid::from(u32::try_from(row.get::<i64>("requested_by")?).unwrap_or(0));
     let added = add_to_locked(
-        client,
         &mut ledger,
         id,
         NewGrant {
@@ -568,43 +537,37 @@ pub struct Added {
 }
 
 /// Add grant `id` to a locked pool: the core repays debt from it first, and
-/// its row is written once with what it became (the ledger's entries and
-/// the pool are written by the ledger's flush).
-pub fn add_to_locked(
-    client: &mut SpiClient<'_>,
-    ledger: &mut PoolLedger,
-    id: i64,
-    g: NewGrant<'_>,
-) -> Result<Added> {
+/// its row is written once with what it became, never updated in the same
+/// call (the ledger's entries and the pool are written by the ledger's flush).
+pub fn add_to_locked(ledger: &mut PoolLedger, id: i64, g: NewGrant<'_>) -> Result<Added> {
     let state = GrantState::new(id, g.priority, g.amount, g.effective_at, g.expires_at);
     let repaid = ledger.add_grant(state)?;
     let remaining = ledger.grant_remaining(id).unwrap_or(0);
     let available = ledger.available();
-    db::write(
-        client,
-        &INSERT_GRANT,
-        &[
-            id.into(),
-            ledger.tenant.as_str().into(),
-            ledger.id.into(),
-            ledger.account.as_str().into(),
-            ledger.unit.as_str().into(),
-            g.kind.into(),
-            g.priority.into(),
-            g.amount.into(),
-            remaining.into(),
-            time::to_sql(g.effective_at).into(),
-            g.expires_at.map(time::to_sql).into(),
-            g.key.into(),
-            g.hash.into(),
-            JsonB(g.metadata).into(),
-            repaid.into(),
-            available.into(),
-            g.granted_by.map(role_arg).into(),
-            g.reason.into(),
-        ],
-    )?;
-    ledger.grant_row_written(id);
+    let mut w = Writer::open(c"grants")?;
+    w.set(c"id", id)?
+        .set(c"tenant_id", ledger.tenant.as_str())?
+        .set(c"pool_id", ledger.id)?
+        .set(c"account", ledger.account.as_str())?
+        .set(c"unit", ledger.unit.as_str())?
+        .set(c"kind", g.kind)?
+        .set(c"priority", g.priority)?
+        .set(c"amount", g.amount)?
+        .set(c"remaining", remaining)?
+        .set(c"effective_at", time::to_sql(g.effective_at))?
+        .set(c"expires_at", g.expires_at.map(time::to_sql))?
+        .set(c"status", "active")?
+        .set(c"key", g.key)?
+        .set(c"request_hash", g.hash)?
+        .set(c"metadata", JsonB(g.metadata))?
+        .set(c"debt_repaid", repaid)?
+        .set(c"available_after", available)?
+        .set(c"created_at", time::to_sql(ledger.now))?
+        .set(c"granted_by", g.granted_by)?
+        .set(c"reason", g.reason)?;
+    let at = w.insert()?;
+    w.close();
+    ledger.grant_inserted(id, at);
     Ok(Added {
         repaid,
         remaining,
@@ -613,20 +576,11 @@ pub fn add_to_locked(
 }
 
 /// A fresh grant id.
-pub fn next_grant_id(client: &mut SpiClient<'_>) -> Result<i64> {
-    db::write(client, &NEXT_GRANT_ID, &[])?
-        .next()
-        .map(|r| Row(&r).get::<i64>("id"))
-        .transpose()?
-        .ok_or_else(|| BillingError::Internal("no grant id".into()))
+pub fn next_grant_id() -> Result<i64> {
+    Sequence::named(c"grants_id_seq")?.next()
 }
 
-static NEXT_GRANT_ID: Sql = Sql {
-    text: "SELECT nextval('billing.grants_id_seq') AS id",
-    args: &[],
-};
-
-/// What FIND_GRANT_BY_KEY found.
+/// What `find_by_key` found.
 enum Stored {
     /// The outcome of the grant stored under the key, for a replay.
     Grant(GrantRow),
@@ -634,60 +588,91 @@ enum Stored {
     None { new_id: i64 },
 }
 
-fn find_by_key(
-    client: &mut SpiClient<'_>,
-    tenant: &str,
-    key: Option<&str>,
-    hash: &[u8],
-) -> Result<Stored> {
-    let mut rows = db::write(client, &FIND_GRANT_BY_KEY, &[tenant.into(), key.into()])?;
-    let row = rows
-        .next()
-        .ok_or_else(|| BillingError::Internal("grant lookup returned no row".into()))?;
-    let row = Row(&row);
-    if row.opt::<i64>("id")?.is_none() && row.opt::<i64>("approval_id")?.is_none() {
-        return Ok(Stored::None {
-            new_id: row.get("new_id")?,
-        });
-    }
-    let stored: Vec<u8> = row.get("request_hash")?;
-    idempotency::same_request("grant", key.unwrap_or_default(), &stored, hash)?;
-    Ok(Stored::Grant(stored_grant(&row)?))
-}
-
-/// A replay's answer from a stored grant, or from a grant waiting for
-/// approval (`pending_approval`, `rejected`; its `available` is the pool's).
-fn stored_grant(row: &Row<'_, '_>) -> Result<GrantRow> {
-    let amount: i64 = row.get("amount")?;
-    let (id, status) = match row.opt::<i64>("id")? {
-        Some(id) => (id, "duplicate".to_string()),
-        None => {
-            let status: String = row.get("approval_status")?;
-            let status = if status == "pending" {
-                "pending_approval".to_string()
-            } else {
-                status
-            };
-            (row.get("approval_id")?, status)
+/// The grant stored under `key` (none for no key), else the grant waiting
+/// for approval under it (sql/grant_controls.sql), else nothing and the id
+/// the new grant takes. Read after the pool's lock with a new snapshot, so
+/// a grant of the key committed by the lock's previous holder is seen.
+fn find_by_key(tenant: &str, key: Option<&str>, hash: &[u8]) -> Result<Stored> {
+    let found = match key {
+        None => None,
+        Some(key) => {
+            let keys = [Key::Text(tenant), Key::Text(key)];
+            match direct::find_one(
+                c"grants",
+                c"grants_tenant_id_key_key",
+                &keys,
+                Snapshot::New,
+                stored_grant,
+            )? {
+                Some(grant) => Some(grant),
+                None => direct::find_one(
+                    c"grant_approvals",
+                    c"grant_approvals_tenant_id_key_key",
+                    &keys,
+                    Snapshot::New,
+                    awaiting_approval,
+                )?,
+            }
         }
     };
-    let debt_repaid: i64 = row.opt("debt_repaid")?.unwrap_or(0);
-    let remaining = if status == "duplicate" {
-        amount - debt_repaid // what remained when it was granted
+    let Some((stored_hash, row)) = found else {
+        return Ok(Stored::None {
+            new_id: next_grant_id()?,
+        });
+    };
+    idempotency::same_request("grant", key.unwrap_or_default(), &stored_hash, hash)?;
+    Ok(Stored::Grant(row))
+}
+
+/// A replay's answer from a stored grant (what remained when it was
+/// granted), with the stored request's fingerprint.
+fn stored_grant(t: &Tuple) -> Result<(Vec<u8>, GrantRow)> {
+    let amount: i64 = t.get(c"amount")?;
+    let debt_repaid: i64 = t.get(c"debt_repaid")?;
+    Ok((
+        t.get(c"request_hash")?,
+        (
+            t.get(c"id")?,
+            "duplicate".into(),
+            t.get(c"kind")?,
+            t.get(c"priority")?,
+            amount,
+            amount - debt_repaid,
+            t.get(c"effective_at")?,
+            t.opt(c"expires_at")?,
+            debt_repaid,
+            t.get(c"available_after")?,
+        ),
+    ))
+}
+
+/// A replay's answer from a grant waiting for approval (`pending_approval`)
+/// or refused (`rejected`); its `available` is the pool's, set by the caller.
+fn awaiting_approval(t: &Tuple) -> Result<(Vec<u8>, GrantRow)> {
+    let status: String = t.get(c"status")?;
+    let status = if status == "pending" {
+        "pending_approval".to_string()
     } else {
-        0
+        status
+    };
+    let effective_at = match t.opt::<Tstz>(c"effective_at")? {
+        Some(at) => at,
+        None => t.get(c"requested_at")?,
     };
     Ok((
-        id,
-        status,
-        row.get("kind")?,
-        row.get("priority")?,
-        amount,
-        remaining,
-        row.get("effective_at")?,
-        row.opt("expires_at")?,
-        debt_repaid,
-        row.opt("available_after")?.unwrap_or(0),
+        t.get(c"request_hash")?,
+        (
+            t.get(c"grant_id")?,
+            status,
+            t.get(c"kind")?,
+            t.get(c"priority")?,
+            t.get(c"amount")?,
+            0,
+            effective_at,
+            t.opt(c"expires_at")?,
+            0,
+            0,
+        ),
     ))
 }
 

@@ -220,12 +220,6 @@ static CREATE_UNITS: Sql = Sql {
     args: &[TEXT, TEXT_ARRAY],
 };
 
-/// Which of the units $2 the tenant $1 has defined.
-pub static KNOWN_UNITS: Sql = Sql {
-    text: "SELECT unit FROM billing.units WHERE tenant_id = $1 AND unit = ANY($2)",
-    args: &[TEXT, TEXT_ARRAY],
-};
-
 static CREATE_POOLS: Sql = Sql {
     text: "WITH k AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS k(account, unit, lane)), \
                 a AS (INSERT INTO billing.accounts (tenant_id, account) \
@@ -721,21 +715,15 @@ impl PoolLedger {
         what: &str,
     ) -> Result<()> {
         let (accounts, units, lanes) = key_columns(keys);
-        match create {
-            Create::UnitAndPool | Create::UnitAndPoolWithOwnRule => {
-                db::write(
-                    client,
-                    &CREATE_UNITS,
-                    &[tenant.into(), units.clone().into()],
-                )?;
+        if let Some(u) = first_unknown_unit(tenant, &units, Snapshot::New)? {
+            if create == Create::Pool {
+                return Err(BillingError::unknown("unit", u));
             }
-            Create::Pool => {
-                let known =
-                    db::write(client, &KNOWN_UNITS, &[tenant.into(), units.clone().into()])?;
-                if let Some(u) = first_unknown_unit(known, &units)? {
-                    return Err(BillingError::unknown("unit", u));
-                }
-            }
+            db::write(
+                client,
+                &CREATE_UNITS,
+                &[tenant.into(), units.clone().into()],
+            )?;
         }
         let made = db::write_waiting_for(
             client,
@@ -757,7 +745,10 @@ impl PoolLedger {
             .filter(|(_, _, lane)| *lane == 0)
             .map(|(a, u, _)| (a, u))
             .unzip();
-        if !accounts.is_empty() && create != Create::UnitAndPoolWithOwnRule {
+        if !accounts.is_empty()
+            && create != Create::UnitAndPoolWithOwnRule
+            && has_default_plan(tenant)?
+        {
             db::write(
                 client,
                 &ENROLL_NEW_POOLS,
@@ -1046,19 +1037,39 @@ fn remember_split(tenant: &str, pools: &[PoolLedger]) {
     });
 }
 
-/// The first of `units` that KNOWN_UNITS did not return, if any. The caller
-/// runs KNOWN_UNITS as a read (the gate) or after a lock, as a write.
+/// The first of `units` the tenant has not defined, if any: read with the
+/// query's snapshot by the gate, with a new one after a lock.
 pub fn first_unknown_unit<'u>(
-    known: SpiTupleTable<'_>,
+    tenant: &str,
     units: &[&'u str],
+    snapshot: Snapshot,
 ) -> Result<Option<&'u str>> {
-    let known: Vec<String> = known
-        .map(|r| Row(&r).get::<String>("unit"))
-        .collect::<Result<_>>()?;
-    Ok(units
-        .iter()
-        .copied()
-        .find(|u| !known.iter().any(|k| k == u)))
+    let mut lookup = Lookup::open(c"units", c"units_pkey", 2, snapshot)?;
+    let mut unknown = None;
+    for unit in units {
+        if lookup
+            .find(&[Key::Text(tenant), Key::Text(unit)], |_| Ok(()))?
+            .is_empty()
+        {
+            unknown = Some(*unit);
+            break;
+        }
+    }
+    lookup.close();
+    Ok(unknown)
+}
+
+/// Whether the tenant has a default plan, which every new pool of its
+/// units runs (`billing.enroll_new_pools`).
+fn has_default_plan(tenant: &str) -> Result<bool> {
+    let found = direct::find_one(
+        c"default_plans",
+        c"default_plans_pkey",
+        &[Key::Text(tenant)],
+        Snapshot::New,
+        |_| Ok(()),
+    )?;
+    Ok(found.is_some())
 }
 
 /// The status of a grant whose credit is kept but not spendable.
@@ -1394,6 +1405,15 @@ fn write_entries(tenant: &str, pools: &[&PoolLedger], carried: &CarriedEntries) 
     }
     w.close();
     Ok(())
+}
+
+impl PoolLedger {
+    /// Grant `id`'s row was inserted at `at` with its current remaining, so
+    /// flushing leaves it.
+    pub fn grant_inserted(&mut self, id: i64, at: RowAt) {
+        self.pool.grant_row_written(id);
+        self.rows_at.grants.insert(id, at);
+    }
 }
 
 /// Where a flush left the rows it updated: grant id or pool id → place.
