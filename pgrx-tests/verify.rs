@@ -177,6 +177,18 @@ mod tests {
             "{}",
             problems()
         );
+        tamper(&format!(
+            "UPDATE billing.usage_events SET pool_id = (SELECT id FROM billing.pools LIMIT 1) WHERE id = {e}"
+        ));
+        let g: i64 = one("SELECT min(id) FROM billing.grants");
+        tamper(&format!(
+            "UPDATE billing.grants SET pool_id = -1 WHERE id = {g}"
+        ));
+        assert!(
+            problems().contains(&format!("grant {g} names a missing pool")),
+            "{}",
+            problems()
+        );
     }
 
     /// Tamper with `change`, expect `problem` reported, then `undo` and expect none.

@@ -231,7 +231,7 @@ ALTER EXTENSION pg_billing DROP SEQUENCE billing.pools_0_1_0_id_seq;
 DROP TABLE billing.pools_0_1_0;
 SELECT pg_catalog.pg_extension_config_dump('billing.pools', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.pools_id_seq', '');
-ALTER TABLE billing.grants ADD CONSTRAINT grants_pool_id_fkey FOREIGN KEY (pool_id) REFERENCES billing.pools (id);
+-- 0.2.0 keeps no foreign key from grants to their pool either
 ALTER TABLE billing.holds ADD CONSTRAINT holds_pool_id_fkey FOREIGN KEY (pool_id) REFERENCES billing.pools (id);
 
 -- grants: lane shares, who granted and why; no CHECK constraints any more.
@@ -964,7 +964,11 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:50 (webhooks: the tables are 0.1.0's, unchanged)
+-- src/lib.rs:50 (webhooks: the tables are 0.1.0's, but for one key)
+
+-- An object's lock row keeps no foreign key to its endpoint: the delivery's
+-- own inbox row, which makes it in the same transaction, has one.
+ALTER TABLE billing.webhook_objects DROP CONSTRAINT webhook_objects_endpoint_id_fkey;
 
 -- ----- configuration ---------------------------------------------------------
 
@@ -2037,7 +2041,10 @@ FROM (SELECT u.pool_id, u.account, u.unit, 'usage event ' || u.id AS what
       FROM billing.usage_events u WHERE u.tenant_id = billing.current_tenant()
       UNION ALL
       SELECT e.pool_id, e.account, e.unit, 'entry version ' || e.version
-      FROM billing.ledger_entries e WHERE e.tenant_id = billing.current_tenant()) x
+      FROM billing.ledger_entries e WHERE e.tenant_id = billing.current_tenant()
+      UNION ALL
+      SELECT g.pool_id, g.account, g.unit, 'grant ' || g.id
+      FROM billing.grants g WHERE g.tenant_id = billing.current_tenant()) x
 WHERE NOT EXISTS (SELECT 1 FROM billing.pools p WHERE p.id = x.pool_id)
 $$;
 /* </end connected objects> */

@@ -192,7 +192,10 @@ CREATE TABLE billing.pools (
 CREATE TABLE billing.grants (
     id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant_id    text        NOT NULL,
-    pool_id      bigint      NOT NULL REFERENCES billing.pools (id),
+    -- no foreign key: a grant is written under its pool's row lock, pools
+    -- are never deleted, and verify_ledger() reports a grant whose pool is
+    -- missing (the key's check was a statement of its own on every grant)
+    pool_id      bigint      NOT NULL,
     account      text        NOT NULL,
     unit         text        NOT NULL,
     kind         text        NOT NULL,

@@ -287,6 +287,9 @@ FROM (SELECT u.pool_id, u.account, u.unit, 'usage event ' || u.id AS what
       FROM billing.usage_events u WHERE u.tenant_id = billing.current_tenant()
       UNION ALL
       SELECT e.pool_id, e.account, e.unit, 'entry version ' || e.version
-      FROM billing.ledger_entries e WHERE e.tenant_id = billing.current_tenant()) x
+      FROM billing.ledger_entries e WHERE e.tenant_id = billing.current_tenant()
+      UNION ALL
+      SELECT g.pool_id, g.account, g.unit, 'grant ' || g.id
+      FROM billing.grants g WHERE g.tenant_id = billing.current_tenant()) x
 WHERE NOT EXISTS (SELECT 1 FROM billing.pools p WHERE p.id = x.pool_id)
 $$;

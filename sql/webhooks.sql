@@ -65,8 +65,12 @@ CREATE INDEX webhook_events_by_time ON billing.webhook_events (tenant_id, receiv
 -- 'event:<id>', an event that names no object; 'payment:<id>', the reversals
 -- of one payment): a row lock only pg_billing can take, so no other role can
 -- stall the intake, as it could by holding an advisory lock.
+-- No foreign key to the endpoint: a row is made only by a delivery whose
+-- own inbox row (which has one) names the same endpoint, in the same
+-- transaction, so the inbox's key already keeps the endpoint; checking it
+-- again was a statement of its own on every new object.
 CREATE TABLE billing.webhook_objects (
-    endpoint_id       bigint      NOT NULL REFERENCES billing.webhook_endpoints (id),
+    endpoint_id       bigint      NOT NULL,
     object_id         text        NOT NULL,
     tenant_id         text        NOT NULL,
     newest_event_time timestamptz NOT NULL,
