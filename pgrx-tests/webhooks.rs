@@ -93,6 +93,26 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_payment_intent_s_delivery_locks_its_row_once() {
+        setup();
+        assert_eq!(
+            deliver(&pi_succeeded("evt_1", "pi_1", 2500, 1_700_000_000)),
+            "applied|"
+        );
+        // the intake made pi_1's row; the top-up's lock of the payment is
+        // that row, already held: locking it again from the handler's
+        // subtransaction would leave its lock on the row's next version
+        // (a multixact in xmax) when the delivery records its newest event
+        assert_eq!(
+            one::<String>(
+                "SELECT xmax::text FROM billing.webhook_objects WHERE object_id = 'pi_1'"
+            ),
+            "0"
+        );
+        assert_eq!(cents(), 2500);
+    }
+
+    #[pg_test]
     fn the_amount_credited_is_what_was_paid_not_what_metadata_claims() {
         setup();
         let body = r#"{"id":"evt_m","type":"checkout.session.completed","created":1700000000,"data":{"object":{"id":"cs_m","payment_intent":"pi_m","payment_status":"paid","amount_total":500,"currency":"usd","client_reference_id":"org_1","metadata":{"account":"org_1","amount":"100000","amount_total":"100000"}}}}"#;

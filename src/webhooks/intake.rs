@@ -252,7 +252,8 @@ fn decide(ev: &mut EventRow) -> Result<()> {
         }
         Some(handler) => {
             let event = ev.tuple()?;
-            match db::catching(|| super::run_handler(handler, &tenant, event))? {
+            let run = || db::catching(|| super::run_handler(handler, &tenant, event));
+            match holding(ep.id, &object_key, run)? {
                 Ok(result) => {
                     ev.set(c"result", result)?;
                     ev.set(c"status", "applied")?;
@@ -512,6 +513,47 @@ pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<(Tstz, R
             return Ok((Tstz::negative_infinity(), at));
         }
     }
+}
+
+thread_local! {
+    /// The object row the delivery being applied holds (its transaction,
+    /// endpoint and key), while its handler runs.
+    static HELD: RefCell<Option<(pg_sys::TransactionId, i64, String)>> = const { RefCell::new(None) };
+}
+
+/// Run `f`, a delivery's handler, knowing that this transaction holds the
+/// row of `key` of endpoint `endpoint` (the intake created or locked it), so
+/// a handler that locks the same row (a payment's lock, when the event is
+/// about the PaymentIntent itself) does not lock it again: from inside the
+/// handler's subtransaction that would write a lock record and make the
+/// row's later update by the delivery a multixact.
+fn holding<T>(endpoint: i64, key: &str, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<(pg_sys::TransactionId, i64, String)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HELD.with(|h| *h.borrow_mut() = self.0.take());
+        }
+    }
+    // SAFETY: reads the transaction's id, assigned by the object row's write.
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+    let _restore = Restore(HELD.with(|h| h.replace(Some((xid, endpoint, key.to_string())))));
+    f()
+}
+
+/// Lock the row of `key` of endpoint `endpoint` for this transaction, as
+/// `lock_object`, unless the delivery being applied already holds it.
+pub fn lock_unless_held(endpoint: i64, tenant: &str, key: &str) -> Result<()> {
+    // SAFETY: reads the transaction's id.
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+    let held = HELD.with(|h| {
+        h.borrow()
+            .as_ref()
+            .is_some_and(|(x, e, k)| *x == xid && *e == endpoint && k == key)
+    });
+    if held {
+        return Ok(());
+    }
+    lock_object(endpoint, tenant, key).map(|_| ())
 }
 
 /// The event `event_id` of endpoint `ep` already applied (or superseded),

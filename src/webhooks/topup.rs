@@ -218,11 +218,11 @@ fn checkout_intent(obj: &Value) -> Result<Option<i64>> {
 /// One delivery about a payment at a time, whichever event type reports it:
 /// the lock is the payment's own object row (the SQL projections take it
 /// too). A delivery about the PaymentIntent itself already holds it since
-/// its intake, so it takes no second row; one about another object (a
-/// checkout session, a charge) takes it after its own, so no two deliveries
-/// wait for each other in opposite orders.
+/// its intake, so it takes no second row and no second lock; one about
+/// another object (a checkout session, a charge) takes it after its own, so
+/// no two deliveries wait for each other in opposite orders.
 fn lock_payment(endpoint: i64, tenant: &str, payment: &str) -> Result<()> {
-    super::intake::lock_object(endpoint, tenant, payment).map(|_| ())
+    super::intake::lock_unless_held(endpoint, tenant, payment)
 }
 
 /// The projections of the payments that are not plain top-ups (rare: run
