@@ -1646,10 +1646,11 @@ BEGIN
 END
 $$;
 
--- Pools just made (lane 0; src/ledger, PoolLedger::create) get the default
--- plan. Their accounts are taken as a subscription's projection takes them
--- (a share lock against its update lock), so either sees the other's work:
--- a subscription that went live meanwhile, or the pools and rules made here.
+-- Pools just made (lane 0; src/ledger, PoolLedger::create, which calls this
+-- only when the tenant has a default plan) get the default plan. Their
+-- accounts are taken as a subscription's projection takes them (a share lock
+-- against its update lock), so either sees the other's work: a subscription
+-- that went live meanwhile, or the pools and rules made here.
 CREATE FUNCTION billing.enroll_new_pools(tenant text, accounts text[], units text[]) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, billing, pg_temp
@@ -1657,9 +1658,6 @@ AS $$
 DECLARE
     x record;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM billing.default_plans d WHERE d.tenant_id = tenant) THEN
-        RETURN;
-    END IF;
     PERFORM 1 FROM billing.accounts a
     WHERE a.tenant_id = tenant AND a.account = ANY (accounts)
     ORDER BY a.account COLLATE "C" FOR SHARE;

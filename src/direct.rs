@@ -568,7 +568,7 @@ impl Writer {
     pub fn update(&mut self, pkey: &'static CStr, id: i64, at: Option<RowAt>) -> Result<RowAt> {
         self.refuse_before_update_triggers()?;
         if let Some(at) = at {
-            if let Some(new) = self.update_if_current(at, |t| Ok(t.get::<i64>(c"id")? == id))? {
+            if let Some(new) = self.update_at(at, |t| Ok(t.get::<i64>(c"id")? == id))? {
                 return Ok(new);
             }
         }
@@ -598,6 +598,15 @@ impl Writer {
         is_row: impl FnOnce(&Tuple) -> Result<bool>,
     ) -> Result<Option<RowAt>> {
         self.refuse_before_update_triggers()?;
+        self.update_at(at, is_row)
+    }
+
+    /// `update_if_current`, its trigger check done by the caller.
+    fn update_at(
+        &mut self,
+        at: RowAt,
+        is_row: impl FnOnce(&Tuple) -> Result<bool>,
+    ) -> Result<Option<RowAt>> {
         // SAFETY: the relation is open; the slot is the relation's own and
         // holds the fetched version (pinned) until the update below.
         unsafe {

@@ -1407,15 +1407,6 @@ fn write_entries(tenant: &str, pools: &[&PoolLedger], carried: &CarriedEntries) 
     Ok(())
 }
 
-impl PoolLedger {
-    /// Grant `id`'s row was inserted at `at` with its current remaining, so
-    /// flushing leaves it.
-    pub fn grant_inserted(&mut self, id: i64, at: RowAt) {
-        self.pool.grant_row_written(id);
-        self.rows_at.grants.insert(id, at);
-    }
-}
-
 /// Where a flush left the rows it updated: grant id or pool id → place.
 #[derive(Default)]
 struct Moved {
@@ -1424,6 +1415,13 @@ struct Moved {
 }
 
 impl PoolLedger {
+    /// Grant `id`'s row was inserted at `at` with its current remaining, so
+    /// flushing leaves it.
+    pub fn grant_inserted(&mut self, id: i64, at: RowAt) {
+        self.pool.grant_row_written(id);
+        self.rows_at.grants.insert(id, at);
+    }
+
     /// Its rows were written as `moved` says: forget what was written,
     /// remember where the rows are now.
     fn written(&mut self, moved: &Moved) {
