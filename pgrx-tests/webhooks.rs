@@ -332,6 +332,52 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_failed_delivery_about_a_new_object_leaves_no_newest_event_behind() {
+        setup();
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        run(&format!(
+            "SELECT billing.define_webhook_endpoint('app', 'standard', '{secret}')"
+        ));
+        run("CREATE SCHEMA app");
+        run("CREATE TABLE app.subscriptions (id text PRIMARY KEY, status text)");
+        run("CREATE FUNCTION app.project(ev billing.webhook_events) RETURNS jsonb LANGUAGE plpgsql AS $$ \
+             BEGIN IF ev.payload #>> '{data,object,status}' = 'broken' THEN RAISE EXCEPTION 'cannot project'; END IF; \
+                   INSERT INTO app.subscriptions VALUES (ev.payload #>> '{data,object,id}', ev.payload #>> '{data,object,status}') \
+                   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status; RETURN '{}'; END $$");
+        run("SELECT billing.register_webhook_handler('subscription.updated', 'app.project(billing.webhook_events)')");
+        run("SELECT billing.register_webhook_handler('subscription.created', 'app.project(billing.webhook_events)')");
+        let now = now_unix();
+        let send = |id: &str, kind: &str, status: &str, created: i64| -> String {
+            let body = format!(
+                r#"{{"type":"subscription.{kind}","created":{created},"data":{{"object":{{"id":"sub_9","status":"{status}"}}}}}}"#
+            );
+            one(&format!(
+                "SELECT status FROM billing.receive_webhook('app', pg_temp.std_headers('{id}', {now}, '{body}', '{secret}'), '{body}')"
+            ))
+        };
+        // the first delivery about sub_9 makes its object row, then fails
+        assert_eq!(send("msg_2", "updated", "broken", 200), "failed");
+        assert_eq!(
+            one::<String>("SELECT newest_event_time::text || '|' || newest_event_id FROM billing.webhook_objects WHERE object_id = 'sub_9'"),
+            "-infinity|0",
+            "a failed event is not the object's newest"
+        );
+        // so an older event is not superseded by it
+        assert_eq!(send("msg_1", "created", "incomplete", 100), "applied");
+        assert_eq!(
+            one::<bool>(
+                "SELECT newest_event_time = to_timestamp(100) AND newest_event_id = \
+                         (SELECT id FROM billing.webhook_events WHERE provider_event_id = 'msg_1') \
+                         FROM billing.webhook_objects WHERE object_id = 'sub_9'"
+            ),
+            true
+        );
+        // and an applied first delivery is recorded as the newest at once
+        assert_eq!(send("msg_3", "created", "active", 300), "applied");
+        assert_eq!(send("msg_4", "created", "active", 250), "superseded");
+    }
+
+    #[pg_test]
     fn a_failing_handler_rolls_back_and_a_redelivery_can_succeed() {
         setup();
         run("CREATE SCHEMA app");

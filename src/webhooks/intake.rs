@@ -223,37 +223,80 @@ fn decide(ev: &mut EventRow) -> Result<()> {
     let object_key = object_id
         .clone()
         .unwrap_or_else(|| format!("event:{event_id}"));
-    let (newest, object_at) = lock_object(ep.id, &tenant, &object_key)?;
-    if let Some(applied) = applied_before(ep.id, &event_id)? {
+    let id: Option<i64> = ev.get(c"id")?;
+    let this_event = object_id.as_ref().and(event_time).map(|time| (time, id));
+    let object = lock_or_create(ep.id, &tenant, &object_key, this_event)?;
+    let about = About {
+        tenant: &tenant,
+        endpoint: &name,
+        event_id: &event_id,
+        event_type: event_type.as_deref(),
+        object_id: object_id.as_deref(),
+        object_key: &object_key,
+        event_time,
+    };
+    let applied = apply(ev, &ep, &about, object.newest)?;
+    if let (Some(object_id), Some(time)) = (&object_id, event_time) {
+        match (applied, object.recorded) {
+            (true, false) => record_newest(ep.id, object_id, object.at, Some((time, id)))?,
+            // the row this delivery made says nothing until an event is applied
+            (false, true) => record_newest(ep.id, object_id, object.at, None)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What a verified, parsed delivery is about.
+struct About<'a> {
+    tenant: &'a str,
+    /// The endpoint's name.
+    endpoint: &'a str,
+    event_id: &'a str,
+    event_type: Option<&'a str>,
+    object_id: Option<&'a str>,
+    /// The key of the object row it holds: its object, else `event:<id>`.
+    object_key: &'a str,
+    event_time: Option<Tstz>,
+}
+
+/// Apply a verified, parsed delivery whose object row this transaction
+/// holds (`newest`: the newest event time applied to the object before):
+/// true if applied, false if a duplicate, superseded or failed (its status
+/// and reason set on `ev`).
+fn apply(ev: &mut EventRow, ep: &EndpointRow, about: &About<'_>, newest: Tstz) -> Result<bool> {
+    if let Some(applied) = applied_before(ep.id, about.event_id)? {
         ev.set(c"status", "duplicate")?;
-        return ev.set(
+        ev.set(
             c"reason",
             format!("already received as webhook event {applied}"),
-        );
+        )?;
+        return Ok(false);
     }
-    if let (Some(object), Some(time)) = (&object_id, event_time) {
+    if let (Some(object), Some(time)) = (about.object_id, about.event_time) {
         if time < newest {
             ev.set(c"status", "superseded")?;
-            return ev.set(
+            ev.set(
                 c"reason",
                 format!(
                     "older than the newest event applied to {object} ({})",
                     timestamptz_text(newest)
                 ),
-            );
+            )?;
+            return Ok(false);
         }
     }
-    let handler = handler_for(&tenant, &name, event_type.as_deref(), &ep.scheme)?;
+    let handler = handler_for(about.tenant, about.endpoint, about.event_type, &ep.scheme)?;
     match handler {
         None => {
             ev.set(c"status", "applied")?;
-            let what = event_type.as_deref().unwrap_or("untyped events");
+            let what = about.event_type.unwrap_or("untyped events");
             ev.set(c"reason", format!("no handler for {what}"))?;
         }
         Some(handler) => {
             let event = ev.tuple()?;
-            let run = || db::catching(|| super::run_handler(handler, &tenant, event));
-            match holding(ep.id, &object_key, run)? {
+            let run = || db::catching(|| super::run_handler(handler, about.tenant, event));
+            match holding(ep.id, about.object_key, run)? {
                 Ok(result) => {
                     ev.set(c"result", result)?;
                     ev.set(c"status", "applied")?;
@@ -261,42 +304,46 @@ fn decide(ev: &mut EventRow) -> Result<()> {
                 Err(failure) => {
                     // the handler's side effects were rolled back; a redelivery may succeed
                     ev.set(c"status", "failed")?;
-                    return ev.set(c"error", failure);
+                    ev.set(c"error", failure)?;
+                    return Ok(false);
                 }
             }
         }
     }
-    if let (Some(object), Some(time)) = (&object_id, event_time) {
-        let id: Option<i64> = ev.get(c"id")?;
-        record_newest(ep.id, object, object_at, time, id)?;
-    }
-    Ok(())
+    Ok(true)
 }
 
-/// The object's row remembers the newest event applied to it, if newer
-/// than what it remembers. Updated where its lock found it, unless that
-/// version is not the current one any more (then by a statement).
+/// The object's row remembers the newest event applied to it (`newest`:
+/// its time and inbox id), if newer than what it remembers; None forgets
+/// what the row was made with, by the delivery that made it and was not
+/// applied. Updated where its lock found it, unless that version is not the
+/// current one any more (then by a statement).
 fn record_newest(
     endpoint: i64,
     object: &str,
     at: RowAt,
-    time: Tstz,
-    id: Option<i64>,
+    newest: Option<(Tstz, Option<i64>)>,
 ) -> Result<()> {
+    let (time, id) = newest.unwrap_or((Tstz::negative_infinity(), Some(0)));
     let mut w = Writer::open(c"webhook_objects")?;
     w.set(c"newest_event_time", time)?
         .set(c"newest_event_id", id)?;
     let updated = w.update_if_current(at, |t| {
         Ok(t.get::<i64>(c"endpoint_id")? == endpoint
             && t.get::<String>(c"object_id")? == object
-            && t.get::<Tstz>(c"newest_event_time")? <= time)
+            && (newest.is_none() || t.get::<Tstz>(c"newest_event_time")? <= time))
     })?;
     w.close();
     if updated.is_none() {
+        let statement = if newest.is_some() {
+            &NEWEST_APPLIED
+        } else {
+            &NONE_APPLIED
+        };
         Spi::connect_mut(|c| {
             db::write(
                 c,
-                &NEWEST_APPLIED,
+                statement,
                 &[endpoint.into(), object.into(), time.into(), id.into()],
             )
             .map(|_| ())
@@ -466,6 +513,12 @@ static NEWEST_APPLIED: Sql = Sql {
     args: &[INT8, TEXT, TSTZ, INT8],
 };
 
+static NONE_APPLIED: Sql = Sql {
+    text: "UPDATE billing.webhook_objects o SET newest_event_time = $3, newest_event_id = $4 \
+           WHERE o.endpoint_id = $1 AND o.object_id = $2",
+    args: &[INT8, TEXT, TSTZ, INT8],
+};
+
 /// Lock the row of `key` (an object id or `event:<id>`) of
 /// endpoint `endpoint_id` for this transaction, creating it if needed;
 /// returns the newest event time applied to it (`-infinity` if none).
@@ -484,6 +537,27 @@ fn lock_webhook_object(endpoint_id: Option<i64>, tenant: Option<&str>, key: Opti
 }
 
 pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<(Tstz, RowAt)> {
+    lock_or_create(endpoint_id, tenant, key, None).map(|o| (o.newest, o.at))
+}
+
+/// An object's row, locked by this transaction.
+struct ObjectLock {
+    /// The newest event time applied to the object before.
+    newest: Tstz,
+    at: RowAt,
+    /// Made by this call with the delivery's event as its newest.
+    recorded: bool,
+}
+
+/// `lock_object`, creating a missing row with `event` (the delivery's time
+/// and inbox id) as its newest already: the delivery that makes the row
+/// then writes it once, and puts it back if it is not applied.
+fn lock_or_create(
+    endpoint_id: i64,
+    tenant: &str,
+    key: &str,
+    event: Option<(Tstz, Option<i64>)>,
+) -> Result<ObjectLock> {
     let keys = [Key::Int8(endpoint_id), Key::Text(key)];
     loop {
         let mut objects =
@@ -492,25 +566,34 @@ pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<(Tstz, R
             Ok((t.get::<Tstz>(c"newest_event_time")?, t.at()))
         });
         objects.close();
-        if let Some(found) = newest?.into_iter().next() {
-            return Ok(found);
+        if let Some((newest, at)) = newest?.into_iter().next() {
+            return Ok(ObjectLock {
+                newest,
+                at,
+                recorded: false,
+            });
         }
         // not there: create it, unless another delivery creates it first
         // (then this one waits for it above)
+        let (time, id) = event.unwrap_or((Tstz::negative_infinity(), Some(0)));
         let mut made = None;
         let created = db::attempt_unless_key_taken(|| {
             let mut w = direct::Writer::open(c"webhook_objects")?;
             w.set(c"endpoint_id", endpoint_id)?
                 .set(c"object_id", key)?
                 .set(c"tenant_id", tenant)?
-                .set(c"newest_event_time", Tstz::negative_infinity())?
-                .set(c"newest_event_id", 0i64)?;
+                .set(c"newest_event_time", time)?
+                .set(c"newest_event_id", id)?;
             made = Some(w.insert()?);
             w.close();
             Ok(())
         })?;
         if let (true, Some(at)) = (created, made) {
-            return Ok((Tstz::negative_infinity(), at));
+            return Ok(ObjectLock {
+                newest: Tstz::negative_infinity(),
+                at,
+                recorded: event.is_some(),
+            });
         }
     }
 }
