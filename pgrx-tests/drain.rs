@@ -165,4 +165,97 @@ mod tests {
             "a replay returns the original charge, not a re-price"
         );
     }
+
+    /// (row's remaining, what the grant has left, whether its row is where it was at `ctid`).
+    fn grant_row(id: i64, ctid: &str) -> String {
+        one(&format!(
+            "SELECT concat_ws(',', g.remaining, billing.grant_remaining(g), g.ctid::text = '{ctid}') \
+             FROM billing.grants g WHERE g.id = {id}"
+        ))
+    }
+
+    fn ctid(id: i64) -> String {
+        one(&format!(
+            "SELECT ctid::text FROM billing.grants WHERE id = {id}"
+        ))
+    }
+
+    fn drawn(account: &str) -> String {
+        one(&format!(
+            "SELECT concat_ws(',', coalesce(drawn_grant, 0), drawn) FROM billing.pools \
+             WHERE account = '{account}' AND lane = 0"
+        ))
+    }
+
+    #[pg_test]
+    fn a_debit_of_one_grant_writes_its_pool_row_and_not_the_grant_s() {
+        let topup = grant("a", "mills", 100, ", kind => 'topup'");
+        let at = ctid(topup);
+        ingest("a", "mills", 10, "e1");
+        ingest("a", "mills", 10, "e2");
+        assert_eq!(
+            grant_row(topup, &at),
+            "100,80,t",
+            "the grant's row is not written"
+        );
+        assert_eq!(drawn("a"), format!("{topup},20"));
+        assert_eq!(remaining(topup), 80);
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT remaining FROM billing.grant_balances WHERE grant_id = {topup}"
+            )),
+            80
+        );
+        assert_eq!(available("a", "mills"), 80);
+        assert_ledger_consistent();
+
+        // a grant drained first arrives: the one drawn before is written back once
+        let plan = grant("a", "mills", 50, ", kind => 'plan'");
+        let plan_at = ctid(plan);
+        ingest("a", "mills", 5, "e3");
+        assert_eq!(grant_row(topup, &at), "80,80,f");
+        assert_eq!(grant_row(plan, &plan_at), "50,45,t");
+        assert_eq!(drawn("a"), format!("{plan},5"));
+        assert_ledger_consistent();
+
+        // a debit that empties it writes it, and draws from the next
+        ingest("a", "mills", 50, "e4");
+        assert_eq!(grant_row(plan, &plan_at), "0,0,f");
+        assert_eq!(drawn("a"), format!("{topup},5"));
+        assert_eq!(remaining(topup), 75);
+        assert_eq!(available("a", "mills"), 75);
+        assert_ledger_consistent();
+
+        // suspended while drawn from: still what it has left, and written back
+        // when another grant is drawn (its row is no longer read with the pool)
+        run(&format!("SELECT * FROM billing.suspend_grant({topup})"));
+        assert_eq!(remaining(topup), 75);
+        assert_eq!(available("a", "mills"), 0);
+        let promo = grant("a", "mills", 30, ", kind => 'promo'");
+        ingest("a", "mills", 10, "e5");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT concat_ws(',', remaining, status) FROM billing.grants WHERE id = {topup}"
+            )),
+            "75,suspended"
+        );
+        assert_eq!(drawn("a"), format!("{promo},10"));
+        run(&format!("SELECT * FROM billing.resume_grant({topup})"));
+        assert_eq!(available("a", "mills"), 95);
+        assert_ledger_consistent();
+
+        // voided while drawn from: it keeps nothing, and what was spent of it
+        // (10 + 10 + 5 + 5) becomes debt
+        ingest("a", "mills", 25, "e6");
+        assert_eq!(remaining(topup), 70);
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT concat_ws(',', removed, consumed, debt_created) FROM billing.void_grant({topup})"
+            )),
+            "70,30,30"
+        );
+        assert_eq!(remaining(topup), 0);
+        assert_eq!(available("a", "mills"), -30);
+        assert_ledger_consistent();
+    }
 }

@@ -130,7 +130,7 @@ mod tests {
         // Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining
         let lhs: i64 = one("SELECT sum(amount)::bigint FROM billing.grants");
         let out: i64 = one("SELECT (-sum(grant_amount) FILTER (WHERE kind <> 'grant'))::bigint FROM billing.ledger");
-        let rem: i64 = one("SELECT sum(remaining)::bigint FROM billing.grants");
+        let rem: i64 = one("SELECT sum(billing.grant_remaining(g))::bigint FROM billing.grants g");
         assert_eq!(lhs - out, rem);
         assert_ledger_consistent();
     }

@@ -56,6 +56,7 @@ mod tests {
         "billing.grant_state(~'active', ~1, ~now(), ~NULL, ~now())",
         "billing.verify_ledger()",
         "billing.grant_entry_totals(~'{1}'::bigint[])",
+        "billing.grant_remaining(~NULL::billing.grants)",
         "billing.set_topup_fee(?'usd', ?'domestic', ?2.9, ?30)",
         "billing.set_topup_limits(?'usd', ?500, ?100000, ?1)",
         "billing.quote(?1000, ?'usd', ?'domestic', ?false)",

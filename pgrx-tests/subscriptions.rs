@@ -431,7 +431,7 @@ mod tests {
         let s = subscription("sub_1", "org_1", "active", "price_basic_y", 1, start, end);
         sync(&s);
         let open = || -> i64 {
-            one("SELECT coalesce(sum(remaining), 0)::bigint FROM billing.grants WHERE status = 'active'")
+            one("SELECT coalesce(sum(billing.grant_remaining(g)), 0)::bigint FROM billing.grants g WHERE status = 'active'")
         };
         assert_eq!(open(), 12_000);
         let cancel_at = with(s.clone(), json!({"cancel_at": start + 100 * DAY}));

@@ -46,7 +46,7 @@ pub fn footprint() -> String {
         "SELECT concat_ws('|', \
             (SELECT count(*) FROM billing.accounts), (SELECT count(*) FROM billing.units), \
             (SELECT count(*) FROM billing.pools), (SELECT coalesce(sum(version), 0) FROM billing.pools), \
-            (SELECT count(*) FROM billing.grants), (SELECT coalesce(sum(remaining), 0) FROM billing.grants), \
+            (SELECT count(*) FROM billing.grants), (SELECT coalesce(sum(billing.grant_remaining(g)), 0) FROM billing.grants g), \
             (SELECT count(*) FROM billing.usage_events), (SELECT count(*) FROM billing.holds), \
             (SELECT count(*) FROM billing.ledger))",
     )
@@ -66,7 +66,7 @@ pub fn grant(account: &str, unit: &str, amount: i64, extra: &str) -> i64 {
 
 pub fn remaining(grant_id: i64) -> i64 {
     one(&format!(
-        "SELECT remaining FROM billing.grants WHERE id = {grant_id}"
+        "SELECT billing.grant_remaining(g) FROM billing.grants g WHERE g.id = {grant_id}"
     ))
 }
 

@@ -177,7 +177,7 @@ mod tests {
             "23514",
         );
         let in_lanes: i64 = one(&format!(
-            "SELECT coalesce(sum(remaining), 0)::bigint FROM billing.grants WHERE parent_id = {plan}"
+            "SELECT coalesce(sum(billing.grant_remaining(g)), 0)::bigint FROM billing.grants g WHERE parent_id = {plan}"
         ));
         assert_eq!(in_lanes, 0, "no lane keeps a share of suspended credit");
         assert_eq!(resume(plan), "active,990,990");

@@ -175,27 +175,6 @@ CREATE TABLE billing.pools (
     lanes          smallint    NOT NULL DEFAULT 0,
     floor            bigint      NOT NULL DEFAULT 0,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    -- what a debit changes, side by side: the log of an update on the same
-    -- page keeps only the bytes between the unchanged prefix and suffix
-    version          bigint      NOT NULL DEFAULT 0,
-    remaining        bigint      NOT NULL DEFAULT 0,
-    active_remaining bigint      NOT NULL DEFAULT 0,
-    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    debt             bigint      NOT NULL DEFAULT 0,
-    held             bigint      NOT NULL DEFAULT 0,
-    active_held      bigint      NOT NULL DEFAULT 0,
-    cache_until      timestamptz NOT NULL DEFAULT 'infinity',
-    -- The hourly usage counter of one (meter, hour, groups) key (see
-    -- counter_meter below), kept on the pool row that every event of the
-    -- pool updates anyway instead of in a row of usage_counters of its own;
-    -- written back to usage_counters when another hour's counter takes its
-    -- place. billing.hourly_usage reads both.
-    counter_events   bigint,
-    counter_quantity numeric,
-    counter_cost     bigint,
-    counter_last_at  timestamptz,
-    counter_revised_at timestamptz,
     -- the start of the first allowance window not granted yet (infinity:
     -- none); on lane 0 (src/allowances.rs)
     allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
@@ -211,10 +190,38 @@ CREATE TABLE billing.pools (
     -- passed (NULL: no alert waits on that side)
     alert_below      bigint,
     alert_above      bigint,
-    -- the key of the counter above (NULL: none)
+    -- The hourly usage counter of one (meter, hour, groups) key, kept on
+    -- the pool row that every event of the pool updates anyway instead of in
+    -- a row of usage_counters of its own; written back to usage_counters
+    -- when another hour's counter takes its place. billing.hourly_usage
+    -- reads both. Its key (NULL: none), and the instant a late event last
+    -- revised it; its figures are below.
     counter_meter    text,
     counter_hour     timestamptz,
     counter_groups   text,
+    counter_revised_at timestamptz,
+    debt             bigint      NOT NULL DEFAULT 0,
+    held             bigint      NOT NULL DEFAULT 0,
+    active_held      bigint      NOT NULL DEFAULT 0,
+    cache_until      timestamptz NOT NULL DEFAULT 'infinity',
+    -- The grant being drained, whose row does not count the last `drawn`
+    -- taken from it: a debit of one grant writes its pool row and not the
+    -- grant's. Its remaining is billing.grant_remaining(g); a change of any
+    -- other grant, or of this one by anything but a debit, writes it back.
+    drawn_grant      bigint,
+    -- What every debit changes, side by side at the end: the log of an
+    -- update on the same page keeps only the bytes between the unchanged
+    -- prefix and suffix.
+    version          bigint      NOT NULL DEFAULT 0,
+    remaining        bigint      NOT NULL DEFAULT 0,
+    active_remaining bigint      NOT NULL DEFAULT 0,
+    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    counter_events   bigint,
+    counter_quantity numeric,
+    counter_cost     bigint,
+    counter_last_at  timestamptz,
+    drawn            bigint      NOT NULL DEFAULT 0,
     UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
@@ -248,6 +255,14 @@ ALTER TABLE billing.grants
     SET (fillfactor = 70);
 CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX grants_by_pool ON billing.grants (pool_id);
+
+-- What grant `g` has left: its row's remaining, less what its pool's row
+-- has drawn from it since (pools.drawn_grant). Every reader of a grant's
+-- remaining outside the ledger's own lock reads it here.
+CREATE FUNCTION billing.grant_remaining(g billing.grants) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT g.remaining - coalesce((SELECT p.drawn FROM billing.pools p
+                                      WHERE p.id = g.pool_id AND p.drawn_grant = g.id), 0) $$;
 
 -- usage_events: the price version instead of the unit price (unit_price is
 -- dropped once the versions are written, below), booking time, and the
@@ -1763,8 +1778,9 @@ SELECT g.id AS grant_id, g.account, g.unit, g.kind, g.priority, g.amount, r.rema
        billing.grant_state(g.status, r.remaining, g.effective_at, g.expires_at, now()) AS state,
        g.key, g.metadata, g.created_at
 FROM billing.grants g
-CROSS JOIN LATERAL (SELECT g.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
-                                                   WHERE c.parent_id = g.id), 0)::bigint AS remaining) r
+CROSS JOIN LATERAL (SELECT billing.grant_remaining(g)
+                           + coalesce((SELECT sum(billing.grant_remaining(c)) FROM billing.grants c
+                                       WHERE c.parent_id = g.id), 0)::bigint AS remaining) r
 WHERE g.parent_id IS NULL;
 
 -- Every ledger entry, with the grant, hold or event it concerns: the rows of
@@ -1826,7 +1842,7 @@ AS $$
     UNION ALL
     SELECT g.id, 'debit', c.carried, 0
     FROM billing.grants g
-    CROSS JOIN LATERAL (SELECT g.remaining - coalesce(sum(e.grant_amount), 0)::bigint AS carried
+    CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) - coalesce(sum(e.grant_amount), 0)::bigint AS carried
                         FROM billing.ledger_entries e WHERE e.grant_id = g.id) c
     WHERE g.id = ANY (grant_ids) AND c.carried <> 0
 $$;
@@ -1906,10 +1922,11 @@ WHERE c.version <> c.n OR c.balance_before <> c.prev_after
    OR c.debt_after <> c.expect_debt OR c.held_after <> c.expect_held
 UNION ALL
 SELECT g.pool_id, g.account, g.unit,
-       format('grant %s: remaining %s but its entries sum to %s', g.id, g.remaining, coalesce(s.total, 0))
+       format('grant %s: remaining %s but its entries sum to %s', g.id, r.remaining, coalesce(s.total, 0))
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) AS remaining) r
 LEFT JOIN grant_sums s ON s.grant_id = g.id
-WHERE g.remaining <> coalesce(s.total, 0)
+WHERE r.remaining <> coalesce(s.total, 0)
 UNION ALL
 SELECT h.pool_id, h.account, h.unit,
        format('hold %s (%s): its entries hold %s', h.id, h.status, coalesce(s.total, 0))
@@ -1935,7 +1952,7 @@ SELECT p.id, p.account, p.unit,
 FROM tenant_pools p
 LEFT JOIN LATERAL (SELECT e.version, e.debt_after, e.held_after, e.balance_after FROM billing.ledger e
                    WHERE e.pool_id = p.id ORDER BY e.version DESC LIMIT 1) l ON true
-LEFT JOIN LATERAL (SELECT sum(g.remaining) AS total FROM billing.grants g WHERE g.pool_id = p.id) gr ON true
+LEFT JOIN LATERAL (SELECT sum(billing.grant_remaining(g)) AS total FROM billing.grants g WHERE g.pool_id = p.id) gr ON true
 WHERE p.version <> coalesce(l.version, 0) OR p.remaining <> coalesce(gr.total, 0)
    OR p.debt <> coalesce(l.debt_after, 0) OR p.held <> coalesce(l.held_after, 0)
    OR coalesce(l.balance_after, 0) <> p.remaining - p.debt
@@ -1963,12 +1980,13 @@ WHERE coalesce(c.charged, 0) <> coalesce(r.charged, 0)
 UNION ALL
 SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) AS remaining) gr
 CROSS JOIN LATERAL (VALUES
     (g.amount <= 0, 'amount is not positive'),
-    (g.remaining < 0 OR g.remaining > g.amount, 'remaining is outside 0..amount'),
+    (gr.remaining < 0 OR gr.remaining > g.amount, 'remaining is outside 0..amount'),
     (g.expires_at <= g.effective_at, 'expires_at does not follow effective_at'),
     (g.status NOT IN ('active', 'suspended', 'voided', 'revoked'), 'unknown status ' || g.status),
-    (g.status IN ('voided', 'revoked') AND g.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
+    (g.status IN ('voided', 'revoked') AND gr.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
 WHERE r.broken
 UNION ALL
 SELECT u.pool_id, u.account, u.unit, format('usage event %s: %s', u.id, r.rule)
@@ -2002,6 +2020,12 @@ UNION ALL
 SELECT p.id, p.account, p.unit, 'pool: a negative booked total'
 FROM tenant_pools p WHERE p.remaining < 0 OR p.debt < 0 OR p.held < 0
 UNION ALL
+SELECT p.id, p.account, p.unit, format('pool: draws %s from grant %s, which is not its own or has less', p.drawn, p.drawn_grant)
+FROM tenant_pools p
+WHERE p.drawn < 0 OR (p.drawn > 0 AND NOT EXISTS (SELECT 1 FROM billing.grants g
+                                                  WHERE g.id = p.drawn_grant AND g.pool_id = p.id
+                                                    AND g.remaining >= p.drawn))
+UNION ALL
 SELECT p.id, p.account, p.unit, format('lane %s: %s', p.lane, r.rule)
 FROM tenant_pools p
 CROSS JOIN LATERAL (VALUES
@@ -2019,12 +2043,12 @@ CROSS JOIN LATERAL (VALUES
      'not on a lane of the grant''s pool'),
     (g.kind <> c.kind OR g.priority <> c.priority OR g.effective_at <> c.effective_at
         OR g.expires_at IS DISTINCT FROM c.expires_at, 'differs from the grant in kind, priority or window'),
-    (g.status <> 'active' AND c.remaining <> 0, 'keeps credit of a grant that is not spendable (closed or suspended)')) r(broken, rule)
+    (g.status <> 'active' AND billing.grant_remaining(c) <> 0, 'keeps credit of a grant that is not spendable (closed or suspended)')) r(broken, rule)
 WHERE c.parent_id IS NOT NULL AND r.broken IS NOT FALSE
 UNION ALL
 SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
-CROSS JOIN LATERAL (SELECT coalesce(sum(c.remaining), 0) AS remaining, count(*) AS n
+CROSS JOIN LATERAL (SELECT coalesce(sum(billing.grant_remaining(c)), 0) AS remaining, count(*) AS n
                     FROM billing.grants c WHERE c.parent_id = g.id) shares
 CROSS JOIN LATERAL (SELECT coalesce(sum(e.grant_amount), 0) AS net
                     FROM billing.ledger_entries e
@@ -2032,7 +2056,7 @@ CROSS JOIN LATERAL (SELECT coalesce(sum(e.grant_amount), 0) AS net
                       AND (e.grant_id = g.id OR e.grant_id IN (SELECT c.id FROM billing.grants c
                                                                WHERE c.parent_id = g.id))) t
 CROSS JOIN LATERAL (VALUES
-    (g.remaining + shares.remaining > g.amount, 'it and its lanes'' shares hold more than its amount'),
+    (billing.grant_remaining(g) + shares.remaining > g.amount, 'it and its lanes'' shares hold more than its amount'),
     (t.net <> 0, 'transfers to and from its lanes'' shares do not net to zero')) r(broken, rule)
 WHERE g.parent_id IS NULL AND shares.n > 0 AND r.broken
 UNION ALL
@@ -3914,8 +3938,9 @@ LEFT JOIN LATERAL (
     SELECT sum(r.remaining) FILTER (WHERE gr.status = 'active')::bigint AS remaining,
            sum(r.remaining) FILTER (WHERE gr.status = 'suspended')::bigint AS suspended
     FROM unnest(sa.grant_ids) AS gid(id) JOIN billing.grants gr ON gr.id = gid.id
-    CROSS JOIN LATERAL (SELECT gr.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
-                                                        WHERE c.parent_id = gr.id), 0) AS remaining) r) g ON true
+    CROSS JOIN LATERAL (SELECT billing.grant_remaining(gr)
+                               + coalesce((SELECT sum(billing.grant_remaining(c)) FROM billing.grants c
+                                           WHERE c.parent_id = gr.id), 0) AS remaining) r) g ON true
 LEFT JOIN LATERAL (
     SELECT -sum(e.grant_amount)::bigint AS used
     FROM billing.grant_entry_totals(ARRAY(SELECT gid.id FROM unnest(sa.grant_ids) AS gid(id)
@@ -6450,6 +6475,7 @@ GRANT EXECUTE ON FUNCTION
     billing.price_total(jsonb, numeric),
     billing.verify_ledger(),
     billing.grant_entry_totals(bigint[]),
+    billing.grant_remaining(billing.grants),
     billing.quote(bigint, text, text, boolean),
     billing.checkout_status(bigint),
     billing.reconcile_usage(text[], timestamptz, timestamptz, text, text),

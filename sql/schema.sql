@@ -144,27 +144,6 @@ CREATE TABLE billing.pools (
     lanes          smallint    NOT NULL DEFAULT 0,
     floor            bigint      NOT NULL DEFAULT 0,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    -- what a debit changes, side by side: the log of an update on the same
-    -- page keeps only the bytes between the unchanged prefix and suffix
-    version          bigint      NOT NULL DEFAULT 0,
-    remaining        bigint      NOT NULL DEFAULT 0,
-    active_remaining bigint      NOT NULL DEFAULT 0,
-    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    debt             bigint      NOT NULL DEFAULT 0,
-    held             bigint      NOT NULL DEFAULT 0,
-    active_held      bigint      NOT NULL DEFAULT 0,
-    cache_until      timestamptz NOT NULL DEFAULT 'infinity',
-    -- The hourly usage counter of one (meter, hour, groups) key (see
-    -- counter_meter below), kept on the pool row that every event of the
-    -- pool updates anyway instead of in a row of usage_counters of its own;
-    -- written back to usage_counters when another hour's counter takes its
-    -- place. billing.hourly_usage reads both.
-    counter_events   bigint,
-    counter_quantity numeric,
-    counter_cost     bigint,
-    counter_last_at  timestamptz,
-    counter_revised_at timestamptz,
     -- the start of the first allowance window not granted yet (infinity:
     -- none); on lane 0 (src/allowances.rs)
     allowance_next   timestamptz NOT NULL DEFAULT 'infinity',
@@ -180,10 +159,38 @@ CREATE TABLE billing.pools (
     -- passed (NULL: no alert waits on that side)
     alert_below      bigint,
     alert_above      bigint,
-    -- the key of the counter above (NULL: none)
+    -- The hourly usage counter of one (meter, hour, groups) key, kept on
+    -- the pool row that every event of the pool updates anyway instead of in
+    -- a row of usage_counters of its own; written back to usage_counters
+    -- when another hour's counter takes its place. billing.hourly_usage
+    -- reads both. Its key (NULL: none), and the instant a late event last
+    -- revised it; its figures are below.
     counter_meter    text,
     counter_hour     timestamptz,
     counter_groups   text,
+    counter_revised_at timestamptz,
+    debt             bigint      NOT NULL DEFAULT 0,
+    held             bigint      NOT NULL DEFAULT 0,
+    active_held      bigint      NOT NULL DEFAULT 0,
+    cache_until      timestamptz NOT NULL DEFAULT 'infinity',
+    -- The grant being drained, whose row does not count the last `drawn`
+    -- taken from it: a debit of one grant writes its pool row and not the
+    -- grant's. Its remaining is billing.grant_remaining(g); a change of any
+    -- other grant, or of this one by anything but a debit, writes it back.
+    drawn_grant      bigint,
+    -- What every debit changes, side by side at the end: the log of an
+    -- update on the same page keeps only the bytes between the unchanged
+    -- prefix and suffix.
+    version          bigint      NOT NULL DEFAULT 0,
+    remaining        bigint      NOT NULL DEFAULT 0,
+    active_remaining bigint      NOT NULL DEFAULT 0,
+    cache_from       timestamptz NOT NULL DEFAULT '-infinity',
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    counter_events   bigint,
+    counter_quantity numeric,
+    counter_cost     bigint,
+    counter_last_at  timestamptz,
+    drawn            bigint      NOT NULL DEFAULT 0,
     UNIQUE (tenant_id, account, unit, lane),
     FOREIGN KEY (tenant_id, account) REFERENCES billing.accounts (tenant_id, account),
     FOREIGN KEY (tenant_id, unit) REFERENCES billing.units (tenant_id, unit)
@@ -235,6 +242,14 @@ CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
 -- every tenant.) A debit changes no indexed column, so it stays a HOT update.
 CREATE INDEX grants_by_pool ON billing.grants (pool_id);
 CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
+
+-- What grant `g` has left: its row's remaining, less what its pool's row
+-- has drawn from it since (pools.drawn_grant). Every reader of a grant's
+-- remaining outside the ledger's own lock reads it here.
+CREATE FUNCTION billing.grant_remaining(g billing.grants) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT g.remaining - coalesce((SELECT p.drawn FROM billing.pools p
+                                      WHERE p.id = g.pool_id AND p.drawn_grant = g.id), 0) $$;
 
 -- Keyed by (tenant_id, key); the id is unique (taken from its sequence by
 -- the one writer) but not indexed: nothing looks an event up by id on a path

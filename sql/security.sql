@@ -165,6 +165,7 @@ GRANT EXECUTE ON FUNCTION
     billing.price_total(jsonb, numeric),
     billing.verify_ledger(),
     billing.grant_entry_totals(bigint[]),
+    billing.grant_remaining(billing.grants),
     billing.quote(bigint, text, text, boolean),
     billing.checkout_status(bigint),
     billing.reconcile_usage(text[], timestamptz, timestamptz, text, text),

@@ -1459,8 +1459,9 @@ LEFT JOIN LATERAL (
     SELECT sum(r.remaining) FILTER (WHERE gr.status = 'active')::bigint AS remaining,
            sum(r.remaining) FILTER (WHERE gr.status = 'suspended')::bigint AS suspended
     FROM unnest(sa.grant_ids) AS gid(id) JOIN billing.grants gr ON gr.id = gid.id
-    CROSS JOIN LATERAL (SELECT gr.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
-                                                        WHERE c.parent_id = gr.id), 0) AS remaining) r) g ON true
+    CROSS JOIN LATERAL (SELECT billing.grant_remaining(gr)
+                               + coalesce((SELECT sum(billing.grant_remaining(c)) FROM billing.grants c
+                                           WHERE c.parent_id = gr.id), 0) AS remaining) r) g ON true
 LEFT JOIN LATERAL (
     SELECT -sum(e.grant_amount)::bigint AS used
     FROM billing.grant_entry_totals(ARRAY(SELECT gid.id FROM unnest(sa.grant_ids) AS gid(id)

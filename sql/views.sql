@@ -9,8 +9,9 @@ SELECT g.id AS grant_id, g.account, g.unit, g.kind, g.priority, g.amount, r.rema
        billing.grant_state(g.status, r.remaining, g.effective_at, g.expires_at, now()) AS state,
        g.key, g.metadata, g.created_at
 FROM billing.grants g
-CROSS JOIN LATERAL (SELECT g.remaining + coalesce((SELECT sum(c.remaining) FROM billing.grants c
-                                                   WHERE c.parent_id = g.id), 0)::bigint AS remaining) r
+CROSS JOIN LATERAL (SELECT billing.grant_remaining(g)
+                           + coalesce((SELECT sum(billing.grant_remaining(c)) FROM billing.grants c
+                                       WHERE c.parent_id = g.id), 0)::bigint AS remaining) r
 WHERE g.parent_id IS NULL;
 
 -- Every ledger entry, with the grant, hold or event it concerns: the rows of
@@ -72,7 +73,7 @@ AS $$
     UNION ALL
     SELECT g.id, 'debit', c.carried, 0
     FROM billing.grants g
-    CROSS JOIN LATERAL (SELECT g.remaining - coalesce(sum(e.grant_amount), 0)::bigint AS carried
+    CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) - coalesce(sum(e.grant_amount), 0)::bigint AS carried
                         FROM billing.ledger_entries e WHERE e.grant_id = g.id) c
     WHERE g.id = ANY (grant_ids) AND c.carried <> 0
 $$;
@@ -152,10 +153,11 @@ WHERE c.version <> c.n OR c.balance_before <> c.prev_after
    OR c.debt_after <> c.expect_debt OR c.held_after <> c.expect_held
 UNION ALL
 SELECT g.pool_id, g.account, g.unit,
-       format('grant %s: remaining %s but its entries sum to %s', g.id, g.remaining, coalesce(s.total, 0))
+       format('grant %s: remaining %s but its entries sum to %s', g.id, r.remaining, coalesce(s.total, 0))
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) AS remaining) r
 LEFT JOIN grant_sums s ON s.grant_id = g.id
-WHERE g.remaining <> coalesce(s.total, 0)
+WHERE r.remaining <> coalesce(s.total, 0)
 UNION ALL
 SELECT h.pool_id, h.account, h.unit,
        format('hold %s (%s): its entries hold %s', h.id, h.status, coalesce(s.total, 0))
@@ -181,7 +183,7 @@ SELECT p.id, p.account, p.unit,
 FROM tenant_pools p
 LEFT JOIN LATERAL (SELECT e.version, e.debt_after, e.held_after, e.balance_after FROM billing.ledger e
                    WHERE e.pool_id = p.id ORDER BY e.version DESC LIMIT 1) l ON true
-LEFT JOIN LATERAL (SELECT sum(g.remaining) AS total FROM billing.grants g WHERE g.pool_id = p.id) gr ON true
+LEFT JOIN LATERAL (SELECT sum(billing.grant_remaining(g)) AS total FROM billing.grants g WHERE g.pool_id = p.id) gr ON true
 WHERE p.version <> coalesce(l.version, 0) OR p.remaining <> coalesce(gr.total, 0)
    OR p.debt <> coalesce(l.debt_after, 0) OR p.held <> coalesce(l.held_after, 0)
    OR coalesce(l.balance_after, 0) <> p.remaining - p.debt
@@ -209,12 +211,13 @@ WHERE coalesce(c.charged, 0) <> coalesce(r.charged, 0)
 UNION ALL
 SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) AS remaining) gr
 CROSS JOIN LATERAL (VALUES
     (g.amount <= 0, 'amount is not positive'),
-    (g.remaining < 0 OR g.remaining > g.amount, 'remaining is outside 0..amount'),
+    (gr.remaining < 0 OR gr.remaining > g.amount, 'remaining is outside 0..amount'),
     (g.expires_at <= g.effective_at, 'expires_at does not follow effective_at'),
     (g.status NOT IN ('active', 'suspended', 'voided', 'revoked'), 'unknown status ' || g.status),
-    (g.status IN ('voided', 'revoked') AND g.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
+    (g.status IN ('voided', 'revoked') AND gr.remaining <> 0, 'closed but keeps credit')) r(broken, rule)
 WHERE r.broken
 UNION ALL
 SELECT u.pool_id, u.account, u.unit, format('usage event %s: %s', u.id, r.rule)
@@ -248,6 +251,12 @@ UNION ALL
 SELECT p.id, p.account, p.unit, 'pool: a negative booked total'
 FROM tenant_pools p WHERE p.remaining < 0 OR p.debt < 0 OR p.held < 0
 UNION ALL
+SELECT p.id, p.account, p.unit, format('pool: draws %s from grant %s, which is not its own or has less', p.drawn, p.drawn_grant)
+FROM tenant_pools p
+WHERE p.drawn < 0 OR (p.drawn > 0 AND NOT EXISTS (SELECT 1 FROM billing.grants g
+                                                  WHERE g.id = p.drawn_grant AND g.pool_id = p.id
+                                                    AND g.remaining >= p.drawn))
+UNION ALL
 SELECT p.id, p.account, p.unit, format('lane %s: %s', p.lane, r.rule)
 FROM tenant_pools p
 CROSS JOIN LATERAL (VALUES
@@ -265,12 +274,12 @@ CROSS JOIN LATERAL (VALUES
      'not on a lane of the grant''s pool'),
     (g.kind <> c.kind OR g.priority <> c.priority OR g.effective_at <> c.effective_at
         OR g.expires_at IS DISTINCT FROM c.expires_at, 'differs from the grant in kind, priority or window'),
-    (g.status <> 'active' AND c.remaining <> 0, 'keeps credit of a grant that is not spendable (closed or suspended)')) r(broken, rule)
+    (g.status <> 'active' AND billing.grant_remaining(c) <> 0, 'keeps credit of a grant that is not spendable (closed or suspended)')) r(broken, rule)
 WHERE c.parent_id IS NOT NULL AND r.broken IS NOT FALSE
 UNION ALL
 SELECT g.pool_id, g.account, g.unit, format('grant %s: %s', g.id, r.rule)
 FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
-CROSS JOIN LATERAL (SELECT coalesce(sum(c.remaining), 0) AS remaining, count(*) AS n
+CROSS JOIN LATERAL (SELECT coalesce(sum(billing.grant_remaining(c)), 0) AS remaining, count(*) AS n
                     FROM billing.grants c WHERE c.parent_id = g.id) shares
 CROSS JOIN LATERAL (SELECT coalesce(sum(e.grant_amount), 0) AS net
                     FROM billing.ledger_entries e
@@ -278,7 +287,7 @@ CROSS JOIN LATERAL (SELECT coalesce(sum(e.grant_amount), 0) AS net
                       AND (e.grant_id = g.id OR e.grant_id IN (SELECT c.id FROM billing.grants c
                                                                WHERE c.parent_id = g.id))) t
 CROSS JOIN LATERAL (VALUES
-    (g.remaining + shares.remaining > g.amount, 'it and its lanes'' shares hold more than its amount'),
+    (billing.grant_remaining(g) + shares.remaining > g.amount, 'it and its lanes'' shares hold more than its amount'),
     (t.net <> 0, 'transfers to and from its lanes'' shares do not net to zero')) r(broken, rule)
 WHERE g.parent_id IS NULL AND shares.n > 0 AND r.broken
 UNION ALL

@@ -689,7 +689,7 @@ static FIND_GRANT: Sql = Sql {
 /// once the ledger's catch-up is written, so they are the committed, current
 /// ones; what they mean for a reversal is computed by `ledger::core::grant_facts`.
 static GRANT_ROW: Sql = Sql {
-    text: "SELECT status, amount, remaining FROM billing.grants WHERE id = $1",
+    text: "SELECT g.status, g.amount, billing.grant_remaining(g) AS remaining FROM billing.grants g WHERE g.id = $1",
     args: &[INT8],
 };
 

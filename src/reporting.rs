@@ -101,7 +101,7 @@ fn balance(
 static POOLS_DUE: Sql = Sql {
     text: "SELECT DISTINCT p.tenant_id, p.account, p.unit FROM billing.pools p \
            WHERE EXISTS (SELECT 1 FROM billing.grants g WHERE g.pool_id = p.id AND g.status = 'active' \
-                         AND g.remaining > 0 AND g.expires_at <= now()) \
+                         AND billing.grant_remaining(g) > 0 AND g.expires_at <= now()) \
               OR EXISTS (SELECT 1 FROM billing.holds h WHERE h.pool_id = p.id AND h.status = 'open' \
                          AND h.expires_at <= now()) \
            ORDER BY p.tenant_id, p.account, p.unit LIMIT $1",

@@ -502,6 +502,14 @@ impl Pool {
         self.grants.iter().any(|g| g.id == grant_id)
     }
 
+    /// Whether grant `id` is loaded again the next time the pool is locked:
+    /// it holds credit and is not suspended.
+    pub fn keeps_grant(&self, grant_id: i64) -> bool {
+        self.grants
+            .iter()
+            .any(|g| g.id == grant_id && g.follows_clock())
+    }
+
     /// The instant until which the spendable figures stay exact: the next
     /// time a grant becomes effective or expires, or a hold expires.
     pub fn cache_until(&self) -> Ts {

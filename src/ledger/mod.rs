@@ -11,6 +11,7 @@
 //! read by column name.
 
 pub mod core;
+mod drawn;
 pub mod pool_rows;
 
 /// UNIQUE (tenant_id, account, unit, lane) of billing.pools.
@@ -35,6 +36,7 @@ use crate::time::{self, instant, Ts};
 pub use self::core::{cache_valid, Figures};
 use self::core::{Booked, Entry, Holds, OpenHold, Pool};
 pub use self::core::{Drain, EntryKind, GrantState};
+pub use self::drawn::Drawn;
 
 impl From<self::core::Overflow> for BillingError {
     fn from(o: self::core::Overflow) -> Self {
@@ -89,6 +91,10 @@ pub struct PoolLedger {
     /// Where its row's current version and its loaded grants' rows are, so
     /// their updates need not search the primary key again.
     rows_at: RowsAt,
+    /// What its row has drawn from the grant being drained (`drawn`), and
+    /// what the rows of the grants read hold.
+    drawn: Drawn,
+    stored: FxHashMap<i64, i64>,
 }
 
 /// Where a pool row and its grants' rows were last seen in this call.
@@ -117,13 +123,14 @@ macro_rules! locked_pool_columns {
         "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
          p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, p.limited, \
          p.reload_below, p.alert_below, p.alert_above, p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
-         p.counter_last_at, p.counter_cost, p.counter_revised_at, \
+         p.counter_last_at, p.counter_cost, p.counter_revised_at, p.drawn_grant, p.drawn, \
          s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
     };
 }
 
-/// Pool `p`'s grants that hold credit, as arrays, and the version of `p`
-/// in the statement's snapshot: a lane locked by LOCK_SHARE or
+/// Pool `p`'s grants that hold credit, as arrays (what their rows hold: the
+/// pool row's `drawn` is taken off by `PoolGrants::drawn_down`), and the
+/// version of `p` in the statement's snapshot: a lane locked by LOCK_SHARE or
 /// WAIT_FOR_SHARE whose version differs (another transaction changed it and
 /// committed while this one waited) has its grants read again after the lock.
 macro_rules! grants_of_p {
@@ -321,6 +328,7 @@ struct Locked {
     alerts: AlertBounds,
     counter: Option<KeptCounter>,
     at: Option<RowAt>,
+    drawn: Drawn,
 }
 
 /// The columns of a pool row that say where it stands, as stored.
@@ -349,6 +357,8 @@ pub struct PoolRow {
     pub counter: Option<KeptCounter>,
     /// Where this version of the row is (None when a statement read it).
     pub at: Option<RowAt>,
+    /// What it has drawn from its grant being drained.
+    pub drawn: Drawn,
 }
 
 impl PoolRow {
@@ -376,6 +386,10 @@ impl PoolRow {
             },
             counter: KeptCounter::from_row(row)?,
             at: None,
+            drawn: Drawn {
+                grant: row.opt("drawn_grant")?,
+                amount: row.get("drawn")?,
+            },
         })
     }
 }
@@ -413,6 +427,7 @@ impl Locked {
             alerts: r.alerts,
             counter: r.counter.clone(),
             at: r.at,
+            drawn: r.drawn,
         }
     }
 
@@ -450,8 +465,9 @@ impl Locked {
                 "grant arrays differ in length".into(),
             ));
         }
-        self.grants = Some(PoolGrants {
+        let grants = PoolGrants {
             at: FxHashMap::default(),
+            stored: FxHashMap::default(),
             grants: (0..n)
                 .map(|i| {
                     GrantState::new(
@@ -464,7 +480,8 @@ impl Locked {
                 })
                 .collect(),
             parents: share_parents(&ids, &parents),
-        });
+        };
+        self.grants = Some(grants.drawn_down(self.drawn));
         Ok(self)
     }
 }
@@ -662,6 +679,8 @@ impl PoolLedger {
                 pool: l.at,
                 grants: grants.at,
             },
+            drawn: l.drawn,
+            stored: grants.stored,
         }
     }
 
@@ -699,7 +718,7 @@ impl PoolLedger {
             pools.close();
             Ok(())
         })?;
-        let ids: Vec<i64> = found.values().map(|l| l.id).collect();
+        let ids: Vec<(i64, Drawn)> = found.values().map(|l| (l.id, l.drawn)).collect();
         let mut grants = load_grants(&ids, Snapshot::New)?;
         for l in found.values_mut() {
             l.grants = Some(grants.remove(&l.id).unwrap_or_default());
@@ -813,7 +832,7 @@ impl PoolLedger {
         };
         let grants = match locked.grants.take() {
             Some(g) => g,
-            None => load_grants(&[locked.id], Snapshot::New)?
+            None => load_grants(&[(locked.id, locked.drawn)], Snapshot::New)?
                 .remove(&locked.id)
                 .unwrap_or_default(),
         };
@@ -838,8 +857,10 @@ impl PoolLedger {
             })?
             .pop();
         lookup.close();
-        let (_, parent, grant, at) =
+        let (_, parent, mut grant, at) =
             row.ok_or_else(|| BillingError::Internal(format!("grant {grant_id} vanished")))?;
+        self.stored.insert(grant_id, grant.remaining);
+        grant.remaining -= self.drawn.from(grant_id);
         self.rows_at.grants.insert(grant_id, at);
         if let Some(parent) = parent {
             self.parents.insert(grant_id, parent);
@@ -1099,18 +1120,33 @@ struct PoolGrants {
     parents: FxHashMap<i64, i64>,
     /// Where each grant's row is, when read from the table.
     at: FxHashMap<i64, RowAt>,
+    /// What each grant's row holds.
+    stored: FxHashMap<i64, i64>,
+}
+
+impl PoolGrants {
+    /// The grants as read from their rows, less what the pool's row has
+    /// drawn from its grant being drained: what they have left.
+    fn drawn_down(mut self, drawn: Drawn) -> PoolGrants {
+        for g in self.grants.iter_mut() {
+            self.stored.insert(g.id, g.remaining);
+            g.remaining -= drawn.from(g.id);
+        }
+        self.grants.retain(|g| g.remaining > 0);
+        self
+    }
 }
 
 /// The grants with credit of `pools`, from the index of open grants in
 /// drain order: with a new snapshot after a lock (it sees what the lock's
 /// previous holder committed), with the query's for a pure read.
-fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<FxHashMap<i64, PoolGrants>> {
+fn load_grants(pools: &[(i64, Drawn)], snapshot: Snapshot) -> Result<FxHashMap<i64, PoolGrants>> {
     let mut by_pool: FxHashMap<i64, PoolGrants> = FxHashMap::default();
     if pools.is_empty() {
         return Ok(by_pool);
     }
     let mut lookup = Lookup::open(c"grants", c"grants_drain_order", 1, snapshot)?;
-    for pool in pools {
+    for (pool, _) in pools {
         for (pool, parent, grant, at) in lookup.find(&[Key::Int8(*pool)], grant_row)? {
             if grant.remaining <= 0 {
                 continue;
@@ -1124,6 +1160,11 @@ fn load_grants(pools: &[i64], snapshot: Snapshot) -> Result<FxHashMap<i64, PoolG
         }
     }
     lookup.close();
+    for (pool, drawn) in pools {
+        if let Some(grants) = by_pool.remove(pool) {
+            by_pool.insert(*pool, grants.drawn_down(*drawn));
+        }
+    }
     Ok(by_pool)
 }
 
@@ -1192,7 +1233,7 @@ fn row_figures_now(l: Locked, now: Ts) -> Result<Figures> {
         return Ok(f);
     }
     // the pool row and its holds are read with the query's snapshot: so are its grants
-    let grants = load_grants(&[l.id], Snapshot::Query)?
+    let grants = load_grants(&[(l.id, l.drawn)], Snapshot::Query)?
         .remove(&l.id)
         .unwrap_or_default()
         .grants;
@@ -1303,7 +1344,7 @@ pub fn flush_checked(
     }
     write_entries(&tenant, &changed, &carried)?;
     let mut moved = write_grants(&changed)?;
-    moved.pools = write_pools(&changed)?;
+    moved.pools = write_pools(&changed, &moved.plans)?;
     watch_balances(client, ledgers)?;
     for l in ledgers.iter_mut() {
         l.written(&moved);
@@ -1412,6 +1453,8 @@ fn write_entries(tenant: &str, pools: &[&PoolLedger], carried: &CarriedEntries) 
 struct Moved {
     grants: FxHashMap<i64, RowAt>,
     pools: FxHashMap<i64, RowAt>,
+    /// Pool id → the grant rows it wrote and what its row draws now.
+    plans: FxHashMap<i64, drawn::Plan>,
 }
 
 impl PoolLedger {
@@ -1420,6 +1463,8 @@ impl PoolLedger {
     pub fn grant_inserted(&mut self, id: i64, at: RowAt) {
         self.pool.grant_row_written(id);
         self.rows_at.grants.insert(id, at);
+        self.stored
+            .insert(id, self.pool.grant_remaining(id).unwrap_or_default());
     }
 
     /// Its rows were written as `moved` says: forget what was written,
@@ -1435,19 +1480,62 @@ impl PoolLedger {
                 *at = *new;
             }
         }
+        if let Some(plan) = moved.plans.get(&self.id) {
+            self.stored.extend(plan.writes.iter().copied());
+            self.drawn = plan.drawn;
+        }
+    }
+
+    /// Which of its changed grants' rows to write, and what its row draws
+    /// then (`drawn::plan`).
+    fn grant_writes(&self) -> Result<drawn::Plan> {
+        let changed: Vec<drawn::Changed> = self
+            .dirty_grants()
+            .map(|(id, remaining)| drawn::Changed {
+                id,
+                remaining,
+                stored: self.stored.get(&id).copied(),
+                drawable: self.pool.keeps_grant(id),
+            })
+            .collect();
+        let drawn_stored = match self.drawn.grant {
+            Some(g) if self.drawn.amount != 0 => match self.stored.get(&g) {
+                Some(stored) => *stored,
+                // a grant drawn from and then suspended: its row is not read with the pool
+                None => stored_remaining(g)?,
+            },
+            _ => 0,
+        };
+        Ok(drawn::plan(&changed, self.drawn, drawn_stored))
     }
 }
 
-/// The remainders of the grants some pools changed.
+/// What grant `id`'s row holds, read after its pool's lock.
+fn stored_remaining(id: i64) -> Result<i64> {
+    direct::find_one(
+        c"grants",
+        c"grants_pkey",
+        &[Key::Int8(id)],
+        Snapshot::New,
+        |t| t.get::<i64>(c"remaining"),
+    )?
+    .ok_or_else(|| BillingError::Internal(format!("grant {id} vanished")))
+}
+
+/// The remainders of the grants some pools changed, but for the one each
+/// pool's row keeps drawing from (`drawn::plan`).
 fn write_grants(pools: &[&PoolLedger]) -> Result<Moved> {
     let mut moved = Moved::default();
-    let dirty: Vec<(i64, i64, Option<RowAt>)> = pools
-        .iter()
-        .flat_map(|l| {
-            l.dirty_grants()
-                .map(|(id, remaining)| (id, remaining, l.rows_at.grants.get(&id).copied()))
-        })
-        .collect();
+    let mut dirty: Vec<(i64, i64, Option<RowAt>)> = Vec::new();
+    for l in pools {
+        let plan = l.grant_writes()?;
+        dirty.extend(
+            plan.writes
+                .iter()
+                .map(|&(id, remaining)| (id, remaining, l.rows_at.grants.get(&id).copied())),
+        );
+        moved.plans.insert(l.id, plan);
+    }
     if dirty.is_empty() {
         return Ok(moved);
     }
@@ -1463,7 +1551,10 @@ fn write_grants(pools: &[&PoolLedger]) -> Result<Moved> {
 }
 
 /// The booked totals and cached figures of some pool rows; where each row is now.
-fn write_pools(pools: &[&PoolLedger]) -> Result<FxHashMap<i64, RowAt>> {
+fn write_pools(
+    pools: &[&PoolLedger],
+    plans: &FxHashMap<i64, drawn::Plan>,
+) -> Result<FxHashMap<i64, RowAt>> {
     let mut moved = FxHashMap::default();
     if pools.is_empty() {
         return Ok(moved);
@@ -1484,6 +1575,9 @@ fn write_pools(pools: &[&PoolLedger]) -> Result<FxHashMap<i64, RowAt>> {
                 time::sql_instant(l.cache_until().min(l.next_in_order_until)),
             )?
             .set(c"updated_at", now)?;
+        let drawn = plans.get(&l.id).map_or(l.drawn, |p| p.drawn);
+        w.set(c"drawn_grant", drawn.grant)?
+            .set(c"drawn", drawn.amount)?;
         if l.counter_changed {
             KeptCounter::set_columns(l.counter.as_ref(), &mut w)?;
         }

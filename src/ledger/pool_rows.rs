@@ -42,6 +42,10 @@ pub fn pool_row(t: &Tuple) -> Result<PoolRow> {
         // the gate never needs it
         counter: None,
         at: Some(t.at()),
+        drawn: super::Drawn {
+            grant: t.opt(c"drawn_grant")?,
+            amount: t.get(c"drawn")?,
+        },
     })
 }
 

@@ -158,7 +158,7 @@ fn a_first_use_racing_the_first_subscription_leaves_no_free_credit_running() {
         let free_left = count(
             &mut admin,
             &format!(
-                "SELECT coalesce(sum(remaining), 0)::bigint FROM billing.grants \
+                "SELECT coalesce(sum(billing.grant_remaining(g)), 0)::bigint FROM billing.grants g \
                  WHERE account = '{account}' AND key LIKE 'billing:allowance:%' AND status = 'active'"
             ),
         );
