@@ -78,8 +78,10 @@ INSERT INTO routes VALUES
     ('ingest_batch', 'batch'),
     -- not offered by the router (README, "Sharding"): a trigger on the
     -- application's own table; a lock held for the caller's transaction,
-    -- which a routed call does not share; a tenant-wide sum of usage
-    ('count_seats', 'none'), ('lock_seats', 'none'), ('audit_costs', 'none');
+    -- which a routed call does not share; a tenant-wide sum of usage; a
+    -- function of a grant's row, which only its shard has
+    ('count_seats', 'none'), ('lock_seats', 'none'), ('audit_costs', 'none'),
+    ('grant_remaining', 'none');
 
 CREATE TEMP VIEW surface AS
 SELECT p.oid, p.proname::text AS name, p.proretset, p.prorettype, p.provolatile, p.pronargs,
