@@ -12,14 +12,21 @@ mod tests {
                           FROM billing.ingest('a', 'mills', 2, key => 'k1', properties => '{\"model\": \"x\"}')";
 
     #[pg_test]
-    fn a_read_only_transaction_cannot_lock_or_write_a_pool() {
+    fn a_read_only_transaction_answers_replays_but_cannot_lock_or_write_a_pool() {
         grant("a", "mills", 100, "");
         ingest("a", "mills", 10, "e1");
         assert_eq!(sqlstate("SELECT 1"), None); // its helper exists before read-only
         run("SET LOCAL transaction_read_only = on");
-        // even a replay locks the pool, as SELECT … FOR UPDATE would: refused
+        // a replay is answered from its event: it locks nothing
         assert_eq!(
-            sqlstate("SELECT billing.ingest('a', 'mills', 1, key => 'e1', cost => 10)").as_deref(),
+            one::<String>(
+                "SELECT status FROM billing.ingest('a', 'mills', 1, key => 'e1', cost => 10)"
+            ),
+            "duplicate"
+        );
+        // a new key locks the pool, as SELECT … FOR UPDATE would: refused
+        assert_eq!(
+            sqlstate("SELECT billing.ingest('a', 'mills', 1, key => 'e2', cost => 10)").as_deref(),
             Some("25006")
         );
         assert_eq!(available("a", "mills"), 90, "the gate still reads");

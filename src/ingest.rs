@@ -459,6 +459,13 @@ fn ingest_events(
     raise_rejection: bool,
 ) -> Result<Vec<Outcome>> {
     let tenant = current_tenant()?;
+    // A replay of keys that are all recorded is answered from their events
+    // alone: no pool is locked, nothing is written, and the transaction
+    // takes no id (so its commit waits for no WAL flush). Keys not all
+    // recorded yet are looked up again after the pools' locks.
+    if let (stored, None) = find_stored(&tenant, &events, Missing::Stop)? {
+        return replay_of(&events, &stored);
+    }
     let mut meters: HashMap<String, Meter> = HashMap::new();
     let mut by_pool: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, e) in events.iter().enumerate() {
@@ -634,7 +641,12 @@ fn lock_pools(
 
 /// The outcome of events whose keys are all recorded: a replay of each.
 fn replay(tenant: &str, events: &[Event]) -> Result<Vec<Outcome>> {
-    let (stored, _) = find_events(tenant, events)?;
+    let (stored, _) = find_stored(tenant, events, Missing::Stop)?;
+    replay_of(events, &stored)
+}
+
+/// The outcome of events whose keys are all in `stored`: a replay of each.
+fn replay_of(events: &[Event], stored: &Stored) -> Result<Vec<Outcome>> {
     events
         .iter()
         .map(|event| {
@@ -672,13 +684,32 @@ fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcom
 type Stored = HashMap<String, (Vec<u8>, Outcome)>;
 
 /// Every distinct key of a call with its stored event, if any, and a fresh
-/// id for each key not stored (the id of the event it becomes). Looked up
-/// straight in the (tenant, key) index with a new snapshot, so an event a
-/// concurrent call committed while this one waited for its pool is found.
+/// id for each key not stored (the id of the event it becomes).
 fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String, i64>)> {
+    let (found, new_ids) = find_stored(tenant, events, Missing::Number(event_ids()?))?;
+    Ok((found, new_ids.unwrap_or_default()))
+}
+
+/// What `find_stored` does with a key not stored.
+enum Missing {
+    /// Give it the id of the event it becomes, from this sequence.
+    Number(Sequence),
+    /// Stop looking: not every key is stored.
+    Stop,
+}
+
+/// Every distinct key of a call with its stored event, and, if any is not
+/// stored, the new ids of those keys (`Missing::Number`) or none of them
+/// (`Missing::Stop`, which stops at the first). Looked up straight in the
+/// (tenant, key) index with a new snapshot, so an event a concurrent call
+/// committed while this one waited for its pool is found.
+fn find_stored(
+    tenant: &str,
+    events: &[Event],
+    missing: Missing,
+) -> Result<(Stored, Option<HashMap<String, i64>>)> {
     let mut found: Stored = HashMap::new();
-    let mut new_ids: HashMap<String, i64> = HashMap::new();
-    let ids = event_ids()?;
+    let mut new_ids: Option<HashMap<String, i64>> = None;
     let mut lookup = Lookup::open(
         c"usage_events",
         c"usage_events_tenant_id_key_key",
@@ -687,7 +718,7 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
     )?;
     for event in events {
         let key = event.key.as_str();
-        if found.contains_key(key) || new_ids.contains_key(key) {
+        if found.contains_key(key) || new_ids.as_ref().is_some_and(|n| n.contains_key(key)) {
             continue;
         }
         match lookup
@@ -700,9 +731,17 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
                 }
                 found.insert(key.to_string(), (hash, outcome));
             }
-            None => {
-                new_ids.insert(key.to_string(), ids.next()?);
-            }
+            None => match &missing {
+                Missing::Number(ids) => {
+                    new_ids
+                        .get_or_insert_with(HashMap::new)
+                        .insert(key.to_string(), ids.next()?);
+                }
+                Missing::Stop => {
+                    new_ids = Some(HashMap::new());
+                    break;
+                }
+            },
         }
     }
     lookup.close();

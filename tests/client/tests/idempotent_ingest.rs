@@ -131,3 +131,78 @@ fn the_same_keys_from_eight_sessions_apply_exactly_once() {
     }
     assert_eq!(ledger_problems(&mut c), Vec::<String>::new());
 }
+
+/// A replay of recorded keys is answered from their events: it waits for no
+/// pool lock, writes nothing and takes no transaction id. A call with one key
+/// not recorded yet locks its pools as any new event does.
+#[test]
+fn a_replay_locks_no_pool_and_writes_nothing() {
+    let db = "pgb_replay_no_lock";
+    let mut c = fresh_db(db);
+    c.batch_execute(
+        "SELECT * FROM billing.grant('a', 'credits', 100, kind => 'topup');
+         SELECT * FROM billing.ingest('a', 'credits', 1, key => 'k1', cost => 3);
+         SELECT * FROM billing.ingest('a', 'credits', 1, key => 'k2', cost => 4);",
+    )
+    .unwrap();
+    // another transaction holds the pool
+    let mut holder = connect(db);
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM billing.pools WHERE account = 'a' FOR UPDATE")
+        .unwrap();
+
+    let mut s = connect(db);
+    s.batch_execute("SET lock_timeout = '2s'; BEGIN").unwrap();
+    let row = s
+        .query_one(
+            "SELECT status, event_id, available FROM billing.ingest('a', 'credits', 1, key => 'k1', cost => 3)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "duplicate");
+    assert_eq!(
+        row.get::<_, i64>(2),
+        97,
+        "the original outcome's available figure"
+    );
+    let statuses: Vec<String> = s
+        .query(
+            "SELECT status FROM billing.ingest_batch('[{\"account\":\"a\",\"meter\":\"credits\",\"quantity\":1,\"key\":\"k2\",\"cost\":4},
+                                                     {\"account\":\"a\",\"meter\":\"credits\",\"quantity\":1,\"key\":\"k1\",\"cost\":3}]')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["duplicate", "duplicate"]);
+    let xid: Option<String> = s
+        .query_one("SELECT pg_current_xact_id_if_assigned()::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        xid, None,
+        "a replay wrote nothing, so took no transaction id"
+    );
+    // the same key with other parameters is still refused
+    let err = s
+        .query_one(
+            "SELECT status FROM billing.ingest('a', 'credits', 1, key => 'k1', cost => 5)",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("23505"));
+    s.batch_execute("ROLLBACK; BEGIN").unwrap();
+    // a key not recorded yet waits for the pool, here until lock_timeout
+    let err = s
+        .query(
+            "SELECT status FROM billing.ingest_batch('[{\"account\":\"a\",\"meter\":\"credits\",\"quantity\":1,\"key\":\"k1\",\"cost\":3},
+                                                     {\"account\":\"a\",\"meter\":\"credits\",\"quantity\":1,\"key\":\"k3\",\"cost\":1}]')",
+            &[],
+        )
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("55P03"));
+    s.batch_execute("ROLLBACK").unwrap();
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(ledger_problems(&mut c), Vec::<String>::new());
+}
