@@ -297,28 +297,46 @@ mod tests {
         assert_rejected("TRUNCATE billing.webhook_events", "42501");
     }
 
-    #[pg_test]
-    fn standard_webhooks_with_an_application_handler_and_out_of_order_updates() {
+    const STD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    /// A Standard Webhooks endpoint `app` whose subscription events
+    /// `project` (a function of schema app, given its body) applies to
+    /// app.subscriptions.
+    fn standard_endpoint(project: &str) {
         setup();
-        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         run(&format!(
-            "SELECT billing.define_webhook_endpoint('app', 'standard', '{secret}')"
+            "SELECT billing.define_webhook_endpoint('app', 'standard', '{STD_SECRET}')"
         ));
         run("CREATE SCHEMA app");
         run("CREATE TABLE app.subscriptions (id text PRIMARY KEY, status text)");
-        run("CREATE FUNCTION app.project(ev billing.webhook_events) RETURNS jsonb LANGUAGE sql AS $$ \
-             INSERT INTO app.subscriptions VALUES (ev.payload #>> '{data,object,id}', ev.payload #>> '{data,object,status}') \
-             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status RETURNING jsonb_build_object('status', status) $$");
-        run("SELECT billing.register_webhook_handler('subscription.created', 'app.project(billing.webhook_events)')");
-        run("SELECT billing.register_webhook_handler('subscription.updated', 'app.project(billing.webhook_events)')");
+        run(&format!(
+            "CREATE FUNCTION app.project(ev billing.webhook_events) RETURNS jsonb {project}"
+        ));
+        for kind in ["created", "updated"] {
+            run(&format!("SELECT billing.register_webhook_handler('subscription.{kind}', 'app.project(billing.webhook_events)')"));
+        }
+    }
+
+    /// Deliver message `id`, a subscription event about `object`, to `app`; its status.
+    fn send_standard(id: &str, kind: &str, object: &str, status: &str, created: i64) -> String {
         let now = now_unix();
-        let send = |id: &str, kind: &str, status: &str, created: i64| -> String {
-            let body = format!(
-                r#"{{"type":"subscription.{kind}","created":{created},"data":{{"object":{{"id":"sub_1","status":"{status}"}}}}}}"#
-            );
-            one(&format!(
-                "SELECT status FROM billing.receive_webhook('app', pg_temp.std_headers('{id}', {now}, '{body}', '{secret}'), '{body}')"
-            ))
+        let body = format!(
+            r#"{{"type":"subscription.{kind}","created":{created},"data":{{"object":{{"id":"{object}","status":"{status}"}}}}}}"#
+        );
+        one(&format!(
+            "SELECT status FROM billing.receive_webhook('app', pg_temp.std_headers('{id}', {now}, '{body}', '{STD_SECRET}'), '{body}')"
+        ))
+    }
+
+    #[pg_test]
+    fn standard_webhooks_with_an_application_handler_and_out_of_order_updates() {
+        standard_endpoint(
+            "LANGUAGE sql AS $$ \
+             INSERT INTO app.subscriptions VALUES (ev.payload #>> '{data,object,id}', ev.payload #>> '{data,object,status}') \
+             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status RETURNING jsonb_build_object('status', status) $$",
+        );
+        let send = |id: &str, kind: &str, status: &str, created: i64| {
+            send_standard(id, kind, "sub_1", status, created)
         };
         // the update arrives before the create
         assert_eq!(send("msg_2", "updated", "active", 200), "applied");
@@ -333,27 +351,14 @@ mod tests {
 
     #[pg_test]
     fn a_failed_delivery_about_a_new_object_leaves_no_newest_event_behind() {
-        setup();
-        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-        run(&format!(
-            "SELECT billing.define_webhook_endpoint('app', 'standard', '{secret}')"
-        ));
-        run("CREATE SCHEMA app");
-        run("CREATE TABLE app.subscriptions (id text PRIMARY KEY, status text)");
-        run("CREATE FUNCTION app.project(ev billing.webhook_events) RETURNS jsonb LANGUAGE plpgsql AS $$ \
+        standard_endpoint(
+            "LANGUAGE plpgsql AS $$ \
              BEGIN IF ev.payload #>> '{data,object,status}' = 'broken' THEN RAISE EXCEPTION 'cannot project'; END IF; \
                    INSERT INTO app.subscriptions VALUES (ev.payload #>> '{data,object,id}', ev.payload #>> '{data,object,status}') \
-                   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status; RETURN '{}'; END $$");
-        run("SELECT billing.register_webhook_handler('subscription.updated', 'app.project(billing.webhook_events)')");
-        run("SELECT billing.register_webhook_handler('subscription.created', 'app.project(billing.webhook_events)')");
-        let now = now_unix();
-        let send = |id: &str, kind: &str, status: &str, created: i64| -> String {
-            let body = format!(
-                r#"{{"type":"subscription.{kind}","created":{created},"data":{{"object":{{"id":"sub_9","status":"{status}"}}}}}}"#
-            );
-            one(&format!(
-                "SELECT status FROM billing.receive_webhook('app', pg_temp.std_headers('{id}', {now}, '{body}', '{secret}'), '{body}')"
-            ))
+                   ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status; RETURN '{}'; END $$",
+        );
+        let send = |id: &str, kind: &str, status: &str, created: i64| {
+            send_standard(id, kind, "sub_9", status, created)
         };
         // the first delivery about sub_9 makes its object row, then fails
         assert_eq!(send("msg_2", "updated", "broken", 200), "failed");
