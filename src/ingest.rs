@@ -2,7 +2,7 @@
 //! could not cover as debt (or reject it, when strict). Idempotent forever by
 //! (tenant, key): a replay returns the original outcome and writes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use pgrx::datum::TimestampWithTimeZone as Tstz;
 use pgrx::prelude::*;
@@ -463,7 +463,12 @@ fn ingest_events(
     // alone: no pool is locked, nothing is written, and the transaction
     // takes no id (so its commit waits for no WAL flush). Keys not all
     // recorded yet are looked up again after the pools' locks.
-    if let (stored, None) = find_stored(&tenant, &events, Missing::Stop)? {
+    let mut all_recorded = true;
+    let stored = find_stored(&tenant, &events, |_| {
+        all_recorded = false;
+        Ok(false)
+    })?;
+    if all_recorded {
         return replay_of(&events, &stored);
     }
     let mut meters: HashMap<String, Meter> = HashMap::new();
@@ -641,7 +646,7 @@ fn lock_pools(
 
 /// The outcome of events whose keys are all recorded: a replay of each.
 fn replay(tenant: &str, events: &[Event]) -> Result<Vec<Outcome>> {
-    let (stored, _) = find_stored(tenant, events, Missing::Stop)?;
+    let stored = find_stored(tenant, events, |_| Ok(false))?;
     replay_of(events, &stored)
 }
 
@@ -686,30 +691,26 @@ type Stored = HashMap<String, (Vec<u8>, Outcome)>;
 /// Every distinct key of a call with its stored event, if any, and a fresh
 /// id for each key not stored (the id of the event it becomes).
 fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String, i64>)> {
-    let (found, new_ids) = find_stored(tenant, events, Missing::Number(event_ids()?))?;
-    Ok((found, new_ids.unwrap_or_default()))
+    let ids = event_ids()?;
+    let mut new_ids: HashMap<String, i64> = HashMap::new();
+    let found = find_stored(tenant, events, |key| {
+        new_ids.insert(key.to_string(), ids.next()?);
+        Ok(true)
+    })?;
+    Ok((found, new_ids))
 }
 
-/// What `find_stored` does with a key not stored.
-enum Missing {
-    /// Give it the id of the event it becomes, from this sequence.
-    Number(Sequence),
-    /// Stop looking: not every key is stored.
-    Stop,
-}
-
-/// Every distinct key of a call with its stored event, and, if any is not
-/// stored, the new ids of those keys (`Missing::Number`) or none of them
-/// (`Missing::Stop`, which stops at the first). Looked up straight in the
-/// (tenant, key) index with a new snapshot, so an event a concurrent call
-/// committed while this one waited for its pool is found.
+/// Every distinct key of a call with its stored event. Each distinct key
+/// not stored is passed to `missing`, which says whether to look on. Looked
+/// up straight in the (tenant, key) index with a new snapshot, so an event a
+/// concurrent call committed while this one waited for its pool is found.
 fn find_stored(
     tenant: &str,
     events: &[Event],
-    missing: Missing,
-) -> Result<(Stored, Option<HashMap<String, i64>>)> {
+    mut missing: impl FnMut(&str) -> Result<bool>,
+) -> Result<Stored> {
     let mut found: Stored = HashMap::new();
-    let mut new_ids: Option<HashMap<String, i64>> = None;
+    let mut not_found: HashSet<&str> = HashSet::new();
     let mut lookup = Lookup::open(
         c"usage_events",
         c"usage_events_tenant_id_key_key",
@@ -718,7 +719,7 @@ fn find_stored(
     )?;
     for event in events {
         let key = event.key.as_str();
-        if found.contains_key(key) || new_ids.as_ref().is_some_and(|n| n.contains_key(key)) {
+        if found.contains_key(key) || not_found.contains(key) {
             continue;
         }
         match lookup
@@ -731,21 +732,16 @@ fn find_stored(
                 }
                 found.insert(key.to_string(), (hash, outcome));
             }
-            None => match &missing {
-                Missing::Number(ids) => {
-                    new_ids
-                        .get_or_insert_with(HashMap::new)
-                        .insert(key.to_string(), ids.next()?);
-                }
-                Missing::Stop => {
-                    new_ids = Some(HashMap::new());
+            None => {
+                not_found.insert(key);
+                if !missing(key)? {
                     break;
                 }
-            },
+            }
         }
     }
     lookup.close();
-    Ok((found, new_ids))
+    Ok(found)
 }
 
 /// The drains of an event that carries its debit (schema.sql, usage_events):

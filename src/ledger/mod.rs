@@ -129,7 +129,7 @@ macro_rules! locked_pool_columns {
 }
 
 /// Pool `p`'s grants that hold credit, as arrays (what their rows hold: the
-/// pool row's `drawn` is taken off by `PoolGrants::drawn_down`), and the
+/// pool row's `drawn` is taken off by `PoolGrants::draw_down`), and the
 /// version of `p` in the statement's snapshot: a lane locked by LOCK_SHARE or
 /// WAIT_FOR_SHARE whose version differs (another transaction changed it and
 /// committed while this one waited) has its grants read again after the lock.
@@ -465,7 +465,7 @@ impl Locked {
                 "grant arrays differ in length".into(),
             ));
         }
-        let grants = PoolGrants {
+        let mut grants = PoolGrants {
             at: FxHashMap::default(),
             stored: FxHashMap::default(),
             grants: (0..n)
@@ -481,7 +481,8 @@ impl Locked {
                 .collect(),
             parents: share_parents(&ids, &parents),
         };
-        self.grants = Some(grants.drawn_down(self.drawn));
+        grants.draw_down(self.drawn);
+        self.grants = Some(grants);
         Ok(self)
     }
 }
@@ -1125,15 +1126,14 @@ struct PoolGrants {
 }
 
 impl PoolGrants {
-    /// The grants as read from their rows, less what the pool's row has
-    /// drawn from its grant being drained: what they have left.
-    fn drawn_down(mut self, drawn: Drawn) -> PoolGrants {
+    /// From the grants as read from their rows to what they have left:
+    /// less what the pool's row has drawn from its grant being drained.
+    fn draw_down(&mut self, drawn: Drawn) {
         for g in self.grants.iter_mut() {
             self.stored.insert(g.id, g.remaining);
             g.remaining -= drawn.from(g.id);
         }
         self.grants.retain(|g| g.remaining > 0);
-        self
     }
 }
 
@@ -1161,8 +1161,8 @@ fn load_grants(pools: &[(i64, Drawn)], snapshot: Snapshot) -> Result<FxHashMap<i
     }
     lookup.close();
     for (pool, drawn) in pools {
-        if let Some(grants) = by_pool.remove(pool) {
-            by_pool.insert(*pool, grants.drawn_down(*drawn));
+        if let Some(grants) = by_pool.get_mut(pool) {
+            grants.draw_down(*drawn);
         }
     }
     Ok(by_pool)

@@ -324,7 +324,7 @@ fn record_newest(
     at: RowAt,
     newest: Option<(Tstz, Option<i64>)>,
 ) -> Result<()> {
-    let (time, id) = newest.unwrap_or((Tstz::negative_infinity(), Some(0)));
+    let (time, id) = newest.unwrap_or_else(nothing_applied);
     let mut w = Writer::open(c"webhook_objects")?;
     w.set(c"newest_event_time", time)?
         .set(c"newest_event_id", id)?;
@@ -540,6 +540,11 @@ pub fn lock_object(endpoint_id: i64, tenant: &str, key: &str) -> Result<(Tstz, R
     lock_or_create(endpoint_id, tenant, key, None).map(|o| (o.newest, o.at))
 }
 
+/// The newest event (time, inbox id) of an object's row to which none was applied.
+fn nothing_applied() -> (Tstz, Option<i64>) {
+    (Tstz::negative_infinity(), Some(0))
+}
+
 /// An object's row, locked by this transaction.
 struct ObjectLock {
     /// The newest event time applied to the object before.
@@ -575,7 +580,7 @@ fn lock_or_create(
         }
         // not there: create it, unless another delivery creates it first
         // (then this one waits for it above)
-        let (time, id) = event.unwrap_or((Tstz::negative_infinity(), Some(0)));
+        let (time, id) = event.unwrap_or_else(nothing_applied);
         let mut made = None;
         let created = db::attempt_unless_key_taken(|| {
             let mut w = direct::Writer::open(c"webhook_objects")?;
@@ -590,7 +595,7 @@ fn lock_or_create(
         })?;
         if let (true, Some(at)) = (created, made) {
             return Ok(ObjectLock {
-                newest: Tstz::negative_infinity(),
+                newest: nothing_applied().0,
                 at,
                 recorded: event.is_some(),
             });
