@@ -258,4 +258,75 @@ mod tests {
         assert_eq!(available("a", "mills"), -30);
         assert_ledger_consistent();
     }
+
+    #[pg_test]
+    fn a_debit_reads_only_the_grants_that_have_credit() {
+        // an account that used up forty grants (reloads, say) and has one left
+        for i in 0..40 {
+            grant(
+                "a",
+                "mills",
+                1,
+                &format!(", kind => 'topup', priority => 1, key => 'small{i}'"),
+            );
+        }
+        let big = grant("a", "mills", 1000, ", kind => 'topup'");
+        for i in 0..41 {
+            ingest("a", "mills", 1, &format!("use{i}"));
+        }
+        assert_eq!(
+            one::<String>(
+                "SELECT concat_ws(',', count(*) FILTER (WHERE exhausted), \
+                                      count(*) FILTER (WHERE NOT exhausted)) FROM billing.grants"
+            ),
+            "40,1",
+            "each grant used up is marked so when its row is written"
+        );
+        assert_eq!(remaining(big), 999);
+
+        let read_before = drain_order_entries_read();
+        ingest("a", "mills", 5, "after");
+        assert_eq!(
+            drain_order_entries_read() - read_before,
+            1,
+            "the debit read the one grant with credit, not the forty used up"
+        );
+        assert_eq!(remaining(big), 994);
+        assert_eq!(available("a", "mills"), 994);
+        assert_ledger_consistent();
+    }
+
+    #[pg_test]
+    fn credit_given_back_to_a_used_up_grant_is_drained_again() {
+        let first = grant("a", "mills", 100, ", kind => 'topup', priority => 1");
+        let other = grant("a", "mills", 1000, ", kind => 'topup'");
+        // a dispute takes its unspent credit: it has nothing left
+        run(&format!(
+            "SELECT * FROM billing.reverse_grant({first}, 100)"
+        ));
+        assert_eq!(remaining(first), 0);
+        assert!(one::<bool>(&format!(
+            "SELECT exhausted FROM billing.grants WHERE id = {first}"
+        )));
+        // the dispute is won: the credit comes back, and is drained first again
+        run(&format!("SELECT * FROM billing.reverse_grant({first}, 0)"));
+        assert!(!one::<bool>(&format!(
+            "SELECT exhausted FROM billing.grants WHERE id = {first}"
+        )));
+        let drains = ingest("a", "mills", 30, "e1");
+        assert_eq!(
+            drains,
+            format!(r#"[{{"amount": 30, "grant_id": {first}}}]"#)
+        );
+        assert_eq!(remaining(first), 70);
+        assert_eq!(remaining(other), 1000);
+        assert_ledger_consistent();
+    }
+
+    /// Grants read through the drain-order index in this transaction (live
+    /// rows: an entry left by a row's earlier version, which PostgreSQL
+    /// removes once no transaction can see that version, finds nothing).
+    fn drain_order_entries_read() -> i64 {
+        one("SELECT pg_stat_get_xact_tuples_fetched('billing.grants_drain_order'::regclass)")
+    }
 }

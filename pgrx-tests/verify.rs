@@ -110,6 +110,12 @@ mod tests {
         tamper(&format!(
             "UPDATE billing.grants SET status = 'active' WHERE id = {g}"
         ));
+        // a grant with credit hidden from the drain
+        reported(
+            &format!("UPDATE billing.grants SET exhausted = true WHERE id = {g}"),
+            &format!("grant {g}: marked exhausted, but its row holds 100"),
+            &format!("UPDATE billing.grants SET exhausted = false WHERE id = {g}"),
+        );
         tamper(&format!(
             "UPDATE billing.usage_events SET covered = 29 WHERE id = {e}"
         ));

@@ -252,7 +252,14 @@ ALTER TABLE billing.grants
     ADD COLUMN parent_id  bigint,
     ADD COLUMN granted_by regrole,
     ADD COLUMN reason     text,
+    ADD COLUMN exhausted  boolean NOT NULL DEFAULT false,
     SET (fillfactor = 70);
+-- a grant used up, voided or revoked (0.1.0 kept remaining exact on the row)
+UPDATE billing.grants SET exhausted = true WHERE remaining <= 0;
+-- the drain reads active grants that are not used up
+DROP INDEX billing.grants_drain_order;
+CREATE INDEX grants_drain_order ON billing.grants
+    (pool_id, priority, expires_at NULLS LAST, id) WHERE status = 'active' AND NOT exhausted;
 CREATE UNIQUE INDEX grants_lane_share ON billing.grants (parent_id, pool_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX grants_by_pool ON billing.grants (pool_id);
 
@@ -1851,7 +1858,8 @@ $$;
 -- violation, so an empty result means the ledger is consistent.
 --   * entries chain: versions 1..n without gaps, balance_before = previous balance_after
 --   * per grant: Σ grant_amount of its entries = its remaining
---     (Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining)
+--     (Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining),
+--     and no grant whose row holds credit is marked exhausted
 --   * per hold: Σ hold_amount of its entries = its amount while open, 0 once closed
 --   * the pool's cached totals equal what the entries sum to
 --   * every grant, hold and event an entry names exists, in the entry's pool
@@ -1927,6 +1935,11 @@ FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
 CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) AS remaining) r
 LEFT JOIN grant_sums s ON s.grant_id = g.id
 WHERE r.remaining <> coalesce(s.total, 0)
+UNION ALL
+SELECT g.pool_id, g.account, g.unit,
+       format('grant %s: marked exhausted, but its row holds %s, which the drain would skip', g.id, g.remaining)
+FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+WHERE g.exhausted AND g.remaining > 0
 UNION ALL
 SELECT h.pool_id, h.account, h.unit,
        format('hold %s (%s): its entries hold %s', h.id, h.status, coalesce(s.total, 0))

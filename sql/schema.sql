@@ -228,13 +228,19 @@ CREATE TABLE billing.grants (
     -- grants itself (allowance windows, a guest's credit moved)
     granted_by   regrole,
     reason       text,
+    -- whether its row's remaining is 0: set with every write of remaining
+    -- (src/ledger, set_grant_remaining), so the drain-order index leaves out
+    -- a used-up grant and a debit does not read every grant an account ever had
+    exhausted    boolean     NOT NULL DEFAULT false,
     UNIQUE (tenant_id, key)
 ) WITH (fillfactor = 70);
--- The drain reads a pool's open grants in drain order. The predicate is on
--- status, not remaining, so a debit (which changes only remaining) is a HOT
--- update that writes no index entry.
+-- The drain reads a pool's open grants in drain order: active ones not used
+-- up. The predicate is on status and exhausted, not on remaining, so a write
+-- of remaining that leaves the grant with credit is a HOT update that writes
+-- no index entry; only the write that uses it up (or gives credit back to it)
+-- moves it out of (or into) this index.
 CREATE INDEX grants_drain_order ON billing.grants
-    (pool_id, priority, expires_at NULLS LAST, id) WHERE status = 'active';
+    (pool_id, priority, expires_at NULLS LAST, id) WHERE status = 'active' AND NOT exhausted;
 CREATE INDEX grants_by_account ON billing.grants (tenant_id, account, unit);
 -- Every grant of a pool, whatever its state: balance and its history, the
 -- plan windows a subscription replaces, verify_ledger. (The drain-order index

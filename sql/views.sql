@@ -82,7 +82,8 @@ $$;
 -- violation, so an empty result means the ledger is consistent.
 --   * entries chain: versions 1..n without gaps, balance_before = previous balance_after
 --   * per grant: Σ grant_amount of its entries = its remaining
---     (Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining)
+--     (Σ granted − Σ debits − Σ expired − Σ revoked − Σ voided = Σ remaining),
+--     and no grant whose row holds credit is marked exhausted
 --   * per hold: Σ hold_amount of its entries = its amount while open, 0 once closed
 --   * the pool's cached totals equal what the entries sum to
 --   * every grant, hold and event an entry names exists, in the entry's pool
@@ -158,6 +159,11 @@ FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
 CROSS JOIN LATERAL (SELECT billing.grant_remaining(g) AS remaining) r
 LEFT JOIN grant_sums s ON s.grant_id = g.id
 WHERE r.remaining <> coalesce(s.total, 0)
+UNION ALL
+SELECT g.pool_id, g.account, g.unit,
+       format('grant %s: marked exhausted, but its row holds %s, which the drain would skip', g.id, g.remaining)
+FROM billing.grants g JOIN tenant_pools p ON p.id = g.pool_id
+WHERE g.exhausted AND g.remaining > 0
 UNION ALL
 SELECT h.pool_id, h.account, h.unit,
        format('hold %s (%s): its entries hold %s', h.id, h.status, coalesce(s.total, 0))

@@ -11,7 +11,7 @@ use crate::error::{BillingError, OrRaise, Result};
 use crate::idempotency::{self, Fingerprint};
 use crate::input::{self, JsonArg};
 use crate::ledger::core::{grant_facts, grant_is_closed};
-use crate::ledger::{Create, EntryKind, GrantState, PoolLedger, SUSPENDED};
+use crate::ledger::{set_grant_remaining, Create, EntryKind, GrantState, PoolLedger, SUSPENDED};
 use crate::reversal::{self, Adjustment, GrantFacts};
 use crate::tenancy::{self, current_tenant};
 use crate::time::{self, Ts};
@@ -553,7 +553,6 @@ pub fn add_to_locked(ledger: &mut PoolLedger, id: i64, g: NewGrant<'_>) -> Resul
         .set(c"kind", g.kind)?
         .set(c"priority", g.priority)?
         .set(c"amount", g.amount)?
-        .set(c"remaining", remaining)?
         .set(c"effective_at", time::to_sql(g.effective_at))?
         .set(c"expires_at", g.expires_at.map(time::to_sql))?
         .set(c"status", "active")?
@@ -565,6 +564,7 @@ pub fn add_to_locked(ledger: &mut PoolLedger, id: i64, g: NewGrant<'_>) -> Resul
         .set(c"created_at", time::to_sql(ledger.now))?
         .set(c"granted_by", g.granted_by)?
         .set(c"reason", g.reason)?;
+    set_grant_remaining(&mut w, remaining)?;
     let at = w.insert()?;
     w.close();
     ledger.grant_inserted(id, at);

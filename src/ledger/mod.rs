@@ -141,7 +141,7 @@ macro_rules! grants_of_p {
                   array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
                   array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
            FROM billing.grants g \
-           WHERE g.pool_id = p.id AND g.status = 'active' AND g.remaining > 0) s"
+           WHERE g.pool_id = p.id AND g.status = 'active' AND NOT g.exhausted AND g.remaining > 0) s"
     };
 }
 
@@ -203,8 +203,8 @@ static WAIT_FOR_SHARE: Sql = Sql {
 static SHARES_OF_GRANT: Sql = Sql {
     text: "WITH made AS ( \
              INSERT INTO billing.grants (tenant_id, pool_id, account, unit, kind, priority, amount, \
-                remaining, effective_at, expires_at, request_hash, parent_id) \
-             SELECT g.tenant_id, s.pool_id, g.account, g.unit, g.kind, g.priority, g.amount, 0, \
+                remaining, exhausted, effective_at, expires_at, request_hash, parent_id) \
+             SELECT g.tenant_id, s.pool_id, g.account, g.unit, g.kind, g.priority, g.amount, 0, true, \
                     g.effective_at, g.expires_at, g.request_hash, g.id \
              FROM billing.grants g CROSS JOIN unnest($2::bigint[]) AS s(pool_id) WHERE g.id = $1 \
              ON CONFLICT (parent_id, pool_id) WHERE parent_id IS NOT NULL DO NOTHING \
@@ -1522,6 +1522,16 @@ fn stored_remaining(id: i64) -> Result<i64> {
     .ok_or_else(|| BillingError::Internal(format!("grant {id} vanished")))
 }
 
+/// Set what a grant's row holds, and with it whether the grant is used up:
+/// the drain-order index holds only grants that are not (schema.sql), so the
+/// two change together in every write of a grant's remaining.
+pub fn set_grant_remaining(grants: &mut Writer, remaining: i64) -> Result<()> {
+    grants
+        .set(c"remaining", remaining)?
+        .set(c"exhausted", remaining <= 0)?;
+    Ok(())
+}
+
 /// The remainders of the grants some pools changed, but for the one each
 /// pool's row keeps drawing from (`drawn::plan`).
 fn write_grants(pools: &[&PoolLedger]) -> Result<Moved> {
@@ -1541,7 +1551,7 @@ fn write_grants(pools: &[&PoolLedger]) -> Result<Moved> {
     }
     let mut grants = Writer::open(c"grants")?;
     for (id, remaining, at) in dirty {
-        grants.set(c"remaining", remaining)?;
+        set_grant_remaining(&mut grants, remaining)?;
         moved
             .grants
             .insert(id, grants.update(c"grants_pkey", id, at)?);
