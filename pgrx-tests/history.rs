@@ -48,6 +48,38 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_balance_now_reads_no_ledger_entry_however_long_the_history() {
+        grant("a", "mills", 100, "");
+        for i in 0..20 {
+            ingest("a", "mills", 1, &format!("e{i}"));
+        }
+        run("SELECT * FROM billing.reserve('a', 'mills', 5)");
+        let before = ledger_scans();
+        let now: String = one(
+            "SELECT concat_ws(',', balance, held, debt, available) FROM billing.balance('a', 'mills')",
+        );
+        assert_eq!(now, "80,5,0,75");
+        assert_eq!(ledger_scans(), before, "the pool's rows answer it");
+        let summed: String = one("SELECT concat_ws(',', balance, held, debt, available) \
+             FROM billing.balance('a', 'mills', as_of => clock_timestamp())");
+        assert_eq!(summed, now);
+        assert!(
+            ledger_scans() > before,
+            "a past instant is summed from the ledger"
+        );
+    }
+
+    /// Scans of the tables that hold ledger entries, and of their indexes, in this transaction.
+    fn ledger_scans() -> i64 {
+        one(
+            "SELECT sum(pg_stat_get_xact_numscans(c.oid))::bigint FROM pg_class c \
+             WHERE c.oid IN ('billing.usage_events'::regclass, 'billing.ledger_entries'::regclass) \
+                OR c.oid IN (SELECT indexrelid FROM pg_index \
+                             WHERE indrelid IN ('billing.usage_events'::regclass, 'billing.ledger_entries'::regclass))",
+        )
+    }
+
+    #[pg_test]
     fn past_balances_respect_expiry_at_the_exact_instant() {
         let g = grant(
             "a",

@@ -80,6 +80,19 @@ pub fn ingest(account: &str, meter: &str, cost: i64, key: &str) -> String {
 pub fn assert_ledger_consistent() {
     let problems = opt::<String>("SELECT string_agg(problem, '; ') FROM billing.verify_ledger()");
     assert_eq!(problems, None, "ledger invariants violated");
+    // rule 10: the balance now, read from the pool's rows, is what the
+    // ledger sums to up to this instant (every entry this transaction wrote
+    // is recorded by the clock's now)
+    let differ = opt::<String>(
+        "SELECT string_agg(format('%s %s: %s, ledger %s', p.account, p.unit, n, l), '; ') \
+         FROM billing.pools p, \
+              LATERAL (SELECT (b.balance, b.held, b.debt, b.available)::text AS n \
+                       FROM billing.balance(p.account, p.unit) b) now_, \
+              LATERAL (SELECT (b.balance, b.held, b.debt, b.available)::text AS l \
+                       FROM billing.balance(p.account, p.unit, as_of => clock_timestamp()) b) ledger_ \
+         WHERE p.tenant_id = billing.current_tenant() AND p.lane = 0 AND n <> l",
+    );
+    assert_eq!(differ, None, "balance now differs from the ledger's sum");
 }
 
 /// Simulate `interval` passing for one account: every instant stored for its
