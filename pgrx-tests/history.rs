@@ -69,6 +69,30 @@ mod tests {
         );
     }
 
+    #[pg_test]
+    fn a_past_balance_reads_the_pool_s_entries_once_however_many_grants() {
+        for i in 0..20 {
+            grant("a", "mills", 10, &format!(", key => 'g{i}'"));
+        }
+        for i in 0..30 {
+            ingest("a", "mills", 3, &format!("e{i}"));
+        }
+        let before = event_scans();
+        let past: String = one("SELECT concat_ws(',', balance, held, debt, available) \
+             FROM billing.balance('a', 'mills', as_of => clock_timestamp())");
+        assert_eq!(past, "110,0,0,110");
+        assert_eq!(
+            event_scans() - before,
+            1,
+            "one scan of the pool's events, not one per grant"
+        );
+    }
+
+    /// Scans of the usage events' index by pool in this transaction.
+    fn event_scans() -> i64 {
+        one("SELECT pg_stat_get_xact_numscans('billing.usage_events_by_pool'::regclass)")
+    }
+
     /// Scans of the tables that hold ledger entries, and of their indexes, in this transaction.
     fn ledger_scans() -> i64 {
         one(

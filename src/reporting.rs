@@ -16,18 +16,20 @@ use crate::time::{self, instant};
 /// (`grant_state`) and not suspended (its last suspend or resume entry by
 /// then), with what remained of it after the entries recorded up to `as_of`.
 /// Holds, suspensions and debt are read from `ledger_entries` alone: a debit
-/// a usage event carries moves none of them.
+/// a usage event carries moves none of them. The pool's entries are summed
+/// once for all its grants (MATERIALIZED: inlined, the sum was run again for
+/// every grant, so the cost grew with grants × entries).
 static BALANCE_AS_OF: Sql = Sql {
     text: "WITH p AS (SELECT id FROM billing.pools WHERE tenant_id = $1 AND account = $2 AND unit = $3), \
-                recorded AS (SELECT e.grant_id, sum(e.grant_amount)::bigint AS remaining \
+                recorded AS MATERIALIZED (SELECT e.grant_id, sum(e.grant_amount)::bigint AS remaining \
                              FROM billing.ledger e JOIN p ON e.pool_id = p.id \
                              WHERE e.grant_id IS NOT NULL AND e.recorded_at <= $4 \
                              GROUP BY e.grant_id) \
            SELECT \
               (SELECT coalesce(sum(r.remaining), 0)::bigint \
-               FROM billing.grants g JOIN p ON g.pool_id = p.id, \
-                    LATERAL (SELECT coalesce((SELECT s.remaining FROM recorded s WHERE s.grant_id = g.id), 0) \
-                                    AS remaining) r \
+               FROM billing.grants g JOIN p ON g.pool_id = p.id \
+               LEFT JOIN recorded s ON s.grant_id = g.id \
+               CROSS JOIN LATERAL (SELECT coalesce(s.remaining, 0) AS remaining) r \
                WHERE billing.grant_state('active', r.remaining, g.effective_at, g.expires_at, $4) = 'active' \
                  AND coalesce((SELECT e.kind FROM billing.ledger_entries e \
                                WHERE e.grant_id = g.id AND e.kind IN ('suspend', 'resume') \
