@@ -2,6 +2,19 @@
 -- the old data (usage on an old pool, the open hold settled, a grant, the
 -- ledger consistent). Any error fails the upgrade test.
 \set ON_ERROR_STOP on
+-- the upgrade marks every grant 0.1.0 used up (org_2's manual_1 paid 300 of
+-- req_3's 450) as exhausted, out of the drain's index, and no other
+DO $$
+BEGIN
+    IF NOT (SELECT exhausted FROM billing.grants WHERE key = 'manual_1') THEN
+        RAISE EXCEPTION 'a grant used up before the upgrade is not marked exhausted';
+    END IF;
+    IF EXISTS (SELECT 1 FROM billing.grants WHERE exhausted <> (remaining <= 0)) THEN
+        RAISE EXCEPTION 'after the upgrade, grants % are marked exhausted or not against what they hold',
+            (SELECT string_agg(key, ', ') FROM billing.grants WHERE exhausted <> (remaining <= 0));
+    END IF;
+END
+$$;
 SELECT * FROM billing.ingest('org_1', 'ai', 1, key => 'after_1', cost => 100);
 SELECT * FROM billing.settle((SELECT id FROM billing.holds WHERE key = 'hold_open'), 700, key => 'after_settle');
 SELECT * FROM billing.grant('org_2', 'usd_mills', 50, kind => 'promo', key => 'after_promo');
