@@ -289,6 +289,12 @@ mod tests {
         );
         let distinct: i64 = one("SELECT count(DISTINCT id) FROM billing.usage_events");
         assert_eq!(distinct, 6);
+        // keys are looked up in key order, but new events are numbered in
+        // input order, the order a pool applies them in
+        let by_id: String = one(
+            "SELECT string_agg(key, ',' ORDER BY id) FROM billing.usage_events WHERE key IN ('k2', 'k4', 'k6')",
+        );
+        assert_eq!(by_id, "k6,k4,k2");
         assert_ledger_consistent();
     }
 }

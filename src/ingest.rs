@@ -464,7 +464,7 @@ fn ingest_events(
     // takes no id (so its commit waits for no WAL flush). Keys not all
     // recorded yet are looked up again after the pools' locks.
     let mut all_recorded = true;
-    let stored = find_stored(&tenant, &events, |_| {
+    let stored = find_stored(&tenant, keys_of(&events), |_| {
         all_recorded = false;
         Ok(false)
     })?;
@@ -646,7 +646,7 @@ fn lock_pools(
 
 /// The outcome of events whose keys are all recorded: a replay of each.
 fn replay(tenant: &str, events: &[Event]) -> Result<Vec<Outcome>> {
-    let stored = find_stored(tenant, events, |_| Ok(false))?;
+    let stored = find_stored(tenant, keys_of(events), |_| Ok(false))?;
     replay_of(events, &stored)
 }
 
@@ -685,18 +685,28 @@ fn rejected(event: &Event, unit: &str, cost: i64, ledger: &PoolLedger) -> Outcom
     }
 }
 
+fn keys_of(events: &[Event]) -> impl Iterator<Item = &str> {
+    events.iter().map(|e| e.key.as_str())
+}
+
 /// Each stored key's fingerprint and outcome.
 type Stored = HashMap<String, (Vec<u8>, Outcome)>;
 
 /// Every distinct key of a call with its stored event, if any, and a fresh
 /// id for each key not stored (the id of the event it becomes).
 fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String, i64>)> {
+    // looked up in key order (neighbours in the index), numbered in input
+    // order (a pool's events are applied, and its usage log runs, in that order)
+    let mut by_key: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
+    by_key.sort_unstable();
+    let found = find_stored(tenant, by_key.into_iter(), |_| Ok(true))?;
     let ids = event_ids()?;
     let mut new_ids: HashMap<String, i64> = HashMap::new();
-    let found = find_stored(tenant, events, |key| {
-        new_ids.insert(key.to_string(), ids.next()?);
-        Ok(true)
-    })?;
+    for e in events {
+        if !found.contains_key(&e.key) && !new_ids.contains_key(&e.key) {
+            new_ids.insert(e.key.clone(), ids.next()?);
+        }
+    }
     Ok((found, new_ids))
 }
 
@@ -704,9 +714,9 @@ fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String
 /// not stored is passed to `missing`, which says whether to look on. Looked
 /// up straight in the (tenant, key) index with a new snapshot, so an event a
 /// concurrent call committed while this one waited for its pool is found.
-fn find_stored(
+fn find_stored<'k>(
     tenant: &str,
-    events: &[Event],
+    keys: impl Iterator<Item = &'k str>,
     mut missing: impl FnMut(&str) -> Result<bool>,
 ) -> Result<Stored> {
     let mut found: Stored = HashMap::new();
@@ -717,8 +727,7 @@ fn find_stored(
         2,
         Snapshot::New,
     )?;
-    for event in events {
-        let key = event.key.as_str();
+    for key in keys {
         if found.contains_key(key) || not_found.contains(key) {
             continue;
         }

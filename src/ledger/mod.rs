@@ -719,7 +719,9 @@ impl PoolLedger {
             pools.close();
             Ok(())
         })?;
-        let ids: Vec<(i64, Drawn)> = found.values().map(|l| (l.id, l.drawn)).collect();
+        // in id order: neighbours in the grants' drain-order index
+        let mut ids: Vec<(i64, Drawn)> = found.values().map(|l| (l.id, l.drawn)).collect();
+        ids.sort_unstable_by_key(|(id, _)| *id);
         let mut grants = load_grants(&ids, Snapshot::New)?;
         for l in found.values_mut() {
             l.grants = Some(grants.remove(&l.id).unwrap_or_default());
