@@ -123,10 +123,12 @@ fn balance_at(tenant: &str, account: &str, unit: &str, at: Tstz) -> Result<Balan
     })
 }
 
+/// Pools with a grant or hold whose time has passed. `NOT exhausted` (implied
+/// by credit left) lets the grants be read through the drain-order index.
 static POOLS_DUE: Sql = Sql {
     text: "SELECT DISTINCT p.tenant_id, p.account, p.unit FROM billing.pools p \
            WHERE EXISTS (SELECT 1 FROM billing.grants g WHERE g.pool_id = p.id AND g.status = 'active' \
-                         AND billing.grant_remaining(g) > 0 AND g.expires_at <= now()) \
+                         AND NOT g.exhausted AND billing.grant_remaining(g) > 0 AND g.expires_at <= now()) \
               OR EXISTS (SELECT 1 FROM billing.holds h WHERE h.pool_id = p.id AND h.status = 'open' \
                          AND h.expires_at <= now()) \
            ORDER BY p.tenant_id, p.account, p.unit LIMIT $1",
