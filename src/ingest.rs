@@ -697,7 +697,7 @@ type Stored = HashMap<String, (Vec<u8>, Outcome)>;
 fn find_events(tenant: &str, events: &[Event]) -> Result<(Stored, HashMap<String, i64>)> {
     // looked up in key order (neighbours in the index), numbered in input
     // order (a pool's events are applied, and its usage log runs, in that order)
-    let mut by_key: Vec<&str> = events.iter().map(|e| e.key.as_str()).collect();
+    let mut by_key: Vec<&str> = keys_of(events).collect();
     by_key.sort_unstable();
     let found = find_stored(tenant, by_key.into_iter(), |_| Ok(true))?;
     let ids = event_ids()?;
