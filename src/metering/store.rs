@@ -429,6 +429,7 @@ impl Metering {
     /// most one counter per pool and hour moves between the two homes.
     pub fn keep_counters(&mut self, ledgers: &mut [PoolLedger], now: Ts) {
         let this_hour = hour_of(now);
+        let mut changed_this_hour = self.changed_in_hour(this_hour);
         for l in ledgers.iter_mut() {
             let Some(kept) = self.kept.get(&l.id) else {
                 continue;
@@ -438,12 +439,7 @@ impl Metering {
                     Some(k.key(l.id))
                 }
                 Some(k) if k.hour >= this_hour => None,
-                _ => self
-                    .counters
-                    .iter()
-                    .filter(|(key, r)| key.0 == l.id && key.2 == this_hour && r.changed)
-                    .map(|(key, _)| key.clone())
-                    .min(),
+                _ => changed_this_hour.remove(&l.id),
             };
             let Some(key) = keep else {
                 continue;
@@ -463,6 +459,27 @@ impl Metering {
             });
             l.counter_changed = true;
         }
+    }
+
+    /// For each pool, the least key among the counters of `hour` this call
+    /// changed: found in one pass, where a pass per pool made a batch over
+    /// many pools quadratic.
+    fn changed_in_hour(&self, hour: Ts) -> FxHashMap<i64, CounterKey> {
+        let mut least: FxHashMap<i64, CounterKey> = FxHashMap::default();
+        for (key, _) in self
+            .counters
+            .iter()
+            .filter(|(key, r)| key.2 == hour && r.changed)
+        {
+            match least.get_mut(&key.0) {
+                Some(k) if *k <= *key => {}
+                Some(k) => *k = key.clone(),
+                None => {
+                    least.insert(key.0, key.clone());
+                }
+            }
+        }
+        least
     }
 
     /// Write every row this call changed.
