@@ -136,6 +136,14 @@ pub enum Key<'a> {
     Tstz(i64),
 }
 
+/// How a row lock meets a transaction that holds the row: wait for it, or
+/// pass the row by (`SKIP LOCKED`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Waiting {
+    Block,
+    Skip,
+}
+
 /// An open index scan over `billing.<table>` by the leading columns of one
 /// of its indexes. `close` it when done; if an error is raised
 /// first, the transaction's abort releases what it holds.
@@ -224,63 +232,83 @@ impl Lookup {
         Ok(rows)
     }
 
-    /// As `find`, each row locked as `SELECT … FOR UPDATE` locks it: after
-    /// waiting for a transaction that holds it, the row's latest version is
-    /// locked and read (under REPEATABLE READ or SERIALIZABLE, a row changed
-    /// since the snapshot is a serialization failure, 40001, as the executor
-    /// makes it).
+    /// As `find`, each row locked as `SELECT … FOR UPDATE` locks it (see
+    /// `lock_found`).
     pub fn find_locked<T>(
         &mut self,
         keys: &[Key],
         mut read: impl FnMut(&Tuple) -> Result<T>,
     ) -> Result<Vec<T>> {
-        let tids = self.find(keys, |t| Ok(t.tid))?;
+        let found = self.find(keys, |t| Ok(t.at()))?;
         let mut rows = Vec::new();
-        // SAFETY: the relation and slot are open; the tids are rows this
-        // scan saw, which table_tuple_lock follows to their latest version.
-        unsafe {
-            // as the executor locks rows: under READ COMMITTED a row changed
-            // meanwhile is locked in its latest version; under REPEATABLE READ
-            // and SERIALIZABLE the change is a serialization failure
-            let snapshot_isolation = snapshot_isolation();
-            let flags = if snapshot_isolation {
-                0
-            } else {
-                pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8
-            };
-            for mut tid in tids {
-                let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
-                let result = pg_sys::table_tuple_lock(
-                    self.rel,
-                    &mut tid,
-                    self.snapshot,
-                    self.slot,
-                    pg_sys::GetCurrentCommandId(true),
-                    pg_sys::LockTupleMode::LockTupleExclusive,
-                    pg_sys::LockWaitPolicy::LockWaitBlock,
-                    flags,
-                    &mut failure,
-                );
-                match result {
-                    pg_sys::TM_Result::TM_Ok => rows.push(read(&self.tuple())?),
-                    pg_sys::TM_Result::TM_Updated if snapshot_isolation => {
-                        return Err(BillingError::Retry(format!(
-                            "could not serialize access due to concurrent update of a row of billing.{}",
-                            self.table_name()
-                        )))
-                    }
-                    // deleted meanwhile: not there (billing never deletes these rows)
-                    pg_sys::TM_Result::TM_Deleted => {}
-                    other => {
-                        return Err(BillingError::Internal(format!(
-                            "locking a row of billing.{} failed ({other})",
-                            self.table_name()
-                        )))
-                    }
-                }
+        for at in found {
+            if let Some(row) = self.lock_found(at, Waiting::Block, &mut read)? {
+                rows.push(row);
             }
         }
         Ok(rows)
+    }
+
+    /// Lock the row whose version this lookup found `at`, as `SELECT … FOR
+    /// UPDATE` locks it (`Waiting::Skip`: with SKIP LOCKED), and `read` the
+    /// version locked. After waiting for a transaction that held it, the row's
+    /// latest version is locked (under REPEATABLE READ or SERIALIZABLE, a row
+    /// changed since the snapshot is a serialization failure, 40001, as the
+    /// executor makes it). None: another transaction holds it (skipping), or
+    /// it was deleted.
+    pub fn lock_found<T>(
+        &mut self,
+        at: RowAt,
+        waiting: Waiting,
+        read: impl FnOnce(&Tuple) -> Result<T>,
+    ) -> Result<Option<T>> {
+        // as the executor locks rows: under READ COMMITTED a row changed
+        // meanwhile is locked in its latest version
+        let snapshot_isolation = snapshot_isolation();
+        let flags = if snapshot_isolation {
+            0
+        } else {
+            pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8
+        };
+        let policy = match waiting {
+            Waiting::Block => pg_sys::LockWaitPolicy::LockWaitBlock,
+            Waiting::Skip => pg_sys::LockWaitPolicy::LockWaitSkip,
+        };
+        let mut tid = at.0;
+        // SAFETY: the relation and slot are open; `at` is a row version this
+        // scan saw, which table_tuple_lock follows to its latest version.
+        let result = unsafe {
+            let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
+            pg_sys::table_tuple_lock(
+                self.rel,
+                &mut tid,
+                self.snapshot,
+                self.slot,
+                pg_sys::GetCurrentCommandId(true),
+                pg_sys::LockTupleMode::LockTupleExclusive,
+                policy,
+                flags,
+                &mut failure,
+            )
+        };
+        match result {
+            // SAFETY: the slot holds the version just locked.
+            pg_sys::TM_Result::TM_Ok => Ok(Some(read(&unsafe { self.tuple() })?)),
+            pg_sys::TM_Result::TM_Updated if snapshot_isolation => {
+                Err(BillingError::Retry(format!(
+                    "could not serialize access due to concurrent update of a row of billing.{}",
+                    self.table_name()
+                )))
+            }
+            // held by another transaction, and this lock skips it
+            pg_sys::TM_Result::TM_WouldBlock => Ok(None),
+            // deleted meanwhile: not there (billing never deletes these rows)
+            pg_sys::TM_Result::TM_Deleted => Ok(None),
+            other => Err(BillingError::Internal(format!(
+                "locking a row of billing.{} failed ({other})",
+                self.table_name()
+            ))),
+        }
     }
 
     unsafe fn rescan(&mut self, keys: &[Key]) {

@@ -625,7 +625,7 @@ fn lock_pools(
 ) -> Result<Vec<PoolLedger>> {
     let lane_cost = match (keys, lane_cost) {
         ([(account, unit)], Some(cost)) => {
-            if let Some(lane) = PoolLedger::lock_share(client, tenant, account, unit, cost)? {
+            if let Some(lane) = PoolLedger::lock_share(tenant, account, unit, cost)? {
                 return Ok(vec![lane]);
             }
             Some(cost)

@@ -12,6 +12,7 @@
 
 pub mod core;
 mod drawn;
+mod lanes;
 pub mod pool_rows;
 
 /// UNIQUE (tenant_id, account, unit, lane) of billing.pools.
@@ -28,10 +29,13 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 use serde_json::json;
 
 use crate::db::{self, Row, Sql, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
-use crate::direct::{self, EnumType, Key, Lookup, RowAt, Sequence, Snapshot, Tuple, Writer};
+use crate::direct::{
+    self, EnumType, Key, Lookup, RowAt, Sequence, Snapshot, Tuple, Waiting, Writer,
+};
 use crate::error::{BillingError, Result};
 use crate::metering::store::KeptCounter;
-use crate::time::{self, instant, Ts};
+use crate::time::{self, Ts};
+use pgrx::pg_sys;
 
 pub use self::core::{cache_valid, Figures};
 use self::core::{Booked, Entry, Holds, OpenHold, Pool};
@@ -116,87 +120,6 @@ impl DerefMut for PoolLedger {
         &mut self.pool
     }
 }
-
-/// The columns `Locked` reads from a pool row `p` and its grants `s`.
-macro_rules! locked_pool_columns {
-    () => {
-        "p.id, p.account, p.unit, p.lane, p.lanes, p.floor, p.version, p.remaining, p.debt, \
-         p.held, p.active_remaining, p.active_held, p.cache_from, p.cache_until, p.allowance_next, p.limited, \
-         p.reload_below, p.alert_below, p.alert_above, p.counter_meter, p.counter_hour, p.counter_groups, p.counter_events, p.counter_quantity, \
-         p.counter_last_at, p.counter_cost, p.counter_revised_at, p.drawn_grant, p.drawn, \
-         s.seen_version, s.grant_ids, s.parents, s.priorities, s.remainings, s.effective, s.expires"
-    };
-}
-
-/// Pool `p`'s grants that hold credit, as arrays (what their rows hold: the
-/// pool row's `drawn` is taken off by `PoolGrants::draw_down`), and the
-/// version of `p` in the statement's snapshot: a lane locked by LOCK_SHARE or
-/// WAIT_FOR_SHARE whose version differs (another transaction changed it and
-/// committed while this one waited) has its grants read again after the lock.
-macro_rules! grants_of_p {
-    () => {
-        "CROSS JOIN LATERAL ( \
-           SELECT (SELECT q.version FROM billing.pools q WHERE q.id = p.id) AS seen_version, \
-                  array_agg(g.id) AS grant_ids, array_agg(g.parent_id) AS parents, \
-                  array_agg(g.priority) AS priorities, array_agg(g.remaining) AS remainings, \
-                  array_agg(g.effective_at) AS effective, array_agg(g.expires_at) AS expires \
-           FROM billing.grants g \
-           WHERE g.pool_id = p.id AND g.status = 'active' AND NOT g.exhausted AND g.remaining > 0) s"
-    };
-}
-
-/// A debit on a split pool: one lane whose spendable figures cover $4
-/// until now. They were computed when the lane was last written, which
-/// under concurrency is often after this transaction began: the core decides
-/// again at the transaction's time. With what the rest of the pool has
-/// available (its cached figures, as of this statement) and the pool's
-/// floor. Completed by the lock clause of LOCK_SHARE or WAIT_FOR_SHARE.
-macro_rules! select_share {
-    () => {
-        concat!(
-            "SELECT ",
-            locked_pool_columns!(),
-            ", o.others_balance, o.others_held, o.others_debt, o.pool_floor FROM billing.pools p ",
-            grants_of_p!(),
-            " CROSS JOIN LATERAL ( \
-               SELECT coalesce(sum(q.active_remaining) FILTER (WHERE q.id <> p.id), 0)::bigint \
-                        AS others_balance, \
-                      coalesce(sum(q.active_held) FILTER (WHERE q.id <> p.id), 0)::bigint \
-                        AS others_held, \
-                      coalesce(sum(q.debt) FILTER (WHERE q.id <> p.id), 0)::bigint AS others_debt, \
-                      coalesce(max(q.floor) FILTER (WHERE q.lane = 0), 0) AS pool_floor \
-               FROM billing.pools q \
-               WHERE q.tenant_id = $1 AND q.account = $2 AND q.unit = $3) o \
-             WHERE p.tenant_id = $1 AND p.account = $2 AND p.unit = $3 AND p.lane > 0 \
-               AND now() < p.cache_until \
-               AND p.active_remaining - p.active_held - p.debt >= $4 "
-        )
-    };
-}
-
-/// A free lane that can pay, if any: lanes other debits hold are skipped.
-static LOCK_SHARE: Sql = Sql {
-    text: concat!(
-        select_share!(),
-        "ORDER BY p.lane LIMIT 1 FOR UPDATE OF p SKIP LOCKED"
-    ),
-    args: &[TEXT, TEXT, TEXT, INT8],
-};
-
-/// Every lane that can pay is held by another debit: wait for one, a
-/// different one per backend. Only that row is locked (waiting while
-/// holding another lane could deadlock with a debit that locks the whole
-/// pool); it is checked again once locked, and if emptied meanwhile, the
-/// debit locks the whole pool.
-static WAIT_FOR_SHARE: Sql = Sql {
-    text: concat!(
-        select_share!(),
-        "AND p.lane = 1 + pg_backend_pid() % greatest((SELECT h.lanes FROM billing.pools h \
-             WHERE h.tenant_id = $1 AND h.account = $2 AND h.unit = $3 AND h.lane = 0), 1) \
-         LIMIT 1 FOR UPDATE OF p"
-    ),
-    args: &[TEXT, TEXT, TEXT, INT8],
-};
 
 /// The lane shares of grant $1 in the lane pools $2, created empty
 /// where missing: same kind, priority and window; credit arrives by transfer.
@@ -361,45 +284,7 @@ pub struct PoolRow {
     pub drawn: Drawn,
 }
 
-impl PoolRow {
-    /// From a result with the columns of `locked_pool_columns!`.
-    fn from_row(row: &Row<'_, '_>) -> Result<PoolRow> {
-        Ok(PoolRow {
-            id: row.get("id")?,
-            lane: row.get::<i16>("lane")?.into(),
-            lanes: row.get::<i16>("lanes")?.into(),
-            floor: row.get("floor")?,
-            version: row.get("version")?,
-            remaining: row.get("remaining")?,
-            debt: row.get("debt")?,
-            held: row.get("held")?,
-            active_remaining: row.get("active_remaining")?,
-            active_held: row.get("active_held")?,
-            cache_from: instant(row.get("cache_from")?),
-            cache_until: instant(row.get("cache_until")?),
-            allowance_next: instant(row.get("allowance_next")?),
-            limited: row.get("limited")?,
-            reload_below: row.opt("reload_below")?,
-            alerts: AlertBounds {
-                below: row.opt("alert_below")?,
-                above: row.opt("alert_above")?,
-            },
-            counter: KeptCounter::from_row(row)?,
-            at: None,
-            drawn: Drawn {
-                grant: row.opt("drawn_grant")?,
-                amount: row.get("drawn")?,
-            },
-        })
-    }
-}
-
 impl Locked {
-    /// A pool row with the columns of `locked_pool_columns!`.
-    fn from_row(row: &Row<'_, '_>, now: Ts) -> Result<Locked> {
-        Ok(Locked::from_pool_row(&PoolRow::from_row(row)?, now))
-    }
-
     fn from_pool_row(r: &PoolRow, now: Ts) -> Locked {
         let cached = cache_valid(r.cache_from, r.cache_until, now).then_some(CachedFigures {
             active_remaining: r.active_remaining,
@@ -440,59 +325,6 @@ impl Locked {
             floor: self.floor,
         })
     }
-
-    /// The grants a lane statement read with the row, if they are those of the locked version.
-    fn with_locked_grants(mut self, row: &Row<'_, '_>) -> Result<Locked> {
-        if row.get::<i64>("seen_version")? != self.booked.version {
-            return Ok(self);
-        }
-        let ids: Vec<i64> = row.opt("grant_ids")?.unwrap_or_default();
-        let parents: Vec<Option<i64>> = row.opt("parents")?.unwrap_or_default();
-        let priorities: Vec<i32> = row.opt("priorities")?.unwrap_or_default();
-        let remainings: Vec<i64> = row.opt("remainings")?.unwrap_or_default();
-        let effective: Vec<Tstz> = row.opt("effective")?.unwrap_or_default();
-        let expires: Vec<Option<Tstz>> = row.opt("expires")?.unwrap_or_default();
-        let n = ids.len();
-        if [
-            parents.len(),
-            priorities.len(),
-            remainings.len(),
-            effective.len(),
-            expires.len(),
-        ] != [n; 5]
-        {
-            return Err(BillingError::Internal(
-                "grant arrays differ in length".into(),
-            ));
-        }
-        let mut grants = PoolGrants {
-            at: FxHashMap::default(),
-            stored: FxHashMap::default(),
-            grants: (0..n)
-                .map(|i| {
-                    GrantState::new(
-                        ids[i],
-                        priorities[i],
-                        remainings[i],
-                        effective[i].into(),
-                        expires[i].map(Into::into),
-                    )
-                })
-                .collect(),
-            parents: share_parents(&ids, &parents),
-        };
-        grants.draw_down(self.drawn);
-        self.grants = Some(grants);
-        Ok(self)
-    }
-}
-
-/// Share grant → parent grant, for the grants that are lane shares.
-fn share_parents(ids: &[i64], parents: &[Option<i64>]) -> FxHashMap<i64, i64> {
-    ids.iter()
-        .zip(parents)
-        .filter_map(|(id, parent)| parent.map(|p| (*id, p)))
-        .collect()
 }
 
 /// A pool row to lock: (account, unit, lane).
@@ -783,11 +615,12 @@ impl PoolLedger {
     /// For a debit of `cost` on a split pool: one lane that can pay it
     /// alone, locked while the pool's other lanes stay free for other
     /// debits. None when the pool is not split (as far as this backend
-    /// knows) or no lane can pay it: then open the whole pool. Each try runs
-    /// in a subtransaction, so a try that fails holds no lane afterwards (a
-    /// lane found emptied once locked stays locked otherwise).
+    /// knows) or no lane can pay it: then open the whole pool. First a free
+    /// lane is taken, passing by those other debits hold; if every lane that
+    /// can pay is held, this backend waits for one of them (`lanes::to_try`).
+    /// Each try runs in a subtransaction, so a try that fails holds no lane
+    /// afterwards (a lane found emptied once locked stays locked otherwise).
     pub fn lock_share(
-        client: &mut SpiClient<'_>,
         tenant: &str,
         account: &str,
         unit: &str,
@@ -796,8 +629,8 @@ impl PoolLedger {
         if !known_split(tenant, account, unit) {
             return Ok(None);
         }
-        for sql in [&LOCK_SHARE, &WAIT_FOR_SHARE] {
-            let share = db::attempt(|| Self::try_share(client, sql, tenant, account, unit, cost))?;
+        for waiting in [Waiting::Skip, Waiting::Block] {
+            let share = db::attempt(|| Self::try_share(tenant, account, unit, cost, waiting))?;
             if share.is_some() {
                 return Ok(share);
             }
@@ -805,40 +638,51 @@ impl PoolLedger {
         Ok(None)
     }
 
+    /// The pool's rows are read with a new snapshot, straight from the
+    /// pools' unique index; the lane to take is locked there and checked
+    /// again in the version locked (what `SELECT … FOR UPDATE` rechecks).
+    /// The rest of the pool is known by its rows as read: their cached
+    /// figures, and the pool's floor.
     fn try_share(
-        client: &mut SpiClient<'_>,
-        sql: &'static Sql,
         tenant: &str,
         account: &str,
         unit: &str,
         cost: i64,
+        waiting: Waiting,
     ) -> Result<Option<PoolLedger>> {
         let what = format!("a lane of the {unit} pool of account \"{account}\"");
         let now = time::now();
-        let args = [tenant.into(), account.into(), unit.into(), cost.into()];
-        let mut rows = db::write_waiting_for(client, sql, &args, &what)?;
-        let Some(row) = rows.next() else {
+        let taken = db::waiting_for(&what, || -> Result<Option<(PoolRow, Figures)>> {
+            let mut pools = Lookup::open_for_update(c"pools", POOLS_KEY, 3)?;
+            let key = [Key::Text(tenant), Key::Text(account), Key::Text(unit)];
+            let rows = pools.find(&key, pool_rows::pool_row)?;
+            // SAFETY: a backend's own process id.
+            let pid = unsafe { pg_sys::MyProcPid };
+            let mut taken = None;
+            for (i, others) in lanes::to_try(&rows, cost, now, waiting, pid)? {
+                let Some(at) = rows[i].at else { continue };
+                let Some(row) = pools.lock_found(at, waiting, pool_rows::locked_pool_row)? else {
+                    continue;
+                };
+                // emptied meanwhile: the subtransaction's rollback frees it
+                taken = lanes::pays_alone(&row, cost, now).then_some((row, others));
+                break;
+            }
+            pools.close();
+            Ok(taken)
+        })?;
+        let Some((row, others)) = taken else {
             return Ok(None);
-        };
-        let row = Row(&row);
-        let mut locked = Locked::from_row(&row, now)?.with_locked_grants(&row)?;
-        let others = Figures {
-            balance: row.get("others_balance")?,
-            held: row.get("others_held")?,
-            debt: row.get("others_debt")?,
-            floor: row.get("pool_floor")?,
         };
         // a lane holds no holds; its cached total is exact until cache_until
         let holds = Holds::Cached {
-            active_held: row.get("active_held")?,
-            until: instant(row.get("cache_until")?),
+            active_held: row.active_held,
+            until: row.cache_until,
         };
-        let grants = match locked.grants.take() {
-            Some(g) => g,
-            None => load_grants(&[(locked.id, locked.drawn)], Snapshot::New)?
-                .remove(&locked.id)
-                .unwrap_or_default(),
-        };
+        let locked = Locked::from_pool_row(&row, now);
+        let grants = load_grants(&[(locked.id, locked.drawn)], Snapshot::New)?
+            .remove(&locked.id)
+            .unwrap_or_default();
         let mut share = PoolLedger::from_locked(tenant, account, unit, locked, now, grants, holds);
         share.others = Some(others);
         Ok(Some(share))

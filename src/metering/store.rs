@@ -18,7 +18,6 @@ use pgrx::AnyNumeric;
 use rust_decimal::Decimal;
 
 use super::{hour_of, period_of, Aggregate, Observation, PeriodCharges, MICROS_PER_HOUR};
-use crate::db::Row;
 use crate::direct::{find_one, Key, Sequence, Snapshot, Tuple, Writer};
 use crate::error::{BillingError, Result};
 use crate::ledger::PoolLedger;
@@ -83,26 +82,6 @@ impl KeptCounter {
             aggregate,
             cost,
             revised_at,
-        }))
-    }
-
-    /// From a pool row read by a statement.
-    pub fn from_row(row: &Row<'_, '_>) -> Result<Option<KeptCounter>> {
-        let Some(meter) = row.opt::<String>("counter_meter")? else {
-            return Ok(None);
-        };
-        let quantity: AnyNumeric = row.get("counter_quantity")?;
-        Ok(Some(KeptCounter {
-            meter,
-            hour: time::instant(row.get::<Tstz>("counter_hour")?),
-            groups: row.get("counter_groups")?,
-            aggregate: Aggregate {
-                events: row.get("counter_events")?,
-                quantity: decimal(&quantity)?,
-                last_at: row.opt::<Tstz>("counter_last_at")?.map(time::instant),
-            },
-            cost: row.get("counter_cost")?,
-            revised_at: row.opt::<Tstz>("counter_revised_at")?.map(time::instant),
         }))
     }
 
