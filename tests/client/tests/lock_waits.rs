@@ -209,6 +209,85 @@ fn a_lane_wait_that_times_out_inside_an_exception_block_leaves_the_transaction_w
     assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
 }
 
+/// The lane of its pool that paid the usage event of `key` (0: the pool's own row).
+fn lane_that_paid(c: &mut Client, key: &str) -> i16 {
+    c.query_one(
+        "SELECT p.lane FROM billing.usage_events e JOIN billing.pools p ON p.id = e.pool_id \
+         WHERE e.key = $1",
+        &[&key],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Block until another session of this database waits for a lock.
+fn until_someone_waits(c: &mut Client) {
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.query_one(waiting, &[]).unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "nobody waited for a lock");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A debit of a split pool whose every lane that could pay is held waits
+/// for its lane; if the holder leaves too little on it, the debit is checked
+/// again on what the holder committed and paid by the whole pool, not
+/// overdrawn from the lane, and it holds that lane no longer than the try.
+#[test]
+fn a_debit_that_waited_for_a_lane_another_debit_emptied_pays_from_the_whole_pool() {
+    const DB: &str = "pgb_lane_emptied";
+    let mut setup = fresh_db(DB);
+    setup
+        .batch_execute(
+            "SELECT billing.grant('hot', 'usd_cents', 1000, kind => 'topup'); \
+             SELECT billing.set_lanes('hot', 'usd_cents', 1);",
+        )
+        .unwrap();
+    let debit = "SELECT status FROM billing.ingest('hot', 'usd_cents', 1, key => $1, cost => $2)";
+    // each session's first debit locks the whole pool, deals about half of
+    // what is left to the lane, and learns that the pool is split
+    let mut holder = connect(DB);
+    holder.query_one(debit, &[&"holder warm", &1i64]).unwrap();
+    let mut waiter_warm = connect(DB);
+    waiter_warm
+        .query_one(debit, &[&"waiter warm", &1i64])
+        .unwrap();
+    holder.batch_execute("BEGIN").unwrap();
+    holder.query_one(debit, &[&"holder", &400i64]).unwrap();
+    assert_eq!(
+        lane_that_paid(&mut holder, "holder"),
+        1,
+        "the lane paid the holder"
+    );
+    let waiter = thread::spawn(move || {
+        let mut c = waiter_warm;
+        c.batch_execute("SET lock_timeout = '10s'").unwrap();
+        let status: String = c.query_one(debit, &[&"waiter", &200i64]).unwrap().get(0);
+        status
+    });
+    until_someone_waits(&mut setup);
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(waiter.join().unwrap(), "applied");
+    assert_eq!(
+        lane_that_paid(&mut setup, "waiter"),
+        0,
+        "the lane kept less than 200 after the holder's debit: the whole pool paid"
+    );
+    let (available, debt): (i64, i64) = {
+        let r = setup
+            .query_one(
+                "SELECT available, debt FROM billing.check('hot', 'usd_cents')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((available, debt), (1000 - 1 - 1 - 400 - 200, 0));
+    assert_eq!(ledger_problems(&mut setup), Vec::<String>::new());
+}
+
 /// A fresh database whose account `a` holds 1,000 usd_cents.
 fn funded_db(db: &str) -> Client {
     let mut c = fresh_db(db);
