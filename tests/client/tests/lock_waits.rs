@@ -315,16 +315,7 @@ fn a_debit_that_waited_for_the_pool_sees_what_the_holder_committed() {
             .map_err(|e| pg_billing_client_tests::sqlstate(&e))
     });
     // commit only once the waiter is waiting for the pool
-    let waiting = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while setup.query_one(waiting, &[]).unwrap().get::<_, i64>(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the waiter never waited for the pool"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    until_someone_waits(&mut setup);
     holder.batch_execute("COMMIT").unwrap();
     assert_eq!(
         waiter.join().unwrap(),
