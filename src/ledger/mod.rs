@@ -659,13 +659,15 @@ impl PoolLedger {
             // SAFETY: a backend's own process id.
             let pid = unsafe { pg_sys::MyProcPid };
             let mut taken = None;
-            for (i, others) in lanes::to_try(&rows, cost, now, waiting, pid)? {
+            for i in lanes::to_try(&rows, cost, now, waiting, pid) {
                 let Some(at) = rows[i].at else { continue };
                 let Some(row) = pools.lock_found(at, waiting, pool_rows::locked_pool_row)? else {
                     continue;
                 };
                 // emptied meanwhile: the subtransaction's rollback frees it
-                taken = lanes::pays_alone(&row, cost, now).then_some((row, others));
+                if lanes::pays_alone(&row, cost, now) {
+                    taken = Some((row, lanes::others(&rows, i)?));
+                }
                 break;
             }
             pools.close();
